@@ -1,0 +1,13 @@
+//! Pictor's Stable Diffusion engine: img2img and InstructPix2Pix on candle.
+//!
+//! This crate knows nothing of HTTP, JSON dialects, databases or storage. It loads models from a models
+//! folder, takes a typed request and returns images plus metadata, reporting progress through a callback
+//! and honouring cancellation.
+
+pub mod error;
+pub mod rng;
+pub mod schedulers;
+
+pub use error::{EngineError, Result};
+pub mod config;
+pub mod models;

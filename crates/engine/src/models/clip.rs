@@ -1,0 +1,172 @@
+//! The CLIP text encoder (transformers' `CLIPTextModel`) with A1111-style clip skip.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+
+use crate::config::ClipTextConfig;
+
+/// The MLP activation the config names.
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    /// x · σ(1.702 x), OpenAI CLIP (SD 1.x).
+    QuickGelu,
+    /// Exact GELU, OpenCLIP (SD 2.x).
+    Gelu,
+}
+
+impl Activation {
+    fn apply(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+            Activation::Gelu => xs.gelu_erf(),
+        }
+    }
+}
+
+/// One pre-norm transformer layer with causal self-attention.
+#[derive(Debug)]
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+    activation: Activation,
+}
+
+impl EncoderLayer {
+    fn new(cfg: &ClipTextConfig, activation: Activation, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let attn = vb.pp("self_attn");
+        Ok(EncoderLayer {
+            layer_norm1: candle_nn::layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            q_proj: candle_nn::linear(h, h, attn.pp("q_proj"))?,
+            k_proj: candle_nn::linear(h, h, attn.pp("k_proj"))?,
+            v_proj: candle_nn::linear(h, h, attn.pp("v_proj"))?,
+            out_proj: candle_nn::linear(h, h, attn.pp("out_proj"))?,
+            layer_norm2: candle_nn::layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: candle_nn::linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: candle_nn::linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?,
+            heads: cfg.num_attention_heads,
+            activation,
+        })
+    }
+
+    fn attention(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, n, h) = xs.dims3()?;
+        let d = h / self.heads;
+        let split = |t: Tensor| -> Result<Tensor> {
+            t.reshape((b, n, self.heads, d))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split((self.q_proj.forward(xs)? * (1.0 / (d as f64).sqrt()))?)?;
+        let k = split(self.k_proj.forward(xs)?)?;
+        let v = split(self.v_proj.forward(xs)?)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h))?;
+        self.out_proj.forward(&out)
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let xs = (self.attention(&self.layer_norm1.forward(xs)?, mask)? + xs)?;
+        let h = self
+            .activation
+            .apply(&self.fc1.forward(&self.layer_norm2.forward(&xs)?)?)?;
+        self.fc2.forward(&h)? + xs
+    }
+}
+
+/// The text encoder: token + position embeddings, causal transformer layers, final layer norm.
+#[derive(Debug)]
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    config: ClipTextConfig,
+}
+
+impl ClipTextModel {
+    /// Builds the encoder that `config` describes from transformers-named weights under `vb`
+    /// (the `text_model.` prefix is added here).
+    pub fn new(config: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+        config.validate().map_err(candle_core::Error::msg)?;
+        let activation = match config.hidden_act.as_str() {
+            "gelu" => Activation::Gelu,
+            _ => Activation::QuickGelu,
+        };
+        let vb = vb.pp("text_model");
+        let emb = vb.pp("embeddings");
+        let h = config.hidden_size;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| EncoderLayer::new(config, activation, vb.pp(format!("encoder.layers.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(ClipTextModel {
+            token_embedding: candle_nn::embedding(config.vocab_size, h, emb.pp("token_embedding"))?,
+            position_embedding: candle_nn::embedding(
+                config.max_position_embeddings,
+                h,
+                emb.pp("position_embedding"),
+            )?,
+            layers,
+            final_layer_norm: candle_nn::layer_norm(
+                h,
+                config.layer_norm_eps,
+                vb.pp("final_layer_norm"),
+            )?,
+            config: config.clone(),
+        })
+    }
+
+    /// The config this encoder was built from.
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    /// The most clip skip this encoder allows: every layer skipped leaves the embeddings.
+    pub fn max_clip_skip(&self) -> usize {
+        self.layers.len() + 1
+    }
+
+    fn causal_mask(n: usize, device: &Device) -> Result<Tensor> {
+        let mask: Vec<f32> = (0..n)
+            .flat_map(|i| (0..n).map(move |j| if j > i { f32::MIN } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(mask, (1, 1, n, n), device)
+    }
+
+    /// Encodes token ids (b, tokens) to hidden states (b, tokens, hidden). `clip_skip` follows AUTOMATIC1111:
+    /// 1 is the last layer, 2 the penultimate one, …; the final layer norm is applied to the chosen layer's
+    /// output, as diffusers does.
+    pub fn forward(&self, ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        if clip_skip == 0 || clip_skip > self.max_clip_skip() {
+            candle_core::bail!(
+                "clip_skip must be between 1 and {} for this text encoder",
+                self.max_clip_skip()
+            );
+        }
+        let (_, n) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, n as u32, ids.device())?.unsqueeze(0)?;
+        let mut xs = self
+            .token_embedding
+            .forward(ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = Self::causal_mask(n, ids.device())?.to_dtype(xs.dtype())?;
+        let keep = self.layers.len() + 1 - clip_skip;
+        for layer in &self.layers[..keep] {
+            xs = layer.forward(&xs, &mask)?;
+        }
+        self.final_layer_norm.forward(&xs)
+    }
+
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.token_embedding.embeddings().dtype()
+    }
+}

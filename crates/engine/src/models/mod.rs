@@ -1,0 +1,14 @@
+//! The Stable Diffusion networks, owned here on candle-nn so that clip skip, the VAE's mode, token merging,
+//! LoRA merging and fused CPU kernels can reach inside them. Weight names are diffusers' (the single-file
+//! loader renames LDM checkpoints to them); every size comes from the model's config.
+
+mod attention;
+pub mod clip;
+mod layers;
+mod resnet;
+pub mod unet;
+pub mod vae;
+
+pub use clip::ClipTextModel;
+pub use unet::UNet;
+pub use vae::{AutoencoderKl, LatentDistribution};

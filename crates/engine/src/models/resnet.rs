@@ -1,0 +1,62 @@
+//! `ResnetBlock2D`: two group-norm/SiLU/conv halves with an optional time-embedding shift in between.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+
+use super::layers::{conv2d, group_norm, group_norm_silu};
+
+/// One residual block as diffusers builds it (output scale factor 1, "default" time shift).
+#[derive(Debug)]
+pub struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock {
+    /// Loads a block going from `in_ch` to `out_ch` channels; `temb_ch` is the time embedding width (UNet) or
+    /// `None` (VAE).
+    pub fn new(
+        in_ch: usize,
+        out_ch: usize,
+        temb_ch: Option<usize>,
+        groups: usize,
+        eps: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let conv_shortcut = if in_ch != out_ch {
+            Some(conv2d(in_ch, out_ch, 1, 1, 0, vb.pp("conv_shortcut"))?)
+        } else {
+            None
+        };
+        Ok(ResnetBlock {
+            norm1: group_norm(groups, in_ch, eps, vb.pp("norm1"))?,
+            conv1: conv2d(in_ch, out_ch, 3, 1, 1, vb.pp("conv1"))?,
+            time_emb_proj: match temb_ch {
+                Some(t) => Some(candle_nn::linear(t, out_ch, vb.pp("time_emb_proj"))?),
+                None => None,
+            },
+            norm2: group_norm(groups, out_ch, eps, vb.pp("norm2"))?,
+            conv2: conv2d(out_ch, out_ch, 3, 1, 1, vb.pp("conv2"))?,
+            conv_shortcut,
+        })
+    }
+
+    /// Applies the block; `temb` is the (already SiLU-free) time embedding of the UNet, if any.
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self.conv1.forward(&group_norm_silu(&self.norm1, xs)?)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+            h = h.broadcast_add(&t)?;
+        }
+        let h = self.conv2.forward(&group_norm_silu(&self.norm2, &h)?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        shortcut + h
+    }
+}

@@ -1,0 +1,287 @@
+//! `UNet2DConditionModel`: the noise predictor, built block by block from `unet/config.json`.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+
+use super::attention::SpatialTransformer;
+use super::layers::{conv2d, group_norm, group_norm_silu};
+use super::resnet::ResnetBlock;
+use crate::config::UNetConfig;
+
+/// Sinusoidal embedding of one timestep, computed in float32 as diffusers' `get_timestep_embedding` does.
+fn timestep_embedding(
+    timestep: f64,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    shift: f64,
+    device: &Device,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let t = timestep as f32;
+    let mut sin = Vec::with_capacity(half);
+    let mut cos = Vec::with_capacity(half);
+    for i in 0..half {
+        let exponent = -(10000f32.ln()) * i as f32 / (half as f32 - shift as f32);
+        let arg = t * exponent.exp();
+        sin.push(arg.sin());
+        cos.push(arg.cos());
+    }
+    let values = if flip_sin_to_cos {
+        [cos, sin].concat()
+    } else {
+        [sin, cos].concat()
+    };
+    Tensor::from_vec(values, (1, half * 2), device)
+}
+
+/// One down block: ResNets, optional spatial transformers, optional stride-2 down-sampling.
+#[derive(Debug)]
+struct DownBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<SpatialTransformer>,
+    downsampler: Option<Conv2d>,
+}
+
+/// One up block: ResNets reading the skip connections, optional transformers, optional up-sampling.
+#[derive(Debug)]
+struct UpBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<SpatialTransformer>,
+    upsampler: Option<Conv2d>,
+}
+
+/// The middle: ResNet, transformer, ResNet.
+#[derive(Debug)]
+struct MidBlock {
+    resnet0: ResnetBlock,
+    attention: SpatialTransformer,
+    resnet1: ResnetBlock,
+}
+
+/// The conditional UNet of Stable Diffusion 1.x / 2.x (and InstructPix2Pix's 8-channel variant).
+#[derive(Debug)]
+pub struct UNet {
+    config: UNetConfig,
+    conv_in: Conv2d,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    down_blocks: Vec<DownBlock>,
+    mid_block: Option<MidBlock>,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNet {
+    /// Builds the UNet that `config` describes from weights under `vb` (diffusers names).
+    pub fn new(config: &UNetConfig, vb: VarBuilder) -> Result<Self> {
+        config.validate().map_err(candle_core::Error::msg)?;
+        let ch = &config.block_out_channels;
+        let n = ch.len();
+        let heads = config.heads();
+        let layers = config.layers_per_block.expand(n);
+        let depth = config.transformer_layers_per_block.expand(n);
+        let groups = config.norm_num_groups;
+        let eps = config.norm_eps;
+        let temb = ch[0] * 4;
+        let context = config.cross_attention_dim;
+        let linear = config.use_linear_projection;
+        let transformer = |c: usize, i: usize, vb: VarBuilder| {
+            SpatialTransformer::new(c, heads[i], depth[i], context, groups, linear, vb)
+        };
+
+        let conv_in = conv2d(
+            config.in_channels,
+            ch[0],
+            config.conv_in_kernel,
+            1,
+            config.conv_in_kernel / 2,
+            vb.pp("conv_in"),
+        )?;
+        let time_linear_1 = candle_nn::linear(ch[0], temb, vb.pp("time_embedding.linear_1"))?;
+        let time_linear_2 = candle_nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?;
+
+        let mut down_blocks = Vec::with_capacity(n);
+        for i in 0..n {
+            let vb = vb.pp(format!("down_blocks.{i}"));
+            let in_ch = if i == 0 { ch[0] } else { ch[i - 1] };
+            let out_ch = ch[i];
+            let cross = config.down_block_types[i] == "CrossAttnDownBlock2D";
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..layers[i] {
+                let rin = if j == 0 { in_ch } else { out_ch };
+                let rvb = vb.pp(format!("resnets.{j}"));
+                resnets.push(ResnetBlock::new(rin, out_ch, Some(temb), groups, eps, rvb)?);
+                if cross {
+                    attentions.push(transformer(out_ch, i, vb.pp(format!("attentions.{j}")))?);
+                }
+            }
+            let downsampler = if i + 1 < n {
+                let dvb = vb.pp("downsamplers.0.conv");
+                Some(conv2d(
+                    out_ch,
+                    out_ch,
+                    3,
+                    2,
+                    config.downsample_padding,
+                    dvb,
+                )?)
+            } else {
+                None
+            };
+            down_blocks.push(DownBlock {
+                resnets,
+                attentions,
+                downsampler,
+            });
+        }
+
+        let mid_block = match config.mid_block_type {
+            Some(_) => {
+                let vb = vb.pp("mid_block");
+                let c = ch[n - 1];
+                Some(MidBlock {
+                    resnet0: ResnetBlock::new(c, c, Some(temb), groups, eps, vb.pp("resnets.0"))?,
+                    attention: transformer(c, n - 1, vb.pp("attentions.0"))?,
+                    resnet1: ResnetBlock::new(c, c, Some(temb), groups, eps, vb.pp("resnets.1"))?,
+                })
+            }
+            None => None,
+        };
+
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut out_ch = ch[n - 1];
+        for i in 0..n {
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let level = n - 1 - i;
+            let prev_out = out_ch;
+            out_ch = ch[level];
+            let in_ch = ch[level.saturating_sub(1)];
+            let cross = config.up_block_types[i] == "CrossAttnUpBlock2D";
+            let num = layers[level] + 1;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..num {
+                let skip = if j == num - 1 { in_ch } else { out_ch };
+                let rin = if j == 0 { prev_out } else { out_ch };
+                let rvb = vb.pp(format!("resnets.{j}"));
+                resnets.push(ResnetBlock::new(
+                    rin + skip,
+                    out_ch,
+                    Some(temb),
+                    groups,
+                    eps,
+                    rvb,
+                )?);
+                if cross {
+                    attentions.push(transformer(
+                        out_ch,
+                        level,
+                        vb.pp(format!("attentions.{j}")),
+                    )?);
+                }
+            }
+            let upsampler = if i + 1 < n {
+                Some(conv2d(out_ch, out_ch, 3, 1, 1, vb.pp("upsamplers.0.conv"))?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock {
+                resnets,
+                attentions,
+                upsampler,
+            });
+        }
+
+        Ok(UNet {
+            config: config.clone(),
+            conv_in,
+            time_linear_1,
+            time_linear_2,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: group_norm(groups, ch[0], eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv2d(
+                ch[0],
+                config.out_channels,
+                config.conv_out_kernel,
+                1,
+                config.conv_out_kernel / 2,
+                vb.pp("conv_out"),
+            )?,
+        })
+    }
+
+    /// The config this UNet was built from.
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Predicts the noise (or v) for latents `xs` (b, in_channels, h, w) at `timestep`, conditioned on the text
+    /// embeddings `context` (b, tokens, cross_attention_dim). Any latent size works: up-sampling follows the
+    /// skip connections' sizes as diffusers does for sizes that are not a multiple of 2^(blocks − 1).
+    pub fn forward(&self, xs: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        let batch = xs.dim(0)?;
+        let dtype = xs.dtype();
+        let t_emb = timestep_embedding(
+            timestep,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+            xs.device(),
+        )?
+        .to_dtype(dtype)?;
+        let emb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?
+            .broadcast_as((batch, self.config.block_out_channels[0] * 4))?
+            .contiguous()?;
+        let emb = Some(&emb);
+
+        let mut h = self.conv_in.forward(xs)?;
+        let mut skips = vec![h.clone()];
+        for block in &self.down_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                h = resnet.forward(&h, emb)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward(&h, context)?;
+                }
+                skips.push(h.clone());
+            }
+            if let Some(down) = &block.downsampler {
+                h = down.forward(&h)?;
+                skips.push(h.clone());
+            }
+        }
+        if let Some(mid) = &self.mid_block {
+            h = mid.resnet0.forward(&h, emb)?;
+            h = mid.attention.forward(&h, context)?;
+            h = mid.resnet1.forward(&h, emb)?;
+        }
+        for block in &self.up_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().expect("one skip per up-block resnet");
+                h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, emb)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward(&h, context)?;
+                }
+            }
+            if let Some(up) = &block.upsampler {
+                let (_, _, sh, sw) = skips
+                    .last()
+                    .expect("skip left for the next block")
+                    .dims4()?;
+                h = up.forward(&h.upsample_nearest2d(sh, sw)?)?;
+            }
+        }
+        let h = group_norm_silu(&self.conv_norm_out, &h)?;
+        self.conv_out.forward(&h)
+    }
+
+    /// The dtype the weights were loaded in.
+    pub fn dtype(&self) -> DType {
+        self.conv_in.weight().dtype()
+    }
+}
