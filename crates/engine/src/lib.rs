@@ -9,5 +9,15 @@ pub mod rng;
 pub mod schedulers;
 
 pub use error::{EngineError, Result};
+pub mod assets;
 pub mod config;
+pub mod demo;
+pub mod hub;
+pub mod image_io;
 pub mod models;
+pub mod runtime;
+pub mod tokenizer;
+pub use runtime::Runtime;
+pub mod checkpoint;
+pub mod model_store;
+pub mod pipeline;

@@ -265,7 +265,9 @@ impl VaeAttention {
             .group_norm
             .forward(xs)?
             .reshape((b, c, h * w))?
-            .transpose(1, 2)?;
+            .transpose(1, 2)?
+            // candle 0.11's batched matmul mis-reads a transposed left operand when batch > 1.
+            .contiguous()?;
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;

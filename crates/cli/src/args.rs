@@ -1,0 +1,175 @@
+//! Command-line arguments. Every generation option is named after the API body field it mirrors and takes
+//! the same values, with the same defaults.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Pictor: a self-hosted Stable Diffusion image-to-image engine and service.
+#[derive(Parser, Debug)]
+#[command(name = "pictor", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Transform an image guided by a prompt (the API's img2img).
+    Img2img(Img2ImgArgs),
+    /// Edit an image by instruction with an InstructPix2Pix model (the API's v5 pix2pix).
+    Pix2pix(Pix2PixArgs),
+    /// List or download models.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Write a tiny random model in diffusers layout (e.g. to ROOT/checkpoints/demo) to try Pictor with no
+    /// download. It draws noise-like pictures.
+    MakeDemoModel {
+        /// The folder to create.
+        path: PathBuf,
+        /// Make an InstructPix2Pix (8-channel) model instead of an img2img one.
+        #[arg(long)]
+        pix2pix: bool,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+/// `pictor models …`
+#[derive(Subcommand, Debug)]
+pub enum ModelsCommand {
+    /// List the models in ROOT/checkpoints.
+    List {
+        /// The models folder.
+        #[arg(long, default_value = "models")]
+        models_dir: PathBuf,
+    },
+    /// Download a diffusers-layout model from the Hugging Face Hub into ROOT/checkpoints/<owner>--<name>.
+    Pull {
+        /// The models folder.
+        #[arg(long, default_value = "models")]
+        models_dir: PathBuf,
+        /// Repository id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5.
+        repo_id: String,
+        /// Branch, tag or commit.
+        #[arg(long)]
+        revision: Option<String>,
+    },
+}
+
+/// Parses the API's yes/no flags (also true/false, 1/0).
+pub fn yes_no(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "yes" | "true" | "1" => Ok(true),
+        "no" | "false" | "0" => Ok(false),
+        _ => Err(format!("expected yes or no, got {s:?}")),
+    }
+}
+
+/// Options shared by both generation commands.
+#[derive(Args, Debug)]
+pub struct CommonArgs {
+    /// The models folder (ROOT/checkpoints/<model_id>/ or <model_id>.safetensors).
+    #[arg(long, default_value = "models")]
+    pub models_dir: PathBuf,
+    /// Model id in ROOT/checkpoints, or a path to a model folder or .safetensors checkpoint.
+    #[arg(long)]
+    pub model: String,
+    /// The starting image: a file path or an http(s) URL (PNG, JPEG or WebP).
+    #[arg(long)]
+    pub init_image: String,
+    /// What the result should show.
+    #[arg(long)]
+    pub prompt: String,
+    /// What it should not show.
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Seed; omitted = random (reported in the printed meta).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Number of images, 1–4.
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Scheduler class name as the API spells it (default: the model's own scheduler).
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Use Karras sigmas where the scheduler supports them (yes/no).
+    #[arg(long, default_value = "yes", value_parser = yes_no)]
+    pub use_karras_sigmas: bool,
+    /// DPMSolverMultistepScheduler algorithm (dpmsolver++ or sde-dpmsolver++; the API's dpmsolver+++).
+    #[arg(long)]
+    pub algorithm_type: Option<String>,
+    /// CLIP layers to skip, A1111 style: 1 = last layer, 2 = penultimate (1–8).
+    #[arg(long, default_value_t = 1)]
+    pub clip_skip: usize,
+    /// Folder for the images: DIR/0.png … DIR/<samples−1>.png.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `pictor img2img …`
+#[derive(Args, Debug)]
+pub struct Img2ImgArgs {
+    #[command(flatten)]
+    /// Shared options.
+    pub common: CommonArgs,
+    /// Output width, a multiple of 8 up to 1024.
+    #[arg(long, default_value_t = 512)]
+    pub width: u32,
+    /// Output height, a multiple of 8 up to 1024.
+    #[arg(long, default_value_t = 512)]
+    pub height: u32,
+    /// Denoising steps of the full schedule, 1–50 (img2img runs steps × strength of them).
+    #[arg(long, default_value_t = 30)]
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance scale, 1–20.
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    /// How much of the init image to replace, 0–1 (1 = all of it).
+    #[arg(long, default_value_t = 0.7)]
+    pub strength: f64,
+    /// Token merging (ToMe) in the UNet (yes/no; not supported yet).
+    #[arg(long, default_value = "no", value_parser = yes_no)]
+    pub tomesd: bool,
+    /// Append a quality suffix to the prompt (yes/no; not supported yet).
+    #[arg(long, default_value = "no", value_parser = yes_no)]
+    pub enhance_prompt: bool,
+    /// Run the NSFW safety checker (yes/no; not supported yet).
+    #[arg(long, default_value = "no", value_parser = yes_no)]
+    pub safety_checker: bool,
+    /// LoRA names, comma-separated (not supported yet).
+    #[arg(long)]
+    pub lora_model: Option<String>,
+    /// LoRA strengths, comma-separated (not supported yet).
+    #[arg(long)]
+    pub lora_strength: Option<String>,
+    /// Textual-inversion embeddings, comma-separated (not supported yet).
+    #[arg(long)]
+    pub embeddings_model: Option<String>,
+}
+
+/// `pictor pix2pix …`
+#[derive(Args, Debug)]
+pub struct Pix2PixArgs {
+    #[command(flatten)]
+    /// Shared options.
+    pub common: CommonArgs,
+    /// Output width (default: the init image's, rounded down to a multiple of 8, at most 1024).
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Output height (default: the init image's, rounded down to a multiple of 8, at most 1024).
+    #[arg(long)]
+    pub height: Option<u32>,
+    /// Denoising steps, 1–50 (the v5 API's `steps`).
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Text guidance scale, 1–20.
+    #[arg(long, default_value_t = 7.0)]
+    pub guidance_scale: f64,
+    /// How strongly to keep the input image (≥ 1 enables image guidance).
+    #[arg(long, default_value_t = 1.5)]
+    pub image_guidance_scale: f64,
+}

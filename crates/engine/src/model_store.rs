@@ -1,0 +1,362 @@
+//! The models folder (ComfyUI-like) and loading a model from it.
+//!
+//! ```text
+//! ROOT/checkpoints/<model_id>/               diffusers layout: model_index.json, unet/, vae/, text_encoder/,
+//!                                            tokenizer/, scheduler/ (safety_checker/ optional)
+//! ROOT/checkpoints/<model_id>.safetensors    single-file checkpoint with the original LDM tensor names
+//! ROOT/loras/, ROOT/embeddings/, ROOT/vae/   used by later features
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use crate::checkpoint::SingleFileCheckpoint;
+use crate::config::{read_json, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
+use crate::error::{EngineError, Result};
+use crate::models::{AutoencoderKl, ClipTextModel, UNet};
+use crate::pipeline::StableDiffusion;
+use crate::tokenizer::ClipTokenizer;
+
+/// How a model is stored on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelFormat {
+    /// A diffusers pipeline folder.
+    Diffusers,
+    /// One `.safetensors` file with LDM tensor names.
+    SingleFile,
+}
+
+/// A model found on disk, not yet loaded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModelLocation {
+    /// The model id: folder name, or file name without `.safetensors`.
+    pub id: String,
+    /// Where it is.
+    pub path: PathBuf,
+    /// How it is stored.
+    pub format: ModelFormat,
+}
+
+/// File endings of pickled checkpoints, which are never loaded (unpickling runs code).
+const PICKLE_ENDINGS: &[&str] = &[".ckpt", ".pt", ".pth", ".bin", ".pkl"];
+
+fn pickle_error(name: &str) -> EngineError {
+    EngineError::model(
+        name,
+        "pickled checkpoints (.ckpt/.pt/.bin) are refused because loading them can run arbitrary code; \
+         convert the file to .safetensors",
+    )
+}
+
+/// The models folder: `ROOT/checkpoints`, `ROOT/loras`, `ROOT/embeddings`, `ROOT/vae`.
+#[derive(Debug, Clone)]
+pub struct ModelsDir {
+    root: PathBuf,
+}
+
+impl ModelsDir {
+    /// A models folder at `root` (it need not exist yet).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        ModelsDir { root: root.into() }
+    }
+
+    /// The folder itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `ROOT/checkpoints`, where models live.
+    pub fn checkpoints(&self) -> PathBuf {
+        self.root.join("checkpoints")
+    }
+
+    /// Every model in `ROOT/checkpoints`, sorted by id.
+    pub fn list(&self) -> Result<Vec<ModelLocation>> {
+        let dir = self.checkpoints();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(EngineError::io(dir, e)),
+        };
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().to_string();
+            if path.is_dir() && path.join("model_index.json").is_file() {
+                found.push(ModelLocation {
+                    id: name,
+                    path,
+                    format: ModelFormat::Diffusers,
+                });
+            } else if let Some(id) = name.strip_suffix(".safetensors") {
+                found.push(ModelLocation {
+                    id: id.to_string(),
+                    path,
+                    format: ModelFormat::SingleFile,
+                });
+            }
+        }
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(found)
+    }
+
+    /// Finds a model by id only (for requests from the network: no paths, no `..`).
+    pub fn resolve_id(&self, id: &str) -> Result<ModelLocation> {
+        if id.is_empty() || id.contains(['/', '\\']) || id.starts_with('.') {
+            return Err(EngineError::ModelNotFound(id.to_string()));
+        }
+        let dir = self.checkpoints();
+        let folder = dir.join(id);
+        if folder.is_dir() {
+            return location_of(&folder, id);
+        }
+        let file = dir.join(format!("{id}.safetensors"));
+        if file.is_file() {
+            return location_of(&file, id);
+        }
+        if PICKLE_ENDINGS
+            .iter()
+            .any(|ext| dir.join(format!("{id}{ext}")).is_file())
+        {
+            return Err(pickle_error(id));
+        }
+        Err(EngineError::ModelNotFound(format!(
+            "{id} (looked for {}/{id}/ and {id}.safetensors)",
+            dir.display()
+        )))
+    }
+
+    /// Finds a model by id, or takes `id_or_path` as a path to a model folder or checkpoint file (CLI use).
+    pub fn resolve(&self, id_or_path: &str) -> Result<ModelLocation> {
+        let path = Path::new(id_or_path);
+        if path.exists()
+            && (id_or_path.contains(['/', '\\']) || !self.checkpoints().join(path).exists())
+        {
+            let id = path
+                .file_name()
+                .map(|n| {
+                    n.to_string_lossy()
+                        .trim_end_matches(".safetensors")
+                        .to_string()
+                })
+                .unwrap_or_else(|| id_or_path.to_string());
+            return location_of(path, &id);
+        }
+        self.resolve_id(id_or_path)
+    }
+}
+
+/// Classifies an existing path as a model, refusing pickles and anything else.
+fn location_of(path: &Path, id: &str) -> Result<ModelLocation> {
+    let name = path.to_string_lossy().to_string();
+    if path.is_dir() {
+        if !path.join("model_index.json").is_file() {
+            return Err(EngineError::model(
+                id,
+                format!("{name} has no model_index.json: not a diffusers model folder"),
+            ));
+        }
+        return Ok(ModelLocation {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+            format: ModelFormat::Diffusers,
+        });
+    }
+    let lower = name.to_lowercase();
+    if PICKLE_ENDINGS.iter().any(|ext| lower.ends_with(ext)) {
+        return Err(pickle_error(id));
+    }
+    if lower.ends_with(".safetensors") {
+        return Ok(ModelLocation {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+            format: ModelFormat::SingleFile,
+        });
+    }
+    Err(EngineError::model(
+        id,
+        format!("{name} is neither a diffusers folder nor a .safetensors checkpoint"),
+    ))
+}
+
+/// Loads a model for running on `device` with weights cast to `dtype` (memory-mapped, whatever their
+/// stored precision: fp32, fp16 or bf16).
+pub fn load(location: &ModelLocation, device: &Device, dtype: DType) -> Result<StableDiffusion> {
+    match location.format {
+        ModelFormat::Diffusers => load_diffusers(&location.path, &location.id, device, dtype),
+        ModelFormat::SingleFile => load_single_file(&location.path, &location.id, device, dtype),
+    }
+}
+
+/// The safetensors weight files of one component folder, preferring full precision over `.fp16` variants.
+fn weight_files(id: &str, dir: &Path) -> Result<Vec<PathBuf>> {
+    let component = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let entries = std::fs::read_dir(dir)
+        .map_err(|_| EngineError::model(id, format!("missing component folder {component}/")))?;
+    let mut safetensors = Vec::new();
+    let mut pickles = false;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.ends_with(".safetensors") {
+            safetensors.push(entry.path());
+        } else if PICKLE_ENDINGS.iter().any(|ext| name.ends_with(ext)) {
+            pickles = true;
+        }
+    }
+    let is_variant = |p: &PathBuf| {
+        let n = p.file_name().unwrap().to_string_lossy();
+        n.contains(".fp16.") || n.contains(".bf16.")
+    };
+    let plain: Vec<PathBuf> = safetensors
+        .iter()
+        .filter(|p| !is_variant(p))
+        .cloned()
+        .collect();
+    let mut chosen = if plain.is_empty() { safetensors } else { plain };
+    chosen.sort();
+    if chosen.is_empty() {
+        let why = if pickles {
+            "has only pickled weights (.bin); they are refused because loading them can run code — \
+             convert them to .safetensors"
+        } else {
+            "has no .safetensors weights"
+        };
+        return Err(EngineError::model(id, format!("{component}/ {why}")));
+    }
+    Ok(chosen)
+}
+
+/// Memory-maps the weights of one component folder.
+fn component_weights(
+    id: &str,
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    let files = weight_files(id, dir)?;
+    for f in &files {
+        crate::checkpoint::check_safetensors_header(id, f)?;
+    }
+    // SAFETY: the files are memory-mapped read-only; like every mmap user we rely on them not being
+    // truncated while the model is loaded.
+    unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(|e| {
+        EngineError::model(id, format!("cannot read weights in {}: {e}", dir.display()))
+    })
+}
+
+fn component_error<'a>(
+    id: &'a str,
+    component: &'a str,
+) -> impl Fn(candle_core::Error) -> EngineError + 'a {
+    move |e| EngineError::model(id, format!("{component}: {e}"))
+}
+
+/// Loads a diffusers-layout folder.
+fn load_diffusers(dir: &Path, id: &str, device: &Device, dtype: DType) -> Result<StableDiffusion> {
+    let index: ModelIndex = read_json(id, &dir.join("model_index.json"))?;
+    tracing::debug!(model = id, class = %index.class_name, "loading diffusers folder");
+    let unet_cfg: UNetConfig = read_json(id, &dir.join("unet/config.json"))?;
+    unet_cfg
+        .validate()
+        .map_err(|e| EngineError::model(id, format!("unet: {e}")))?;
+    let vae_cfg: VaeConfig = read_json(id, &dir.join("vae/config.json"))?;
+    let text_cfg: ClipTextConfig = read_json(id, &dir.join("text_encoder/config.json"))?;
+    text_cfg
+        .validate()
+        .map_err(|e| EngineError::model(id, format!("text_encoder: {e}")))?;
+    let scheduler_path = dir.join("scheduler/scheduler_config.json");
+    let scheduler_config: serde_json::Value = read_json(id, &scheduler_path)?;
+    let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"), id)?;
+
+    let text_files = weight_files(id, &dir.join("text_encoder"))?;
+    let text_encoder = ClipTextModel::new(
+        &text_cfg,
+        crate::checkpoint::hf_clip_text_vb(id, &text_files, DType::F32, device)?,
+    )
+    .map_err(component_error(id, "text_encoder"))?;
+    let unet = UNet::new(
+        &unet_cfg,
+        component_weights(id, &dir.join("unet"), dtype, device)?,
+    )
+    .map_err(component_error(id, "unet"))?;
+    let vae = AutoencoderKl::new(
+        &vae_cfg,
+        component_weights(id, &dir.join("vae"), dtype, device)?,
+    )
+    .map_err(component_error(id, "vae"))?;
+    check_compatible(id, &unet_cfg, &vae_cfg, &text_cfg)?;
+    Ok(StableDiffusion::from_parts(
+        id.to_string(),
+        tokenizer,
+        text_encoder,
+        unet,
+        vae,
+        scheduler_config,
+        device.clone(),
+        dtype,
+    ))
+}
+
+/// Checks that the components of one model fit together.
+pub(crate) fn check_compatible(
+    id: &str,
+    unet: &UNetConfig,
+    vae: &VaeConfig,
+    text: &ClipTextConfig,
+) -> Result<()> {
+    if unet.cross_attention_dim != text.hidden_size {
+        return Err(EngineError::model(
+            id,
+            format!(
+                "unet cross_attention_dim {} does not match the text encoder's hidden size {}",
+                unet.cross_attention_dim, text.hidden_size
+            ),
+        ));
+    }
+    let image_channels = unet.in_channels.checked_sub(vae.latent_channels);
+    if !matches!(image_channels, Some(0) | Some(4)) || unet.out_channels != vae.latent_channels {
+        return Err(EngineError::model(
+            id,
+            format!(
+                "unet in/out channels {}/{} do not fit the VAE's {} latent channels",
+                unet.in_channels, unet.out_channels, vae.latent_channels
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Loads a single-file LDM checkpoint: architecture inferred from its tensor shapes, CLIP's bundled
+/// tokenizer, the family's standard scheduler config (see [`crate::checkpoint`]).
+fn load_single_file(
+    path: &Path,
+    id: &str,
+    device: &Device,
+    dtype: DType,
+) -> Result<StableDiffusion> {
+    let ck = SingleFileCheckpoint::open(path, id)?;
+    check_compatible(id, &ck.unet, &ck.vae, &ck.text)?;
+    let tokenizer = ClipTokenizer::bundled(ck.pad_token)?;
+    let text_encoder = ClipTextModel::new(&ck.text, ck.text_encoder_vb(DType::F32, device)?)
+        .map_err(component_error(id, "text encoder"))?;
+    let unet =
+        UNet::new(&ck.unet, ck.unet_vb(dtype, device)?).map_err(component_error(id, "unet"))?;
+    let vae = AutoencoderKl::new(&ck.vae, ck.vae_vb(dtype, device)?)
+        .map_err(component_error(id, "vae"))?;
+    Ok(StableDiffusion::from_parts(
+        id.to_string(),
+        tokenizer,
+        text_encoder,
+        unet,
+        vae,
+        ck.scheduler_config.clone(),
+        device.clone(),
+        dtype,
+    ))
+}

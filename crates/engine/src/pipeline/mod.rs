@@ -1,0 +1,301 @@
+//! The generation pipelines over a loaded model: img2img (diffusers' StableDiffusionImg2ImgPipeline) and
+//! InstructPix2Pix (StableDiffusionInstructPix2PixPipeline), step for step and draw for draw.
+
+mod img2img;
+mod pix2pix;
+mod prompt;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use serde::Serialize;
+
+use crate::config::VaeConfig;
+use crate::error::{EngineError, Result};
+use crate::models::{AutoencoderKl, ClipTextModel, UNet};
+use crate::schedulers::{self, Scheduler, SchedulerOptions};
+use crate::tokenizer::ClipTokenizer;
+
+/// Largest width or height the engine accepts.
+pub const MAX_SIDE: u32 = 1024;
+/// Most images one request may ask for.
+pub const MAX_SAMPLES: usize = 4;
+
+/// What a UNet's input channels make a model good for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// 4 input channels: text-to-image and img2img.
+    Img2Img,
+    /// 8 input channels: InstructPix2Pix.
+    Pix2Pix,
+}
+
+/// A loaded Stable Diffusion model: tokenizer, text encoder, UNet, VAE and its scheduler config.
+pub struct StableDiffusion {
+    /// The model id (folder or file name) it was loaded as.
+    pub id: String,
+    pub(crate) tokenizer: ClipTokenizer,
+    pub(crate) text_encoder: ClipTextModel,
+    pub(crate) unet: UNet,
+    pub(crate) vae: AutoencoderKl,
+    pub(crate) scheduler_config: serde_json::Value,
+    pub(crate) device: Device,
+    pub(crate) dtype: DType,
+}
+
+impl StableDiffusion {
+    /// Assembles a model from its loaded parts (used by the model loader).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        id: String,
+        tokenizer: ClipTokenizer,
+        text_encoder: ClipTextModel,
+        unet: UNet,
+        vae: AutoencoderKl,
+        scheduler_config: serde_json::Value,
+        device: Device,
+        dtype: DType,
+    ) -> Self {
+        StableDiffusion {
+            id,
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            device,
+            dtype,
+        }
+    }
+
+    /// img2img or InstructPix2Pix, from the UNet's input channels.
+    pub fn kind(&self) -> ModelKind {
+        if self.unet.config().in_channels == 8 {
+            ModelKind::Pix2Pix
+        } else {
+            ModelKind::Img2Img
+        }
+    }
+
+    /// The scheduler class named in the model's own scheduler config (the default sampler).
+    pub fn default_scheduler(&self) -> String {
+        self.scheduler_config
+            .get("_class_name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("PNDMScheduler")
+            .to_string()
+    }
+
+    /// The VAE's config (scale factor, scaling factor).
+    pub fn vae_config(&self) -> &VaeConfig {
+        self.vae.config()
+    }
+
+    /// The largest clip skip this model's text encoder allows.
+    pub fn max_clip_skip(&self) -> usize {
+        self.text_encoder.max_clip_skip()
+    }
+
+    pub(crate) fn build_scheduler(
+        &self,
+        config: &serde_json::Value,
+        name: Option<&str>,
+        steps: usize,
+        opts: &SchedulerOptions,
+    ) -> Result<Box<dyn Scheduler>> {
+        let name = match name {
+            Some(n) => n.to_string(),
+            None => self.default_scheduler(),
+        };
+        schedulers::build(&name, config, steps, opts)
+    }
+
+    /// The scheduler config as diffusers' img2img pipeline rewrites it when it is constructed: a
+    /// `steps_offset` other than 1 becomes 1, and `clip_sample` that is on (explicitly, or by the class
+    /// default of DDIM/DDPM) is turned off. InstructPix2Pix keeps the config as it is.
+    pub(crate) fn img2img_scheduler_config(&self) -> serde_json::Value {
+        let mut config = self.scheduler_config.clone();
+        if let Some(map) = config.as_object_mut() {
+            let class = map
+                .get("_class_name")
+                .and_then(|v| v.as_str())
+                .unwrap_or("");
+            let class_clips = matches!(class, "DDIMScheduler" | "DDPMScheduler");
+            let clips = match map.get("clip_sample") {
+                Some(serde_json::Value::Bool(b)) => *b,
+                Some(serde_json::Value::Null) | None => class_clips,
+                Some(_) => false,
+            };
+            map.insert("steps_offset".into(), 1.into());
+            if clips {
+                map.insert("clip_sample".into(), false.into());
+            }
+        }
+        config
+    }
+}
+
+/// Receives progress and may cancel a generation between steps.
+pub trait Progress {
+    /// Called after each denoising step with the number done and the total.
+    fn on_step(&mut self, _done: usize, _total: usize) {}
+    /// Polled before each step; returning true stops the generation with [`EngineError::Cancelled`].
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// A progress sink that ignores everything and never cancels.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// A cancellation flag that callers can set from another thread.
+#[derive(Default)]
+pub struct CancelFlag(pub AtomicBool);
+
+impl CancelFlag {
+    /// Asks the running generation to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed)
+    }
+    /// Whether cancellation was asked for.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// An img2img request in engine terms (the API's field names, already parsed and defaulted).
+#[derive(Debug, Clone)]
+pub struct Img2ImgRequest {
+    /// What the image should show.
+    pub prompt: String,
+    /// What it should not show; empty for none.
+    pub negative_prompt: String,
+    /// The starting image, any size: it is fitted to width × height (cover and centre-crop).
+    pub init_image: RgbImage,
+    /// Output width in pixels, a multiple of 8 up to [`MAX_SIDE`].
+    pub width: u32,
+    /// Output height in pixels, a multiple of 8 up to [`MAX_SIDE`].
+    pub height: u32,
+    /// Images to make in one batch, 1 to [`MAX_SAMPLES`].
+    pub samples: usize,
+    /// Denoising steps of the full schedule (img2img runs `floor(steps × strength)` of them).
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance scale; 1 or less turns guidance off as in diffusers.
+    pub guidance_scale: f64,
+    /// How much of the init image is replaced by noise, 0 to 1.
+    pub strength: f64,
+    /// The seed; `None` picks a random one, reported in the result.
+    pub seed: Option<u64>,
+    /// Scheduler name as the API spells it; `None` uses the model's own.
+    pub scheduler: Option<String>,
+    /// Sampler options (Karras sigmas, DPM-Solver algorithm).
+    pub scheduler_options: SchedulerOptions,
+    /// A1111 clip skip: 1 = last CLIP layer.
+    pub clip_skip: usize,
+}
+
+/// An InstructPix2Pix request.
+#[derive(Debug, Clone)]
+pub struct Pix2PixRequest {
+    /// The edit instruction.
+    pub prompt: String,
+    /// What it should not show; empty for none.
+    pub negative_prompt: String,
+    /// The image to edit; fitted to width × height.
+    pub init_image: RgbImage,
+    /// Output width (defaults to the init image's, rounded down to a multiple of 8, by the caller).
+    pub width: u32,
+    /// Output height.
+    pub height: u32,
+    /// Images to make, 1 to [`MAX_SAMPLES`].
+    pub samples: usize,
+    /// Denoising steps.
+    pub num_inference_steps: usize,
+    /// Text guidance scale.
+    pub guidance_scale: f64,
+    /// Image guidance scale (how closely to keep the input image).
+    pub image_guidance_scale: f64,
+    /// The seed; `None` picks a random one.
+    pub seed: Option<u64>,
+    /// Scheduler name; `None` uses the model's own.
+    pub scheduler: Option<String>,
+    /// Sampler options.
+    pub scheduler_options: SchedulerOptions,
+    /// A1111 clip skip.
+    pub clip_skip: usize,
+}
+
+/// What a generation made, with what was actually used.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The images, `samples` of them, each width × height.
+    pub images: Vec<RgbImage>,
+    /// Facts about the run, for the API's `meta`.
+    pub meta: GenerationMeta,
+}
+
+/// Facts about a finished generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationMeta {
+    /// The model used.
+    pub model_id: String,
+    /// The seed used (random when the request had none).
+    pub seed: u64,
+    /// The scheduler used.
+    pub scheduler: String,
+    /// Output width.
+    #[serde(rename = "W")]
+    pub width: u32,
+    /// Output height.
+    #[serde(rename = "H")]
+    pub height: u32,
+    /// Denoising steps run (img2img: floor(steps × strength)).
+    pub steps_run: usize,
+    /// Wall-clock seconds spent generating.
+    pub generation_time: f64,
+}
+
+/// A fresh random seed in 0…2³²−1, as the API reports them.
+pub fn random_seed() -> u64 {
+    rand::random::<u32>() as u64
+}
+
+pub(crate) fn check_common(
+    width: u32,
+    height: u32,
+    samples: usize,
+    steps: usize,
+    clip_skip: usize,
+    max_clip_skip: usize,
+) -> Result<()> {
+    crate::image_io::validate_size(width, height, MAX_SIDE)?;
+    if samples == 0 || samples > MAX_SAMPLES {
+        return Err(EngineError::invalid(
+            "samples",
+            format!("must be between 1 and {MAX_SAMPLES}, got {samples}"),
+        ));
+    }
+    if steps == 0 {
+        return Err(EngineError::invalid(
+            "num_inference_steps",
+            "must be at least 1",
+        ));
+    }
+    if clip_skip == 0 || clip_skip > max_clip_skip {
+        return Err(EngineError::invalid(
+            "clip_skip",
+            format!("must be between 1 and {max_clip_skip} for this model, got {clip_skip}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes scaled latents to images: divide by the VAE scaling factor, decode, map to 0–255.
+pub(crate) fn decode_latents(model: &StableDiffusion, latents: &Tensor) -> Result<Vec<RgbImage>> {
+    let scaled = (latents / model.vae.config().scaling_factor)?;
+    let decoded = model.vae.decode(&scaled)?.to_dtype(DType::F32)?;
+    crate::image_io::tensor_to_images(&decoded)
+}

@@ -1,0 +1,162 @@
+//! Image-for-image parity with diffusers: every case in tests/fixtures/cases.json (written by
+//! scripts/make_fixtures.py from diffusers' own pipelines on tiny random models) is run through the engine
+//! and must match diffusers' PNGs within max |Δ| ≤ 3 and mean |Δ| ≤ 0.5 on the 0–255 scale.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use pictor_engine::image_io::load_image;
+use pictor_engine::model_store::{self, ModelsDir};
+use pictor_engine::pipeline::{Img2ImgRequest, NoProgress, Pix2PixRequest, StableDiffusion};
+use pictor_engine::schedulers::SchedulerOptions;
+use pictor_engine::Runtime;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+struct Case {
+    name: String,
+    model: String,
+    pipeline: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    init_image: String,
+    width: u32,
+    height: u32,
+    samples: usize,
+    num_inference_steps: usize,
+    guidance_scale: f64,
+    strength: Option<f64>,
+    image_guidance_scale: Option<f64>,
+    seed: u64,
+    scheduler: String,
+    clip_skip: usize,
+    images: Vec<String>,
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+type ModelCache = Arc<Mutex<HashMap<String, Arc<StableDiffusion>>>>;
+
+fn model(cache: &ModelCache, name: &str) -> Result<Arc<StableDiffusion>, Failed> {
+    let mut cache = cache.lock().unwrap();
+    if let Some(m) = cache.get(name) {
+        return Ok(m.clone());
+    }
+    let dir = ModelsDir::new(fixtures().join("models"));
+    let location = dir.resolve_id(name.trim_end_matches(".safetensors"))?;
+    let rt = Runtime::cpu();
+    let m = Arc::new(model_store::load(&location, &rt.device, rt.dtype)?);
+    cache.insert(name.to_string(), m.clone());
+    Ok(m)
+}
+
+/// Maximum and mean absolute difference between two RGB images of the same size.
+fn compare(ours: &image::RgbImage, theirs: &image::RgbImage) -> (u8, f64) {
+    let mut max = 0u8;
+    let mut sum = 0u64;
+    for (a, b) in ours.as_raw().iter().zip(theirs.as_raw()) {
+        let d = a.abs_diff(*b);
+        max = max.max(d);
+        sum += d as u64;
+    }
+    (max, sum as f64 / ours.as_raw().len() as f64)
+}
+
+fn run_case(case: &Case, cache: &ModelCache) -> Result<(), Failed> {
+    let model = model(cache, &case.model)?;
+    let init = load_image(&fixtures().join(&case.init_image), 1 << 24)?;
+    let options = SchedulerOptions::default();
+    let negative = case.negative_prompt.clone().unwrap_or_default();
+    let generation = match case.pipeline.as_str() {
+        "img2img" => model.img2img(
+            &Img2ImgRequest {
+                prompt: case.prompt.clone(),
+                negative_prompt: negative,
+                init_image: init,
+                width: case.width,
+                height: case.height,
+                samples: case.samples,
+                num_inference_steps: case.num_inference_steps,
+                guidance_scale: case.guidance_scale,
+                strength: case.strength.expect("img2img case has a strength"),
+                seed: Some(case.seed),
+                scheduler: Some(case.scheduler.clone()),
+                scheduler_options: options,
+                clip_skip: case.clip_skip,
+            },
+            &mut NoProgress,
+        )?,
+        "pix2pix" => model.pix2pix(
+            &Pix2PixRequest {
+                prompt: case.prompt.clone(),
+                negative_prompt: negative,
+                init_image: init,
+                width: case.width,
+                height: case.height,
+                samples: case.samples,
+                num_inference_steps: case.num_inference_steps,
+                guidance_scale: case.guidance_scale,
+                image_guidance_scale: case.image_guidance_scale.expect("pix2pix case has one"),
+                seed: Some(case.seed),
+                scheduler: Some(case.scheduler.clone()),
+                scheduler_options: options,
+                clip_skip: case.clip_skip,
+            },
+            &mut NoProgress,
+        )?,
+        other => return Err(format!("unknown pipeline {other}").into()),
+    };
+    if generation.images.len() != case.images.len() {
+        return Err(format!(
+            "{} images, expected {}",
+            generation.images.len(),
+            case.images.len()
+        )
+        .into());
+    }
+    let mut report = Vec::new();
+    let mut ok = true;
+    for (i, (ours, path)) in generation.images.iter().zip(&case.images).enumerate() {
+        let theirs = load_image(&fixtures().join(path), 1 << 24)?;
+        if ours.dimensions() != theirs.dimensions() {
+            return Err(format!(
+                "image {i}: {:?}, expected {:?}",
+                ours.dimensions(),
+                theirs.dimensions()
+            )
+            .into());
+        }
+        let (max, mean) = compare(ours, &theirs);
+        report.push(format!("image {i}: max |Δ| {max}, mean |Δ| {mean:.3}"));
+        ok &= max <= 3 && mean <= 0.5;
+        if std::env::var_os("PICTOR_DUMP").is_some() {
+            let out = std::env::temp_dir().join(format!("pictor-{}-{i}.png", case.name));
+            ours.save(&out).ok();
+        }
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(report.join("; ").into())
+    }
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let text =
+        std::fs::read_to_string(fixtures().join("cases.json")).expect("tests/fixtures/cases.json");
+    let cases: Vec<Case> = serde_json::from_str(&text).expect("cases.json parses");
+    let cache: ModelCache = Arc::default();
+    let trials = cases
+        .into_iter()
+        .map(|case| {
+            let cache = cache.clone();
+            Trial::test(case.name.clone(), move || run_case(&case, &cache))
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
