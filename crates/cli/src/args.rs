@@ -97,7 +97,7 @@ pub struct CommonArgs {
     #[arg(long)]
     pub scheduler: Option<String>,
     /// Use Karras sigmas where the scheduler supports them (yes/no).
-    #[arg(long, default_value = "yes", value_parser = yes_no)]
+    #[arg(long, default_value = "yes", value_parser = yes_no, action = clap::ArgAction::Set)]
     pub use_karras_sigmas: bool,
     /// DPMSolverMultistepScheduler algorithm (dpmsolver++ or sde-dpmsolver++; the API's dpmsolver+++).
     #[arg(long)]
@@ -132,13 +132,13 @@ pub struct Img2ImgArgs {
     #[arg(long, default_value_t = 0.7)]
     pub strength: f64,
     /// Token merging (ToMe) in the UNet (yes/no; not supported yet).
-    #[arg(long, default_value = "no", value_parser = yes_no)]
+    #[arg(long, default_value = "no", value_parser = yes_no, action = clap::ArgAction::Set)]
     pub tomesd: bool,
     /// Append a quality suffix to the prompt (yes/no; not supported yet).
-    #[arg(long, default_value = "no", value_parser = yes_no)]
+    #[arg(long, default_value = "no", value_parser = yes_no, action = clap::ArgAction::Set)]
     pub enhance_prompt: bool,
     /// Run the NSFW safety checker (yes/no; not supported yet).
-    #[arg(long, default_value = "no", value_parser = yes_no)]
+    #[arg(long, default_value = "no", value_parser = yes_no, action = clap::ArgAction::Set)]
     pub safety_checker: bool,
     /// LoRA names, comma-separated (not supported yet).
     #[arg(long)]

@@ -80,7 +80,7 @@ fn load_model(common: &CommonArgs) -> Result<StableDiffusion> {
 
 fn scheduler_options(common: &CommonArgs) -> SchedulerOptions {
     SchedulerOptions {
-        use_karras_sigmas: common.use_karras_sigmas,
+        use_karras_sigmas: Some(common.use_karras_sigmas),
         algorithm_type: common.algorithm_type.clone(),
     }
 }

@@ -359,7 +359,9 @@ pub struct ClipTextConfig {
 impl ClipTextConfig {
     /// Checks that this is a text encoder the engine can build.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(format!(
                 "hidden_size {} cannot be split in {} heads",
                 self.hidden_size, self.num_attention_heads

@@ -144,9 +144,12 @@ fn save_component(
 /// with `pix2pix`). Refuses to overwrite an existing folder.
 pub fn make_demo_model(dir: &Path, pix2pix: bool, seed: u64) -> Result<()> {
     if dir.exists() {
-        return Err(EngineError::invalid(
-            "out",
-            format!("{} already exists; choose a new folder", dir.display()),
+        return Err(EngineError::io(
+            dir,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "already exists; choose a new folder",
+            ),
         ));
     }
     let tmp = dir.with_extension("partial");

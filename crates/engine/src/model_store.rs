@@ -260,6 +260,14 @@ fn component_error<'a>(
 /// Loads a diffusers-layout folder.
 fn load_diffusers(dir: &Path, id: &str, device: &Device, dtype: DType) -> Result<StableDiffusion> {
     let index: ModelIndex = read_json(id, &dir.join("model_index.json"))?;
+    for component in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        if !dir.join(component).is_dir() {
+            return Err(EngineError::model(
+                id,
+                format!("missing component folder {component}/ in {}", dir.display()),
+            ));
+        }
+    }
     tracing::debug!(model = id, class = %index.class_name, "loading diffusers folder");
     let unet_cfg: UNetConfig = read_json(id, &dir.join("unet/config.json"))?;
     unet_cfg

@@ -129,7 +129,7 @@ impl TorchGenerator {
         for start in (0..n - 15).step_by(16) {
             Self::normal_fill_16(&mut data[start..start + 16]);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f32();

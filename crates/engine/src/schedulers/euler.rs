@@ -78,14 +78,16 @@ pub struct EulerConfig {
 }
 
 impl EulerConfig {
-    /// Reads a scheduler config with diffusers' `from_config` semantics. `opts.use_karras_sigmas = true` acts
-    /// as the keyword argument `use_karras_sigmas=True` (it wins over the file); `false` passes nothing, so
+    /// Reads a scheduler config with diffusers' `from_config` semantics. `opts.use_karras_sigmas = Some(v)`
+    /// acts as the keyword argument `use_karras_sigmas=v` (it wins over the file); `None` passes nothing, so
     /// the file's `use_karras_sigmas` (default false) applies.
     pub fn from_config(config: &Value, opts: &SchedulerOptions) -> Result<Self> {
         let cfg = ConfigReader::new(CLASS, config)?;
-        // The request's flag is a keyword argument only when set: it turns Karras sigmas on, and a request
-        // without it keeps the config's choice.
-        let karras = opts.use_karras_sigmas || cfg.bool("use_karras_sigmas", false)?;
+        // The request's flag is a keyword argument only when set; a request without it keeps the config's.
+        let karras = match opts.use_karras_sigmas {
+            Some(v) => v,
+            None => cfg.bool("use_karras_sigmas", false)?,
+        };
         let exponential = cfg.bool("use_exponential_sigmas", false)?;
         let beta_sigmas = cfg.bool("use_beta_sigmas", false)?;
         if [karras, exponential, beta_sigmas]
@@ -98,7 +100,7 @@ impl EulerConfig {
                 "only one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas can be used \
                  (karras: {karras}, exponential: {exponential}, beta: {beta_sigmas})"
             );
-            return Err(if opts.use_karras_sigmas {
+            return Err(if opts.use_karras_sigmas == Some(true) {
                 EngineError::invalid("use_karras_sigmas", format!("{CLASS}: {message}"))
             } else {
                 cfg.error("use_karras_sigmas", message)

@@ -33,9 +33,9 @@ pub use pndm::PndmScheduler;
 #[derive(Debug, Clone, Default)]
 pub struct SchedulerOptions {
     /// `use_karras_sigmas` from the request: use the Karras sigma schedule where the sampler supports it.
-    /// `true` acts like the keyword argument `use_karras_sigmas=True` to diffusers' `from_config` (it wins over
-    /// the config for samplers that take it and is ignored by the others); `false` leaves the config's value.
-    pub use_karras_sigmas: bool,
+    /// `Some(v)` acts like the keyword argument `use_karras_sigmas=v` to diffusers' `from_config` (it wins over
+    /// the config for samplers that take it and is ignored by the others); `None` leaves the config's value.
+    pub use_karras_sigmas: Option<bool>,
     /// `algorithm_type` from the request (DPMSolverMultistepScheduler only).
     pub algorithm_type: Option<String>,
 }

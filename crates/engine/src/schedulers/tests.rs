@@ -83,7 +83,7 @@ fn compare_tensors(actual: &Tensor, expected: &Tensor) -> (f64, usize) {
 
 fn options(karras: bool) -> SchedulerOptions {
     SchedulerOptions {
-        use_karras_sigmas: karras,
+        use_karras_sigmas: karras.then_some(true),
         algorithm_type: None,
     }
 }
@@ -489,6 +489,19 @@ fn from_config_semantics() {
         10,
     );
     assert_eq!(from_file.sigmas(), karras.sigmas());
+    // A request's explicit "no" wins over a config that turns Karras sigmas on.
+    let refused = SchedulerOptions {
+        use_karras_sigmas: Some(false),
+        algorithm_type: None,
+    };
+    let overridden = build(
+        "EulerDiscreteScheduler",
+        &with(sd15(), "use_karras_sigmas", json!(true)),
+        10,
+        &refused,
+    )
+    .unwrap();
+    assert_eq!(overridden.sigmas(), plain.sigmas());
     for name in [
         "DDIMScheduler",
         "PNDMScheduler",
