@@ -31,6 +31,10 @@ struct Case {
     image_guidance_scale: Option<f64>,
     seed: u64,
     scheduler: String,
+    #[serde(default)]
+    use_karras_sigmas: Option<bool>,
+    #[serde(default)]
+    algorithm_type: Option<String>,
     clip_skip: usize,
     images: Vec<String>,
 }
@@ -69,7 +73,10 @@ fn compare(ours: &image::RgbImage, theirs: &image::RgbImage) -> (u8, f64) {
 fn run_case(case: &Case, cache: &ModelCache) -> Result<(), Failed> {
     let model = model(cache, &case.model)?;
     let init = load_image(&fixtures().join(&case.init_image), 1 << 24)?;
-    let options = SchedulerOptions::default();
+    let options = SchedulerOptions {
+        use_karras_sigmas: case.use_karras_sigmas,
+        algorithm_type: case.algorithm_type.clone(),
+    };
     let negative = case.negative_prompt.clone().unwrap_or_default();
     let generation = match case.pipeline.as_str() {
         "img2img" => model.img2img(
@@ -85,7 +92,7 @@ fn run_case(case: &Case, cache: &ModelCache) -> Result<(), Failed> {
                 strength: case.strength.expect("img2img case has a strength"),
                 seed: Some(case.seed),
                 scheduler: Some(case.scheduler.clone()),
-                scheduler_options: options,
+                scheduler_options: options.clone(),
                 clip_skip: case.clip_skip,
             },
             &mut NoProgress,

@@ -99,7 +99,24 @@ impl StableDiffusion {
         let init = (posterior.sample(&mut rng)? * self.vae.config().scaling_factor)?
             .repeat((samples, 1, 1, 1))?;
         let noise = rng.randn_tensor(init.shape(), self.dtype, &self.device)?;
-        let mut latents = scheduler.add_noise(&init, &noise, first)?;
+        let mut latents = match scheduler.inversion_timesteps(begin) {
+            None => scheduler.add_noise(&init, &noise, first)?,
+            // DDIMInverseScheduler: invert the init latents up to `first` with the (unguided) prompt embedding
+            // instead of adding the noise (which is still drawn, so later draws keep their place).
+            Some(inversion) => {
+                let prompt_context = self.guidance_batch(&[&positive], samples)?;
+                let mut x = init.clone();
+                for &t in &inversion {
+                    if progress.cancelled() {
+                        return Err(EngineError::Cancelled);
+                    }
+                    let input = scheduler.scale_model_input(&x, t)?;
+                    let out = self.unet.forward(&input, t, &prompt_context)?;
+                    x = scheduler.invert_step(&out, t, &x)?;
+                }
+                x
+            }
+        };
 
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {

@@ -15,19 +15,56 @@ use crate::rng::TorchGenerator;
 
 pub mod config;
 pub mod ddim;
+pub mod ddim_inverse;
+pub mod ddpm;
+pub mod deis;
+pub mod dpmsolver_multistep;
+pub mod dpmsolver_singlestep;
 pub mod euler;
 pub mod euler_ancestral;
+pub mod heun;
+pub mod ipndm;
+pub(crate) mod k_common;
+pub mod karras_ve;
+pub mod kdpm2;
+pub mod kdpm2_ancestral;
+pub mod lcm;
+pub mod lms;
+pub mod model_sigmas;
+pub(crate) mod multistep;
 pub(crate) mod ops;
 pub mod pndm;
 pub mod schedule;
+pub mod score_sde_ve;
+pub mod unipc;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_dpm;
+#[cfg(test)]
+mod tests_extra;
+#[cfg(test)]
+mod tests_k;
 
 pub use ddim::DdimScheduler;
+pub use ddim_inverse::DdimInverseScheduler;
+pub use ddpm::DdpmScheduler;
+pub use deis::DeisMultistepScheduler;
+pub use dpmsolver_multistep::DpmSolverMultistepScheduler;
+pub use dpmsolver_singlestep::DpmSolverSinglestepScheduler;
 pub use euler::EulerDiscreteScheduler;
 pub use euler_ancestral::EulerAncestralDiscreteScheduler;
+pub use heun::HeunDiscreteScheduler;
+pub use ipndm::IpndmScheduler;
+pub use karras_ve::KarrasVeScheduler;
+pub use kdpm2::Kdpm2DiscreteScheduler;
+pub use kdpm2_ancestral::Kdpm2AncestralDiscreteScheduler;
+pub use lcm::LcmScheduler;
+pub use lms::LmsDiscreteScheduler;
 pub use pndm::PndmScheduler;
+pub use score_sde_ve::ScoreSdeVeScheduler;
+pub use unipc::UniPcMultistepScheduler;
 
 /// Options of a request that shape the sampler beyond the model's own config.
 #[derive(Debug, Clone, Default)]
@@ -82,6 +119,29 @@ pub trait Scheduler: Send {
     fn sigmas(&self) -> Option<&[f64]> {
         None
     }
+
+    /// For samplers whose img2img starts from a deterministic inversion of the init latents instead of added
+    /// noise (DDIMInverseScheduler): the timesteps, in the order to run them (ascending), at which the model is
+    /// evaluated to carry the clean latents up to `timesteps()[begin]`. The pipeline then skips `add_noise` and,
+    /// starting from the init latents, calls `scale_model_input`, the model (unguided) and [`Self::invert_step`]
+    /// for each of them, and denoises from the result as usual. `None` (the default): use `add_noise`.
+    fn inversion_timesteps(&self, _begin: usize) -> Option<Vec<f64>> {
+        None
+    }
+
+    /// One inversion step: the sample one level noisier, given the model's output for `sample` at `timestep` (an
+    /// entry of `inversion_timesteps`). Only samplers whose `inversion_timesteps` is `Some` implement it.
+    fn invert_step(
+        &mut self,
+        _model_output: &Tensor,
+        timestep: f64,
+        _sample: &Tensor,
+    ) -> Result<Tensor> {
+        Err(EngineError::invalid(
+            "scheduler",
+            format!("this sampler has no inversion step (timestep {timestep})"),
+        ))
+    }
 }
 
 /// The scheduler names this engine implements, as the API spells them (diffusers' class names).
@@ -90,6 +150,20 @@ pub const SCHEDULER_NAMES: &[&str] = &[
     "PNDMScheduler",
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DDPMScheduler",
+    "LCMScheduler",
+    "IPNDMScheduler",
+    "KarrasVeScheduler",
+    "ScoreSdeVeScheduler",
+    "DDIMInverseScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
 ];
 
 /// Builds scheduler `name` from a model's scheduler config (diffusers' `from_config`, with `opts` as keyword
@@ -128,6 +202,65 @@ pub fn build(
         )?),
         "EulerAncestralDiscreteScheduler" => Box::new(EulerAncestralDiscreteScheduler::new(
             &euler_ancestral::EulerAncestralConfig::from_config(config)?,
+            num_inference_steps,
+        )?),
+        "LCMScheduler" => Box::new(LcmScheduler::new(
+            &lcm::LcmConfig::from_config(config)?,
+            num_inference_steps,
+        )?),
+        "IPNDMScheduler" => Box::new(IpndmScheduler::from_config(
+            config,
+            num_inference_steps,
+            opts,
+        )?),
+        "KarrasVeScheduler" => Box::new(KarrasVeScheduler::from_config(
+            config,
+            num_inference_steps,
+            opts,
+        )?),
+        "ScoreSdeVeScheduler" => Box::new(ScoreSdeVeScheduler::from_config(
+            config,
+            num_inference_steps,
+            opts,
+        )?),
+        "DDIMInverseScheduler" => Box::new(DdimInverseScheduler::from_config(
+            config,
+            num_inference_steps,
+        )?),
+        "DPMSolverMultistepScheduler" => Box::new(DpmSolverMultistepScheduler::new(
+            &dpmsolver_multistep::DpmMultistepConfig::from_config(config, opts)?,
+            num_inference_steps,
+        )?),
+        "DPMSolverSinglestepScheduler" => Box::new(DpmSolverSinglestepScheduler::new(
+            &dpmsolver_singlestep::DpmSinglestepConfig::from_config(config, opts)?,
+            num_inference_steps,
+        )?),
+        "UniPCMultistepScheduler" => Box::new(UniPcMultistepScheduler::new(
+            &unipc::UniPcConfig::from_config(config, opts)?,
+            num_inference_steps,
+        )?),
+        "DEISMultistepScheduler" => Box::new(DeisMultistepScheduler::new(
+            &deis::DeisConfig::from_config(config, opts)?,
+            num_inference_steps,
+        )?),
+        "LMSDiscreteScheduler" => Box::new(LmsDiscreteScheduler::new(
+            &lms::LmsConfig::from_config(config, opts)?,
+            num_inference_steps,
+        )?),
+        "HeunDiscreteScheduler" => Box::new(HeunDiscreteScheduler::new(
+            &heun::HeunConfig::from_config(config, opts)?,
+            num_inference_steps,
+        )?),
+        "KDPM2DiscreteScheduler" => Box::new(Kdpm2DiscreteScheduler::new(
+            &kdpm2::Kdpm2Config::from_config(config, opts)?,
+            num_inference_steps,
+        )?),
+        "KDPM2AncestralDiscreteScheduler" => Box::new(Kdpm2AncestralDiscreteScheduler::new(
+            &kdpm2_ancestral::Kdpm2AncestralConfig::from_config(config, opts)?,
+            num_inference_steps,
+        )?),
+        "DDPMScheduler" => Box::new(DdpmScheduler::new(
+            &ddpm::DdpmConfig::from_config(config)?,
             num_inference_steps,
         )?),
         _ => return Err(unknown_scheduler(name)),
