@@ -10,9 +10,9 @@ use serde_json::Value;
 use super::config::{
     BetaConfig, ConfigReader, PredictionType, TimestepSpacing, ALL_PREDICTION_TYPES,
 };
-use super::schedule::{leading_timesteps, linspace_timesteps, trailing_timesteps, NoiseSchedule};
+use super::schedule::{integer_timesteps, NoiseSchedule};
 use super::{ops, train_index, Scheduler};
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 use crate::rng::TorchGenerator;
 
 const CLASS: &str = "DDIMScheduler";
@@ -66,28 +66,14 @@ pub struct DdimScheduler {
 impl DdimScheduler {
     /// The scheduler for `config`, set up for `steps` inference steps.
     pub fn new(config: &DdimConfig, steps: usize) -> Result<Self> {
-        let train = config.beta.num_train_timesteps;
-        if steps == 0 || steps > train {
-            return Err(EngineError::invalid(
-                "num_inference_steps",
-                format!("{CLASS} can run 1 to {train} steps (num_train_timesteps), not {steps}"),
-            ));
-        }
+        let timesteps = integer_timesteps(
+            CLASS,
+            config.timestep_spacing,
+            config.beta.num_train_timesteps,
+            steps,
+            config.steps_offset,
+        )?;
         let schedule = NoiseSchedule::new(&config.beta)?;
-        let timesteps: Vec<f64> = match config.timestep_spacing {
-            TimestepSpacing::Linspace => linspace_timesteps(train, steps)
-                .into_iter()
-                .map(f64::round_ties_even)
-                .collect(),
-            TimestepSpacing::Leading => leading_timesteps(train, steps, config.steps_offset)
-                .into_iter()
-                .map(|t| t as f64)
-                .collect(),
-            TimestepSpacing::Trailing => trailing_timesteps(train, steps)
-                .into_iter()
-                .map(|t| t as f64)
-                .collect(),
-        };
         let final_alpha_cumprod = if config.set_alpha_to_one {
             1.0
         } else {
@@ -145,21 +131,8 @@ impl Scheduler for DdimScheduler {
 
         let out = ops::f32(model_output)?;
         let x = ops::f32(sample)?;
-        let (mut x0, eps) = match self.config.prediction_type {
-            PredictionType::Epsilon => (ops::div(&(&x - ops::mul(&out, sqrt_b)?)?, sqrt_a)?, out),
-            PredictionType::Sample => {
-                let eps = ops::div(&(&x - ops::mul(&out, sqrt_a)?)?, sqrt_b)?;
-                (out, eps)
-            }
-            PredictionType::VPrediction => (
-                (ops::mul(&x, sqrt_a)? - ops::mul(&out, sqrt_b)?)?,
-                (ops::mul(&out, sqrt_a)? + ops::mul(&x, sqrt_b)?)?,
-            ),
-        };
-        if self.config.clip_sample {
-            let r = self.config.clip_sample_range as f32;
-            x0 = x0.clamp(-r, r)?;
-        }
+        let (x0, eps) = x0_and_eps(self.config.prediction_type, &x, out, sqrt_a, sqrt_b)?;
+        let x0 = clip_x0(x0, self.config.clip_sample, self.config.clip_sample_range)?;
         // eta = 0: the noise term vanishes and the direction coefficient is sqrt(1 - alpha_prev).
         let direction = ops::mul(&eps, (1.0 - alpha_prev).sqrt())?;
         let prev_sample = (ops::mul(&x0, alpha_prev.sqrt())? + direction)?;
@@ -169,6 +142,48 @@ impl Scheduler for DdimScheduler {
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
         add_noise_ddpm(CLASS, &self.alphas_cumprod, original, noise, timestep)
     }
+}
+
+/// The x0 prediction of the DDPM-family samplers from a model output, with `sqrt_a = sqrt(alpha_t)` and
+/// `sqrt_b = sqrt(1 - alpha_t)` (float32 arithmetic).
+pub(crate) fn alpha_x0(
+    kind: PredictionType,
+    x: &Tensor,
+    out: &Tensor,
+    sqrt_a: f32,
+    sqrt_b: f32,
+) -> Result<Tensor> {
+    Ok(match kind {
+        PredictionType::Epsilon => ops::div(&(x - ops::mul(out, sqrt_b)?)?, sqrt_a)?,
+        PredictionType::Sample => out.clone(),
+        PredictionType::VPrediction => (ops::mul(x, sqrt_a)? - ops::mul(out, sqrt_b)?)?,
+    })
+}
+
+/// DDIM's `(x0, eps)` pair: [`alpha_x0`] and the matching noise prediction.
+pub(crate) fn x0_and_eps(
+    kind: PredictionType,
+    x: &Tensor,
+    out: Tensor,
+    sqrt_a: f32,
+    sqrt_b: f32,
+) -> Result<(Tensor, Tensor)> {
+    let x0 = alpha_x0(kind, x, &out, sqrt_a, sqrt_b)?;
+    let eps = match kind {
+        PredictionType::Epsilon => out,
+        PredictionType::Sample => ops::div(&(x - ops::mul(&out, sqrt_a)?)?, sqrt_b)?,
+        PredictionType::VPrediction => (ops::mul(&out, sqrt_a)? + ops::mul(x, sqrt_b)?)?,
+    };
+    Ok((x0, eps))
+}
+
+/// `x0` clamped to `[-range, range]` when `clip_sample` is set.
+pub(crate) fn clip_x0(x0: Tensor, clip_sample: bool, range: f64) -> Result<Tensor> {
+    if clip_sample {
+        let r = range as f32;
+        return Ok(x0.clamp(-r, r)?);
+    }
+    Ok(x0)
 }
 
 /// The DDPM forward process `sqrt(a_t) * x0 + sqrt(1 - a_t) * noise`, in the dtype of `original`.

@@ -30,7 +30,7 @@ use serde_json::Value;
 use super::config::{
     BetaConfig, ConfigReader, PredictionType, TimestepSpacing, ALL_PREDICTION_TYPES,
 };
-use super::ddim::{add_noise_ddpm, DdimConfig, DdimScheduler};
+use super::ddim::{add_noise_ddpm, clip_x0, x0_and_eps, DdimConfig, DdimScheduler};
 use super::{ops, train_index, Scheduler};
 use crate::error::Result;
 use crate::rng::TorchGenerator;
@@ -144,21 +144,8 @@ impl Scheduler for DdimInverseScheduler {
 
         let out = ops::f32(model_output)?;
         let x = ops::f32(sample)?;
-        let (mut x0, eps) = match self.config.prediction_type {
-            PredictionType::Epsilon => (ops::div(&(&x - ops::mul(&out, sqrt_b)?)?, sqrt_a)?, out),
-            PredictionType::Sample => {
-                let eps = ops::div(&(&x - ops::mul(&out, sqrt_a)?)?, sqrt_b)?;
-                (out, eps)
-            }
-            PredictionType::VPrediction => (
-                (ops::mul(&x, sqrt_a)? - ops::mul(&out, sqrt_b)?)?,
-                (ops::mul(&out, sqrt_a)? + ops::mul(&x, sqrt_b)?)?,
-            ),
-        };
-        if self.config.clip_sample {
-            let r = self.config.clip_sample_range as f32;
-            x0 = x0.clamp(-r, r)?;
-        }
+        let (x0, eps) = x0_and_eps(self.config.prediction_type, &x, out, sqrt_a, sqrt_b)?;
+        let x0 = clip_x0(x0, self.config.clip_sample, self.config.clip_sample_range)?;
         let next =
             (ops::mul(&x0, alpha_next.sqrt())? + ops::mul(&eps, (1.0 - alpha_next).sqrt())?)?;
         Ok(next.to_dtype(model_output.dtype())?)

@@ -18,8 +18,8 @@ use serde_json::Value;
 use super::config::{
     BetaConfig, ConfigReader, PredictionType, TimestepSpacing, ALL_PREDICTION_TYPES,
 };
-use super::ddim::add_noise_ddpm;
-use super::schedule::{leading_timesteps, linspace_timesteps, trailing_timesteps, NoiseSchedule};
+use super::ddim::{add_noise_ddpm, alpha_x0, clip_x0};
+use super::schedule::{integer_timesteps, NoiseSchedule};
 use super::{ops, train_index, Scheduler};
 use crate::error::{EngineError, Result};
 use crate::rng::TorchGenerator;
@@ -103,28 +103,14 @@ pub struct DdpmScheduler {
 impl DdpmScheduler {
     /// The scheduler for `config`, set up for `steps` inference steps.
     pub fn new(config: &DdpmConfig, steps: usize) -> Result<Self> {
-        let train = config.beta.num_train_timesteps;
-        if steps == 0 || steps > train {
-            return Err(EngineError::invalid(
-                "num_inference_steps",
-                format!("{CLASS} can run 1 to {train} steps (num_train_timesteps), not {steps}"),
-            ));
-        }
+        let timesteps = integer_timesteps(
+            CLASS,
+            config.timestep_spacing,
+            config.beta.num_train_timesteps,
+            steps,
+            config.steps_offset,
+        )?;
         let schedule = NoiseSchedule::new(&config.beta)?;
-        let timesteps: Vec<f64> = match config.timestep_spacing {
-            TimestepSpacing::Linspace => linspace_timesteps(train, steps)
-                .into_iter()
-                .map(f64::round_ties_even)
-                .collect(),
-            TimestepSpacing::Leading => leading_timesteps(train, steps, config.steps_offset)
-                .into_iter()
-                .map(|t| t as f64)
-                .collect(),
-            TimestepSpacing::Trailing => trailing_timesteps(train, steps)
-                .into_iter()
-                .map(|t| t as f64)
-                .collect(),
-        };
         Ok(DdpmScheduler {
             config: config.clone(),
             alphas_cumprod: schedule.alphas_cumprod,
@@ -185,19 +171,14 @@ impl Scheduler for DdpmScheduler {
 
         let out = ops::f32(model_output)?;
         let x = ops::f32(sample)?;
-        let mut x0 = match self.config.prediction_type {
-            PredictionType::Epsilon => {
-                ops::div(&(&x - ops::mul(&out, beta_t.sqrt())?)?, alpha_t.sqrt())?
-            }
-            PredictionType::Sample => out,
-            PredictionType::VPrediction => {
-                (ops::mul(&x, alpha_t.sqrt())? - ops::mul(&out, beta_t.sqrt())?)?
-            }
-        };
-        if self.config.clip_sample {
-            let r = self.config.clip_sample_range as f32;
-            x0 = x0.clamp(-r, r)?;
-        }
+        let x0 = alpha_x0(
+            self.config.prediction_type,
+            &x,
+            &out,
+            alpha_t.sqrt(),
+            beta_t.sqrt(),
+        )?;
+        let x0 = clip_x0(x0, self.config.clip_sample, self.config.clip_sample_range)?;
         let x0_coeff = alpha_prev.sqrt() * current_beta / beta_t;
         let sample_coeff = current_alpha.sqrt() * beta_prev / beta_t;
         let mut prev = (ops::mul(&x0, x0_coeff)? + ops::mul(&x, sample_coeff)?)?;

@@ -19,7 +19,7 @@ use super::multistep::{
     read_prediction_type, read_ramp, read_solver_order, recent, reject_common, spaced_timesteps,
     training, Cursor, FinalSigma, Ramp, ScheduleSpec,
 };
-use super::{ops, past_end, Scheduler, SchedulerOptions};
+use super::{ops, Scheduler, SchedulerOptions};
 use crate::error::{EngineError, Result};
 use crate::rng::TorchGenerator;
 
@@ -171,11 +171,10 @@ impl Scheduler for DeisMultistepScheduler {
         sample: &Tensor,
         _rng: &mut TorchGenerator,
     ) -> Result<Tensor> {
-        let i = self.cursor.current(&self.timesteps, timestep);
+        let i = self
+            .cursor
+            .checked_current(CLASS, &self.timesteps, timestep)?;
         let n = self.timesteps.len();
-        if i >= n {
-            return Err(past_end(CLASS, i));
-        }
         let lower_order_final = i + 1 == n && self.config.lower_order_final && n < 15;
         let lower_order_second = i + 2 == n && self.config.lower_order_final && n < 15;
         let x = ops::f32(sample)?;

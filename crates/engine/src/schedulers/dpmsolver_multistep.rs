@@ -22,7 +22,7 @@ use super::multistep::{
     read_final_zero, read_prediction_type, read_ramp, read_solver_order, recent, reject_common,
     spaced_timesteps, training, Cursor, FinalSigma, Ramp, ScheduleSpec,
 };
-use super::{ops, past_end, Scheduler, SchedulerOptions};
+use super::{ops, Scheduler, SchedulerOptions};
 use crate::error::{EngineError, Result};
 use crate::rng::TorchGenerator;
 
@@ -211,29 +211,6 @@ impl DpmSolverMultistepScheduler {
         })
     }
 
-    fn first_order(
-        &self,
-        i: usize,
-        m: &Tensor,
-        x: &Tensor,
-        noise: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas32[i + 1]);
-        let (alpha_s, sigma_s) = alpha_sigma(self.sigmas32[i]);
-        let h = lambda(alpha_t, sigma_t) - lambda(alpha_s, sigma_s);
-        match noise {
-            None => lin(&[(sigma_t / sigma_s, x), (-(alpha_t * (exp(-h) - 1.0)), m)]),
-            Some(z) => {
-                let e2 = exp(-2.0 * h);
-                lin(&[
-                    (sigma_t / sigma_s * exp(-h), x),
-                    (alpha_t * (1.0 - e2), m),
-                    (sigma_t * (1.0 - e2).sqrt(), z),
-                ])
-            }
-        }
-    }
-
     fn second_order(&self, i: usize, x: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas32[i + 1]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas32[i]);
@@ -247,32 +224,7 @@ impl DpmSolverMultistepScheduler {
         let r0 = h_0 / h;
         let d1 = ops::mul(&(m0 - m1)?, 1.0 / r0)?;
         let heun = self.config.solver_type == SolverType::Heun;
-        match noise {
-            None => {
-                let c = alpha_t * (exp(-h) - 1.0);
-                let c1 = if heun {
-                    alpha_t * ((exp(-h) - 1.0) / h + 1.0)
-                } else {
-                    -(0.5 * c)
-                };
-                lin(&[(sigma_t / sigma_s0, x), (-c, m0), (c1, &d1)])
-            }
-            Some(z) => {
-                let e2 = exp(-2.0 * h);
-                let c = alpha_t * (1.0 - e2);
-                let c1 = if heun {
-                    alpha_t * ((1.0 - e2) / (-2.0 * h) + 1.0)
-                } else {
-                    0.5 * c
-                };
-                lin(&[
-                    (sigma_t / sigma_s0 * exp(-h), x),
-                    (c, m0),
-                    (c1, &d1),
-                    (sigma_t * (1.0 - e2).sqrt(), z),
-                ])
-            }
-        }
+        second_order_update([alpha_t, sigma_t, sigma_s0, h], x, m0, &d1, heun, noise)
     }
 
     fn third_order(&self, i: usize, x: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
@@ -326,6 +278,71 @@ impl DpmSolverMultistepScheduler {
     }
 }
 
+/// DPM-Solver++ first-order update (DDIM in data prediction) from sigma index `i` to `i + 1`, with model
+/// output `m`; the SDE variant when `noise` is given. Shared by the multistep and singlestep solvers.
+pub(crate) fn first_order(
+    sigmas32: &[f32],
+    i: usize,
+    m: &Tensor,
+    x: &Tensor,
+    noise: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (alpha_t, sigma_t) = alpha_sigma(sigmas32[i + 1]);
+    let (alpha_s, sigma_s) = alpha_sigma(sigmas32[i]);
+    let h = lambda(alpha_t, sigma_t) - lambda(alpha_s, sigma_s);
+    match noise {
+        None => lin(&[(sigma_t / sigma_s, x), (-(alpha_t * (exp(-h) - 1.0)), m)]),
+        Some(z) => {
+            let e2 = exp(-2.0 * h);
+            lin(&[
+                (sigma_t / sigma_s * exp(-h), x),
+                (alpha_t * (1.0 - e2), m),
+                (sigma_t * (1.0 - e2).sqrt(), z),
+            ])
+        }
+    }
+}
+
+/// DPM-Solver++ second-order update `sigma_t / sigma_s * x - c * d0 + c1 * d1` (plus the SDE terms when
+/// `noise` is given), from `[alpha_t, sigma_t, sigma_s, h]`; `heun` picks the Heun `c1`, else the
+/// midpoint one. Shared by the multistep and singlestep solvers, which differ only in what `sigma_s`, `h`,
+/// `d0` and `d1` are.
+pub(crate) fn second_order_update(
+    [alpha_t, sigma_t, sigma_s, h]: [f32; 4],
+    x: &Tensor,
+    d0: &Tensor,
+    d1: &Tensor,
+    heun: bool,
+    noise: Option<&Tensor>,
+) -> Result<Tensor> {
+    match noise {
+        None => {
+            let c = alpha_t * (exp(-h) - 1.0);
+            let c1 = if heun {
+                alpha_t * ((exp(-h) - 1.0) / h + 1.0)
+            } else {
+                -(0.5 * c)
+            };
+            lin(&[(sigma_t / sigma_s, x), (-c, d0), (c1, d1)])
+        }
+        Some(z) => {
+            let e2 = exp(-2.0 * h);
+            let c = alpha_t * (1.0 - e2);
+            let c1 = if heun {
+                alpha_t * ((1.0 - e2) / (-2.0 * h) + 1.0)
+            } else {
+                0.5 * c
+            };
+            lin(&[
+                (sigma_t / sigma_s * exp(-h), x),
+                (c, d0),
+                (c1, d1),
+                (sigma_t * (1.0 - e2).sqrt(), z),
+            ])
+        }
+    }
+}
+
 impl Scheduler for DpmSolverMultistepScheduler {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
@@ -350,11 +367,10 @@ impl Scheduler for DpmSolverMultistepScheduler {
         sample: &Tensor,
         rng: &mut TorchGenerator,
     ) -> Result<Tensor> {
-        let i = self.cursor.current(&self.timesteps, timestep);
+        let i = self
+            .cursor
+            .checked_current(CLASS, &self.timesteps, timestep)?;
         let n = self.timesteps.len();
-        if i >= n {
-            return Err(past_end(CLASS, i));
-        }
         let cfg = &self.config;
         let lower_order_final = i == n - 1
             && (cfg.euler_at_final || (cfg.lower_order_final && n < 15) || cfg.final_sigma_zero);
@@ -372,7 +388,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         };
         let order = cfg.solver_order;
         let prev = if order == 1 || self.lower_order_nums < 1 || lower_order_final {
-            self.first_order(i, &x0, &x, noise.as_ref())?
+            first_order(&self.sigmas32, i, &x0, &x, noise.as_ref())?
         } else if order == 2 || self.lower_order_nums < 2 || lower_order_second {
             self.second_order(i, &x, noise.as_ref())?
         } else {

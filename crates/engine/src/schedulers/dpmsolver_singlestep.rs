@@ -15,7 +15,7 @@ use candle_core::Tensor;
 use serde_json::Value;
 
 use super::config::{BetaConfig, ConfigReader, PredictionType};
-use super::dpmsolver_multistep::{read_solver_type, SolverType};
+use super::dpmsolver_multistep::{first_order, read_solver_type, second_order_update, SolverType};
 use super::multistep::{
     add_noise, alpha_sigma, clipped_count, data_prediction, exp, lambda, lin, make_schedule,
     push_history, read_final_zero, read_prediction_type, read_ramp, read_solver_order, recent,
@@ -202,29 +202,6 @@ impl DpmSolverSinglestepScheduler {
         })
     }
 
-    fn first_order(
-        &self,
-        i: usize,
-        m: &Tensor,
-        x: &Tensor,
-        noise: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas32[i + 1]);
-        let (alpha_s, sigma_s) = alpha_sigma(self.sigmas32[i]);
-        let h = lambda(alpha_t, sigma_t) - lambda(alpha_s, sigma_s);
-        match noise {
-            None => lin(&[(sigma_t / sigma_s, x), (-(alpha_t * (exp(-h) - 1.0)), m)]),
-            Some(z) => {
-                let e2 = exp(-2.0 * h);
-                lin(&[
-                    (sigma_t / sigma_s * exp(-h), x),
-                    (alpha_t * (1.0 - e2), m),
-                    (sigma_t * (1.0 - e2).sqrt(), z),
-                ])
-            }
-        }
-    }
-
     fn second_order(&self, i: usize, x: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas32[i + 1]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas32[i]);
@@ -239,32 +216,7 @@ impl DpmSolverSinglestepScheduler {
         let d0 = m1;
         let d1 = ops::mul(&(m0 - m1)?, 1.0 / r0)?;
         let heun = self.config.solver_type == SolverType::Heun;
-        match noise {
-            None => {
-                let c = alpha_t * (exp(-h) - 1.0);
-                let c1 = if heun {
-                    alpha_t * ((exp(-h) - 1.0) / h + 1.0)
-                } else {
-                    -(0.5 * c)
-                };
-                lin(&[(sigma_t / sigma_s1, x), (-c, d0), (c1, &d1)])
-            }
-            Some(z) => {
-                let e2 = exp(-2.0 * h);
-                let c = alpha_t * (1.0 - e2);
-                let c1 = if heun {
-                    alpha_t * ((1.0 - e2) / (-2.0 * h) + 1.0)
-                } else {
-                    0.5 * c
-                };
-                lin(&[
-                    (sigma_t / sigma_s1 * exp(-h), x),
-                    (c, d0),
-                    (c1, &d1),
-                    (sigma_t * (1.0 - e2).sqrt(), z),
-                ])
-            }
-        }
+        second_order_update([alpha_t, sigma_t, sigma_s1, h], x, d0, &d1, heun, noise)
     }
 
     fn third_order(&self, i: usize, x: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
@@ -383,7 +335,7 @@ impl Scheduler for DpmSolverSinglestepScheduler {
             EngineError::invalid("scheduler", format!("{CLASS}: no saved sample"))
         })?;
         let prev = match order {
-            1 => self.first_order(i, &x0, &start, noise.as_ref())?,
+            1 => first_order(&self.sigmas32, i, &x0, &start, noise.as_ref())?,
             2 => self.second_order(i, &start, noise.as_ref())?,
             _ => self.third_order(i, &start, noise.as_ref())?,
         };

@@ -43,6 +43,48 @@ pub enum SigmaRamp {
     Exponential,
 }
 
+impl SigmaRamp {
+    /// Reads `use_karras_sigmas` / `use_exponential_sigmas` / `use_beta_sigmas`, refusing more than one and
+    /// beta sigmas. `opts.use_karras_sigmas = Some(v)` acts as the keyword argument `use_karras_sigmas=v` (it
+    /// wins over the file); `None` passes nothing, so the file's `use_karras_sigmas` (default false) applies.
+    pub fn read(cfg: &ConfigReader, opts: &SchedulerOptions) -> Result<Self> {
+        let class = cfg.class();
+        // The request's flag is a keyword argument only when set; a request without it keeps the config's.
+        let karras = match opts.use_karras_sigmas {
+            Some(v) => v,
+            None => cfg.bool("use_karras_sigmas", false)?,
+        };
+        let exponential = cfg.bool("use_exponential_sigmas", false)?;
+        let beta_sigmas = cfg.bool("use_beta_sigmas", false)?;
+        if [karras, exponential, beta_sigmas]
+            .iter()
+            .filter(|&&b| b)
+            .count()
+            > 1
+        {
+            let message = format!(
+                "only one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas can be used \
+                 (karras: {karras}, exponential: {exponential}, beta: {beta_sigmas})"
+            );
+            return Err(if opts.use_karras_sigmas == Some(true) {
+                EngineError::invalid("use_karras_sigmas", format!("{class}: {message}"))
+            } else {
+                cfg.error("use_karras_sigmas", message)
+            });
+        }
+        if beta_sigmas {
+            return Err(cfg.unsupported("`use_beta_sigmas: true`"));
+        }
+        Ok(if karras {
+            SigmaRamp::Karras
+        } else if exponential {
+            SigmaRamp::Exponential
+        } else {
+            SigmaRamp::Interpolated
+        })
+    }
+}
+
 /// What the final sigma is (`final_sigmas_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinalSigma {
@@ -83,39 +125,7 @@ impl EulerConfig {
     /// the file's `use_karras_sigmas` (default false) applies.
     pub fn from_config(config: &Value, opts: &SchedulerOptions) -> Result<Self> {
         let cfg = ConfigReader::new(CLASS, config)?;
-        // The request's flag is a keyword argument only when set; a request without it keeps the config's.
-        let karras = match opts.use_karras_sigmas {
-            Some(v) => v,
-            None => cfg.bool("use_karras_sigmas", false)?,
-        };
-        let exponential = cfg.bool("use_exponential_sigmas", false)?;
-        let beta_sigmas = cfg.bool("use_beta_sigmas", false)?;
-        if [karras, exponential, beta_sigmas]
-            .iter()
-            .filter(|&&b| b)
-            .count()
-            > 1
-        {
-            let message = format!(
-                "only one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas can be used \
-                 (karras: {karras}, exponential: {exponential}, beta: {beta_sigmas})"
-            );
-            return Err(if opts.use_karras_sigmas == Some(true) {
-                EngineError::invalid("use_karras_sigmas", format!("{CLASS}: {message}"))
-            } else {
-                cfg.error("use_karras_sigmas", message)
-            });
-        }
-        if beta_sigmas {
-            return Err(cfg.unsupported("`use_beta_sigmas: true`"));
-        }
-        let ramp = if karras {
-            SigmaRamp::Karras
-        } else if exponential {
-            SigmaRamp::Exponential
-        } else {
-            SigmaRamp::Interpolated
-        };
+        let ramp = SigmaRamp::read(&cfg, opts)?;
         Ok(EulerConfig {
             beta: BetaConfig::read(&cfg, &BetaConfig::DIFFUSERS_DEFAULT, true)?,
             prediction_type: cfg.choice(
@@ -224,6 +234,37 @@ pub(crate) fn scale_by_sigma(sample: &Tensor, sigma: f32) -> Result<Tensor> {
     ops::div(sample, (sigma * sigma + 1.0).sqrt())
 }
 
+/// `scale_model_input` of the sigma-space samplers: `sample` scaled by the sigma at the cursor's current step.
+pub(crate) fn scale_at_cursor(
+    class: &str,
+    cursor: &StepCursor,
+    timesteps: &[f64],
+    sigmas32: &[f32],
+    sample: &Tensor,
+    timestep: f64,
+) -> Result<Tensor> {
+    let i = cursor.current(class, timesteps, timestep)?;
+    let sigma = *sigmas32.get(i).ok_or_else(|| past_end(class, i))?;
+    scale_by_sigma(sample, sigma)
+}
+
+/// `add_noise` of the sigma-space samplers: `original + noise * sigma` (noise cast to the original's dtype),
+/// with the sigma at the cursor's noise index.
+pub(crate) fn add_noise_at_cursor(
+    class: &str,
+    cursor: &StepCursor,
+    timesteps: &[f64],
+    sigmas32: &[f32],
+    original: &Tensor,
+    noise: &Tensor,
+    timestep: f64,
+) -> Result<Tensor> {
+    let i = cursor.noise_index(class, timesteps, timestep)?;
+    let sigma = *sigmas32.get(i).ok_or_else(|| past_end(class, i))?;
+    let noise = noise.to_dtype(original.dtype())?;
+    Ok((original + ops::mul(&noise, sigma)?)?)
+}
+
 /// diffusers' `EulerDiscreteScheduler` after `set_timesteps`.
 #[derive(Debug, Clone)]
 pub struct EulerDiscreteScheduler {
@@ -316,9 +357,14 @@ impl Scheduler for EulerDiscreteScheduler {
     }
 
     fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.current(CLASS, &self.timesteps, timestep)?;
-        let sigma = *self.sigmas32.get(i).ok_or_else(|| past_end(CLASS, i))?;
-        scale_by_sigma(sample, sigma)
+        scale_at_cursor(
+            CLASS,
+            &self.cursor,
+            &self.timesteps,
+            &self.sigmas32,
+            sample,
+            timestep,
+        )
     }
 
     fn step(
@@ -328,10 +374,12 @@ impl Scheduler for EulerDiscreteScheduler {
         sample: &Tensor,
         _rng: &mut TorchGenerator,
     ) -> Result<Tensor> {
-        let i = self.cursor.current(CLASS, &self.timesteps, timestep)?;
-        if i + 1 >= self.sigmas32.len() {
-            return Err(past_end(CLASS, i));
-        }
+        let i = self.cursor.current_before_last(
+            CLASS,
+            &self.timesteps,
+            timestep,
+            self.sigmas32.len(),
+        )?;
         let sigma = self.sigmas32[i];
         let x = ops::f32(sample)?;
         let out = ops::f32(model_output)?;
@@ -344,10 +392,15 @@ impl Scheduler for EulerDiscreteScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.noise_index(CLASS, &self.timesteps, timestep)?;
-        let sigma = *self.sigmas32.get(i).ok_or_else(|| past_end(CLASS, i))?;
-        let noise = noise.to_dtype(original.dtype())?;
-        Ok((original + ops::mul(&noise, sigma)?)?)
+        add_noise_at_cursor(
+            CLASS,
+            &self.cursor,
+            &self.timesteps,
+            &self.sigmas32,
+            original,
+            noise,
+            timestep,
+        )
     }
 
     fn sigmas(&self) -> Option<&[f64]> {

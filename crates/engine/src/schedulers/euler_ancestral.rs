@@ -13,9 +13,12 @@ use serde_json::Value;
 use super::config::{
     BetaConfig, ConfigReader, PredictionType, TimestepSpacing, ALL_PREDICTION_TYPES,
 };
-use super::euler::{base_timesteps, init_noise_sigma, predict_x0, scale_by_sigma, training_sigmas};
+use super::euler::{
+    add_noise_at_cursor, base_timesteps, init_noise_sigma, predict_x0, scale_at_cursor,
+    training_sigmas,
+};
 use super::schedule::interp;
-use super::{ops, past_end, Scheduler, StepCursor};
+use super::{ops, Scheduler, StepCursor};
 use crate::error::{EngineError, Result};
 use crate::rng::TorchGenerator;
 
@@ -104,9 +107,14 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
     }
 
     fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.current(CLASS, &self.timesteps, timestep)?;
-        let sigma = *self.sigmas32.get(i).ok_or_else(|| past_end(CLASS, i))?;
-        scale_by_sigma(sample, sigma)
+        scale_at_cursor(
+            CLASS,
+            &self.cursor,
+            &self.timesteps,
+            &self.sigmas32,
+            sample,
+            timestep,
+        )
     }
 
     fn step(
@@ -116,10 +124,12 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         sample: &Tensor,
         rng: &mut TorchGenerator,
     ) -> Result<Tensor> {
-        let i = self.cursor.current(CLASS, &self.timesteps, timestep)?;
-        if i + 1 >= self.sigmas32.len() {
-            return Err(past_end(CLASS, i));
-        }
+        let i = self.cursor.current_before_last(
+            CLASS,
+            &self.timesteps,
+            timestep,
+            self.sigmas32.len(),
+        )?;
         let sigma = self.sigmas32[i];
         let x = ops::f32(sample)?;
         let out = ops::f32(model_output)?;
@@ -143,10 +153,15 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.noise_index(CLASS, &self.timesteps, timestep)?;
-        let sigma = *self.sigmas32.get(i).ok_or_else(|| past_end(CLASS, i))?;
-        let noise = noise.to_dtype(original.dtype())?;
-        Ok((original + ops::mul(&noise, sigma)?)?)
+        add_noise_at_cursor(
+            CLASS,
+            &self.cursor,
+            &self.timesteps,
+            &self.sigmas32,
+            original,
+            noise,
+            timestep,
+        )
     }
 
     fn sigmas(&self) -> Option<&[f64]> {

@@ -12,7 +12,8 @@ use candle_core::Tensor;
 use serde_json::Value;
 
 use super::config::{ConfigReader, ALL_PREDICTION_TYPES};
-use super::euler::{init_noise_sigma, predict_x0, scale_by_sigma};
+use super::ddim::clip_x0;
+use super::euler::{add_noise_at_cursor, init_noise_sigma, predict_x0, scale_at_cursor};
 use super::k_common::{k_schedule, KConfig, K_BETA_DEFAULT};
 use super::{ops, past_end, Scheduler, SchedulerOptions, StepCursor};
 use crate::error::Result;
@@ -95,11 +96,7 @@ impl HeunDiscreteScheduler {
 
     fn x0(&self, x: &Tensor, out: &Tensor, sigma: f32) -> Result<Tensor> {
         let x0 = predict_x0(self.config.k.prediction_type, x, out, sigma)?;
-        if self.config.clip_sample {
-            let r = self.config.clip_sample_range as f32;
-            return Ok(x0.clamp(-r, r)?);
-        }
-        Ok(x0)
+        clip_x0(x0, self.config.clip_sample, self.config.clip_sample_range)
     }
 }
 
@@ -121,9 +118,14 @@ impl Scheduler for HeunDiscreteScheduler {
     }
 
     fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.current(CLASS, &self.timesteps, timestep)?;
-        let sigma = *self.sigmas32.get(i).ok_or_else(|| past_end(CLASS, i))?;
-        scale_by_sigma(sample, sigma)
+        scale_at_cursor(
+            CLASS,
+            &self.cursor,
+            &self.timesteps,
+            &self.sigmas32,
+            sample,
+            timestep,
+        )
     }
 
     fn step(
@@ -169,10 +171,15 @@ impl Scheduler for HeunDiscreteScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.noise_index(CLASS, &self.timesteps, timestep)?;
-        let sigma = *self.sigmas32.get(i).ok_or_else(|| past_end(CLASS, i))?;
-        let noise = noise.to_dtype(original.dtype())?;
-        Ok((original + ops::mul(&noise, sigma)?)?)
+        add_noise_at_cursor(
+            CLASS,
+            &self.cursor,
+            &self.timesteps,
+            &self.sigmas32,
+            original,
+            noise,
+            timestep,
+        )
     }
 
     fn sigmas(&self) -> Option<&[f64]> {

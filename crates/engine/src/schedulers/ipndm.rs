@@ -89,12 +89,12 @@ impl Scheduler for IpndmScheduler {
         sample: &Tensor,
         _rng: &mut TorchGenerator,
     ) -> Result<Tensor> {
-        let i = self
-            .cursor
-            .current(CLASS, &self.schedule.timesteps, timestep)?;
-        if i + 1 >= self.schedule.sigmas.len() {
-            return Err(past_end(CLASS, i));
-        }
+        let i = self.cursor.current_before_last(
+            CLASS,
+            &self.schedule.timesteps,
+            timestep,
+            self.schedule.sigmas.len(),
+        )?;
         let (sigma, next) = (self.schedule.sigmas[i], self.schedule.sigmas[i + 1]);
         let x = ops::f32(sample)?;
         let x0 = self

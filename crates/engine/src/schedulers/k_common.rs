@@ -49,39 +49,7 @@ impl KConfig {
         beta_defaults: &BetaConfig,
         allowed: &[(&str, PredictionType)],
     ) -> Result<Self> {
-        let class = cfg.class();
-        let karras = match opts.use_karras_sigmas {
-            Some(v) => v,
-            None => cfg.bool("use_karras_sigmas", false)?,
-        };
-        let exponential = cfg.bool("use_exponential_sigmas", false)?;
-        let beta_sigmas = cfg.bool("use_beta_sigmas", false)?;
-        if [karras, exponential, beta_sigmas]
-            .iter()
-            .filter(|&&b| b)
-            .count()
-            > 1
-        {
-            let message = format!(
-                "only one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas can be used \
-                 (karras: {karras}, exponential: {exponential}, beta: {beta_sigmas})"
-            );
-            return Err(if opts.use_karras_sigmas == Some(true) {
-                EngineError::invalid("use_karras_sigmas", format!("{class}: {message}"))
-            } else {
-                cfg.error("use_karras_sigmas", message)
-            });
-        }
-        if beta_sigmas {
-            return Err(cfg.unsupported("`use_beta_sigmas: true`"));
-        }
-        let ramp = if karras {
-            SigmaRamp::Karras
-        } else if exponential {
-            SigmaRamp::Exponential
-        } else {
-            SigmaRamp::Interpolated
-        };
+        let ramp = SigmaRamp::read(cfg, opts)?;
         let prediction_type = PredictionType::read(cfg, allowed)?;
         Ok(KConfig {
             beta: BetaConfig::read(cfg, beta_defaults, false)?,

@@ -26,7 +26,7 @@ use candle_core::{DType, Tensor};
 use serde_json::Value;
 
 use super::config::ConfigReader;
-use super::euler::scale_by_sigma;
+use super::euler::{add_noise_at_cursor, scale_by_sigma};
 use super::model_sigmas::ModelSigmas;
 use super::{ops, past_end, Scheduler, SchedulerOptions, StepCursor};
 use crate::error::{EngineError, Result};
@@ -239,10 +239,15 @@ impl Scheduler for KarrasVeScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let j = self.cursor.noise_index(CLASS, &self.timesteps, timestep)?;
-        let sigma = *self.eval_sigmas.get(j).ok_or_else(|| past_end(CLASS, j))?;
-        let noise = noise.to_dtype(original.dtype())?;
-        Ok((original + ops::mul(&noise, sigma)?)?)
+        add_noise_at_cursor(
+            CLASS,
+            &self.cursor,
+            &self.timesteps,
+            &self.eval_sigmas,
+            original,
+            noise,
+            timestep,
+        )
     }
 
     fn sigmas(&self) -> Option<&[f64]> {

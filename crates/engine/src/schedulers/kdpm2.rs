@@ -15,7 +15,7 @@ use candle_core::Tensor;
 use serde_json::Value;
 
 use super::config::NOISE_PREDICTION_TYPES;
-use super::euler::{init_noise_sigma, predict_x0, scale_by_sigma, SigmaRamp};
+use super::euler::{add_noise_at_cursor, init_noise_sigma, predict_x0, scale_by_sigma, SigmaRamp};
 use super::k_common::{
     interleave_repeat, k_schedule, lerp_half, sigma_to_t_f32, KConfig, K_BETA_DEFAULT,
 };
@@ -70,6 +70,21 @@ pub(crate) fn midpoint_timestep(t: f32) -> f64 {
     t as f64
 }
 
+/// The KDPM2 timestep layout: `main[0]`, then each midpoint's timestep (`_sigma_to_t` in float32) followed by
+/// the next main timestep.
+pub(crate) fn interleave_midpoints(
+    main: &[f64],
+    midpoints: &[f32],
+    log_sigmas: &[f32],
+) -> Vec<f64> {
+    let mut timesteps = vec![main[0]];
+    for (&s, t) in midpoints.iter().zip(&main[1..]) {
+        timesteps.push(midpoint_timestep(sigma_to_t_f32(s, log_sigmas)));
+        timesteps.push(*t);
+    }
+    timesteps
+}
+
 /// diffusers' `KDPM2DiscreteScheduler` after `set_timesteps`.
 #[derive(Debug, Clone)]
 pub struct Kdpm2DiscreteScheduler {
@@ -96,15 +111,7 @@ impl Kdpm2DiscreteScheduler {
         let interpol: Vec<f32> = (0..n)
             .map(|i| lerp_half(base[i].ln(), base[(i + n - 1) % n].ln()).exp())
             .collect();
-        let t_interpol: Vec<f64> = interpol
-            .iter()
-            .map(|&s| midpoint_timestep(sigma_to_t_f32(s, &ks.log_sigmas)))
-            .collect();
-        let mut timesteps = vec![main[0]];
-        for (tm, t) in t_interpol[1..n - 1].iter().zip(&main[1..]) {
-            timesteps.push(*tm);
-            timesteps.push(*t);
-        }
+        let timesteps = interleave_midpoints(&main, &interpol[1..n - 1], &ks.log_sigmas);
         let sigmas32 = interleave_repeat(&base);
         Ok(Kdpm2DiscreteScheduler {
             prediction_type: config.k.prediction_type,
@@ -192,10 +199,15 @@ impl Scheduler for Kdpm2DiscreteScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.noise_index(CLASS, &self.timesteps, timestep)?;
-        let sigma = *self.sigmas32.get(i).ok_or_else(|| past_end(CLASS, i))?;
-        let noise = noise.to_dtype(original.dtype())?;
-        Ok((original + ops::mul(&noise, sigma)?)?)
+        add_noise_at_cursor(
+            CLASS,
+            &self.cursor,
+            &self.timesteps,
+            &self.sigmas32,
+            original,
+            noise,
+            timestep,
+        )
     }
 
     fn sigmas(&self) -> Option<&[f64]> {

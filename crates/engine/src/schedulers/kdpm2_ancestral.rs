@@ -12,9 +12,9 @@ use candle_core::Tensor;
 use serde_json::Value;
 
 use super::config::PredictionType;
-use super::euler::{init_noise_sigma, predict_x0, scale_by_sigma};
-use super::k_common::{interleave_repeat, k_schedule, lerp_half, sigma_to_t_f32, KConfig};
-use super::kdpm2::{kdpm2_main_timesteps, midpoint_timestep, read_kdpm2_config};
+use super::euler::{add_noise_at_cursor, init_noise_sigma, predict_x0, scale_by_sigma};
+use super::k_common::{interleave_repeat, k_schedule, lerp_half, KConfig};
+use super::kdpm2::{interleave_midpoints, kdpm2_main_timesteps, read_kdpm2_config};
 use super::{ops, past_end, Scheduler, SchedulerOptions, StepCursor};
 use crate::error::Result;
 use crate::rng::TorchGenerator;
@@ -79,15 +79,7 @@ impl Kdpm2AncestralDiscreteScheduler {
         for v in interpol.iter_mut().skip(n.saturating_sub(2)) {
             *v = 0.0;
         }
-        let t_interpol: Vec<f64> = interpol
-            .iter()
-            .map(|&s| midpoint_timestep(sigma_to_t_f32(s, &ks.log_sigmas)))
-            .collect();
-        let mut timesteps = vec![main[0]];
-        for (tm, t) in t_interpol[..n - 2].iter().zip(&main[1..]) {
-            timesteps.push(*tm);
-            timesteps.push(*t);
-        }
+        let timesteps = interleave_midpoints(&main, &interpol[..n - 2], &ks.log_sigmas);
         let sigmas32 = interleave_repeat(&base);
         Ok(Kdpm2AncestralDiscreteScheduler {
             prediction_type: config.k.prediction_type,
@@ -179,10 +171,15 @@ impl Scheduler for Kdpm2AncestralDiscreteScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.noise_index(CLASS, &self.timesteps, timestep)?;
-        let sigma = *self.sigmas32.get(i).ok_or_else(|| past_end(CLASS, i))?;
-        let noise = noise.to_dtype(original.dtype())?;
-        Ok((original + ops::mul(&noise, sigma)?)?)
+        add_noise_at_cursor(
+            CLASS,
+            &self.cursor,
+            &self.timesteps,
+            &self.sigmas32,
+            original,
+            noise,
+            timestep,
+        )
     }
 
     fn sigmas(&self) -> Option<&[f64]> {

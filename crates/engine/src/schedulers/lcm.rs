@@ -26,7 +26,7 @@ use serde_json::Value;
 use super::config::{
     BetaConfig, BetaSchedule, ConfigReader, PredictionType, TimestepSpacing, ALL_PREDICTION_TYPES,
 };
-use super::ddim::add_noise_ddpm;
+use super::ddim::{add_noise_ddpm, alpha_x0, clip_x0};
 use super::schedule::NoiseSchedule;
 use super::{ops, past_end, train_index, Scheduler, StepCursor};
 use crate::error::{EngineError, Result};
@@ -195,19 +195,14 @@ impl Scheduler for LcmScheduler {
 
         let out = ops::f32(model_output)?;
         let x = ops::f32(sample)?;
-        let mut x0 = match self.config.prediction_type {
-            PredictionType::Epsilon => {
-                ops::div(&(&x - ops::mul(&out, beta_t.sqrt())?)?, alpha_t.sqrt())?
-            }
-            PredictionType::Sample => out,
-            PredictionType::VPrediction => {
-                (ops::mul(&x, alpha_t.sqrt())? - ops::mul(&out, beta_t.sqrt())?)?
-            }
-        };
-        if self.config.clip_sample {
-            let r = self.config.clip_sample_range as f32;
-            x0 = x0.clamp(-r, r)?;
-        }
+        let x0 = alpha_x0(
+            self.config.prediction_type,
+            &x,
+            &out,
+            alpha_t.sqrt(),
+            beta_t.sqrt(),
+        )?;
+        let x0 = clip_x0(x0, self.config.clip_sample, self.config.clip_sample_range)?;
         let denoised = (ops::mul(&x0, c_out)? + ops::mul(&x, c_skip)?)?;
         let prev = if i != self.timesteps.len() - 1 {
             let noise = rng.randn_tensor(

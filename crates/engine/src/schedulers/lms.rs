@@ -17,9 +17,9 @@ use candle_core::Tensor;
 use serde_json::Value;
 
 use super::config::{BetaConfig, PredictionType, ALL_PREDICTION_TYPES};
-use super::euler::{init_noise_sigma, predict_x0, scale_by_sigma};
+use super::euler::{add_noise_at_cursor, init_noise_sigma, predict_x0, scale_at_cursor};
 use super::k_common::{k_schedule, KConfig};
-use super::{ops, past_end, Scheduler, SchedulerOptions, StepCursor};
+use super::{ops, Scheduler, SchedulerOptions, StepCursor};
 use crate::error::Result;
 use crate::rng::TorchGenerator;
 
@@ -249,9 +249,14 @@ impl Scheduler for LmsDiscreteScheduler {
     }
 
     fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.current(CLASS, &self.timesteps, timestep)?;
-        let sigma = *self.sigmas32.get(i).ok_or_else(|| past_end(CLASS, i))?;
-        scale_by_sigma(sample, sigma)
+        scale_at_cursor(
+            CLASS,
+            &self.cursor,
+            &self.timesteps,
+            &self.sigmas32,
+            sample,
+            timestep,
+        )
     }
 
     fn step(
@@ -261,10 +266,12 @@ impl Scheduler for LmsDiscreteScheduler {
         sample: &Tensor,
         _rng: &mut TorchGenerator,
     ) -> Result<Tensor> {
-        let i = self.cursor.current(CLASS, &self.timesteps, timestep)?;
-        if i + 1 >= self.sigmas32.len() {
-            return Err(past_end(CLASS, i));
-        }
+        let i = self.cursor.current_before_last(
+            CLASS,
+            &self.timesteps,
+            timestep,
+            self.sigmas32.len(),
+        )?;
         let sigma = self.sigmas32[i];
         let x = ops::f32(sample)?;
         let out = ops::f32(model_output)?;
@@ -296,10 +303,15 @@ impl Scheduler for LmsDiscreteScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.noise_index(CLASS, &self.timesteps, timestep)?;
-        let sigma = *self.sigmas32.get(i).ok_or_else(|| past_end(CLASS, i))?;
-        let noise = noise.to_dtype(original.dtype())?;
-        Ok((original + ops::mul(&noise, sigma)?)?)
+        add_noise_at_cursor(
+            CLASS,
+            &self.cursor,
+            &self.timesteps,
+            &self.sigmas32,
+            original,
+            noise,
+            timestep,
+        )
     }
 
     fn sigmas(&self) -> Option<&[f64]> {

@@ -39,6 +39,8 @@ pub mod score_sde_ve;
 pub mod unipc;
 
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_dpm;
@@ -323,6 +325,21 @@ impl StepCursor {
             (None, Some(b)) => Ok(b),
             (None, None) => Self::index_for_timestep(class, timesteps, timestep),
         }
+    }
+
+    /// [`StepCursor::current`], refused as past the end when `sigmas_len` leaves no sigma after it.
+    pub fn current_before_last(
+        &self,
+        class: &str,
+        timesteps: &[f64],
+        timestep: f64,
+        sigmas_len: usize,
+    ) -> Result<usize> {
+        let i = self.current(class, timesteps, timestep)?;
+        if i + 1 >= sigmas_len {
+            return Err(past_end(class, i));
+        }
+        Ok(i)
     }
 
     /// The index `add_noise` takes its sigma from.

@@ -345,6 +345,15 @@ impl Cursor {
         }
     }
 
+    /// [`Cursor::current`], refused as past the end when it is not an index of `timesteps`.
+    pub fn checked_current(&self, class: &str, timesteps: &[f64], timestep: f64) -> Result<usize> {
+        let i = self.current(timesteps, timestep);
+        if i >= timesteps.len() {
+            return Err(past_end(class, i));
+        }
+        Ok(i)
+    }
+
     /// The index `add_noise` takes its sigma from.
     pub fn noise_index(&self, timesteps: &[f64], timestep: f64) -> usize {
         match (self.begin_index, self.step_index) {

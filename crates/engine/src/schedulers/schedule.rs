@@ -5,8 +5,8 @@
 //! multiply-add, `cumprod` accumulates in float64); timestep grids and interpolated sigmas are float64 as
 //! numpy computes them, and are rounded to float32 where diffusers turns them into float32 tensors.
 
-use super::config::{BetaConfig, BetaSchedule};
-use crate::error::Result;
+use super::config::{BetaConfig, BetaSchedule, TimestepSpacing};
+use crate::error::{EngineError, Result};
 
 /// The betas and cumulative alpha products of a training schedule (index = training timestep).
 #[derive(Debug, Clone, PartialEq)]
@@ -192,6 +192,37 @@ pub fn linspace_timesteps(num_train: usize, steps: usize) -> Vec<f64> {
     let mut v = numpy_linspace(0.0, (num_train - 1) as f64, steps);
     v.reverse();
     v
+}
+
+/// The integer timestep grid of DDIM and DDPM for `spacing` (linspace rounded half to even), largest first;
+/// `steps` must be 1 to `num_train`.
+pub fn integer_timesteps(
+    class: &str,
+    spacing: TimestepSpacing,
+    num_train: usize,
+    steps: usize,
+    steps_offset: i64,
+) -> Result<Vec<f64>> {
+    if steps == 0 || steps > num_train {
+        return Err(EngineError::invalid(
+            "num_inference_steps",
+            format!("{class} can run 1 to {num_train} steps (num_train_timesteps), not {steps}"),
+        ));
+    }
+    Ok(match spacing {
+        TimestepSpacing::Linspace => linspace_timesteps(num_train, steps)
+            .into_iter()
+            .map(f64::round_ties_even)
+            .collect(),
+        TimestepSpacing::Leading => leading_timesteps(num_train, steps, steps_offset)
+            .into_iter()
+            .map(|t| t as f64)
+            .collect(),
+        TimestepSpacing::Trailing => trailing_timesteps(num_train, steps)
+            .into_iter()
+            .map(|t| t as f64)
+            .collect(),
+    })
 }
 
 /// numpy.interp(x, arange(len(fp)), fp) for one x (fp in float64).

@@ -6,87 +6,13 @@ use serde_json::{json, Value};
 
 use super::config::BetaConfig;
 use super::schedule::NoiseSchedule;
+use super::test_support::{
+    compare, compare_tensors, err_text, fake_unet, fixture, float, floats, img2img_begin, options,
+    tensor, with, TOL,
+};
 use super::{build, Scheduler, SchedulerOptions, SCHEDULER_NAMES};
 use crate::error::EngineError;
 use crate::rng::TorchGenerator;
-
-/// Relative tolerance (to the largest magnitude of the reference tensor) for tensors and schedules.
-const TOL: f64 = 1e-5;
-
-fn fixture(name: &str) -> Value {
-    let path = format!(
-        "{}/../../tests/fixtures/schedulers/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-fn tensor(v: &Value) -> Tensor {
-    let shape: Vec<usize> = v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_u64().unwrap() as usize)
-        .collect();
-    let hex = v["f32le"].as_str().unwrap().as_bytes();
-    let bytes: Vec<u8> = hex
-        .chunks(2)
-        .map(|c| u8::from_str_radix(std::str::from_utf8(c).unwrap(), 16).unwrap())
-        .collect();
-    let data: Vec<f32> = bytes
-        .chunks(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-}
-
-/// A fixture list of float32 values (written as exact decimals; serde_json's default parser may miss the
-/// last f64 bit of a 17-digit decimal, which rounding to f32 undoes).
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32 as f64)
-        .collect()
-}
-
-fn float(v: &Value) -> f64 {
-    v.as_f64().unwrap() as f32 as f64
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
-/// Largest |a - b| relative to the largest |b| (or 1e-6), and the number of elements that differ at all.
-fn compare(actual: &[f64], expected: &[f64]) -> (f64, usize) {
-    assert_eq!(actual.len(), expected.len(), "length differs");
-    let scale = expected.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
-    let mut worst = 0.0f64;
-    let mut differing = 0;
-    for (a, b) in actual.iter().zip(expected) {
-        if a != b {
-            differing += 1;
-        }
-        worst = worst.max((a - b).abs() / scale);
-    }
-    (worst, differing)
-}
-
-fn compare_tensors(actual: &Tensor, expected: &Tensor) -> (f64, usize) {
-    assert_eq!(actual.dims(), expected.dims());
-    let a: Vec<f64> = values(actual).iter().map(|&v| v as f64).collect();
-    let b: Vec<f64> = values(expected).iter().map(|&v| v as f64).collect();
-    compare(&a, &b)
-}
-
-fn options(karras: bool) -> SchedulerOptions {
-    SchedulerOptions {
-        use_karras_sigmas: karras.then_some(true),
-        algorithm_type: None,
-    }
-}
 
 fn make(name: &str, config: &Value, steps: usize) -> Box<dyn Scheduler> {
     build(name, config, steps, &SchedulerOptions::default()).unwrap()
@@ -175,12 +101,6 @@ fn schedules_match_diffusers() {
     );
 }
 
-/// The fixture's stand-in for the UNet: `x * 0.1 + base * (t / 1000)`, with torch's float32 rounding.
-fn fake_unet(x: &Tensor, base: &Tensor, t: f64) -> Tensor {
-    (x.affine(0.1f32 as f64, 0.0).unwrap() + base.affine((t / 1000.0) as f32 as f64, 0.0).unwrap())
-        .unwrap()
-}
-
 #[test]
 fn img2img_runs_match_diffusers() {
     let fx = fixture("runs.json");
@@ -201,15 +121,7 @@ fn img2img_runs_match_diffusers() {
         );
         let mut s = build(name, &run["config"], steps, &options(karras)).unwrap();
 
-        // StableDiffusionImg2ImgPipeline.get_timesteps.
-        let init_timestep = ((steps as f64 * strength).floor() as usize).min(steps);
-        let t_start = steps - init_timestep;
-        assert_eq!(
-            t_start as u64,
-            run["t_start"].as_u64().unwrap(),
-            "{what}: t_start"
-        );
-        let begin = t_start * s.order();
+        let begin = img2img_begin(run, s.order(), &what);
         let timesteps = s.timesteps()[begin..].to_vec();
         let (err, _) = compare(&timesteps, &floats(&run["timesteps"]));
         assert!(err <= TOL, "{what}: sliced timesteps off by {err:e}");
@@ -275,18 +187,6 @@ fn sd15() -> Value {
         "trained_betas": null,
         "clip_sample": false
     })
-}
-
-fn with(mut config: Value, key: &str, value: Value) -> Value {
-    config[key] = value;
-    config
-}
-
-fn err_text(name: &str, config: &Value, steps: usize) -> String {
-    match build(name, config, steps, &SchedulerOptions::default()) {
-        Ok(_) => panic!("{name} with {config} should fail"),
-        Err(e) => e.to_string(),
-    }
 }
 
 #[test]

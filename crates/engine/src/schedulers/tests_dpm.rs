@@ -5,12 +5,12 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use super::dpmsolver_singlestep::order_list;
+use super::test_support::{
+    compare, compare_tensors, fake_unet, fixture, hex_f32, img2img_begin, ints, tensor, with, TOL,
+};
 use super::{build, SchedulerOptions, SCHEDULER_NAMES};
 use crate::error::EngineError;
 use crate::rng::TorchGenerator;
-
-/// Relative tolerance (to the largest magnitude of the reference) for sigmas and tensors.
-const TOL: f64 = 1e-5;
 
 const NAMES: [&str; 4] = [
     "DPMSolverMultistepScheduler",
@@ -18,74 +18,6 @@ const NAMES: [&str; 4] = [
     "UniPCMultistepScheduler",
     "DEISMultistepScheduler",
 ];
-
-fn fixture(name: &str) -> Value {
-    let path = format!(
-        "{}/../../tests/fixtures/schedulers/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-fn hex_f32(hex: &str) -> Vec<f32> {
-    let bytes: Vec<u8> = hex
-        .as_bytes()
-        .chunks(2)
-        .map(|c| u8::from_str_radix(std::str::from_utf8(c).unwrap(), 16).unwrap())
-        .collect();
-    bytes
-        .chunks(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
-fn tensor(v: &Value) -> Tensor {
-    let shape: Vec<usize> = v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_u64().unwrap() as usize)
-        .collect();
-    Tensor::from_vec(hex_f32(v["f32le"].as_str().unwrap()), shape, &Device::Cpu).unwrap()
-}
-
-/// Largest |a - b| relative to the largest |b| (or 1e-6), and how many values differ at all.
-fn compare(actual: &[f64], expected: &[f64]) -> (f64, usize) {
-    assert_eq!(actual.len(), expected.len(), "length differs");
-    let scale = expected.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
-    let mut worst = 0.0f64;
-    let mut differing = 0;
-    for (a, b) in actual.iter().zip(expected) {
-        if a != b {
-            differing += 1;
-        }
-        worst = worst.max((a - b).abs() / scale);
-    }
-    (worst, differing)
-}
-
-fn compare_tensors(actual: &Tensor, expected: &Tensor) -> (f64, usize) {
-    assert_eq!(actual.dims(), expected.dims());
-    let flat = |t: &Tensor| -> Vec<f64> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|&v| v as f64)
-            .collect()
-    };
-    compare(&flat(actual), &flat(expected))
-}
-
-fn ints(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap() as f64)
-        .collect()
-}
 
 fn options(karras: bool, algorithm: Option<&str>) -> SchedulerOptions {
     SchedulerOptions {
@@ -140,11 +72,6 @@ fn tolerance(name: &str, config: &Value) -> f64 {
     TOL
 }
 
-fn fake_unet(x: &Tensor, base: &Tensor, t: f64) -> Tensor {
-    (x.affine(0.1f32 as f64, 0.0).unwrap() + base.affine((t / 1000.0) as f32 as f64, 0.0).unwrap())
-        .unwrap()
-}
-
 #[test]
 fn dpm_img2img_runs_match_diffusers() {
     let fx = fixture("dpm_runs.json");
@@ -166,10 +93,7 @@ fn dpm_img2img_runs_match_diffusers() {
         );
         let mut s = build(name, &run["config"], steps, &options(karras, algorithm))
             .unwrap_or_else(|e| panic!("{what}: {e}"));
-        let init_timestep = ((steps as f64 * strength).floor() as usize).min(steps);
-        let t_start = steps - init_timestep;
-        assert_eq!(t_start as u64, run["t_start"].as_u64().unwrap(), "{what}");
-        let begin = t_start * s.order();
+        let begin = img2img_begin(run, s.order(), &what);
         let timesteps = s.timesteps()[begin..].to_vec();
         assert_eq!(
             timesteps,
@@ -223,11 +147,6 @@ fn sd15() -> Value {
         "skip_prk_steps": true,
         "clip_sample": false
     })
-}
-
-fn with(mut config: Value, key: &str, value: Value) -> Value {
-    config[key] = value;
-    config
 }
 
 fn err_of(name: &str, config: &Value, opts: &SchedulerOptions) -> EngineError {
@@ -430,4 +349,27 @@ fn sde_noise_is_drawn_every_step_in_order() {
             "{name}"
         );
     }
+}
+
+#[test]
+fn unipc_bh1_last_step_to_zero_sigma_is_finite() {
+    // diffusers multiplies B(h) = h = −∞ (the step to sigma 0) by a zero correction and returns NaN on the
+    // last step; the limit of that term is 0, so Pictor's last step is the finite first-order update.
+    let config = with(sd15(), "solver_type", json!("bh1"));
+    let mut s = build(
+        "UniPCMultistepScheduler",
+        &config,
+        10,
+        &SchedulerOptions::default(),
+    )
+    .unwrap();
+    let base = Tensor::ones((1, 4, 3, 5), DType::F32, &Device::Cpu).unwrap();
+    let mut x = (&base * 3.0).unwrap();
+    let mut rng = TorchGenerator::new(0);
+    for t in s.timesteps().to_vec() {
+        let out = fake_unet(&x, &base, t);
+        x = s.step(&out, t, &x, &mut rng).unwrap();
+    }
+    let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(v.iter().all(|x| x.is_finite()), "{v:?}");
 }

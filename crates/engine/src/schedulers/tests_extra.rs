@@ -9,40 +9,9 @@ use serde_json::{json, Value};
 use super::karras_ve::KarrasVeScheduler;
 use super::lcm::{lcm_timesteps, LcmConfig};
 use super::score_sde_ve::ScoreSdeVeScheduler;
+use super::test_support::{fake_unet, fixture, img2img_begin, tensor, values, with};
 use super::{build, Scheduler, SchedulerOptions};
 use crate::rng::TorchGenerator;
-
-fn fixture(name: &str) -> Value {
-    let path = format!(
-        "{}/../../tests/fixtures/schedulers/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-fn tensor(v: &Value) -> Tensor {
-    let shape: Vec<usize> = v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_u64().unwrap() as usize)
-        .collect();
-    let hex = v["f32le"].as_str().unwrap().as_bytes();
-    let bytes: Vec<u8> = hex
-        .chunks(2)
-        .map(|c| u8::from_str_radix(std::str::from_utf8(c).unwrap(), 16).unwrap())
-        .collect();
-    let data: Vec<f32> = bytes
-        .chunks(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
 
 /// Largest |a - b| relative to the largest |b|.
 fn rel_err(actual: &Tensor, expected: &Tensor) -> f64 {
@@ -80,11 +49,6 @@ fn sd15() -> Value {
         "trained_betas": null,
         "clip_sample": false
     })
-}
-
-fn with(mut config: Value, key: &str, value: Value) -> Value {
-    config[key] = value;
-    config
 }
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -140,12 +104,6 @@ fn lcm_schedules_match_diffusers() {
     eprintln!("{checked} LCM schedule cases match");
 }
 
-/// The fixture's stand-in for the UNet: `x * 0.1 + base * (t / 1000)`, with torch's float32 rounding.
-fn fake_unet(x: &Tensor, base: &Tensor, t: f64) -> Tensor {
-    (x.affine(0.1f32 as f64, 0.0).unwrap() + base.affine((t / 1000.0) as f32 as f64, 0.0).unwrap())
-        .unwrap()
-}
-
 #[test]
 fn lcm_img2img_runs_match_diffusers() {
     let fx = fixture("lcm_runs.json");
@@ -166,9 +124,7 @@ fn lcm_img2img_runs_match_diffusers() {
             &SchedulerOptions::default(),
         )
         .unwrap();
-        let t_start = steps - ((steps as f64 * strength).floor() as usize).min(steps);
-        assert_eq!(t_start as u64, run["t_start"].as_u64().unwrap(), "{what}");
-        let begin = t_start * s.order();
+        let begin = img2img_begin(run, s.order(), &what);
         let timesteps = s.timesteps()[begin..].to_vec();
         let expected_ts: Vec<f64> = run["timesteps"]
             .as_array()

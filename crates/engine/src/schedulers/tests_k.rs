@@ -5,106 +5,12 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use super::lms::lms_coefficient;
+use super::test_support::{
+    compare_nan_equal as compare, compare_tensors_nan_equal as compare_tensors, err_text,
+    fake_unet, fixture, float, img2img_begin, options, scalars, tensor, with, TOL,
+};
 use super::{build, SchedulerOptions};
 use crate::rng::TorchGenerator;
-
-/// Relative tolerance (to the largest magnitude of the reference) for tensors and schedules.
-const TOL: f64 = 1e-5;
-
-fn fixture(name: &str) -> Value {
-    let path = format!(
-        "{}/../../tests/fixtures/schedulers/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-fn hex_bytes(hex: &str) -> Vec<u8> {
-    hex.as_bytes()
-        .chunks(2)
-        .map(|c| u8::from_str_radix(std::str::from_utf8(c).unwrap(), 16).unwrap())
-        .collect()
-}
-
-/// A scalar list stored as float32 or float64 hex.
-fn scalars(v: &Value) -> Vec<f64> {
-    if let Some(h) = v.get("f64le").and_then(Value::as_str) {
-        hex_bytes(h)
-            .chunks(8)
-            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-            .collect()
-    } else {
-        hex_bytes(v["f32le"].as_str().unwrap())
-            .chunks(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-            .collect()
-    }
-}
-
-fn tensor(v: &Value) -> Tensor {
-    let shape: Vec<usize> = v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_u64().unwrap() as usize)
-        .collect();
-    let data: Vec<f32> = scalars(v).iter().map(|&x| x as f32).collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-}
-
-fn float(v: &Value) -> f64 {
-    v.as_f64().unwrap() as f32 as f64
-}
-
-/// Largest |a - b| relative to the largest |b| (or 1e-6), and the number of elements that differ at all.
-/// NaN in the same place on both sides counts as equal (diffusers' unused NaN entries).
-fn compare(actual: &[f64], expected: &[f64]) -> (f64, usize) {
-    assert_eq!(actual.len(), expected.len(), "length differs");
-    let scale = expected
-        .iter()
-        .filter(|v| v.is_finite())
-        .fold(1e-6f64, |m, v| m.max(v.abs()));
-    let mut worst = 0.0f64;
-    let mut differing = 0;
-    for (a, b) in actual.iter().zip(expected) {
-        if a == b || (a.is_nan() && b.is_nan()) {
-            continue;
-        }
-        differing += 1;
-        let d = (a - b).abs() / scale;
-        worst = worst.max(if d.is_nan() { f64::INFINITY } else { d });
-    }
-    (worst, differing)
-}
-
-fn compare_tensors(actual: &Tensor, expected: &Tensor) -> (f64, usize) {
-    assert_eq!(actual.dims(), expected.dims());
-    let a: Vec<f64> = actual
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|&v| v as f64)
-        .collect();
-    let b: Vec<f64> = expected
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|&v| v as f64)
-        .collect();
-    compare(&a, &b)
-}
-
-fn options(karras: bool) -> SchedulerOptions {
-    SchedulerOptions {
-        use_karras_sigmas: karras.then_some(true),
-        ..Default::default()
-    }
-}
 
 #[test]
 fn k_schedules_match_diffusers() {
@@ -192,11 +98,6 @@ fn lms_coefficients_match_scipy_quad() {
     eprintln!("{count} LMS coefficients: worst rel error vs scipy {worst:e}");
 }
 
-fn fake_unet(x: &Tensor, base: &Tensor, t: f64) -> Tensor {
-    (x.affine(0.1f32 as f64, 0.0).unwrap() + base.affine((t / 1000.0) as f32 as f64, 0.0).unwrap())
-        .unwrap()
-}
-
 #[test]
 fn k_img2img_runs_match_diffusers() {
     let fx = fixture("k_runs.json");
@@ -217,10 +118,7 @@ fn k_img2img_runs_match_diffusers() {
         );
         let mut s = build(name, &run["config"], steps, &options(karras)).unwrap();
 
-        let init_timestep = ((steps as f64 * strength).floor() as usize).min(steps);
-        let t_start = steps - init_timestep;
-        assert_eq!(t_start as u64, run["t_start"].as_u64().unwrap(), "{what}");
-        let begin = t_start * s.order();
+        let begin = img2img_begin(run, s.order(), &what);
         let timesteps = s.timesteps()[begin..].to_vec();
         let (err, _) = compare(&timesteps, &scalars(&run["timesteps"]));
         assert!(err <= TOL, "{what}: sliced timesteps off by {err:e}");
@@ -268,18 +166,6 @@ fn sd15() -> Value {
         "steps_offset": 1,
         "clip_sample": false
     })
-}
-
-fn with(mut config: Value, key: &str, value: Value) -> Value {
-    config[key] = value;
-    config
-}
-
-fn err_text(name: &str, config: &Value, steps: usize) -> String {
-    match build(name, config, steps, &SchedulerOptions::default()) {
-        Ok(_) => panic!("{name} with {config} should fail"),
-        Err(e) => e.to_string(),
-    }
 }
 
 #[test]

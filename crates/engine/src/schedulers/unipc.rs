@@ -19,7 +19,7 @@ use super::multistep::{
     push_history, read_final_zero, read_prediction_type, read_ramp, recent, reject_common,
     spaced_timesteps, training, Cursor, FinalSigma, Ramp, ScheduleSpec,
 };
-use super::{ops, past_end, Scheduler, SchedulerOptions};
+use super::{ops, Scheduler, SchedulerOptions};
 use crate::error::{EngineError, Result};
 use crate::rng::TorchGenerator;
 
@@ -376,11 +376,10 @@ impl Scheduler for UniPcMultistepScheduler {
         sample: &Tensor,
         _rng: &mut TorchGenerator,
     ) -> Result<Tensor> {
-        let i = self.cursor.current(&self.timesteps, timestep);
+        let i = self
+            .cursor
+            .checked_current(CLASS, &self.timesteps, timestep)?;
         let n = self.timesteps.len();
-        if i >= n {
-            return Err(past_end(CLASS, i));
-        }
         let mut x = ops::f32(sample)?;
         let out = ops::f32(model_output)?;
         let sigma = self.sigmas32[i];
