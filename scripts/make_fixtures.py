@@ -74,8 +74,28 @@ CKPT = FIX / "models" / "checkpoints"
 TOKENIZER_ASSETS = ROOT / "assets" / "clip-tokenizer"
 
 SCHEDULERS = {
-    c.__name__: c for c in (DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)
+    c.__name__: c for c in (
+        DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+        diffusers.DDPMScheduler, diffusers.LMSDiscreteScheduler, diffusers.DPMSolverMultistepScheduler,
+        diffusers.DPMSolverSinglestepScheduler, diffusers.HeunDiscreteScheduler, diffusers.KDPM2DiscreteScheduler,
+        diffusers.KDPM2AncestralDiscreteScheduler, diffusers.UniPCMultistepScheduler,
+        diffusers.DEISMultistepScheduler, diffusers.LCMScheduler,
+    )
 }
+
+# The schedulers added for the scheduler issue: (short name, class, takes use_karras_sigmas).
+MORE_SCHEDULERS = [
+    ("ddpm", "DDPMScheduler", False),
+    ("lms", "LMSDiscreteScheduler", True),
+    ("dpm2m", "DPMSolverMultistepScheduler", True),
+    ("dpmsingle", "DPMSolverSinglestepScheduler", True),
+    ("heun", "HeunDiscreteScheduler", True),
+    ("kdpm2", "KDPM2DiscreteScheduler", True),
+    ("kdpm2a", "KDPM2AncestralDiscreteScheduler", True),
+    ("unipc", "UniPCMultistepScheduler", True),
+    ("deis", "DEISMultistepScheduler", True),
+    ("lcm", "LCMScheduler", False),
+]
 
 # --------------------------------------------------------------------------------------------
 # Model definitions
@@ -730,6 +750,8 @@ def img2img_case(name, model, scheduler, seed, **kw):
         image_guidance_scale=None,
         seed=seed,
         scheduler=scheduler,
+        use_karras_sigmas=None,
+        algorithm_type=None,
         clip_skip=1,
     )
     case.update(kw)
@@ -753,6 +775,8 @@ def pix2pix_case(name, scheduler, **kw):
         image_guidance_scale=1.5,
         seed=3,
         scheduler=scheduler,
+        use_karras_sigmas=None,
+        algorithm_type=None,
         clip_skip=1,
     )
     case.update(kw)
@@ -821,6 +845,22 @@ def all_cases():
         pix2pix_case("p2p-eulera-neg-s3-n2", "EulerAncestralDiscreteScheduler", samples=2,
                      negative_prompt="blurry, low quality"),
     ]
+    # Every other scheduler end to end, on an epsilon (sd1) and a v-prediction (sd2) model, with Karras
+    # sigmas where the class takes them; odd step counts; DPM++ 2M SDE through algorithm_type.
+    sd1_more = dict(num_inference_steps=6, strength=0.75)
+    sd2_more = dict(sd2, num_inference_steps=7, strength=0.6)
+    for short, cls, karras in MORE_SCHEDULERS:
+        cases.append(img2img_case(f"sd1-{short}-s11", "sd1-tiny", cls, 11, **sd1_more))
+        cases.append(img2img_case(f"sd2-{short}-s5", "sd2-tiny", cls, 5, **sd2_more))
+        if karras:
+            cases.append(img2img_case(f"sd1-{short}-karras-s11", "sd1-tiny", cls, 11,
+                                      **dict(sd1_more, use_karras_sigmas=True)))
+            cases.append(img2img_case(f"sd2-{short}-karras-s5", "sd2-tiny", cls, 5,
+                                      **dict(sd2_more, use_karras_sigmas=True)))
+    for model, seed, more in (("sd1-tiny", 11, sd1_more), ("sd2-tiny", 5, sd2_more)):
+        tag = model.split("-")[0]
+        cases.append(img2img_case(f"{tag}-dpm2msde-karras-s{seed}", model, "DPMSolverMultistepScheduler", seed,
+                                  **dict(more, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++")))
     return cases
 
 
@@ -932,7 +972,8 @@ def clip_skip_embeds(pipe, case):
 
 
 def run_case(pipe, case, base_config):
-    pipe.scheduler = SCHEDULERS[case["scheduler"]].from_config(base_config)
+    overrides = {k: case[k] for k in ("use_karras_sigmas", "algorithm_type") if case.get(k) is not None}
+    pipe.scheduler = SCHEDULERS[case["scheduler"]].from_config(base_config, **overrides)
     image = Image.open(FIX / case["init_image"]).convert("RGB")
     assert image.size == (case["width"], case["height"])
     kw = dict(
