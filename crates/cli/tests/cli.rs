@@ -658,7 +658,7 @@ fn bad_inputs_fail_cleanly_with_a_message_naming_the_problem() {
         bad(
             "no unet weights",
             &[("--model", "nounet")],
-            &["unet", "no .safetensors weights"],
+            &["unet", "no usable .safetensors weights"],
         ),
         bad(
             "init image is a text file",

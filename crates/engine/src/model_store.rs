@@ -209,23 +209,35 @@ fn weight_files(id: &str, dir: &Path) -> Result<Vec<PathBuf>> {
             pickles = true;
         }
     }
-    let is_variant = |p: &PathBuf| {
-        let n = p.file_name().unwrap().to_string_lossy();
-        n.contains(".fp16.") || n.contains(".bf16.")
+    // diffusers names variants `<base>.<variant>.safetensors` (sharded: `<base>.<variant>-0000N-of-0000M…`):
+    // take the full-precision files, else fp16, else bf16; never mix variants (e.g. `non_ema` beside the
+    // plain file).
+    let variant = |p: &PathBuf| -> String {
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        let stem = name.trim_end_matches(".safetensors");
+        let stem = stem.split('-').next().unwrap_or(stem);
+        stem.split_once('.')
+            .map(|(_, v)| v.to_string())
+            .unwrap_or_default()
     };
-    let plain: Vec<PathBuf> = safetensors
+    let mut chosen: Vec<PathBuf> = ["", "fp16", "bf16"]
         .iter()
-        .filter(|p| !is_variant(p))
-        .cloned()
-        .collect();
-    let mut chosen = if plain.is_empty() { safetensors } else { plain };
+        .map(|want| {
+            safetensors
+                .iter()
+                .filter(|p| variant(p) == *want)
+                .cloned()
+                .collect::<Vec<_>>()
+        })
+        .find(|group| !group.is_empty())
+        .unwrap_or_default();
     chosen.sort();
     if chosen.is_empty() {
         let why = if pickles {
             "has only pickled weights (.bin); they are refused because loading them can run code — \
              convert them to .safetensors"
         } else {
-            "has no .safetensors weights"
+            "has no usable .safetensors weights (full precision, fp16 or bf16)"
         };
         return Err(EngineError::model(id, format!("{component}/ {why}")));
     }
@@ -367,4 +379,48 @@ fn load_single_file(
         device.clone(),
         dtype,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folder_with(files: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let unet = dir.path().join("unet");
+        std::fs::create_dir(&unet).unwrap();
+        for f in files {
+            std::fs::write(unet.join(f), b"").unwrap();
+        }
+        dir
+    }
+
+    fn chosen(files: &[&str]) -> Vec<String> {
+        let dir = folder_with(files);
+        weight_files("m", &dir.path().join("unet"))
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn weight_files_prefer_full_precision_and_never_mix_variants() {
+        let plain = "diffusion_pytorch_model.safetensors";
+        let fp16 = "diffusion_pytorch_model.fp16.safetensors";
+        let non_ema = "diffusion_pytorch_model.non_ema.safetensors";
+        assert_eq!(chosen(&[plain, fp16, non_ema]), vec![plain]);
+        assert_eq!(chosen(&[fp16, non_ema]), vec![fp16]);
+        let shards = [
+            "diffusion_pytorch_model-00001-of-00002.safetensors",
+            "diffusion_pytorch_model-00002-of-00002.safetensors",
+            "diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+        ];
+        assert_eq!(chosen(&shards), shards[..2].to_vec());
+        let dir = folder_with(&[non_ema, "diffusion_pytorch_model.bin"]);
+        let err = weight_files("m", &dir.path().join("unet"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pickled"), "{err}");
+    }
 }
