@@ -293,9 +293,32 @@ pub(crate) fn check_common(
     Ok(())
 }
 
-/// Decodes scaled latents to images: divide by the VAE scaling factor, decode, map to 0–255.
-pub(crate) fn decode_latents(model: &StableDiffusion, latents: &Tensor) -> Result<Vec<RgbImage>> {
-    let scaled = (latents / model.vae.config().scaling_factor)?;
-    let decoded = model.vae.decode(&scaled)?.to_dtype(DType::F32)?;
-    crate::image_io::tensor_to_images(&decoded)
+impl StableDiffusion {
+    /// Decodes the final (scaled) latents to images and records what the run used.
+    pub(crate) fn finish(
+        &self,
+        latents: &Tensor,
+        seed: u64,
+        scheduler: Option<&str>,
+        (width, height): (u32, u32),
+        steps_run: usize,
+        started: std::time::Instant,
+    ) -> Result<Generation> {
+        let scaled = (latents / self.vae.config().scaling_factor)?;
+        let decoded = self.vae.decode(&scaled)?.to_dtype(DType::F32)?;
+        Ok(Generation {
+            images: crate::image_io::tensor_to_images(&decoded)?,
+            meta: GenerationMeta {
+                model_id: self.id.clone(),
+                seed,
+                scheduler: scheduler
+                    .map(str::to_string)
+                    .unwrap_or_else(|| self.default_scheduler()),
+                width,
+                height,
+                steps_run,
+                generation_time: started.elapsed().as_secs_f64(),
+            },
+        })
+    }
 }

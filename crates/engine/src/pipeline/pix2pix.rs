@@ -6,8 +6,7 @@ use candle_core::Tensor;
 
 use super::prompt::split_batch;
 use super::{
-    check_common, decode_latents, random_seed, Generation, GenerationMeta, ModelKind,
-    Pix2PixRequest, Progress, StableDiffusion,
+    check_common, random_seed, Generation, ModelKind, Pix2PixRequest, Progress, StableDiffusion,
 };
 use crate::error::{EngineError, Result};
 use crate::image_io::{fit_to_size, image_to_tensor};
@@ -110,21 +109,13 @@ impl StableDiffusion {
             progress.on_step(i + 1, total);
         }
 
-        let images = decode_latents(self, &latents)?;
-        Ok(Generation {
-            images,
-            meta: GenerationMeta {
-                model_id: self.id.clone(),
-                seed,
-                scheduler: req
-                    .scheduler
-                    .clone()
-                    .unwrap_or_else(|| self.default_scheduler()),
-                width: req.width,
-                height: req.height,
-                steps_run: total,
-                generation_time: started.elapsed().as_secs_f64(),
-            },
-        })
+        self.finish(
+            &latents,
+            seed,
+            req.scheduler.as_deref(),
+            (req.width, req.height),
+            total,
+            started,
+        )
     }
 }
