@@ -21,6 +21,8 @@ pub enum Command {
     Img2img(Img2ImgArgs),
     /// Edit an image by instruction with an InstructPix2Pix model (the API's v5 pix2pix).
     Pix2pix(Pix2PixArgs),
+    /// Run the HTTP service (the ModelsLab / Stable Diffusion API img2img routes).
+    Serve(Box<ServeArgs>),
     /// List or download models.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -172,4 +174,75 @@ pub struct Pix2PixArgs {
     /// How strongly to keep the input image (≥ 1 enables image guidance).
     #[arg(long, default_value_t = 1.5)]
     pub image_guidance_scale: f64,
+}
+
+/// `pictor serve`: every flag has a default that works on a fresh machine.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address and port to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "PICTOR_LISTEN")]
+    pub listen: std::net::SocketAddr,
+    /// Base of the URLs handed out (output links, fetch_result); default http://<listen>.
+    #[arg(long, env = "PICTOR_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// The models folder (ROOT/checkpoints/<model_id>/ or <model_id>.safetensors).
+    #[arg(long, default_value = "models", env = "PICTOR_MODELS_DIR")]
+    pub models_dir: PathBuf,
+    /// Where jobs (SQLite), keys and output files are kept.
+    #[arg(long, default_value = "pictor-data", env = "PICTOR_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Model for requests that name none (v3, realtime); default: the only img2img model, if there is one.
+    #[arg(long)]
+    pub default_model: Option<String>,
+    /// Model for v5 pix2pix requests that name none; default: the only InstructPix2Pix model.
+    #[arg(long)]
+    pub pix2pix_model: Option<String>,
+    /// Seconds a request waits for its images before answering "processing" (0: always queue).
+    #[arg(long, default_value_t = 60.0)]
+    pub sync_timeout: f64,
+    /// An accepted API key (repeatable). Also PICTOR_API_KEYS (comma-separated) and --keys-file.
+    #[arg(long = "api-key")]
+    pub api_keys: Vec<String>,
+    /// A file with one API key per line.
+    #[arg(long)]
+    pub keys_file: Option<PathBuf>,
+    /// A key for the enterprise management routes (repeatable); it can also generate.
+    #[arg(long = "admin-key", env = "PICTOR_ADMIN_KEY")]
+    pub admin_keys: Vec<String>,
+    /// Most jobs one key may have queued or running (more get HTTP 429).
+    #[arg(long, default_value_t = 10)]
+    pub max_queued_per_key: usize,
+    /// Let init_image and webhook URLs reach loopback and private networks (cloud metadata stays refused).
+    #[arg(long)]
+    pub allow_private_urls: bool,
+    /// Largest request body, in MiB.
+    #[arg(long, default_value_t = 32)]
+    pub max_body_mib: usize,
+    /// Seconds `temp: yes` outputs live.
+    #[arg(long, default_value_t = 86_400)]
+    pub temp_ttl: u64,
+    /// Hours finished jobs stay fetchable.
+    #[arg(long, default_value_t = 168)]
+    pub retention_hours: u64,
+    /// Seconds between sweeps of expired temp files and old jobs.
+    #[arg(long, default_value_t = 600)]
+    pub sweep_interval: u64,
+    /// Webhook attempts, the first included.
+    #[arg(long, default_value_t = 4)]
+    pub webhook_attempts: u32,
+    /// Seconds before the first webhook retry (doubling after).
+    #[arg(long, default_value_t = 2.0)]
+    pub webhook_backoff: f64,
+    /// Generations run at once.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Memory for loaded models, in MiB (least recently used models are unloaded beyond it).
+    #[arg(long, default_value_t = 8192)]
+    pub model_cache_mib: u64,
+    /// Do not create the random demo model when the models folder is empty.
+    #[arg(long)]
+    pub no_demo: bool,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
 }

@@ -2,8 +2,10 @@
 //! manages models, and makes a demo model.
 
 mod args;
+mod engine_backend;
 mod generate;
 mod init_image;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -12,15 +14,25 @@ use clap::Parser;
 use args::{Cli, Command, ModelsCommand};
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PICTOR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // The service logs its progress; the one-shot commands only warnings.
+    let (default_level, json) = match &cli.command {
+        Command::Serve(a) => ("info", a.log_json),
+        _ => ("warn", false),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PICTOR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let result = match cli.command {
+        Command::Serve(a) => serve::serve(*a),
         Command::Img2img(a) => generate::img2img(a),
         Command::Pix2pix(a) => generate::pix2pix(a),
         Command::Models(ModelsCommand::List { models_dir }) => generate::list_models(&models_dir),

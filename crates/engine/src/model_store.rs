@@ -16,7 +16,7 @@ use crate::checkpoint::SingleFileCheckpoint;
 use crate::config::{read_json, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
 use crate::error::{EngineError, Result};
 use crate::models::{AutoencoderKl, ClipTextModel, UNet};
-use crate::pipeline::StableDiffusion;
+use crate::pipeline::{ModelKind, StableDiffusion};
 use crate::tokenizer::ClipTokenizer;
 
 /// How a model is stored on disk.
@@ -180,6 +180,32 @@ fn location_of(path: &Path, id: &str) -> Result<ModelLocation> {
         id,
         format!("{name} is neither a diffusers folder nor a .safetensors checkpoint"),
     ))
+}
+
+/// What a model is for, from its UNet's input channels, without loading its weights (reads the UNet config, or
+/// a single file's header).
+pub fn peek_kind(location: &ModelLocation) -> Result<ModelKind> {
+    let in_channels = match location.format {
+        ModelFormat::Diffusers => {
+            let cfg: UNetConfig = read_json(&location.id, &location.path.join("unet/config.json"))?;
+            cfg.in_channels
+        }
+        ModelFormat::SingleFile => {
+            SingleFileCheckpoint::open(&location.path, &location.id)?
+                .unet
+                .in_channels
+        }
+    };
+    match in_channels {
+        4 => Ok(ModelKind::Img2Img),
+        8 => Ok(ModelKind::Pix2Pix),
+        n => Err(EngineError::model(
+            &location.id,
+            format!(
+                "a UNet with {n} input channels is not supported (4: img2img, 8: InstructPix2Pix)"
+            ),
+        )),
+    }
 }
 
 /// Loads a model for running on `device` with weights cast to `dtype` (memory-mapped, whatever their

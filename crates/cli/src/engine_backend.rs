@@ -1,0 +1,343 @@
+//! The service's [`Backend`] made of the engine: the models folder, a memory-bounded cache of loaded models, and
+//! the img2img / pix2pix pipelines.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::UNIX_EPOCH;
+
+use pictor_engine::image_io::{decode_image, encode_png};
+use pictor_engine::model_store::{self, ModelFormat, ModelLocation, ModelsDir};
+use pictor_engine::pipeline::{
+    Img2ImgRequest, ModelKind, Pix2PixRequest, Progress, StableDiffusion,
+};
+use pictor_engine::schedulers::{SchedulerOptions, SCHEDULER_NAMES};
+use pictor_engine::{EngineError, Runtime};
+use pictor_server::backend::{
+    Backend, BackendError, Generated, GenerationRequest, JobControl, ModelInfo, ModelSource,
+    PipelineKind, SystemInfo,
+};
+
+/// Largest init image the engine decodes (the service checked it already; this is a second guard).
+const MAX_PIXELS: u64 = 64 * 1024 * 1024;
+
+struct Cached {
+    model: Arc<StableDiffusion>,
+    bytes: u64,
+    last_used: u64,
+}
+
+/// Loaded models, least recently used evicted first when the byte budget is exceeded.
+#[derive(Default)]
+struct Cache {
+    models: HashMap<String, Cached>,
+    clock: u64,
+}
+
+/// The engine behind the HTTP service.
+pub struct EngineBackend {
+    models_dir: ModelsDir,
+    runtime: Runtime,
+    budget: u64,
+    cache: Mutex<Cache>,
+    /// Held while a model loads, so two jobs never load the same model twice at once.
+    loading: Mutex<()>,
+}
+
+impl EngineBackend {
+    /// A backend over `models_dir`, keeping at most `budget_bytes` of weights loaded (always at least one model).
+    pub fn new(models_dir: ModelsDir, runtime: Runtime, budget_bytes: u64) -> Self {
+        EngineBackend {
+            models_dir,
+            runtime,
+            budget: budget_bytes,
+            cache: Mutex::new(Cache::default()),
+            loading: Mutex::new(()),
+        }
+    }
+
+    fn cached(&self, id: &str) -> Option<Arc<StableDiffusion>> {
+        let mut cache = self.cache.lock().expect("model cache");
+        cache.clock += 1;
+        let now = cache.clock;
+        cache.models.get_mut(id).map(|c| {
+            c.last_used = now;
+            c.model.clone()
+        })
+    }
+
+    fn model(&self, id: &str) -> Result<Arc<StableDiffusion>, BackendError> {
+        if let Some(m) = self.cached(id) {
+            return Ok(m);
+        }
+        let _guard = self.loading.lock().expect("model loading");
+        if let Some(m) = self.cached(id) {
+            return Ok(m);
+        }
+        let location = self.models_dir.resolve_id(id).map_err(engine_error)?;
+        let bytes = weight_bytes(&location);
+        tracing::info!(model = id, mib = bytes >> 20, "loading model");
+        let model = Arc::new(
+            model_store::load(&location, &self.runtime.device, self.runtime.dtype)
+                .map_err(engine_error)?,
+        );
+        let mut cache = self.cache.lock().expect("model cache");
+        let mut used: u64 = cache.models.values().map(|c| c.bytes).sum();
+        while used + bytes > self.budget && !cache.models.is_empty() {
+            let oldest = cache
+                .models
+                .iter()
+                .min_by_key(|(_, c)| c.last_used)
+                .map(|(k, _)| k.clone())
+                .expect("non-empty");
+            if let Some(evicted) = cache.models.remove(&oldest) {
+                used -= evicted.bytes;
+                tracing::info!(model = %oldest, "unloaded model to stay within the memory budget");
+            }
+        }
+        cache.clock += 1;
+        let last_used = cache.clock;
+        cache.models.insert(
+            id.to_string(),
+            Cached {
+                model: model.clone(),
+                bytes,
+                last_used,
+            },
+        );
+        Ok(model)
+    }
+}
+
+/// Bytes of weights a model holds in memory, estimated from its files on disk.
+fn weight_bytes(location: &ModelLocation) -> u64 {
+    fn walk(path: &Path) -> u64 {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() && path.extension().is_some_and(|e| e == "safetensors") => m.len(),
+            Ok(m) if m.is_dir() => std::fs::read_dir(path)
+                .map(|entries| entries.flatten().map(|e| walk(&e.path())).sum())
+                .unwrap_or(0),
+            _ => 0,
+        }
+    }
+    walk(&location.path)
+}
+
+fn engine_error(e: EngineError) -> BackendError {
+    match e {
+        EngineError::InvalidRequest { field, message } => BackendError::Invalid {
+            field: field.to_string(),
+            message,
+        },
+        EngineError::ModelNotFound(id) => BackendError::ModelNotFound(id),
+        EngineError::Cancelled => BackendError::Cancelled,
+        EngineError::Unsupported(what) => {
+            BackendError::Unsupported(format!("{what} is not supported yet"))
+        }
+        other => BackendError::Failed(other.to_string()),
+    }
+}
+
+/// Relays the engine's progress to the service's job control.
+struct Relay<'a>(&'a dyn JobControl);
+
+impl Progress for Relay<'_> {
+    fn on_step(&mut self, done: usize, total: usize) {
+        self.0.on_step(done, total);
+    }
+    fn cancelled(&self) -> bool {
+        self.0.cancelled()
+    }
+}
+
+impl Backend for EngineBackend {
+    fn models(&self) -> Result<Vec<ModelInfo>, BackendError> {
+        let found = self.models_dir.list().map_err(engine_error)?;
+        let loaded: Vec<String> = self
+            .cache
+            .lock()
+            .expect("model cache")
+            .models
+            .keys()
+            .cloned()
+            .collect();
+        let mut models = Vec::new();
+        for location in found {
+            let kind = match model_store::peek_kind(&location) {
+                Ok(ModelKind::Img2Img) => PipelineKind::Img2Img,
+                Ok(ModelKind::Pix2Pix) => PipelineKind::Pix2Pix,
+                Err(e) => {
+                    tracing::debug!(model = %location.id, error = %e, "skipping a model that cannot run");
+                    continue;
+                }
+            };
+            let added_at = std::fs::metadata(&location.path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_secs());
+            models.push(ModelInfo {
+                loaded: loaded.contains(&location.id),
+                id: location.id,
+                kind,
+                format: match location.format {
+                    ModelFormat::Diffusers => "diffusers".into(),
+                    ModelFormat::SingleFile => "single_file".into(),
+                },
+                added_at,
+            });
+        }
+        Ok(models)
+    }
+
+    fn schedulers(&self) -> Vec<String> {
+        SCHEDULER_NAMES.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn generate(
+        &self,
+        request: &GenerationRequest,
+        init_image: &[u8],
+        control: &dyn JobControl,
+    ) -> Result<Generated, BackendError> {
+        let model = self.model(&request.model_id)?;
+        let init = decode_image(init_image, MAX_PIXELS).map_err(engine_error)?;
+        let options = SchedulerOptions {
+            use_karras_sigmas: Some(request.use_karras_sigmas),
+            algorithm_type: request.algorithm_type.clone(),
+        };
+        let mut relay = Relay(control);
+        let generation = match request.kind {
+            PipelineKind::Img2Img => model.img2img(
+                &Img2ImgRequest {
+                    prompt: request.prompt.clone(),
+                    negative_prompt: request.negative_prompt.clone(),
+                    init_image: init,
+                    width: request.width,
+                    height: request.height,
+                    samples: request.samples as usize,
+                    num_inference_steps: request.steps as usize,
+                    guidance_scale: request.guidance_scale,
+                    strength: request.strength,
+                    seed: Some(request.seed),
+                    scheduler: request.scheduler.clone(),
+                    scheduler_options: options,
+                    clip_skip: request.clip_skip as usize,
+                },
+                &mut relay,
+            ),
+            PipelineKind::Pix2Pix => model.pix2pix(
+                &Pix2PixRequest {
+                    prompt: request.prompt.clone(),
+                    negative_prompt: request.negative_prompt.clone(),
+                    init_image: init,
+                    width: request.width,
+                    height: request.height,
+                    samples: request.samples as usize,
+                    num_inference_steps: request.steps as usize,
+                    guidance_scale: request.guidance_scale,
+                    image_guidance_scale: request.image_guidance_scale,
+                    seed: Some(request.seed),
+                    scheduler: request.scheduler.clone(),
+                    scheduler_options: options,
+                    clip_skip: request.clip_skip as usize,
+                },
+                &mut relay,
+            ),
+        }
+        .map_err(engine_error)?;
+        let png_images = generation
+            .images
+            .iter()
+            .map(encode_png)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(engine_error)?;
+        Ok(Generated {
+            png_images,
+            scheduler: generation.meta.scheduler.clone(),
+            generation_time: generation.meta.generation_time,
+        })
+    }
+
+    fn add_model(&self, model_id: &str, source: ModelSource) -> Result<(), BackendError> {
+        let dir = self.models_dir.checkpoints();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| BackendError::Failed(format!("{}: {e}", dir.display())))?;
+        let folder = dir.join(model_id);
+        let file = dir.join(format!("{model_id}.safetensors"));
+        if folder.exists() || file.exists() {
+            return Err(BackendError::Invalid {
+                field: "model_id".into(),
+                message: format!("{model_id} already exists"),
+            });
+        }
+        match source {
+            ModelSource::HuggingFace { repo, revision } => {
+                let staging = dir.join(format!(".pull-{model_id}"));
+                let _ = std::fs::remove_dir_all(&staging);
+                std::fs::create_dir_all(&staging)
+                    .map_err(|e| BackendError::Failed(format!("{}: {e}", staging.display())))?;
+                let pulled = pictor_engine::hub::pull(&repo, &staging, revision.as_deref());
+                let result = pulled.map_err(engine_error).and_then(|path| {
+                    std::fs::rename(&path, &folder)
+                        .map_err(|e| BackendError::Failed(format!("{}: {e}", folder.display())))
+                });
+                let _ = std::fs::remove_dir_all(&staging);
+                result?;
+            }
+            ModelSource::SingleFile { bytes } => {
+                let staging = dir.join(format!(".{model_id}.safetensors.partial"));
+                std::fs::write(&staging, &bytes)
+                    .map_err(|e| BackendError::Failed(format!("{}: {e}", staging.display())))?;
+                // Refuse anything that is not a complete Stable Diffusion checkpoint before it becomes a model.
+                let checked =
+                    pictor_engine::checkpoint::SingleFileCheckpoint::open(&staging, model_id)
+                        .map(|_| ())
+                        .map_err(engine_error);
+                if let Err(e) = checked {
+                    let _ = std::fs::remove_file(&staging);
+                    return Err(e);
+                }
+                std::fs::rename(&staging, &file)
+                    .map_err(|e| BackendError::Failed(format!("{}: {e}", file.display())))?;
+            }
+        }
+        let location = self.models_dir.resolve_id(model_id).map_err(engine_error)?;
+        model_store::peek_kind(&location).map_err(engine_error)?;
+        Ok(())
+    }
+
+    fn delete_model(&self, model_id: &str) -> Result<(), BackendError> {
+        let location = self.models_dir.resolve_id(model_id).map_err(engine_error)?;
+        self.cache
+            .lock()
+            .expect("model cache")
+            .models
+            .remove(model_id);
+        let removed = match location.format {
+            ModelFormat::Diffusers => std::fs::remove_dir_all(&location.path),
+            ModelFormat::SingleFile => std::fs::remove_file(&location.path),
+        };
+        removed.map_err(|e| BackendError::Failed(format!("cannot delete {model_id}: {e}")))
+    }
+
+    fn clear_cache(&self) {
+        self.cache.lock().expect("model cache").models.clear();
+    }
+
+    fn system(&self) -> SystemInfo {
+        let cache = self.cache.lock().expect("model cache");
+        let mut loaded: Vec<String> = cache.models.keys().cloned().collect();
+        loaded.sort();
+        SystemInfo {
+            device: match &self.runtime.device {
+                candle_core_device if candle_core_device.is_cpu() => "cpu".into(),
+                other => format!("{other:?}"),
+            },
+            dtype: format!("{:?}", self.runtime.dtype).to_lowercase(),
+            loaded_models: loaded,
+            model_memory_bytes: cache.models.values().map(|c| c.bytes).sum(),
+            model_memory_budget_bytes: self.budget,
+        }
+    }
+}

@@ -1,0 +1,755 @@
+//! End-to-end tests of `pictor serve`: the real binary on loopback with the tiny fixture models, driven over
+//! HTTP the way API clients drive the hosted service.
+
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+use support::{assert_image_matches, fixture_base64, fixtures, Receiver, Server, ADMIN, KEY};
+
+/// One reference case from `tests/fixtures/cases.json`.
+fn case(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixtures().join("cases.json")).unwrap();
+    let cases: Vec<Value> = serde_json::from_str(&text).unwrap();
+    cases
+        .into_iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name}"))
+}
+
+/// The API body that asks for `case` (init image as base64), merged with `extra`.
+fn body_for(case: &Value, extra: Value) -> Value {
+    let pix2pix = case["pipeline"] == "pix2pix";
+    let mut body = json!({
+        "key": KEY,
+        "prompt": case["prompt"],
+        "negative_prompt": case["negative_prompt"],
+        "init_image": fixture_base64(case["init_image"].as_str().unwrap()),
+        "width": case["width"].to_string(),
+        "height": case["height"].to_string(),
+        "samples": case["samples"].to_string(),
+        "guidance_scale": case["guidance_scale"],
+        "scheduler": case["scheduler"],
+        "seed": case["seed"],
+        "clip_skip": case["clip_skip"],
+        "use_karras_sigmas": if case["use_karras_sigmas"] == true { "yes" } else { "no" },
+    });
+    if pix2pix {
+        body["steps"] = case["num_inference_steps"].clone();
+        body["image_guidance_scale"] = case["image_guidance_scale"].clone();
+    } else {
+        body["num_inference_steps"] = json!(case["num_inference_steps"].to_string());
+        body["strength"] = case["strength"].clone();
+    }
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+/// Downloads every output URL and compares it with the case's reference images.
+fn assert_outputs_match(server: &Server, urls: &[Value], case: &Value) {
+    let expected = case["images"].as_array().unwrap();
+    assert_eq!(urls.len(), expected.len(), "one output per sample");
+    for (url, fixture) in urls.iter().zip(expected) {
+        let (status, png) = server.get(url.as_str().unwrap());
+        assert_eq!(status, 200, "{url}");
+        assert_image_matches(&png, fixture.as_str().unwrap());
+    }
+}
+
+fn start_default(dir: &tempfile::TempDir, extra: &[&str]) -> Server {
+    let mut flags = vec![
+        "--default-model",
+        "sd1-tiny",
+        "--pix2pix-model",
+        "pix2pix-tiny",
+    ];
+    flags.extend_from_slice(extra);
+    Server::start(dir.path(), &flags)
+}
+
+#[test]
+fn every_family_answers_in_its_shape_with_the_reference_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_default(&dir, &[]);
+    let ddim = case("sd1-ddim-s42");
+
+    // v3: the default model, `meta` with H/W, the index after the uuid.
+    let (status, body) = server.post(
+        "/api/v3/img2img",
+        &body_for(&ddim, json!({"enhance_prompt": "yes"})),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "success", "{body}");
+    assert!(body["id"].is_i64());
+    assert!(body["generationTime"].as_f64().unwrap() > 0.0);
+    assert_eq!(body["meta"]["W"], 64);
+    assert_eq!(body["meta"]["model"], "sd1-tiny");
+    assert_eq!(body["meta"]["seed"], 42);
+    let prefix = body["meta"]["file_prefix"].as_str().unwrap();
+    assert!(body["output"][0]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("/generations/{prefix}-0.png")));
+    assert!(body["warnings"][0]
+        .as_str()
+        .unwrap()
+        .contains("enhance_prompt"));
+    assert_outputs_match(&server, body["output"].as_array().unwrap(), &ddim);
+
+    // v4 dreambooth: model_id, two samples, the index before the uuid, `safetychecker`.
+    let pndm = case("sd1-pndm-s0-n2");
+    let (_, body) = server.post(
+        "/api/v4/dreambooth/img2img",
+        &body_for(&pndm, json!({"model_id": "sd1-tiny"})),
+    );
+    assert_eq!(body["status"], "success", "{body}");
+    assert_eq!(body["meta"]["safetychecker"], "no");
+    assert_eq!(body["meta"]["n_samples"], 2);
+    let prefix = body["meta"]["file_prefix"].as_str().unwrap();
+    assert!(body["output"][1]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("/generations/1-{prefix}.png")));
+    assert_outputs_match(&server, body["output"].as_array().unwrap(), &pndm);
+
+    // v6 images: proxy_links, nsfw_content_detected, webhook_status, the full v6 meta.
+    let euler = case("sd1-euler-s42");
+    let (_, body) = server.post(
+        "/api/v6/images/img2img",
+        &body_for(&euler, json!({"model_id": "sd1-tiny"})),
+    );
+    assert_eq!(body["status"], "success", "{body}");
+    assert_eq!(body["nsfw_content_detected"], false);
+    assert_eq!(body["proxy_links"], body["output"]);
+    assert_eq!(body["webhook_status"], "");
+    assert_eq!(body["meta"]["scheduler"], "EulerDiscreteScheduler");
+    assert_eq!(body["meta"]["use_karras_sigmas"], "no");
+    assert_eq!(body["meta"]["safety_checker"], "no");
+    assert_outputs_match(&server, body["output"].as_array().unwrap(), &euler);
+
+    // Enterprise, on the path the Python SDK uses, with a single-file checkpoint.
+    let single = case("sd1-single-ddim-s42");
+    let single_id = single["model"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches(".safetensors");
+    for path in [
+        "/api/v1/enterprise/img2img",
+        "/api/v1/enterprise/images/img2img",
+    ] {
+        let (_, body) = server.post(
+            path,
+            &body_for(&single, json!({"model_id": single["model"]})),
+        );
+        assert_eq!(body["status"], "success", "{path}: {body}");
+        assert_eq!(body["meta"]["model_id"], single_id);
+        assert_outputs_match(&server, body["output"].as_array().unwrap(), &single);
+    }
+
+    // Realtime families: JSON booleans, width/height in meta, the default model.
+    for path in [
+        "/api/v6/realtime/img2img",
+        "/api/v1/enterprise/realtime/img2img",
+    ] {
+        let (_, body) = server.post(
+            path,
+            &body_for(
+                &ddim,
+                json!({"base64": false, "safety_checker": false, "instant_response": false}),
+            ),
+        );
+        assert_eq!(body["status"], "success", "{path}: {body}");
+        assert_eq!(body["meta"]["width"], 64);
+        assert_eq!(body["meta"]["base64"], "no");
+        assert_eq!(body["meta"]["instant_response"], "no");
+        assert_outputs_match(&server, body["output"].as_array().unwrap(), &ddim);
+    }
+
+    // v5 pix2pix: `output` is one string; `model_id`/`seed`/`scheduler` are extensions.
+    let p2p = case("p2p-ddim-s3");
+    let (_, body) = server.post("/api/v5/pix2pix", &body_for(&p2p, json!({})));
+    assert_eq!(body["status"], "success", "{body}");
+    let url = body["output"].as_str().expect("v5 output is a string");
+    assert_outputs_match(&server, &[json!(url)], &p2p);
+    assert!(body.get("meta").is_none());
+
+    // img2img on the pix2pix model and pix2pix on an img2img model are refused by name.
+    let (_, body) = server.post(
+        "/api/v6/images/img2img",
+        &body_for(&ddim, json!({"model_id": "pix2pix-tiny"})),
+    );
+    assert_eq!(body["status"], "error");
+    assert!(body["errors"]["model_id"].is_array(), "{body}");
+}
+
+#[test]
+fn queued_jobs_are_fetched_by_path_and_by_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_default(&dir, &["--sync-timeout", "0"]);
+    let ddim = case("sd1-ddim-s42");
+
+    let (_, queued) = server.post(
+        "/api/v6/images/img2img",
+        &body_for(&ddim, json!({"model_id": "sd1-tiny"})),
+    );
+    assert_eq!(queued["status"], "processing", "{queued}");
+    let id = queued["id"].as_i64().unwrap();
+    let fetch = queued["fetch_result"].as_str().unwrap().to_string();
+    assert_eq!(fetch, format!("{}/api/v6/images/fetch/{id}", server.base));
+    assert!(queued["eta"].as_f64().unwrap() >= 0.0);
+    assert_eq!(
+        queued["messege"],
+        "Try to fetch request after seconds estimated"
+    );
+    assert_eq!(queued["meta"]["seed"], 42);
+    let future = queued["future_links"].clone();
+
+    let done = server.wait_for(&fetch, Duration::from_secs(120));
+    assert_eq!(done["status"], "success", "{done}");
+    assert_eq!(
+        done["output"], future,
+        "the outputs appear where future_links said"
+    );
+    assert_outputs_match(&server, done["output"].as_array().unwrap(), &ddim);
+
+    // The same job through the body form of every family's fetch route.
+    for path in [
+        "/api/v6/images/fetch",
+        "/api/v3/fetch",
+        "/api/v4/dreambooth/fetch",
+        "/api/v1/enterprise/fetch",
+        "/api/v1/enterprise/fetch_queue_image",
+    ] {
+        let (_, again) = server.post(path, &json!({"key": KEY, "request_id": id.to_string()}));
+        assert_eq!(again["status"], "success", "{path}: {again}");
+        assert_eq!(again["output"], done["output"], "{path}");
+    }
+    // v3 jobs are fetched on the v3 route; v5 jobs through v3 too.
+    let (_, v3) = server.post("/api/v3/img2img", &body_for(&ddim, json!({})));
+    assert_eq!(
+        v3["fetch_result"],
+        format!("{}/api/v3/fetch/{}", server.base, v3["id"])
+    );
+    assert_eq!(v3["output"], json!([]));
+    let p2p = case("p2p-ddim-s3");
+    let (_, v5) = server.post("/api/v5/pix2pix", &body_for(&p2p, json!({})));
+    assert_eq!(v5["output"], json!(""));
+    let v5_done = server.wait_for(
+        v5["fetch_result"].as_str().unwrap(),
+        Duration::from_secs(120),
+    );
+    assert!(v5_done["output"].is_string(), "{v5_done}");
+
+    // Another key cannot see the job; the admin key can.
+    let (_, other) = server.post(&fetch, &json!({"key": "not-a-key"}));
+    assert_eq!(other["message"], "Invalid Api Key");
+    let (_, admin) = server.post(&fetch, &json!({"key": ADMIN}));
+    assert_eq!(admin["status"], "success");
+    let (_, missing) = server.post("/api/v6/images/fetch/999999", &json!({"key": KEY}));
+    assert_eq!(missing["status"], "error");
+    assert!(
+        missing["message"].as_str().unwrap().contains("not found"),
+        "{missing}"
+    );
+}
+
+#[test]
+fn webhooks_deliver_with_track_id_and_init_images_come_from_urls() {
+    let receiver = Receiver::start();
+    receiver.serve_file(
+        "/init.png",
+        std::fs::read(fixtures().join("init-64.png")).unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_default(
+        &dir,
+        &[
+            "--allow-private-urls",
+            "--webhook-backoff",
+            "0.1",
+            "--webhook-attempts",
+            "3",
+        ],
+    );
+    let ddim = case("sd1-ddim-s42");
+    let mut body = body_for(
+        &ddim,
+        json!({"model_id": "sd1-tiny", "webhook": format!("{}/hook", receiver.base), "track_id": "track-7"}),
+    );
+    body["init_image"] = json!(format!("{}/init.png", receiver.base));
+    let (_, answer) = server.post("/api/v4/dreambooth/img2img", &body);
+    assert_eq!(answer["status"], "success", "{answer}");
+    assert_eq!(
+        answer["meta"]["init_image"],
+        format!("{}/init.png", receiver.base)
+    );
+    assert_outputs_match(&server, answer["output"].as_array().unwrap(), &ddim);
+
+    let posts = receiver.wait_posts("/hook", 1, Duration::from_secs(30));
+    let hook = &posts[0].json;
+    assert_eq!(hook["status"], "success");
+    assert_eq!(hook["track_id"], "track-7");
+    assert_eq!(hook["id"], answer["id"]);
+    assert_eq!(hook["output"], answer["output"]);
+
+    // A receiver that keeps failing gets the bounded retries, then webhook_status says so.
+    receiver.answer_with("/broken", 500);
+    body["webhook"] = json!(format!("{}/broken", receiver.base));
+    let (_, answer) = server.post("/api/v4/dreambooth/img2img", &body);
+    receiver.wait_posts("/broken", 3, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        receiver.posts_to("/broken").len(),
+        3,
+        "exactly --webhook-attempts tries"
+    );
+    let (_, fetched) = server.post(
+        "/api/v4/dreambooth/fetch",
+        &json!({"key": KEY, "request_id": answer["id"]}),
+    );
+    assert_eq!(fetched["webhook_status"], "failed", "{fetched}");
+    let (_, fetched) = server.post(
+        "/api/v4/dreambooth/fetch",
+        &json!({"key": KEY, "request_id": hook["id"]}),
+    );
+    assert_eq!(fetched["webhook_status"], "success");
+}
+
+#[test]
+fn queued_jobs_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_default(&dir, &["--sync-timeout", "0"]);
+    let ddim = case("sd1-ddim-s42");
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (_, queued) = server.post(
+            "/api/v6/images/img2img",
+            &body_for(&ddim, json!({"model_id": "sd1-tiny"})),
+        );
+        assert_eq!(queued["status"], "processing", "{queued}");
+        ids.push(queued["id"].as_i64().unwrap());
+    }
+    server.kill();
+
+    let server = start_default(&dir, &[]);
+    for id in ids {
+        let done = server.wait_for(
+            &format!("{}/api/v6/images/fetch/{id}", server.base),
+            Duration::from_secs(180),
+        );
+        assert_eq!(done["status"], "success", "job {id}: {done}");
+        assert_outputs_match(&server, done["output"].as_array().unwrap(), &ddim);
+    }
+}
+
+/// A PNG whose header claims 100000 × 100000 pixels (with a valid CRC), as base64.
+fn forged_png_base64() -> String {
+    let mut bytes = std::fs::read(fixtures().join("init-64.png")).unwrap();
+    bytes[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    bytes[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in &bytes[12..29] {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    bytes[29..33].copy_from_slice(&(!crc).to_be_bytes());
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[test]
+fn bad_inputs_get_the_api_error_shape() {
+    let loopback = Receiver::start();
+    loopback.serve_file(
+        "/init.png",
+        std::fs::read(fixtures().join("init-64.png")).unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_default(
+        &dir,
+        &[
+            "--max-body-mib",
+            "1",
+            "--max-queued-per-key",
+            "1",
+            "--sync-timeout",
+            "0",
+        ],
+    );
+    let good = body_for(&case("sd1-ddim-s42"), json!({"model_id": "sd1-tiny"}));
+    let with = |field: &str, value: Value| {
+        let mut b = good.clone();
+        b[field] = value;
+        b
+    };
+    let without = |field: &str| {
+        let mut b = good.clone();
+        b.as_object_mut().unwrap().remove(field);
+        b
+    };
+    // (what, body, text the message must contain)
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("wrong key", with("key", json!("nope")), "Invalid Api Key"),
+        ("no key", without("key"), "Invalid Api Key"),
+        (
+            "missing init image",
+            without("init_image"),
+            "The init image field is required.",
+        ),
+        (
+            "missing prompt",
+            without("prompt"),
+            "The prompt field is required.",
+        ),
+        ("width 5000", with("width", json!(5000)), "width"),
+        (
+            "height not a number",
+            with("height", json!("tall")),
+            "height",
+        ),
+        ("samples 9", with("samples", json!("9")), "samples"),
+        (
+            "steps 51",
+            with("num_inference_steps", json!(51)),
+            "num_inference_steps",
+        ),
+        (
+            "guidance 0",
+            with("guidance_scale", json!(0)),
+            "guidance_scale",
+        ),
+        ("strength 2", with("strength", json!(2)), "strength"),
+        (
+            "garbage base64",
+            with("init_image", json!("%%%not-base64%%%")),
+            "init_image",
+        ),
+        (
+            "base64 of a text",
+            with("init_image", json!("aGVsbG8gd29ybGQ=")),
+            "init_image",
+        ),
+        (
+            "forged huge PNG",
+            with("init_image", json!(forged_png_base64())),
+            "100000×100000",
+        ),
+        (
+            "unknown model",
+            with("model_id", json!("no-such-model")),
+            "Model id not found",
+        ),
+        (
+            "unknown scheduler",
+            with("scheduler", json!("FancyScheduler")),
+            "scheduler",
+        ),
+        (
+            "loopback URL",
+            with("init_image", json!(format!("{}/init.png", loopback.base))),
+            "loopback",
+        ),
+        (
+            "cloud metadata URL",
+            with(
+                "init_image",
+                json!("http://169.254.169.254/latest/meta-data/"),
+            ),
+            "init_image",
+        ),
+        (
+            "webhook to loopback",
+            with("webhook", json!(format!("{}/hook", loopback.base))),
+            "webhook",
+        ),
+        ("LoRA", with("lora_model", json!("x")), "lora_model"),
+    ];
+    for (what, body, expect) in cases {
+        let (status, answer) = server.post("/api/v6/images/img2img", &body);
+        assert_eq!(status, 200, "{what}: {answer}");
+        assert_eq!(answer["status"], "error", "{what}: {answer}");
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(expect),
+            "{what}: {message:?} should mention {expect:?}"
+        );
+    }
+
+    // Not JSON, and an oversized body.
+    let url = format!("{}/api/v6/images/img2img", server.base);
+    let (status, answer) = support::post_raw(&url, b"{not json".to_vec());
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (200, Some("error")),
+        "{answer}"
+    );
+    let mut huge = good.clone();
+    huge["prompt"] = json!("x".repeat(2 << 20));
+    let (status, answer) = server.post("/api/v6/images/img2img", &huge);
+    assert_eq!(status, 200);
+    assert!(
+        answer["message"].as_str().unwrap().contains("larger than"),
+        "{answer}"
+    );
+
+    // The key's queue holds one job: the second is refused with 429 and retry_after.
+    let (_, first) = server.post("/api/v6/images/img2img", &good);
+    assert_eq!(first["status"], "processing", "{first}");
+    let (status, second) = server.post("/api/v6/images/img2img", &good);
+    assert_eq!(status, 429, "{second}");
+    assert_eq!(second["retry_after"], 30);
+    // Nothing accepted was lost: the first job still completes.
+    let done = server.wait_for(
+        first["fetch_result"].as_str().unwrap(),
+        Duration::from_secs(120),
+    );
+    assert_eq!(done["status"], "success");
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+    assert!(!server.log().contains(KEY), "keys are never logged");
+}
+
+#[test]
+fn temp_outputs_expire_and_base64_outputs_are_text_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_default(&dir, &["--temp-ttl", "1", "--sweep-interval", "1"]);
+    let ddim = case("sd1-ddim-s42");
+
+    let (_, body) = server.post(
+        "/api/v6/images/img2img",
+        &body_for(&ddim, json!({"model_id": "sd1-tiny", "base64": "yes"})),
+    );
+    assert_eq!(body["status"], "success", "{body}");
+    let url = body["output"][0].as_str().unwrap();
+    assert!(url.ends_with(".base64"), "{url}");
+    let (status, text) = server.get(url);
+    assert_eq!(status, 200);
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap();
+    assert_image_matches(&png, "cases/sd1-ddim-s42/0.png");
+
+    let (_, body) = server.post(
+        "/api/v6/images/img2img",
+        &body_for(&ddim, json!({"model_id": "sd1-tiny", "temp": "yes"})),
+    );
+    assert_eq!(body["status"], "success", "{body}");
+    let url = body["output"][0].as_str().unwrap().to_string();
+    assert!(url.contains("/temp/"), "{url}");
+    assert_eq!(server.get(&url).0, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while server.get(&url).0 == 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "temp output never expired"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(server.get(&url).0, 404);
+}
+
+#[test]
+fn management_routes_need_the_admin_key_and_work() {
+    // A private copy of two models, since this test adds and deletes models.
+    let models = tempfile::tempdir().unwrap();
+    let checkpoints = models.path().join("checkpoints");
+    std::fs::create_dir_all(&checkpoints).unwrap();
+    copy_dir(
+        &fixtures().join("models/checkpoints/sd1-tiny"),
+        &checkpoints.join("sd1-tiny"),
+    );
+    let receiver = Receiver::start();
+    receiver.serve_file(
+        "/model.safetensors",
+        std::fs::read(fixtures().join("models/checkpoints/sd1-tiny-single.safetensors")).unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_models(dir.path(), models.path(), &["--allow-private-urls"]);
+    let manage = |name: &str, extra: Value| {
+        let mut body = json!({"key": ADMIN});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        server.post(&format!("/api/v1/enterprise/{name}"), &body).1
+    };
+
+    let (_, refused) = server.post("/api/v1/enterprise/system_details", &json!({"key": KEY}));
+    assert_eq!(refused["status"], "error");
+    assert!(refused["message"].as_str().unwrap().contains("admin"));
+
+    let details = manage("system_details", json!({}));
+    assert_eq!(details["status"], "ok");
+    assert_eq!(details["model_count"], 1);
+    assert_eq!(details["device"], "cpu");
+    assert_eq!(
+        manage("schedulers_list", json!({}))["schedulers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        18
+    );
+    let all = manage("get_all_models", json!({}));
+    assert_eq!(all["models"][0]["model_id"], "sd1-tiny");
+    assert_eq!(
+        manage("verify_model", json!({"model_id": "sd1-tiny"}))["message"],
+        "Model exists on server"
+    );
+
+    // load_model from a URL of a single-file checkpoint, in the background; then it generates.
+    let started = manage(
+        "load_model",
+        json!({"model_id": "downloaded", "url": format!("{}/model.safetensors", receiver.base)}),
+    );
+    assert_eq!(started["message"], "model load started", "{started}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = manage("verify_model", json!({"model_id": "downloaded"}));
+        if v["status"] == "success" {
+            break;
+        }
+        assert_ne!(v["status"], "error", "{v}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "model never loaded: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let single = case("sd1-single-ddim-s42");
+    let (_, body) = server.post(
+        "/api/v1/enterprise/img2img",
+        &body_for(&single, json!({"model_id": "downloaded"})),
+    );
+    assert_eq!(body["status"], "success", "{body}");
+    assert_outputs_match(&server, body["output"].as_array().unwrap(), &single);
+    assert_eq!(
+        manage("system_details", json!({}))["models_loaded"],
+        json!(["downloaded"])
+    );
+    assert_eq!(
+        manage("clear_cache", json!({}))["message"],
+        "Cache cleared successfully"
+    );
+    assert_eq!(
+        manage("system_details", json!({}))["models_loaded"],
+        json!([])
+    );
+
+    // A pickle URL is refused before anything is downloaded.
+    let pickle = manage(
+        "load_model",
+        json!({"model_id": "p", "url": "https://example.com/m.ckpt"}),
+    );
+    assert_eq!(pickle["status"], "error");
+
+    assert_eq!(
+        manage("delete_model", json!({"model_id": "downloaded"}))["message"],
+        "Model deleted on server"
+    );
+    assert_eq!(
+        manage("verify_model", json!({"model_id": "downloaded"}))["status"],
+        "error"
+    );
+    assert!(!checkpoints.join("downloaded.safetensors").exists());
+
+    // upload_image: base64 in, URL out, the same bytes served back.
+    let uploaded = manage(
+        "upload_image",
+        json!({"base64_image": fixture_base64("init-64.png"), "image_type": "png"}),
+    );
+    assert_eq!(uploaded["status"], "success", "{uploaded}");
+    let (status, bytes) = server.get(uploaded["image_url"].as_str().unwrap());
+    assert_eq!(status, 200);
+    assert_eq!(
+        bytes,
+        std::fs::read(fixtures().join("init-64.png")).unwrap()
+    );
+
+    // Calls that do not apply say so.
+    for name in ["update_server", "update_s3", "load_vae", "nsfw_image_check"] {
+        let answer = manage(name, json!({}));
+        assert_eq!(answer["status"], "error", "{name}: {answer}");
+        assert!(
+            answer["message"].as_str().unwrap().len() > 20,
+            "{name}: {answer}"
+        );
+    }
+    assert_eq!(manage("clear_queue", json!({}))["status"], "success");
+}
+
+#[test]
+fn health_metrics_and_openapi() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_default(&dir, &[]);
+    let (status, body) = server.get("/health");
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["status"],
+        "ok"
+    );
+    let ddim = case("sd1-ddim-s42");
+    let (_, answer) = server.post("/api/v3/img2img", &body_for(&ddim, json!({})));
+    assert_eq!(answer["status"], "success");
+    let (_, metrics) = server.get("/metrics");
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(
+        metrics.contains(r#"pictor_http_requests_total{route="/api/v3/img2img",status="200"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"pictor_job_duration_seconds_count{outcome="success"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pictor_step_duration_seconds_count"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"pictor_jobs{state="queued"} 0"#),
+        "{metrics}"
+    );
+    let (_, doc) = server.get("/openapi.json");
+    let doc: Value = serde_json::from_slice(&doc).unwrap();
+    for path in [
+        "/api/v3/img2img",
+        "/api/v4/dreambooth/img2img",
+        "/api/v5/pix2pix",
+        "/api/v6/images/img2img",
+        "/api/v6/realtime/img2img",
+        "/api/v1/enterprise/img2img",
+        "/api/v1/enterprise/realtime/img2img",
+        "/api/v1/enterprise/images/img2img",
+        "/api/v6/images/fetch/{id}",
+        "/api/v1/enterprise/load_model",
+    ] {
+        assert!(
+            doc["paths"][path]["post"].is_object(),
+            "{path} missing from openapi.json"
+        );
+    }
+    let (status, body) = server.get("/no/such/route");
+    assert_eq!(status, 404);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["status"],
+        "error"
+    );
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! Shared pieces of the service tests: starting the real `pictor serve` binary on loopback, a JSON client, a
+//! tiny HTTP server that serves files and records what is POSTed to it (init image URLs, webhooks, model
+//! downloads), and the image comparison the parity tests use.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::Value;
+
+/// The `pictor` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_pictor");
+/// The ordinary key every test server accepts.
+pub const KEY: &str = "test-key";
+/// The admin key every test server accepts.
+pub const ADMIN: &str = "test-admin";
+
+/// The repository's `tests/fixtures` folder.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .canonicalize()
+        .expect("tests/fixtures exists")
+}
+
+/// A fixture file as base64.
+pub fn fixture_base64(name: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(std::fs::read(fixtures().join(name)).unwrap())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `pictor serve`; killed (SIGKILL) when dropped.
+pub struct Server {
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// The data folder (kept across restarts when reused).
+    pub data_dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `pictor serve` on a free port with the fixtures' models, keys [`KEY`] and [`ADMIN`], and `extra`
+    /// flags; waits until `/health` answers.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        Server::start_with_models(data_dir, &fixtures().join("models"), extra)
+    }
+
+    /// Like [`Server::start`] with another models folder.
+    pub fn start_with_models(data_dir: &Path, models: &Path, extra: &[&str]) -> Server {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        std::fs::create_dir_all(data_dir).unwrap();
+        let log = data_dir.join(format!("server-{port}.log"));
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", &listen, "--no-demo"])
+            .arg("--models-dir")
+            .arg(models)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--api-key", KEY, "--admin-key", ADMIN])
+            .args(extra)
+            .env_remove("PICTOR_API_KEYS")
+            .env_remove("PICTOR_ADMIN_KEY")
+            .env("PICTOR_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("pictor serve starts");
+        let server = Server {
+            child: Some(child),
+            base: format!("http://{listen}"),
+            data_dir: data_dir.to_path_buf(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = ureq::get(&format!("{}/health", server.base)).call() {
+                if r.status() == 200 {
+                    return server;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not become healthy:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the process with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// POSTs JSON to `path` (absolute URLs are used as they are).
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let url = if path.starts_with("http") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.base)
+        };
+        post_json(&url, body)
+    }
+
+    /// GETs `url` (absolute, or a path on this server).
+    pub fn get(&self, path: &str) -> (u16, Vec<u8>) {
+        let url = if path.starts_with("http") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.base)
+        };
+        get(&url)
+    }
+
+    /// Polls a fetch URL until the job is no longer processing; returns the final body.
+    pub fn wait_for(&self, fetch_url: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, body) = self.post(fetch_url, &serde_json::json!({"key": KEY}));
+            assert_eq!(status, 200, "{body}");
+            if body["status"] != "processing" {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job still processing after {timeout:?}: {body}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// POSTs a JSON body; returns the status and the parsed answer (`Value::Null` if not JSON).
+pub fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    post_raw(url, body.to_string().into_bytes())
+}
+
+/// POSTs raw bytes as JSON.
+pub fn post_raw(url: &str, body: Vec<u8>) -> (u16, Value) {
+    let result = ureq::post(url)
+        .set("Content-Type", "application/json")
+        .timeout(Duration::from_secs(300))
+        .send_bytes(&body);
+    let response = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("POST {url}: {e}"),
+    };
+    let status = response.status();
+    let text = response.into_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// GETs a URL; returns the status and body.
+pub fn get(url: &str) -> (u16, Vec<u8>) {
+    let response = match ureq::get(url).timeout(Duration::from_secs(60)).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("GET {url}: {e}"),
+    };
+    let status = response.status();
+    let mut bytes = Vec::new();
+    response.into_reader().read_to_end(&mut bytes).unwrap();
+    (status, bytes)
+}
+
+/// A request the [`Receiver`] got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Request path.
+    pub path: String,
+    /// Body as JSON (Null if not JSON).
+    pub json: Value,
+}
+
+/// A tiny HTTP server on loopback: GET serves the registered files, POST records the body and answers with
+/// the status registered for that path (200 by default).
+#[derive(Clone)]
+pub struct Receiver {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    files: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    statuses: Arc<Mutex<HashMap<String, u16>>>,
+    /// Every POST so far.
+    pub received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Receiver {
+    /// Starts the server on a background thread.
+    pub fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let receiver = Receiver {
+            base: format!("http://{}", listener.local_addr().unwrap()),
+            files: Default::default(),
+            statuses: Default::default(),
+            received: Default::default(),
+        };
+        let r = receiver.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let r = r.clone();
+                std::thread::spawn(move || r.answer(stream));
+            }
+        });
+        receiver
+    }
+
+    /// Serves `bytes` at `path`.
+    pub fn serve_file(&self, path: &str, bytes: Vec<u8>) {
+        self.files.lock().unwrap().insert(path.to_string(), bytes);
+    }
+
+    /// Answers POSTs to `path` with `status`.
+    pub fn answer_with(&self, path: &str, status: u16) {
+        self.statuses
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), status);
+    }
+
+    /// POSTs to `path` so far.
+    pub fn posts_to(&self, path: &str) -> Vec<Received> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until `n` POSTs reached `path`.
+    pub fn wait_posts(&self, path: &str, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.posts_to(path);
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} POSTs to {path}",
+                got.len()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn answer(&self, stream: TcpStream) {
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        if reader.read_line(&mut line).is_err() {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts.next().unwrap_or("").to_string();
+        let mut length = 0usize;
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
+                break;
+            }
+            let lower = header.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; length];
+        let _ = reader.read_exact(&mut body);
+        let (status, payload) = if method == "POST" {
+            self.received.lock().unwrap().push(Received {
+                path: path.clone(),
+                json: serde_json::from_slice(&body).unwrap_or(Value::Null),
+            });
+            let status = *self.statuses.lock().unwrap().get(&path).unwrap_or(&200);
+            (status, b"{}".to_vec())
+        } else {
+            match self.files.lock().unwrap().get(&path) {
+                Some(b) => (200, b.clone()),
+                None => (404, b"not found".to_vec()),
+            }
+        };
+        let mut stream = stream;
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            payload.len()
+        );
+        let _ = stream.write_all(&payload);
+    }
+}
+
+/// Asserts a PNG equals a fixture image within the parity tolerance (max |Δ| ≤ 3, mean |Δ| ≤ 0.5 per channel).
+pub fn assert_image_matches(png: &[u8], fixture: &str) {
+    let actual = image::load_from_memory(png)
+        .expect("output is an image")
+        .to_rgb8();
+    let expected = image::open(fixtures().join(fixture)).unwrap().to_rgb8();
+    assert_eq!(
+        actual.dimensions(),
+        expected.dimensions(),
+        "{fixture}: size"
+    );
+    let mut max = 0i32;
+    let mut sum = 0f64;
+    for (a, b) in actual.as_raw().iter().zip(expected.as_raw()) {
+        let d = (*a as i32 - *b as i32).abs();
+        max = max.max(d);
+        sum += d as f64;
+    }
+    let mean = sum / actual.as_raw().len() as f64;
+    assert!(
+        max <= 3 && mean <= 0.5,
+        "{fixture}: max |Δ| {max}, mean {mean:.3}"
+    );
+}

@@ -1,0 +1,176 @@
+//! The running service: shared state, start-up (job store, storage, keys, workers, sweeper) and the HTTP server
+//! with graceful shutdown.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::{broadcast, Notify};
+
+use crate::backend::Backend;
+use crate::config::ServerConfig;
+use crate::jobs::sqlite::SqliteJobs;
+use crate::jobs::JobStore;
+use crate::keys::KeyStore;
+use crate::metrics::Metrics;
+use crate::net_guard::{Limits, UrlPolicy};
+use crate::storage::{LocalStorage, Storage};
+use crate::webhook::WebhookSettings;
+use crate::worker::{self, Running, StepClock};
+
+/// State of a `load_model` started through the management API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelLoad {
+    /// Downloading or converting.
+    Loading,
+    /// Failed with this message.
+    Failed(String),
+}
+
+/// Everything the handlers and workers share.
+pub struct App {
+    /// Settings.
+    pub config: ServerConfig,
+    /// The image generator.
+    pub backend: Arc<dyn Backend>,
+    /// The job store.
+    pub jobs: Arc<dyn JobStore>,
+    /// Output storage.
+    pub storage: Arc<dyn Storage>,
+    /// Accepted keys.
+    pub keys: RwLock<KeyStore>,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Wakes a worker when a job is queued.
+    pub wake: Notify,
+    /// Ids of jobs as they finish.
+    pub finished: broadcast::Sender<i64>,
+    /// Jobs being generated now, with their cancel flags.
+    pub running: Mutex<HashMap<i64, Arc<Running>>>,
+    /// Seconds per denoising step, for `eta`.
+    pub clock: Mutex<StepClock>,
+    /// `load_model` calls in flight or failed, by model id.
+    pub model_loads: Mutex<HashMap<String, ModelLoad>>,
+    /// Set once the service accepts requests.
+    pub ready: AtomicBool,
+}
+
+impl App {
+    /// The address policy for `init_image` and webhook URLs.
+    pub fn url_policy(&self) -> UrlPolicy {
+        UrlPolicy {
+            allow_private: self.config.allow_private_urls,
+        }
+    }
+
+    /// Bounds for downloading an init image.
+    pub fn download_limits(&self) -> Limits {
+        Limits {
+            timeout: std::time::Duration::from_secs(30),
+            max_bytes: self.config.max_download_bytes,
+            max_redirects: 3,
+        }
+    }
+
+    /// How webhooks are sent.
+    pub fn webhook_settings(&self) -> WebhookSettings {
+        WebhookSettings {
+            attempts: self.config.webhook_attempts,
+            backoff: self.config.webhook_backoff,
+            timeout: self.config.webhook_timeout,
+            policy: self.url_policy(),
+        }
+    }
+
+    /// Whether the service has finished starting.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Builds the state over the embedded job store and local storage in `config.data_dir`. Returns the key
+    /// generated at first start, if any.
+    pub async fn open(
+        config: ServerConfig,
+        backend: Arc<dyn Backend>,
+    ) -> anyhow::Result<(Arc<App>, Option<String>)> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let jobs = SqliteJobs::open(&config.data_dir.join("jobs.db"))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let requeued = jobs.requeue_running().await.map_err(anyhow::Error::msg)?;
+        if requeued > 0 {
+            tracing::warn!(
+                requeued,
+                "jobs left running by a previous process were queued again"
+            );
+        }
+        let storage = LocalStorage::new(config.data_dir.join("files"), &config.public_url);
+        let (keys, generated) =
+            KeyStore::load(&config.api_keys, &config.admin_keys, &config.data_dir)?;
+        let (finished, _) = broadcast::channel(1024);
+        let app = Arc::new(App {
+            config,
+            backend,
+            jobs: Arc::new(jobs),
+            storage: Arc::new(storage),
+            keys: RwLock::new(keys),
+            metrics: Metrics::new(),
+            wake: Notify::new(),
+            finished,
+            running: Mutex::new(HashMap::new()),
+            clock: Mutex::new(StepClock::default()),
+            model_loads: Mutex::new(HashMap::new()),
+            ready: AtomicBool::new(false),
+        });
+        Ok((app, generated))
+    }
+}
+
+/// Runs the service until Ctrl-C or SIGTERM: workers, sweeper and HTTP server. A job running at shutdown is
+/// queued again at the next start.
+pub async fn serve(config: ServerConfig, backend: Arc<dyn Backend>) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let (app, generated) = App::open(config, backend).await?;
+    if let Some(key) = generated {
+        println!(
+            "No API key was configured: generated this admin key (shown once, stored hashed in {}):\n\n    {key}\n",
+            app.config.data_dir.join("keys.json").display()
+        );
+    }
+    for n in 0..app.config.workers.max(1) {
+        tokio::spawn(worker::work(app.clone(), n));
+    }
+    tokio::spawn(worker::sweep(app.clone()));
+    let router = crate::routes::router(app.clone());
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    app.ready.store(true, Ordering::Relaxed);
+    tracing::info!(address = %listen, public_url = %app.config.public_url, "Pictor is listening");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

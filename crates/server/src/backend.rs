@@ -1,0 +1,169 @@
+//! The seam between the service and whatever generates images: the canonical request the dialects produce,
+//! and the [`Backend`] trait the `pictor` binary implements with the engine. Nothing here knows about HTTP.
+
+use serde::{Deserialize, Serialize};
+
+/// Which pipeline a request runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PipelineKind {
+    /// Stable Diffusion img2img (4-channel UNet).
+    #[serde(rename = "img2img")]
+    Img2Img,
+    /// InstructPix2Pix (8-channel UNet).
+    #[serde(rename = "pix2pix")]
+    Pix2Pix,
+}
+
+/// One generation, fully resolved: every default applied, the seed chosen, the model picked. This is what the job
+/// store keeps, so a job re-run after a restart gives the same images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationRequest {
+    /// img2img or pix2pix.
+    pub kind: PipelineKind,
+    /// The model id in the models folder.
+    pub model_id: String,
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt ("" for none).
+    pub negative_prompt: String,
+    /// Output width in pixels (a multiple of 8).
+    pub width: u32,
+    /// Output height in pixels (a multiple of 8).
+    pub height: u32,
+    /// Number of images.
+    pub samples: u32,
+    /// Denoising steps.
+    pub steps: u32,
+    /// Classifier-free guidance scale.
+    pub guidance_scale: f64,
+    /// img2img strength (0–1); unused by pix2pix.
+    pub strength: f64,
+    /// pix2pix image guidance scale; unused by img2img.
+    pub image_guidance_scale: f64,
+    /// Scheduler name as the API spells it; `None` = the model's own.
+    pub scheduler: Option<String>,
+    /// Karras sigmas for the schedulers that support them.
+    pub use_karras_sigmas: bool,
+    /// DPM-Solver algorithm type, when given.
+    pub algorithm_type: Option<String>,
+    /// The seed (a random one was drawn at accept time when the request had none).
+    pub seed: u64,
+    /// CLIP skip, AUTOMATIC1111 convention (1 = last layer).
+    pub clip_skip: u32,
+}
+
+/// What a backend produced for one request.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// One PNG file per sample.
+    pub png_images: Vec<Vec<u8>>,
+    /// The scheduler that ran.
+    pub scheduler: String,
+    /// Seconds spent generating.
+    pub generation_time: f64,
+}
+
+/// Why a backend call failed. `Invalid` and `ModelNotFound` are the requester's fault.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// A request value the backend cannot honour (the field is named).
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The API field at fault.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// No such model.
+    #[error("Model id not found: {0}")]
+    ModelNotFound(String),
+    /// The job was cancelled (queue cleared).
+    #[error("cancelled")]
+    Cancelled,
+    /// A capability not available in this build.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Anything else; the message is shown to the user.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A model the backend can run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelInfo {
+    /// The id requests use.
+    pub id: String,
+    /// Which pipeline it serves.
+    pub kind: PipelineKind,
+    /// "diffusers" or "single_file".
+    pub format: String,
+    /// Whether it is in memory now.
+    pub loaded: bool,
+    /// When it arrived in the models folder (seconds since the Unix epoch), if known.
+    pub added_at: Option<u64>,
+}
+
+/// Where `load_model` takes a model from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A Hugging Face repo id (`owner/name`) in diffusers layout.
+    HuggingFace {
+        /// The repo id.
+        repo: String,
+        /// Branch or revision (`fp16` and friends).
+        revision: Option<String>,
+    },
+    /// Bytes of a single-file `.safetensors` checkpoint the service downloaded itself (the server does the
+    /// download so the address rules apply).
+    SingleFile {
+        /// The checkpoint file's bytes.
+        bytes: Vec<u8>,
+    },
+}
+
+/// Facts for `system_details`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SystemInfo {
+    /// "cpu", "cuda:0", …
+    pub device: String,
+    /// "f32", "f16", …
+    pub dtype: String,
+    /// Ids of the models in memory.
+    pub loaded_models: Vec<String>,
+    /// Bytes of model weights in memory (estimate).
+    pub model_memory_bytes: u64,
+    /// The budget for loaded models, in bytes.
+    pub model_memory_budget_bytes: u64,
+}
+
+/// What a running generation reports and asks.
+pub trait JobControl: Send + Sync {
+    /// A denoising step finished (`done` of `total`).
+    fn on_step(&self, done: usize, total: usize);
+    /// True when the job should stop.
+    fn cancelled(&self) -> bool;
+}
+
+/// The image generator behind the service. Every method may block for a long time (model loads, generation);
+/// the service calls them from blocking threads only.
+pub trait Backend: Send + Sync + 'static {
+    /// Every model in the models folder.
+    fn models(&self) -> Result<Vec<ModelInfo>, BackendError>;
+    /// The scheduler names accepted in `scheduler`.
+    fn schedulers(&self) -> Vec<String>;
+    /// Runs one request on `init_image` (the encoded image file as received).
+    fn generate(
+        &self,
+        request: &GenerationRequest,
+        init_image: &[u8],
+        control: &dyn JobControl,
+    ) -> Result<Generated, BackendError>;
+    /// Adds a model to the models folder under `model_id`, replacing nothing: an existing id is an error.
+    fn add_model(&self, model_id: &str, source: ModelSource) -> Result<(), BackendError>;
+    /// Removes a model from memory and from the models folder.
+    fn delete_model(&self, model_id: &str) -> Result<(), BackendError>;
+    /// Unloads every model from memory.
+    fn clear_cache(&self);
+    /// Device and memory facts.
+    fn system(&self) -> SystemInfo;
+}

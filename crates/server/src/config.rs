@@ -1,0 +1,81 @@
+//! The service's settings (filled from `pictor serve`'s flags).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything the service needs to know at start.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Base of every URL the service hands out (`http://127.0.0.1:8080` by default); no trailing slash.
+    pub public_url: String,
+    /// Where the job database, keys and stored files live.
+    pub data_dir: PathBuf,
+    /// Model used when a request names none (v3, realtime, and any request without `model_id`).
+    pub default_model: Option<String>,
+    /// Model used by v5 pix2pix when the request names none.
+    pub pix2pix_model: Option<String>,
+    /// How long a request waits for its result before answering `processing`; zero always queues.
+    pub sync_timeout: Duration,
+    /// API keys given on the command line, in the environment or in a keys file (plain; hashed at start).
+    pub api_keys: Vec<String>,
+    /// Keys allowed to use the enterprise management routes (they can also generate).
+    pub admin_keys: Vec<String>,
+    /// Most jobs one key may have queued or running; more are refused with 429.
+    pub max_queued_per_key: usize,
+    /// Let `init_image` and webhook URLs reach loopback and private networks (never cloud metadata).
+    pub allow_private_urls: bool,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// Largest init image in pixels (decompression-bomb guard).
+    pub max_image_pixels: u64,
+    /// Largest init image download in bytes.
+    pub max_download_bytes: u64,
+    /// Largest single-file checkpoint `load_model` downloads, in bytes.
+    pub max_model_download_bytes: u64,
+    /// How long `temp: yes` outputs live.
+    pub temp_ttl: Duration,
+    /// How long finished jobs stay fetchable.
+    pub retention: Duration,
+    /// How often expired temp files and old jobs are swept.
+    pub sweep_interval: Duration,
+    /// Webhook attempts (first try included).
+    pub webhook_attempts: u32,
+    /// Delay before the first webhook retry; doubles each time.
+    pub webhook_backoff: Duration,
+    /// Timeout of one webhook POST.
+    pub webhook_timeout: Duration,
+    /// Generations run at once.
+    pub workers: usize,
+}
+
+impl ServerConfig {
+    /// Defaults for a service on `listen` keeping its data in `data_dir`.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        ServerConfig {
+            listen,
+            public_url: format!("http://{listen}"),
+            data_dir,
+            default_model: None,
+            pix2pix_model: None,
+            sync_timeout: Duration::from_secs(60),
+            api_keys: Vec::new(),
+            admin_keys: Vec::new(),
+            max_queued_per_key: 10,
+            allow_private_urls: false,
+            max_body_bytes: 32 * 1024 * 1024,
+            max_image_pixels: 64 * 1024 * 1024,
+            max_download_bytes: 25 * 1024 * 1024,
+            max_model_download_bytes: 16 * 1024 * 1024 * 1024,
+            temp_ttl: Duration::from_secs(24 * 3600),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            sweep_interval: Duration::from_secs(600),
+            webhook_attempts: 4,
+            webhook_backoff: Duration::from_secs(2),
+            webhook_timeout: Duration::from_secs(30),
+            workers: 1,
+        }
+    }
+}

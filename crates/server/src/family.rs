@@ -1,0 +1,160 @@
+//! The API families (v3, v4 dreambooth, v5 pix2pix, v6 images, v6 realtime, v1 enterprise, enterprise realtime):
+//! what differs between them is only defaults, where their results are fetched, how output files are named and
+//! which keys their `meta` carries. Everything else is shared.
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::PipelineKind;
+
+/// One dialect of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// `/api/v3/img2img`.
+    V3,
+    /// `/api/v4/dreambooth/img2img`.
+    V4Dreambooth,
+    /// `/api/v5/pix2pix`.
+    V5Pix2Pix,
+    /// `/api/v6/images/img2img`.
+    V6Images,
+    /// `/api/v6/realtime/img2img`.
+    V6Realtime,
+    /// `/api/v1/enterprise/img2img` and `/api/v1/enterprise/images/img2img`.
+    Enterprise,
+    /// `/api/v1/enterprise/realtime/img2img`.
+    EnterpriseRealtime,
+}
+
+impl Family {
+    /// Every family, for route tables.
+    pub const ALL: [Family; 7] = [
+        Family::V3,
+        Family::V4Dreambooth,
+        Family::V5Pix2Pix,
+        Family::V6Images,
+        Family::V6Realtime,
+        Family::Enterprise,
+        Family::EnterpriseRealtime,
+    ];
+
+    /// The pipeline its generation route runs.
+    pub fn pipeline(self) -> PipelineKind {
+        match self {
+            Family::V5Pix2Pix => PipelineKind::Pix2Pix,
+            _ => PipelineKind::Img2Img,
+        }
+    }
+
+    /// The routes that create jobs of this family.
+    pub fn generation_paths(self) -> &'static [&'static str] {
+        match self {
+            Family::V3 => &["/api/v3/img2img"],
+            Family::V4Dreambooth => &["/api/v4/dreambooth/img2img"],
+            Family::V5Pix2Pix => &["/api/v5/pix2pix"],
+            Family::V6Images => &["/api/v6/images/img2img"],
+            Family::V6Realtime => &["/api/v6/realtime/img2img"],
+            Family::Enterprise => &[
+                "/api/v1/enterprise/img2img",
+                "/api/v1/enterprise/images/img2img",
+            ],
+            Family::EnterpriseRealtime => &["/api/v1/enterprise/realtime/img2img"],
+        }
+    }
+
+    /// The fetch route the hosted API names in `fetch_result` for this family (id appended).
+    pub fn fetch_path(self) -> &'static str {
+        match self {
+            Family::V3 | Family::V5Pix2Pix => "/api/v3/fetch/",
+            Family::V4Dreambooth => "/api/v3/dreambooth/fetch/",
+            Family::V6Images => "/api/v6/images/fetch/",
+            Family::V6Realtime => "/api/v6/realtime/fetch/",
+            Family::Enterprise => "/api/v1/enterprise/fetch/",
+            Family::EnterpriseRealtime => "/api/v1/enterprise/realtime/fetch/",
+        }
+    }
+
+    /// Realtime families take JSON booleans and have no model choice.
+    pub fn is_realtime(self) -> bool {
+        matches!(self, Family::V6Realtime | Family::EnterpriseRealtime)
+    }
+
+    /// Families that always run the default model (no `model_id` in their documents).
+    pub fn uses_default_model(self) -> bool {
+        matches!(self, Family::V3) || self.is_realtime()
+    }
+
+    /// v5 answers `output` as one string instead of a list.
+    pub fn output_is_string(self) -> bool {
+        matches!(self, Family::V5Pix2Pix)
+    }
+
+    /// v6 success bodies carry `proxy_links`, `nsfw_content_detected`, `webhook_status` and a `tip`.
+    pub fn is_v6(self) -> bool {
+        matches!(self, Family::V6Images | Family::V6Realtime)
+    }
+
+    /// File name of output `index` (without extension): the hosted API puts the index after the uuid on v3, v5
+    /// and realtime, and before it on v4, v6 images and enterprise.
+    pub fn output_name(self, file_prefix: &str, index: usize) -> String {
+        match self {
+            Family::V4Dreambooth | Family::V6Images | Family::Enterprise => {
+                format!("{index}-{file_prefix}")
+            }
+            _ => format!("{file_prefix}-{index}"),
+        }
+    }
+
+    /// The processing body's message, spelt as the family spells it.
+    pub fn processing_message(self) -> &'static str {
+        match self {
+            Family::V3 | Family::V5Pix2Pix => "Try to fetch request after given estimated time",
+            _ => "Try to fetch request after seconds estimated",
+        }
+    }
+
+    /// The `tip` on processing bodies.
+    pub fn processing_tip(self, fetch_url: &str) -> String {
+        match self {
+            Family::V3 | Family::V5Pix2Pix => "for faster speed, keep resolution upto 512x512".into(),
+            _ => format!(
+                "Your image is processing in background, you can get this image using fetch API: {fetch_url}"
+            ),
+        }
+    }
+
+    /// Name used in logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Family::V3 => "v3",
+            Family::V4Dreambooth => "v4_dreambooth",
+            Family::V5Pix2Pix => "v5_pix2pix",
+            Family::V6Images => "v6_images",
+            Family::V6Realtime => "v6_realtime",
+            Family::Enterprise => "enterprise",
+            Family::EnterpriseRealtime => "enterprise_realtime",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_names_follow_the_hosted_api() {
+        assert_eq!(Family::V3.output_name("u", 1), "u-1");
+        assert_eq!(Family::V6Images.output_name("u", 0), "0-u");
+        assert_eq!(Family::V4Dreambooth.output_name("u", 2), "2-u");
+        assert_eq!(Family::V6Realtime.output_name("u", 0), "u-0");
+        assert_eq!(Family::V5Pix2Pix.fetch_path(), "/api/v3/fetch/");
+    }
+
+    #[test]
+    fn every_family_has_routes() {
+        for f in Family::ALL {
+            assert!(!f.generation_paths().is_empty());
+            assert!(f.fetch_path().ends_with("/fetch/"));
+        }
+    }
+}

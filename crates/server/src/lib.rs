@@ -1,0 +1,26 @@
+//! Pictor's HTTP service: the ModelsLab / Stable Diffusion API img2img dialects in front of a job store, a worker
+//! pool, output storage and webhooks. The generation itself is behind the [`backend::Backend`] trait, which the
+//! `pictor` binary implements with the engine: this crate never touches tensors.
+
+pub mod app;
+pub mod backend;
+pub mod config;
+pub mod family;
+pub mod init_image;
+pub mod jobs;
+pub mod keys;
+pub mod metrics;
+pub mod net_guard;
+pub mod openapi;
+pub mod params;
+pub mod render;
+pub mod request;
+pub mod responses;
+pub mod routes;
+pub mod storage;
+pub mod webhook;
+pub mod worker;
+
+pub use app::{serve, App};
+pub use backend::Backend;
+pub use config::ServerConfig;

@@ -1,0 +1,251 @@
+//! The answer bodies — success, processing, failed — and each family's `meta`, built from a stored job.
+
+use serde_json::{json, Map, Value};
+
+use crate::family::Family;
+use crate::jobs::{Job, JobStatus};
+use crate::storage::Storage;
+
+/// The `tip` on v6 success bodies.
+const V6_TIP: &str = "Self-hosted by Pictor: results stay on this server.";
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// Public URLs of a job's outputs (known before they exist).
+pub fn output_urls(job: &Job, storage: &dyn Storage) -> Vec<String> {
+    job.spec
+        .output_keys
+        .iter()
+        .map(|k| storage.url(k))
+        .collect()
+}
+
+/// The absolute fetch URL the family's clients poll.
+pub fn fetch_url(job: &Job, public_url: &str) -> String {
+    format!("{public_url}{}{}", job.spec.family.fetch_path(), job.id)
+}
+
+/// The family's `meta` object.
+pub fn meta(job: &Job) -> Value {
+    let s = &job.spec;
+    let r = &s.request;
+    let d = &s.delivery;
+    let scheduler = job
+        .result
+        .as_ref()
+        .map(|x| x.scheduler.clone())
+        .or_else(|| r.scheduler.clone())
+        .unwrap_or_else(|| "default".into());
+    let mut m = Map::new();
+    let mut put = |k: &str, v: Value| {
+        m.insert(k.to_string(), v);
+    };
+    match s.family {
+        Family::V3 => {
+            put("H", json!(r.height));
+            put("W", json!(r.width));
+            put("enable_attention_slicing", json!("true"));
+            put("model", json!(r.model_id));
+            put("safety_checker", json!("none"));
+            put("vae", Value::Null);
+        }
+        Family::V4Dreambooth | Family::Enterprise | Family::V6Images => {
+            put("model_id", json!(r.model_id));
+            put("W", json!(r.width));
+            put("H", json!(r.height));
+            put("multi_lingual", json!("no"));
+            put("full_url", json!("no"));
+            put("upscale", json!("no"));
+            put("use_karras_sigmas", json!(yes_no(r.use_karras_sigmas)));
+            put(
+                "algorithm_type",
+                json!(r.algorithm_type.clone().unwrap_or_else(|| "no".into())),
+            );
+            put("clip_skip", json!(r.clip_skip));
+            put("temp", json!(yes_no(d.temp)));
+            put("base64", json!(yes_no(d.base64)));
+            if s.family == Family::V6Images {
+                put("safety_checker", json!("no"));
+                put(
+                    "safety_checker_type",
+                    json!(s
+                        .echo
+                        .safety_checker_type
+                        .clone()
+                        .unwrap_or_else(|| "sensitive_content_text".into())),
+                );
+                put("tomesd", json!("no"));
+                put("instant_response", json!(yes_no(d.instant_response)));
+                put("enhance_prompt", json!("no"));
+                put("enhance_style", json!(s.echo.enhance_style));
+                put("vae", Value::Null);
+                put("lora", Value::Null);
+                put("ip_adapter_id", Value::Null);
+                put("watermark", json!("no"));
+            } else {
+                put("safetychecker", json!("no"));
+            }
+        }
+        Family::V6Realtime | Family::EnterpriseRealtime => {
+            put("width", json!(r.width));
+            put("height", json!(r.height));
+            put("model_id", json!(r.model_id));
+            put("base64", json!(yes_no(d.base64)));
+            put("temp", json!(yes_no(d.temp)));
+            put("instant_response", json!(yes_no(d.instant_response)));
+            put("enhance_prompt", json!("no"));
+            put("enhance_style", json!(s.echo.enhance_style));
+            put("safety_checker", json!("no"));
+            put(
+                "safety_checker_type",
+                json!(s
+                    .echo
+                    .safety_checker_type
+                    .clone()
+                    .unwrap_or_else(|| "black".into())),
+            );
+        }
+        Family::V5Pix2Pix => {
+            put("model_id", json!(r.model_id));
+            put("W", json!(r.width));
+            put("H", json!(r.height));
+            put("image_guidance_scale", json!(r.image_guidance_scale));
+        }
+    }
+    put("prompt", json!(r.prompt));
+    put("negative_prompt", json!(r.negative_prompt));
+    put("scheduler", json!(scheduler));
+    put("guidance_scale", json!(r.guidance_scale));
+    put("init_image", json!(s.echo.init_image));
+    put("steps", json!(r.steps));
+    put("n_samples", json!(r.samples));
+    if r.kind == crate::backend::PipelineKind::Img2Img {
+        put("strength", json!(r.strength));
+    }
+    put("seed", json!(r.seed));
+    put("outdir", json!("out"));
+    put("file_prefix", json!(s.file_prefix));
+    put("webhook", json!(d.webhook));
+    put("track_id", json!(d.track_id));
+    put("id", json!(job.id.to_string()));
+    Value::Object(m)
+}
+
+fn with_warnings(mut body: Value, job: &Job) -> Value {
+    if !job.spec.echo.warnings.is_empty() {
+        body["warnings"] = json!(job.spec.echo.warnings);
+    }
+    body
+}
+
+/// The success body: the same whether answered at once, fetched later or posted to a webhook.
+pub fn success(job: &Job, storage: &dyn Storage) -> Value {
+    let family = job.spec.family;
+    let urls = output_urls(job, storage);
+    let output = if family.output_is_string() {
+        json!(urls.first().cloned().unwrap_or_default())
+    } else {
+        json!(urls)
+    };
+    let time = job
+        .result
+        .as_ref()
+        .map(|r| r.generation_time)
+        .unwrap_or(0.0);
+    let mut body = json!({
+        "status": "success",
+        "generationTime": time,
+        "id": job.id,
+        "output": output,
+    });
+    if family != Family::V5Pix2Pix {
+        body["meta"] = meta(job);
+    }
+    if family.is_v6() || family.is_realtime() {
+        body["proxy_links"] = json!(urls);
+        body["nsfw_content_detected"] = json!(false);
+    }
+    if family != Family::V3 && family != Family::V5Pix2Pix {
+        body["webhook_status"] = json!(job.webhook_status);
+    }
+    if family.is_v6() {
+        body["tip"] = json!(V6_TIP);
+    }
+    with_warnings(body, job)
+}
+
+/// The answer to a request that is still queued or running when it is answered.
+pub fn processing(job: &Job, storage: &dyn Storage, public_url: &str, eta: f64) -> Value {
+    let family = job.spec.family;
+    let fetch = fetch_url(job, public_url);
+    let message = family.processing_message();
+    let urls = output_urls(job, storage);
+    let mut body = json!({
+        "status": "processing",
+        "tip": family.processing_tip(&fetch),
+        "eta": eta,
+        "message": message,
+        "messege": message,
+        "fetch_result": fetch,
+        "id": job.id,
+        "output": if family.output_is_string() { json!("") } else { json!([]) },
+        "meta": meta(job),
+        "future_links": urls,
+    });
+    if family != Family::V3 && family != Family::V5Pix2Pix {
+        body["webhook_status"] = json!(job.webhook_status);
+    }
+    if family.is_v6() || family.is_realtime() {
+        body["proxy_links"] = json!(urls);
+    }
+    with_warnings(body, job)
+}
+
+/// The failure body.
+pub fn failed(job: &Job) -> Value {
+    let message = job
+        .error
+        .clone()
+        .unwrap_or_else(|| "Failed, Try Again".into());
+    json!({
+        "status": "failed",
+        "id": job.id,
+        "message": message,
+        "messege": message,
+        "output": "",
+    })
+}
+
+/// What a fetch route answers for `job`.
+pub fn fetch(job: &Job, storage: &dyn Storage, public_url: &str, eta: f64) -> Value {
+    match job.status {
+        JobStatus::Success => success(job, storage),
+        JobStatus::Failed => failed(job),
+        JobStatus::Queued | JobStatus::Running => json!({
+            "status": "processing",
+            "id": job.id,
+            "message": "try again later.",
+            "messege": "try again later.",
+            "eta": eta,
+            "output": "",
+            "fetch_result": fetch_url(job, public_url),
+            "future_links": output_urls(job, storage),
+        }),
+    }
+}
+
+/// The webhook payload: the final body plus `track_id`.
+pub fn webhook_payload(job: &Job, storage: &dyn Storage) -> Value {
+    let mut body = match job.status {
+        JobStatus::Success => success(job, storage),
+        _ => failed(job),
+    };
+    body["track_id"] = json!(job.spec.delivery.track_id);
+    body
+}

@@ -1,0 +1,430 @@
+//! Turning one family's request body into the canonical [`GenerationRequest`]: field spellings, defaults, limits,
+//! model choice. Every refusal names the field.
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{GenerationRequest, ModelInfo, PipelineKind};
+use crate::family::Family;
+use crate::params::Body;
+use crate::responses::ApiError;
+
+/// Largest width or height.
+pub const MAX_SIDE: u32 = 1024;
+/// Most images per request.
+pub const MAX_SAMPLES: i64 = 4;
+/// Most denoising steps, on every family.
+pub const MAX_STEPS: i64 = 50;
+
+/// How the results of a job are delivered.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// Outputs as `.base64` text files instead of PNG.
+    pub base64: bool,
+    /// Outputs under `/temp/`, deleted after the temp lifetime.
+    pub temp: bool,
+    /// Where to POST the result.
+    pub webhook: Option<String>,
+    /// Echoed in the webhook payload.
+    pub track_id: Option<String>,
+    /// Answer `processing` at once instead of waiting.
+    pub instant_response: bool,
+}
+
+/// Values the request asked for that are echoed in `meta` but do not change the generation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Echo {
+    /// `init_image` as sent when it was a URL, else `"base64"`.
+    pub init_image: String,
+    /// `safety_checker_type` as sent.
+    pub safety_checker_type: Option<String>,
+    /// `enhance_style` as sent.
+    pub enhance_style: Option<String>,
+    /// Options accepted but not applied, each with the reason (returned as `warnings`).
+    pub warnings: Vec<String>,
+}
+
+/// A request body read and checked, before the init image is fetched.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submission {
+    /// The family it came in through.
+    pub family: Family,
+    /// `model_id` as sent.
+    pub model_id: Option<String>,
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt ("" for none).
+    pub negative_prompt: String,
+    /// `init_image` as sent: a URL or base64.
+    pub init_image: String,
+    /// Requested width, rounded down to a multiple of 8.
+    pub width: Option<u32>,
+    /// Requested height, rounded down to a multiple of 8.
+    pub height: Option<u32>,
+    /// Number of images.
+    pub samples: u32,
+    /// Denoising steps.
+    pub steps: u32,
+    /// Guidance scale.
+    pub guidance_scale: f64,
+    /// img2img strength.
+    pub strength: f64,
+    /// pix2pix image guidance.
+    pub image_guidance_scale: f64,
+    /// Scheduler name.
+    pub scheduler: Option<String>,
+    /// Karras sigmas.
+    pub use_karras_sigmas: bool,
+    /// DPM-Solver algorithm type.
+    pub algorithm_type: Option<String>,
+    /// Seed; `None` draws a random one.
+    pub seed: Option<u64>,
+    /// CLIP skip.
+    pub clip_skip: u32,
+    /// How results are delivered.
+    pub delivery: Delivery,
+    /// What meta echoes.
+    pub echo: Echo,
+}
+
+/// Options that change the picture and are not built yet: refused rather than silently dropped.
+const REFUSED: &[(&str, &str)] = &[
+    ("lora_model", "LoRA models are not supported yet"),
+    (
+        "embeddings_model",
+        "textual-inversion embeddings are not supported yet",
+    ),
+    (
+        "embeddings",
+        "textual-inversion embeddings are not supported yet",
+    ),
+    ("vae", "a custom VAE is not supported yet"),
+    ("ip_adapter_id", "IP-Adapter is not supported yet"),
+    ("ip_adapter_image", "IP-Adapter is not supported yet"),
+    (
+        "controlnet_model",
+        "ControlNet is not supported on img2img routes",
+    ),
+    ("mask_image", "inpainting is not supported"),
+];
+
+/// Yes/no options accepted and not applied (the documents' examples send them): `(field, note when "yes")`.
+const IGNORED_WHEN_YES: &[(&str, &str)] = &[
+    (
+        "enhance_prompt",
+        "enhance_prompt is not supported yet; the prompt was used as sent",
+    ),
+    (
+        "tomesd",
+        "tomesd (token merging) is not supported yet; the full model ran",
+    ),
+    (
+        "safety_checker",
+        "no safety checker is installed; images were not filtered",
+    ),
+    (
+        "multi_lingual",
+        "multi_lingual translation is not supported; the prompt was used as sent",
+    ),
+    (
+        "upscale",
+        "upscale is not supported; images are returned at the generated size",
+    ),
+    ("panorama", "panorama is not supported"),
+    ("self_attention", "self_attention is not supported"),
+    ("highres_fix", "highres_fix is not supported"),
+];
+
+fn rounded_side(body: &Body, name: &str) -> Result<Option<u32>, ApiError> {
+    Ok(body
+        .integer_in(&[name], 8, MAX_SIDE as i64)?
+        .map(|v| (v as u32) / 8 * 8))
+}
+
+/// Reads a generation body of `family`.
+pub fn parse(family: Family, body: &Body) -> Result<Submission, ApiError> {
+    let prompt = body
+        .string(&["prompt"])?
+        .ok_or_else(|| ApiError::required("prompt"))?;
+    let init_image = body
+        .string(&["init_image", "image"])?
+        .ok_or_else(|| ApiError::required("init_image"))?;
+    for (field, why) in REFUSED {
+        if body.get(&[field]).is_some() {
+            return Err(ApiError::field(*field, *why));
+        }
+    }
+    let mut warnings = Vec::new();
+    for (field, note) in IGNORED_WHEN_YES {
+        if body.flag(&[field]).unwrap_or(None) == Some(true) {
+            warnings.push(note.to_string());
+        }
+    }
+    if body.get(&["enhance_style"]).is_some() {
+        warnings.push("enhance_style is not supported yet; the prompt was used as sent".into());
+    }
+    let pix2pix = family.pipeline() == PipelineKind::Pix2Pix;
+    let steps_names: &[&str] = if pix2pix {
+        &["steps", "num_inference_steps"]
+    } else {
+        &["num_inference_steps", "steps"]
+    };
+    let scheduler = body.string(&["scheduler"])?;
+    let algorithm_type = body
+        .string(&["algorithm_type"])?
+        .filter(|a| !matches!(a.as_str(), "no" | "none"));
+    let is_url = init_image.starts_with("http://") || init_image.starts_with("https://");
+    Ok(Submission {
+        family,
+        model_id: body.string(&["model_id"])?,
+        prompt,
+        negative_prompt: body.string(&["negative_prompt"])?.unwrap_or_default(),
+        echo: Echo {
+            init_image: if is_url {
+                init_image.clone()
+            } else {
+                "base64".into()
+            },
+            safety_checker_type: body.string(&["safety_checker_type"])?,
+            enhance_style: body.string(&["enhance_style"])?,
+            warnings,
+        },
+        init_image,
+        width: rounded_side(body, "width")?,
+        height: rounded_side(body, "height")?,
+        samples: body.integer_in(&["samples"], 1, MAX_SAMPLES)?.unwrap_or(1) as u32,
+        steps: body
+            .integer_in(steps_names, 1, MAX_STEPS)?
+            .unwrap_or(if pix2pix { 20 } else { 30 }) as u32,
+        guidance_scale: body
+            .float_in(&["guidance_scale"], 1.0, 20.0)?
+            .unwrap_or(7.5),
+        strength: body.float_in(&["strength"], 0.0, 1.0)?.unwrap_or(0.7),
+        image_guidance_scale: body
+            .float_in(&["image_guidance_scale"], 0.0, 20.0)?
+            .unwrap_or(1.5),
+        scheduler,
+        use_karras_sigmas: body.flag(&["use_karras_sigmas"])?.unwrap_or(true),
+        algorithm_type,
+        seed: body.unsigned(&["seed"])?,
+        clip_skip: body
+            .integer_in(&["clip_skip", "clipskip"], 1, 8)?
+            .unwrap_or(1) as u32,
+        delivery: Delivery {
+            base64: body.flag(&["base64"])?.unwrap_or(false),
+            temp: body.flag(&["temp"])?.unwrap_or(false),
+            webhook: body.string(&["webhook"])?,
+            track_id: body.string(&["track_id"])?,
+            instant_response: body.flag(&["instant_response"])?.unwrap_or(false),
+        },
+    })
+}
+
+/// Server settings that resolve what a request leaves open.
+#[derive(Debug, Clone, Default)]
+pub struct Defaults {
+    /// `--default-model`.
+    pub default_model: Option<String>,
+    /// `--pix2pix-model`.
+    pub pix2pix_model: Option<String>,
+}
+
+/// Picks the model a submission runs on, from the models the backend has.
+pub fn choose_model(
+    submission: &Submission,
+    models: &[ModelInfo],
+    defaults: &Defaults,
+) -> Result<String, ApiError> {
+    let kind = submission.family.pipeline();
+    let wanted = match (&submission.model_id, submission.family.uses_default_model()) {
+        (Some(id), _) => Some(id.clone()),
+        (None, _) => match kind {
+            PipelineKind::Pix2Pix => defaults.pix2pix_model.clone(),
+            PipelineKind::Img2Img => defaults.default_model.clone(),
+        },
+    };
+    let candidates: Vec<&ModelInfo> = models.iter().filter(|m| m.kind == kind).collect();
+    let id = match wanted {
+        Some(id) => id,
+        None if candidates.len() == 1 => candidates[0].id.clone(),
+        None => {
+            let what = match kind {
+                PipelineKind::Pix2Pix => "InstructPix2Pix (8-channel) models",
+                PipelineKind::Img2Img => "img2img models",
+            };
+            return Err(ApiError::field(
+                "model_id",
+                format!(
+                    "The model id field is required: the server has {} {what} and no default model is set",
+                    candidates.len()
+                ),
+            ));
+        }
+    };
+    let Some(model) = models.iter().find(|m| m.id == id) else {
+        return Err(ApiError::message(format!("Model id not found: {id}")));
+    };
+    if model.kind != kind {
+        let needs = match kind {
+            PipelineKind::Pix2Pix => "an InstructPix2Pix model (8 input channels)",
+            PipelineKind::Img2Img => {
+                "an img2img model (4 input channels); use /api/v5/pix2pix for it"
+            }
+        };
+        return Err(ApiError::field(
+            "model_id",
+            format!("{id} cannot run here: this route needs {needs}"),
+        ));
+    }
+    Ok(id)
+}
+
+/// The output size when the request gives none: the init image's own size, scaled down to fit 1024 and rounded
+/// down to multiples of 8.
+pub fn size_from_image(width: u32, height: u32) -> (u32, u32) {
+    let longest = width.max(height).max(1) as f64;
+    let scale = (MAX_SIDE as f64 / longest).min(1.0);
+    let fit = |v: u32| (((v as f64 * scale).floor() as u32) / 8 * 8).max(8);
+    (fit(width), fit(height))
+}
+
+/// The canonical request, once the model, the init image's size and the seed are known.
+pub fn finish(
+    s: &Submission,
+    model_id: String,
+    image_size: (u32, u32),
+    seed: u64,
+) -> GenerationRequest {
+    let (iw, ih) = size_from_image(image_size.0, image_size.1);
+    GenerationRequest {
+        kind: s.family.pipeline(),
+        model_id,
+        prompt: s.prompt.clone(),
+        negative_prompt: s.negative_prompt.clone(),
+        width: s.width.unwrap_or(iw),
+        height: s.height.unwrap_or(ih),
+        samples: s.samples,
+        steps: s.steps,
+        guidance_scale: s.guidance_scale,
+        strength: s.strength,
+        image_guidance_scale: s.image_guidance_scale,
+        scheduler: s.scheduler.clone(),
+        use_karras_sigmas: s.use_karras_sigmas,
+        algorithm_type: s.algorithm_type.clone(),
+        seed,
+        clip_skip: s.clip_skip,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(v: serde_json::Value) -> Body {
+        Body::parse(v.to_string().as_bytes()).unwrap()
+    }
+
+    fn model(id: &str, kind: PipelineKind) -> ModelInfo {
+        ModelInfo {
+            id: id.into(),
+            kind,
+            format: "diffusers".into(),
+            loaded: false,
+            added_at: None,
+        }
+    }
+
+    #[test]
+    fn documented_example_parses() {
+        let s = parse(
+            Family::V3,
+            &body(json!({
+                "key": "", "prompt": "a cat sitting on a bench", "negative_prompt": null,
+                "init_image": "https://example.com/a.png", "width": "512", "height": "512",
+                "samples": "1", "num_inference_steps": "30", "safety_checker": "no",
+                "enhance_prompt": "yes", "guidance_scale": 7.5, "strength": 0.7, "seed": null,
+                "base64": "no", "webhook": null, "track_id": null
+            })),
+        )
+        .unwrap();
+        assert_eq!(
+            (s.width, s.height, s.samples, s.steps),
+            (Some(512), Some(512), 1, 30)
+        );
+        assert_eq!(s.seed, None);
+        assert_eq!(s.negative_prompt, "");
+        assert_eq!(s.echo.warnings.len(), 1, "enhance_prompt is noted");
+        assert!(!s.delivery.base64);
+    }
+
+    #[test]
+    fn limits_name_their_field() {
+        let base = json!({"prompt": "p", "init_image": "https://e.com/a.png"});
+        let cases = [
+            ("width", json!(5000)),
+            ("height", json!("0")),
+            ("samples", json!(9)),
+            ("num_inference_steps", json!(51)),
+            ("guidance_scale", json!(25)),
+            ("strength", json!(1.5)),
+            ("clip_skip", json!(9)),
+            ("lora_model", json!("x")),
+        ];
+        for (field, value) in cases {
+            let mut b = base.clone();
+            b[field] = value;
+            let err = parse(Family::V6Images, &body(b)).unwrap_err();
+            assert_eq!(err.field_name(), Some(field), "{err}");
+        }
+        let err = parse(Family::V6Images, &body(json!({"prompt": "p"}))).unwrap_err();
+        assert_eq!(err.to_string(), "The init image field is required.");
+    }
+
+    #[test]
+    fn sizes_round_down_and_default_to_the_image() {
+        let s = parse(
+            Family::V6Images,
+            &body(json!({"prompt": "p", "init_image": "x", "width": 515, "height": "767"})),
+        )
+        .unwrap();
+        assert_eq!((s.width, s.height), (Some(512), Some(760)));
+        assert_eq!(size_from_image(736, 736), (736, 736));
+        assert_eq!(size_from_image(2048, 1000), (1024, 496));
+        assert_eq!(size_from_image(3, 3), (8, 8));
+    }
+
+    #[test]
+    fn model_choice() {
+        let models = [
+            model("a", PipelineKind::Img2Img),
+            model("p", PipelineKind::Pix2Pix),
+        ];
+        let d = Defaults::default();
+        let s = parse(Family::V3, &body(json!({"prompt": "p", "init_image": "x"}))).unwrap();
+        assert_eq!(choose_model(&s, &models, &d).unwrap(), "a");
+        let s = parse(
+            Family::V5Pix2Pix,
+            &body(json!({"prompt": "p", "init_image": "x"})),
+        )
+        .unwrap();
+        assert_eq!(choose_model(&s, &models, &d).unwrap(), "p");
+        let s = parse(
+            Family::V6Images,
+            &body(json!({"prompt": "p", "init_image": "x", "model_id": "nope"})),
+        )
+        .unwrap();
+        assert!(choose_model(&s, &models, &d)
+            .unwrap_err()
+            .to_string()
+            .contains("not found"));
+        let s = parse(
+            Family::V6Images,
+            &body(json!({"prompt": "p", "init_image": "x", "model_id": "p"})),
+        )
+        .unwrap();
+        assert_eq!(
+            choose_model(&s, &models, &d).unwrap_err().field_name(),
+            Some("model_id")
+        );
+    }
+}

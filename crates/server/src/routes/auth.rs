@@ -1,0 +1,57 @@
+//! Reading a request: the body (within the size limit) and the caller's key.
+
+use axum::body::Body;
+use axum::http::HeaderMap;
+
+use crate::app::App;
+use crate::keys::Caller;
+use crate::params;
+use crate::responses::ApiError;
+
+/// Reads the whole body, refusing more than `--max-body-bytes`, and parses it as a JSON object.
+pub async fn read_body(app: &App, body: Body) -> Result<params::Body, ApiError> {
+    let limit = app.config.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::message(format!(
+            "the request body is larger than the {} MiB limit (or was cut off)",
+            limit >> 20
+        ))
+    })?;
+    params::Body::parse(&bytes)
+}
+
+/// The key from the body's `key`, else a `key` header, else `Authorization: Bearer`.
+fn presented_key<'a>(body: &'a params::Body, headers: &'a HeaderMap) -> Option<String> {
+    if let Ok(Some(k)) = body.string(&["key"]) {
+        return Some(k);
+    }
+    if let Some(k) = headers.get("key").and_then(|v| v.to_str().ok()) {
+        return Some(k.to_string());
+    }
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string)
+}
+
+/// The caller, or the API's invalid-key error.
+pub fn caller(app: &App, body: &params::Body, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let key = presented_key(body, headers).ok_or(ApiError::InvalidKey)?;
+    app.keys
+        .read()
+        .expect("key store")
+        .check(key.trim())
+        .ok_or(ApiError::InvalidKey)
+}
+
+/// The caller, who must hold an admin key.
+pub fn admin(app: &App, body: &params::Body, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let c = caller(app, body, headers)?;
+    if !c.admin {
+        return Err(ApiError::Forbidden(
+            "this management route needs an admin key (pictor serve --admin-key)".into(),
+        ));
+    }
+    Ok(c)
+}

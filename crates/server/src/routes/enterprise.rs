@@ -1,0 +1,412 @@
+//! The enterprise management calls (`/api/v1/enterprise/<name>`), all behind an admin key.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::app::{App, ModelLoad};
+use crate::backend::{BackendError, ModelSource};
+use crate::init_image;
+use crate::net_guard::{self, Limits};
+use crate::params;
+use crate::responses::ApiError;
+
+/// `POST /api/v1/enterprise/<name>`.
+pub async fn handle(app: Arc<App>, name: &'static str, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let body = super::auth::read_body(&app, body).await?;
+        super::auth::admin(&app, &body, &headers)?;
+        dispatch(&app, name, &body).await
+    }
+    .await;
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /api/v3/system_load`: queue length and estimated wait (no key needed, as on the hosted API).
+pub async fn system_load(app: Arc<App>) -> Response {
+    let (queued, running) = app.jobs.depth().await.unwrap_or((0, 0));
+    let wait = app
+        .clock
+        .lock()
+        .expect("clock")
+        .estimate(((queued + running) * 30) as f64);
+    Json(json!({"queue_num": queued + running, "queue_time": wait, "status": "ok"})).into_response()
+}
+
+fn ok(message: impl Into<String>) -> Value {
+    json!({"status": "success", "message": message.into()})
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+fn model_id_field(body: &params::Body) -> Result<String, ApiError> {
+    let id = body
+        .string(&["model_id"])?
+        .ok_or_else(|| ApiError::required("model_id"))?;
+    let safe = !id.is_empty()
+        && !id.starts_with('.')
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !safe {
+        return Err(ApiError::field(
+            "model_id",
+            "may only contain letters, digits, '-', '_' and '.', and may not start with '.'",
+        ));
+    }
+    Ok(id)
+}
+
+fn backend_error(e: BackendError) -> ApiError {
+    match e {
+        BackendError::ModelNotFound(id) => ApiError::message(format!("Model not found: {id}")),
+        BackendError::Invalid { field, message } => ApiError::field(field, message),
+        other => ApiError::message(other.to_string()),
+    }
+}
+
+async fn dispatch(app: &Arc<App>, name: &str, body: &params::Body) -> Result<Value, ApiError> {
+    match name {
+        "system_details" => system_details(app).await,
+        "schedulers_list" => {
+            let backend = app.backend.clone();
+            let list = blocking(move || backend.schedulers()).await?;
+            Ok(json!({ "schedulers": list }))
+        }
+        "get_all_models" => {
+            let backend = app.backend.clone();
+            let models = blocking(move || backend.models())
+                .await?
+                .map_err(backend_error)?;
+            let list: Vec<Value> = models
+                .iter()
+                .map(|m| {
+                    json!({
+                        "model_id": m.id,
+                        "load_data": m.added_at.map(format_date).unwrap_or_default(),
+                        "kind": m.kind,
+                        "format": m.format,
+                        "loaded": m.loaded,
+                    })
+                })
+                .collect();
+            Ok(json!({"status": "success", "models": list}))
+        }
+        "verify_model" => {
+            let id = model_id_field(body)?;
+            if let Some(state) = app.model_loads.lock().expect("loads").get(&id).cloned() {
+                return Ok(match state {
+                    ModelLoad::Loading => {
+                        json!({"status": "processing", "message": "Model is still loading"})
+                    }
+                    ModelLoad::Failed(why) => {
+                        json!({"status": "error", "message": format!("Model load failed: {why}")})
+                    }
+                });
+            }
+            let backend = app.backend.clone();
+            let models = blocking(move || backend.models())
+                .await?
+                .map_err(backend_error)?;
+            if models.iter().any(|m| m.id == id) {
+                Ok(ok("Model exists on server"))
+            } else {
+                Err(ApiError::message(format!("Model not found: {id}")))
+            }
+        }
+        "load_model" => load_model(app, body).await,
+        "delete_model" => {
+            let id = model_id_field(body)?;
+            let backend = app.backend.clone();
+            blocking(move || backend.delete_model(&id))
+                .await?
+                .map_err(backend_error)?;
+            Ok(ok("Model deleted on server"))
+        }
+        "clear_cache" => {
+            let backend = app.backend.clone();
+            blocking(move || backend.clear_cache()).await?;
+            Ok(ok("Cache cleared successfully"))
+        }
+        "clear_queue" => {
+            let message = "Cancelled: the queue was cleared";
+            let ids = app
+                .jobs
+                .fail_queued(message)
+                .await
+                .map_err(ApiError::Internal)?;
+            let running: Vec<_> = app
+                .running
+                .lock()
+                .expect("running")
+                .values()
+                .cloned()
+                .collect();
+            for r in &running {
+                r.cancel();
+            }
+            for id in &ids {
+                let _ = app.finished.send(*id);
+                crate::worker::notify_webhook(app, *id).await;
+            }
+            Ok(ok(format!(
+                "Queue cleared: {} queued jobs cancelled, {} running jobs stopping",
+                ids.len(),
+                running.len()
+            )))
+        }
+        "upload_image" => {
+            let text = body
+                .string(&["base64_image", "image"])?
+                .ok_or_else(|| ApiError::required("base64_image"))?;
+            let bytes = init_image::decode_base64(&text)
+                .ok_or_else(|| ApiError::field("base64_image", "is not valid base64"))?;
+            let max = app.config.max_image_pixels;
+            let image = blocking(move || init_image::check_image(bytes, max))
+                .await?
+                .map_err(|e| match e {
+                    ApiError::Field { message, .. } => ApiError::field("base64_image", message),
+                    other => other,
+                })?;
+            let key = format!(
+                "generations/{}.{}",
+                uuid::Uuid::new_v4(),
+                if image.format == "jpeg" { "jpg" } else { image.format }
+            );
+            app.storage
+                .put(&key, image.bytes)
+                .await
+                .map_err(ApiError::Internal)?;
+            Ok(json!({"status": "success", "message": "image uploaded",
+                      "image_url": app.storage.url(&key)}))
+        }
+        "restart_server" => {
+            let backend = app.backend.clone();
+            blocking(move || backend.clear_cache()).await?;
+            Ok(ok(
+                "server restarting: models were unloaded and will be read again from the models folder; \
+                 queued jobs are kept",
+            ))
+        }
+        "update_server" | "update" => Err(ApiError::message(
+            "update_server does not apply to a self-hosted Pictor: install the new release and restart the \
+             service (queued jobs survive a restart)",
+        )),
+        "update_s3" | "reset_s3" => Err(ApiError::message(
+            "S3-compatible storage is not available yet: outputs are kept in the local data folder and served \
+             by this server",
+        )),
+        "load_vae" => Err(ApiError::message(
+            "load_vae is not supported yet: custom VAEs are not available in this version",
+        )),
+        "nsfw_image_check" => Err(ApiError::message(
+            "nsfw_image_check is not available: this server has no safety checker model yet",
+        )),
+        _ => Err(ApiError::message(format!("unknown management call {name}"))),
+    }
+}
+
+async fn system_details(app: &Arc<App>) -> Result<Value, ApiError> {
+    let (queued, running) = app.jobs.depth().await.map_err(ApiError::Internal)?;
+    let backend = app.backend.clone();
+    let (system, models) = blocking(move || (backend.system(), backend.models())).await?;
+    let models = models.map_err(backend_error)?;
+    let queue_time = app
+        .clock
+        .lock()
+        .expect("clock")
+        .estimate(((queued + running) * 30) as f64);
+    Ok(json!({
+        "status": "ok",
+        "model_count": models.len(),
+        "models_loaded": system.loaded_models,
+        "queue_length": queued,
+        "running": running,
+        "queue_time": queue_time,
+        "device": system.device,
+        "dtype": system.dtype,
+        "model_memory_bytes": system.model_memory_bytes,
+        "model_memory_budget_bytes": system.model_memory_budget_bytes,
+        "workers": app.config.workers,
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+/// Where `url` points: a Hugging Face repo (id or page URL) or a checkpoint file URL.
+fn model_source_of(url: &str) -> Result<Option<String>, ApiError> {
+    let trimmed = url.trim().trim_end_matches('/');
+    let repo = trimmed
+        .strip_prefix("https://huggingface.co/")
+        .unwrap_or(trimmed);
+    let parts: Vec<&str> = repo.split('/').collect();
+    let looks_like_repo = !repo.contains("://")
+        && parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        });
+    if looks_like_repo {
+        return Ok(Some(repo.to_string()));
+    }
+    if !(trimmed.starts_with("http://") || trimmed.starts_with("https://")) {
+        return Err(ApiError::field(
+            "url",
+            "give a Hugging Face repo id (owner/name) or an http(s) URL of a .safetensors checkpoint",
+        ));
+    }
+    let lower = trimmed.to_lowercase();
+    if [".ckpt", ".pt", ".pth", ".bin", ".pkl"]
+        .iter()
+        .any(|e| lower.split('?').next().unwrap_or("").ends_with(e))
+    {
+        return Err(ApiError::field(
+            "url",
+            "pickled checkpoints are refused (loading them can run arbitrary code); use a .safetensors file",
+        ));
+    }
+    Ok(None)
+}
+
+async fn load_model(app: &Arc<App>, body: &params::Body) -> Result<Value, ApiError> {
+    let id = model_id_field(body)?;
+    let url = body
+        .string(&["url"])?
+        .ok_or_else(|| ApiError::required("url"))?;
+    let revision = body
+        .string(&["revision"])?
+        .filter(|r| r != "fp32" && r != "main");
+    let repo = model_source_of(&url)?;
+    let backend = app.backend.clone();
+    let models = blocking(move || backend.models())
+        .await?
+        .map_err(backend_error)?;
+    if models.iter().any(|m| m.id == id) {
+        return Err(ApiError::field(
+            "model_id",
+            format!("a model {id} already exists; delete it first"),
+        ));
+    }
+    {
+        let mut loads = app.model_loads.lock().expect("loads");
+        if loads.get(&id) == Some(&ModelLoad::Loading) {
+            return Err(ApiError::field(
+                "model_id",
+                format!("{id} is already loading"),
+            ));
+        }
+        loads.insert(id.clone(), ModelLoad::Loading);
+    }
+    let webhook = body.string(&["webhook"])?;
+    let app = app.clone();
+    tokio::spawn(async move {
+        let result = async {
+            let source = match repo {
+                Some(repo) => ModelSource::HuggingFace { repo, revision },
+                None => {
+                    let limits = Limits {
+                        timeout: Duration::from_secs(3600),
+                        max_bytes: app.config.max_model_download_bytes,
+                        max_redirects: 5,
+                    };
+                    let bytes = net_guard::get_bytes(&url, app.url_policy(), limits)
+                        .await
+                        .map_err(|e| format!("download of {url} failed: {e}"))?;
+                    ModelSource::SingleFile { bytes }
+                }
+            };
+            let backend = app.backend.clone();
+            let model = id.clone();
+            tokio::task::spawn_blocking(move || backend.add_model(&model, source))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        let payload = match &result {
+            Ok(()) => {
+                app.model_loads.lock().expect("loads").remove(&id);
+                tracing::info!(model = %id, "model loaded");
+                json!({"status": "success", "model_id": id, "message": "model_ready"})
+            }
+            Err(why) => {
+                tracing::warn!(model = %id, error = %why, "model load failed");
+                app.model_loads
+                    .lock()
+                    .expect("loads")
+                    .insert(id.clone(), ModelLoad::Failed(why.clone()));
+                json!({"status": "failed", "model_id": id, "message": why})
+            }
+        };
+        if let Some(hook) = webhook {
+            crate::webhook::deliver(&hook, &payload, app.webhook_settings()).await;
+        }
+    });
+    Ok(json!({"status": "success", "message": "model load started"}))
+}
+
+/// `MM/DD/YYYY HH:MM:SS` (UTC), the hosted API's `load_data` format.
+fn format_date(epoch: u64) -> String {
+    let days = (epoch / 86_400) as i64;
+    let secs = epoch % 86_400;
+    // Civil-from-days (proleptic Gregorian), valid for any date after 1970.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{month:02}/{day:02}/{year} {:02}:{:02}:{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(format_date(0), "01/01/1970 00:00:00");
+        assert_eq!(format_date(1_674_647_542), "01/25/2023 11:52:22");
+    }
+
+    #[test]
+    fn model_sources() {
+        assert_eq!(
+            model_source_of("runwayml/stable-diffusion-v1-5").unwrap(),
+            Some("runwayml/stable-diffusion-v1-5".into())
+        );
+        assert_eq!(
+            model_source_of("https://huggingface.co/a/b/").unwrap(),
+            Some("a/b".into())
+        );
+        assert_eq!(
+            model_source_of("https://civitai.com/api/download/models/1.safetensors").unwrap(),
+            None
+        );
+        assert!(model_source_of("https://x.com/m.ckpt").is_err());
+        assert!(model_source_of("just words").is_err());
+    }
+}

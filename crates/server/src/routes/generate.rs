@@ -1,0 +1,183 @@
+//! The generation routes of every family: check, store the job, wait up to `--sync-timeout` for it, answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::app::App;
+use crate::family::Family;
+use crate::init_image;
+use crate::jobs::{Job, JobSpec, JobStatus};
+use crate::net_guard;
+use crate::render;
+use crate::request::{self, Defaults};
+use crate::responses::ApiError;
+use crate::worker;
+
+/// `POST` of a generation route of `family`.
+pub async fn handle(app: Arc<App>, family: Family, headers: HeaderMap, body: Body) -> Response {
+    match accept(&app, family, &headers, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn accept(
+    app: &Arc<App>,
+    family: Family,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = super::auth::read_body(app, body).await?;
+    let caller = super::auth::caller(app, &body, headers)?;
+    let submission = request::parse(family, &body)?;
+
+    let active = app
+        .jobs
+        .active_for_owner(&caller.id)
+        .await
+        .map_err(ApiError::Internal)?;
+    if active as usize >= app.config.max_queued_per_key {
+        return Err(ApiError::QueueFull {
+            limit: app.config.max_queued_per_key,
+        });
+    }
+
+    if let Some(hook) = &submission.delivery.webhook {
+        let url =
+            net_guard::parse_url(hook).map_err(|e| ApiError::field("webhook", e.to_string()))?;
+        net_guard::resolve_checked(&url, app.url_policy())
+            .await
+            .map_err(|e| ApiError::field("webhook", e.to_string()))?;
+    }
+
+    let backend = app.backend.clone();
+    let (models, schedulers) =
+        tokio::task::spawn_blocking(move || (backend.models(), backend.schedulers()))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let models = models.map_err(|e| ApiError::Internal(e.to_string()))?;
+    let defaults = Defaults {
+        default_model: app.config.default_model.clone(),
+        pix2pix_model: app.config.pix2pix_model.clone(),
+    };
+    let model_id = request::choose_model(&submission, &models, &defaults)?;
+    if let Some(name) = &submission.scheduler {
+        if !schedulers.iter().any(|s| s == name) {
+            return Err(ApiError::field(
+                "scheduler",
+                format!(
+                    "unknown scheduler {name:?}; one of: {}",
+                    schedulers.join(", ")
+                ),
+            ));
+        }
+    }
+
+    let init = init_image::resolve(
+        &submission.init_image,
+        app.url_policy(),
+        app.download_limits(),
+        app.config.max_image_pixels,
+    )
+    .await?;
+    let seed = submission
+        .seed
+        .unwrap_or_else(|| rand::random::<u32>() as u64);
+    let generation = request::finish(&submission, model_id, (init.width, init.height), seed);
+
+    let file_prefix = uuid::Uuid::new_v4().to_string();
+    let init_key = format!("inputs/{file_prefix}.{}", init.format);
+    app.storage
+        .put(&init_key, init.bytes)
+        .await
+        .map_err(ApiError::Internal)?;
+    let folder = if submission.delivery.temp {
+        "temp"
+    } else {
+        "generations"
+    };
+    let extension = if submission.delivery.base64 {
+        "base64"
+    } else {
+        "png"
+    };
+    let output_keys = (0..generation.samples as usize)
+        .map(|i| {
+            format!(
+                "{folder}/{}.{extension}",
+                family.output_name(&file_prefix, i)
+            )
+        })
+        .collect();
+    let spec = JobSpec {
+        family,
+        request: generation,
+        delivery: submission.delivery.clone(),
+        echo: submission.echo.clone(),
+        file_prefix,
+        init_key,
+        output_keys,
+    };
+
+    let mut finished = app.finished.subscribe();
+    let id = app
+        .jobs
+        .insert(&caller.id, &spec)
+        .await
+        .map_err(ApiError::Internal)?;
+    app.wake.notify_one();
+    tracing::info!(job = id, family = family.label(), "job queued");
+
+    let wait = if submission.delivery.instant_response {
+        Duration::ZERO
+    } else {
+        app.config.sync_timeout
+    };
+    if !wait.is_zero() {
+        let _ = tokio::time::timeout(wait, async {
+            loop {
+                match finished.recv().await {
+                    Ok(done) if done == id => break,
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => {
+                        if job_done(app, id).await {
+                            break;
+                        }
+                    }
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        })
+        .await;
+    }
+    let job = app
+        .jobs
+        .get(id)
+        .await
+        .map_err(ApiError::Internal)?
+        .ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
+    Ok(answer(app, &job).await)
+}
+
+async fn job_done(app: &App, id: i64) -> bool {
+    matches!(app.jobs.get(id).await, Ok(Some(j)) if j.status.is_final())
+}
+
+/// The body for a job just submitted.
+async fn answer(app: &Arc<App>, job: &Job) -> Response {
+    let body = match job.status {
+        JobStatus::Success => render::success(job, app.storage.as_ref()),
+        JobStatus::Failed => render::failed(job),
+        JobStatus::Queued | JobStatus::Running => {
+            let eta = worker::eta(app, job).await;
+            render::processing(job, app.storage.as_ref(), &app.config.public_url, eta)
+        }
+    };
+    Json(body).into_response()
+}

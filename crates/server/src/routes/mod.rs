@@ -1,0 +1,205 @@
+//! The HTTP surface. One table lists every route with what it does; the router and `/openapi.json` are both built
+//! from it, so the description cannot drift from what is served.
+
+mod auth;
+mod enterprise;
+mod fetch;
+mod files;
+mod generate;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body as Bytes;
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::HeaderMap;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::app::App;
+use crate::family::Family;
+
+/// What a route does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    /// Creates an img2img or pix2pix job of a family.
+    Generate(Family),
+    /// Fetches a job; the id in the path.
+    FetchById,
+    /// Fetches a job; `request_id` in the body.
+    FetchByBody,
+    /// An enterprise management call, by name.
+    Manage(&'static str),
+    /// `GET` of a stored file.
+    File,
+    /// `GET /health`.
+    Health,
+    /// `GET /metrics`.
+    Metrics,
+    /// `GET /openapi.json`.
+    OpenApi,
+    /// `POST /api/v3/system_load`.
+    SystemLoad,
+}
+
+/// One route of the table.
+#[derive(Debug, Clone)]
+pub struct RouteInfo {
+    /// `GET` or `POST`.
+    pub method: &'static str,
+    /// The path, axum syntax (`{id}`, `{*key}`).
+    pub path: String,
+    /// What it does.
+    pub kind: RouteKind,
+}
+
+/// Fetch routes, each served with the id in the path and with `request_id` in the body.
+pub const FETCH_PATHS: &[&str] = &[
+    "/api/v3/fetch",
+    "/api/v3/dreambooth/fetch",
+    "/api/v4/dreambooth/fetch",
+    "/api/v4/fetch",
+    "/api/v5/fetch",
+    "/api/v6/images/fetch",
+    "/api/v6/realtime/fetch",
+    "/api/v1/enterprise/fetch",
+    "/api/v1/enterprise/images/fetch",
+    "/api/v1/enterprise/realtime/fetch",
+    "/api/v1/enterprise/fetch_queue_image",
+];
+
+/// Enterprise management calls, served under each enterprise prefix.
+pub const MANAGEMENT: &[&str] = &[
+    "system_details",
+    "schedulers_list",
+    "load_model",
+    "verify_model",
+    "get_all_models",
+    "delete_model",
+    "load_vae",
+    "clear_cache",
+    "clear_queue",
+    "upload_image",
+    "nsfw_image_check",
+    "restart_server",
+    "update_server",
+    "update",
+    "update_s3",
+    "reset_s3",
+];
+
+const ENTERPRISE_PREFIXES: &[&str] = &[
+    "/api/v1/enterprise/",
+    "/api/v1/enterprise/images/",
+    "/api/v1/enterprise/realtime/",
+];
+
+/// Every route the service answers.
+pub fn table() -> Vec<RouteInfo> {
+    let mut routes = Vec::new();
+    let mut add = |method, path: String, kind| {
+        routes.push(RouteInfo { method, path, kind });
+    };
+    for family in Family::ALL {
+        for path in family.generation_paths() {
+            add("POST", path.to_string(), RouteKind::Generate(family));
+        }
+    }
+    for path in FETCH_PATHS {
+        add("POST", path.to_string(), RouteKind::FetchByBody);
+        add("POST", format!("{path}/{{id}}"), RouteKind::FetchById);
+    }
+    for prefix in ENTERPRISE_PREFIXES {
+        for name in MANAGEMENT {
+            add("POST", format!("{prefix}{name}"), RouteKind::Manage(name));
+        }
+    }
+    add("POST", "/api/v3/system_load".into(), RouteKind::SystemLoad);
+    add("GET", "/generations/{*key}".into(), RouteKind::File);
+    add("GET", "/temp/{*key}".into(), RouteKind::File);
+    add("GET", "/health".into(), RouteKind::Health);
+    add("GET", "/metrics".into(), RouteKind::Metrics);
+    add("GET", "/openapi.json".into(), RouteKind::OpenApi);
+    routes
+}
+
+/// The axum router over `app`.
+pub fn router(app: Arc<App>) -> Router {
+    let mut router: Router<Arc<App>> = Router::new();
+    for route in table() {
+        router = match route.kind {
+            RouteKind::Generate(family) => router.route(
+                &route.path,
+                post(
+                    move |State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes| {
+                        generate::handle(app, family, headers, body)
+                    },
+                ),
+            ),
+            RouteKind::FetchByBody => router.route(
+                &route.path,
+                post(
+                    |State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes| {
+                        fetch::handle(app, None, headers, body)
+                    },
+                ),
+            ),
+            RouteKind::FetchById => router.route(
+                &route.path,
+                post(
+                    |State(app): State<Arc<App>>,
+                     Path(id): Path<String>,
+                     headers: HeaderMap,
+                     body: Bytes| {
+                        fetch::handle(app, Some(id), headers, body)
+                    },
+                ),
+            ),
+            RouteKind::Manage(name) => router.route(
+                &route.path,
+                post(
+                    move |State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes| {
+                        enterprise::handle(app, name, headers, body)
+                    },
+                ),
+            ),
+            RouteKind::SystemLoad => router.route(
+                &route.path,
+                post(|State(app): State<Arc<App>>| enterprise::system_load(app)),
+            ),
+            RouteKind::File => router.route(&route.path, get(files::file)),
+            RouteKind::Health => router.route(&route.path, get(files::health)),
+            RouteKind::Metrics => router.route(&route.path, get(files::metrics)),
+            RouteKind::OpenApi => router.route(&route.path, get(files::openapi)),
+        };
+    }
+    router
+        .fallback(files::not_found)
+        .layer(middleware::from_fn_with_state(app.clone(), count_requests))
+        .with_state(app)
+}
+
+/// Counts every request by route and status, and logs it.
+async fn count_requests(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    app.metrics
+        .requests
+        .with_label_values(&[&route, &status])
+        .inc();
+    tracing::debug!(
+        route,
+        status,
+        ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    response
+}
