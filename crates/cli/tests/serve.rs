@@ -141,10 +141,7 @@ fn every_family_answers_in_its_shape_with_the_reference_image() {
         "/api/v1/enterprise/img2img",
         "/api/v1/enterprise/images/img2img",
     ] {
-        let (_, body) = server.post(
-            path,
-            &body_for(&single, json!({"model_id": single["model"]})),
-        );
+        let (_, body) = server.post(path, &body_for(&single, json!({"model_id": single_id})));
         assert_eq!(body["status"], "success", "{path}: {body}");
         assert_eq!(body["meta"]["model_id"], single_id);
         assert_outputs_match(&server, body["output"].as_array().unwrap(), &single);
