@@ -1,22 +1,48 @@
 //! Reading a request: the body (within the size limit) and the caller's key.
 
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::http::HeaderMap;
+use futures_util::StreamExt;
 
 use crate::app::App;
 use crate::keys::Caller;
 use crate::params;
 use crate::responses::ApiError;
 
+/// After a body passes the limit, at most this much more is read (and dropped) before answering, so a client
+/// still sending gets to read the error instead of a reset connection.
+const MAX_DRAIN_BYTES: usize = 64 << 20;
+/// And for at most this long.
+const MAX_DRAIN_TIME: Duration = Duration::from_secs(5);
+
 /// Reads the whole body, refusing more than `--max-body-bytes`, and parses it as a JSON object.
 pub async fn read_body(app: &App, body: Body) -> Result<params::Body, ApiError> {
     let limit = app.config.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+    let too_large = || {
         ApiError::message(format!(
-            "the request body is larger than the {} MiB limit (or was cut off)",
+            "the request body is larger than the {} MiB limit",
             limit >> 20
         ))
-    })?;
+    };
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| ApiError::message("the request body could not be read"))?;
+        if bytes.len() + chunk.len() > limit {
+            let deadline = tokio::time::Instant::now() + MAX_DRAIN_TIME;
+            let mut drained = chunk.len();
+            while drained < MAX_DRAIN_BYTES {
+                match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(Some(Ok(more))) => drained += more.len(),
+                    _ => break,
+                }
+            }
+            return Err(too_large());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
     params::Body::parse(&bytes)
 }
 
