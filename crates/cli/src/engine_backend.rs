@@ -330,9 +330,10 @@ impl Backend for EngineBackend {
         let mut loaded: Vec<String> = cache.models.keys().cloned().collect();
         loaded.sort();
         SystemInfo {
-            device: match &self.runtime.device {
-                candle_core_device if candle_core_device.is_cpu() => "cpu".into(),
-                other => format!("{other:?}"),
+            device: if self.runtime.device.is_cpu() {
+                "cpu".into()
+            } else {
+                format!("{:?}", self.runtime.device)
             },
             dtype: format!("{:?}", self.runtime.dtype).to_lowercase(),
             loaded_models: loaded,

@@ -2,22 +2,15 @@
 //! codes and messages. Models are the tiny random demo model (made by the CLI itself) and the committed
 //! reference fixtures in `tests/fixtures`.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_pictor");
-
-/// The repository's `tests/fixtures` folder.
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .canonicalize()
-        .expect("tests/fixtures exists")
-}
+use support::{assert_image_matches, copy_dir, fixtures, BIN};
 
 /// A `pictor` command with a quiet, predictable environment.
 fn pictor_cmd<I, S>(args: I) -> Command
@@ -118,19 +111,6 @@ fn entries(dir: &Path) -> BTreeSet<String> {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect(),
         Err(_) => BTreeSet::new(),
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
     }
 }
 
@@ -517,21 +497,9 @@ fn img2img_parity(name: &str) {
     );
     let images = case["images"].as_array().unwrap();
     for (i, expected) in images.iter().enumerate() {
-        let want = read_rgb(&fx.join(expected.as_str().unwrap()));
-        let got = read_rgb(&out.join(format!("{i}.png")));
-        assert_eq!(got.dimensions(), want.dimensions(), "{name} image {i}");
-        let diffs: Vec<u32> = got
-            .as_raw()
-            .iter()
-            .zip(want.as_raw())
-            .map(|(a, b)| (*a as i32 - *b as i32).unsigned_abs())
-            .collect();
-        let max = *diffs.iter().max().unwrap();
-        let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
-        eprintln!("{name} image {i}: max |Δ| {max}, mean |Δ| {mean:.5}");
-        assert!(
-            max <= 3 && mean <= 0.5,
-            "{name} image {i} differs from diffusers': max |Δ| {max} (≤ 3), mean |Δ| {mean:.4} (≤ 0.5)"
+        assert_image_matches(
+            &read_bytes(&out.join(format!("{i}.png"))),
+            expected.as_str().unwrap(),
         );
     }
 }

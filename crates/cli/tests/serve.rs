@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use serde_json::{json, Value};
-use support::{assert_image_matches, fixture_base64, fixtures, Receiver, Server, ADMIN, KEY};
+use support::{
+    assert_image_matches, copy_dir, fixture_base64, fixtures, Receiver, Server, ADMIN, KEY,
+};
 
 /// One reference case from `tests/fixtures/cases.json`.
 fn case(name: &str) -> Value {
@@ -737,16 +739,4 @@ fn health_metrics_and_openapi() {
         serde_json::from_slice::<Value>(&body).unwrap()["status"],
         "error"
     );
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }

@@ -79,9 +79,14 @@ impl Family {
         matches!(self, Family::V6Realtime | Family::EnterpriseRealtime)
     }
 
-    /// Families that always run the default model (no `model_id` in their documents).
-    pub fn uses_default_model(self) -> bool {
-        matches!(self, Family::V3) || self.is_realtime()
+    /// Success and processing bodies carry `webhook_status` (all but the 2023 v3/v5 shapes).
+    pub fn has_webhook_status(self) -> bool {
+        !matches!(self, Family::V3 | Family::V5Pix2Pix)
+    }
+
+    /// Bodies carry `proxy_links` (and success bodies `nsfw_content_detected`): v6 and the realtime families.
+    pub fn has_proxy_links(self) -> bool {
+        self.is_v6() || self.is_realtime()
     }
 
     /// v5 answers `output` as one string instead of a list.

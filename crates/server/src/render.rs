@@ -167,11 +167,11 @@ pub fn success(job: &Job, storage: &dyn Storage) -> Value {
     if family != Family::V5Pix2Pix {
         body["meta"] = meta(job);
     }
-    if family.is_v6() || family.is_realtime() {
+    if family.has_proxy_links() {
         body["proxy_links"] = json!(urls);
         body["nsfw_content_detected"] = json!(false);
     }
-    if family != Family::V3 && family != Family::V5Pix2Pix {
+    if family.has_webhook_status() {
         body["webhook_status"] = json!(job.webhook_status);
     }
     if family.is_v6() {
@@ -198,10 +198,10 @@ pub fn processing(job: &Job, storage: &dyn Storage, public_url: &str, eta: f64) 
         "meta": meta(job),
         "future_links": urls,
     });
-    if family != Family::V3 && family != Family::V5Pix2Pix {
+    if family.has_webhook_status() {
         body["webhook_status"] = json!(job.webhook_status);
     }
-    if family.is_v6() || family.is_realtime() {
+    if family.has_proxy_links() {
         body["proxy_links"] = json!(urls);
     }
     with_warnings(body, job)

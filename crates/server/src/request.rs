@@ -235,13 +235,10 @@ pub fn choose_model(
     defaults: &Defaults,
 ) -> Result<String, ApiError> {
     let kind = submission.family.pipeline();
-    let wanted = match (&submission.model_id, submission.family.uses_default_model()) {
-        (Some(id), _) => Some(id.clone()),
-        (None, _) => match kind {
-            PipelineKind::Pix2Pix => defaults.pix2pix_model.clone(),
-            PipelineKind::Img2Img => defaults.default_model.clone(),
-        },
-    };
+    let wanted = submission.model_id.clone().or_else(|| match kind {
+        PipelineKind::Pix2Pix => defaults.pix2pix_model.clone(),
+        PipelineKind::Img2Img => defaults.default_model.clone(),
+    });
     let candidates: Vec<&ModelInfo> = models.iter().filter(|m| m.kind == kind).collect();
     let id = match wanted {
         Some(id) => id,

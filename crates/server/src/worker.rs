@@ -79,6 +79,17 @@ impl StepClock {
     }
 }
 
+/// Steps assumed per waiting job when estimating a queue's wait (the img2img default).
+const STEPS_PER_JOB: i64 = 30;
+
+/// Seconds until `jobs` waiting or running jobs are likely done (for `system_load` / `system_details`).
+pub fn queue_seconds(app: &App, jobs: i64) -> f64 {
+    app.clock
+        .lock()
+        .expect("clock")
+        .estimate((jobs * STEPS_PER_JOB) as f64)
+}
+
 /// Seconds until `job` is likely done: the jobs ahead of it plus itself.
 pub async fn eta(app: &App, job: &Job) -> f64 {
     let ahead = app.jobs.ahead_of(job.id).await.unwrap_or(0) as f64;

@@ -346,3 +346,17 @@ pub fn assert_image_matches(png: &[u8], fixture: &str) {
         "{fixture}: max |Δ| {max}, mean {mean:.3}"
     );
 }
+
+/// Copies a folder tree (e.g. a fixture model into a test's own models folder).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

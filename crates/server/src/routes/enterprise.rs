@@ -33,11 +33,7 @@ pub async fn handle(app: Arc<App>, name: &'static str, headers: HeaderMap, body:
 /// `POST /api/v3/system_load`: queue length and estimated wait (no key needed, as on the hosted API).
 pub async fn system_load(app: Arc<App>) -> Response {
     let (queued, running) = app.jobs.depth().await.unwrap_or((0, 0));
-    let wait = app
-        .clock
-        .lock()
-        .expect("clock")
-        .estimate(((queued + running) * 30) as f64);
+    let wait = crate::worker::queue_seconds(&app, queued + running);
     Json(json!({"queue_num": queued + running, "queue_time": wait, "status": "ok"})).into_response()
 }
 
@@ -226,11 +222,7 @@ async fn system_details(app: &Arc<App>) -> Result<Value, ApiError> {
     let backend = app.backend.clone();
     let (system, models) = blocking(move || (backend.system(), backend.models())).await?;
     let models = models.map_err(backend_error)?;
-    let queue_time = app
-        .clock
-        .lock()
-        .expect("clock")
-        .estimate(((queued + running) * 30) as f64);
+    let queue_time = crate::worker::queue_seconds(app, queued + running);
     Ok(json!({
         "status": "ok",
         "model_count": models.len(),
