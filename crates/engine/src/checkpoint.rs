@@ -765,9 +765,14 @@ fn vae_name(ldm: &str, levels: usize) -> Option<(String, bool)> {
     Some((format!("{part}.{name}"), squeeze))
 }
 
-/// Infers the VAE config and its name table from the tensors under `first_stage_model.`.
-fn infer_vae(all: &Shapes, model: &str) -> Result<(VaeConfig, HashMap<String, Source>)> {
-    let v = under(all, VAE_PREFIX);
+/// Infers the VAE config and its name table from the LDM-named tensors under `prefix`
+/// (`first_stage_model.` in a checkpoint, nothing in a standalone VAE file).
+fn infer_vae(
+    all: &Shapes,
+    prefix: &str,
+    model: &str,
+) -> Result<(VaeConfig, HashMap<String, Source>)> {
+    let v = under(all, prefix);
     let levels = indices(&v, "encoder.down.").len();
     let decoder_levels = indices(&v, "decoder.up.").len();
     if levels == 0 || levels != decoder_levels {
@@ -808,7 +813,7 @@ fn infer_vae(all: &Shapes, model: &str) -> Result<(VaeConfig, HashMap<String, So
     for ldm in v.keys() {
         match vae_name(ldm, levels) {
             Some((name, squeeze)) => {
-                let full = format!("{VAE_PREFIX}{ldm}");
+                let full = format!("{prefix}{ldm}");
                 let source = if squeeze {
                     Source::Squeeze(full)
                 } else {
@@ -823,6 +828,107 @@ fn infer_vae(all: &Shapes, model: &str) -> Result<(VaeConfig, HashMap<String, So
         tracing::debug!(model, ?unused, "VAE tensors the diffusers VAE does not use");
     }
     Ok((config, names))
+}
+
+/// Infers the config of a VAE stored under diffusers names (`encoder.down_blocks.N…`) and presents its
+/// tensors as they are (attention projections stored as 1×1 convolutions are squeezed).
+fn infer_diffusers_vae(v: &Shapes, model: &str) -> Result<(VaeConfig, HashMap<String, Source>)> {
+    let levels = indices(v, "encoder.down_blocks.").len();
+    let channels = (0..levels)
+        .map(|i| {
+            let w = format!("encoder.down_blocks.{i}.resnets.0.conv1.weight");
+            Ok(shape(v, &w, "VAE block channels", model)?[0])
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let conv_in = shape(v, "encoder.conv_in.weight", "VAE input channels", model)?;
+    let conv_out = shape(v, "decoder.conv_out.weight", "VAE output channels", model)?;
+    let latent = shape(v, "decoder.conv_in.weight", "VAE latent channels", model)?;
+    let config = VaeConfig {
+        in_channels: conv_in[1],
+        out_channels: conv_out[0],
+        block_out_channels: channels,
+        layers_per_block: indices(v, "encoder.down_blocks.0.resnets.").len(),
+        latent_channels: latent[1],
+        norm_num_groups: 32,
+        scaling_factor: 0.18215,
+        shift_factor: None,
+        use_quant_conv: v.contains_key("quant_conv.weight"),
+        use_post_quant_conv: v.contains_key("post_quant_conv.weight"),
+        mid_block_add_attention: has_prefix(v, "encoder.mid_block.attentions.0."),
+        act_fn: "silu".into(),
+    };
+    let names = v
+        .keys()
+        .map(|k| {
+            let projection = [
+                ".to_q.weight",
+                ".to_k.weight",
+                ".to_v.weight",
+                ".to_out.0.weight",
+            ]
+            .iter()
+            .any(|p| k.ends_with(p));
+            let source = if projection {
+                Source::Squeeze(k.clone())
+            } else {
+                Source::Plain(k.clone())
+            };
+            (k.clone(), source)
+        })
+        .collect();
+    Ok((config, names))
+}
+
+/// A VAE in one `.safetensors` file, as A1111 users keep them in `models/VAE/` (e.g.
+/// `vae-ft-mse-840000-ema-pruned.safetensors`): original LDM names with or without the
+/// `first_stage_model.` prefix (so a whole checkpoint works too), or diffusers names. The architecture is
+/// inferred from the tensors; the scaling factor is SD's 0.18215.
+pub struct VaeFile {
+    /// The VAE's architecture.
+    pub config: VaeConfig,
+    file: Arc<MmapedSafetensors>,
+    names: Arc<HashMap<String, Source>>,
+}
+
+impl VaeFile {
+    /// Checks and memory-maps `path` and works out its naming and architecture. `name` names it in errors.
+    pub fn open(path: &Path, name: &str) -> Result<Self> {
+        check_safetensors_header(name, path)?;
+        // SAFETY: read-only memory map, as for checkpoints.
+        let file = unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
+            EngineError::model(name, format!("cannot read {}: {e}", path.display()))
+        })?;
+        let shapes: Shapes = file
+            .tensors()
+            .into_iter()
+            .map(|(n, view)| (n, view.shape().to_vec()))
+            .collect();
+        let (config, names) = if has_prefix(&shapes, &format!("{VAE_PREFIX}encoder.down.")) {
+            infer_vae(&shapes, VAE_PREFIX, name)?
+        } else if has_prefix(&shapes, "encoder.down.") {
+            infer_vae(&shapes, "", name)?
+        } else if has_prefix(&shapes, "encoder.down_blocks.") {
+            infer_diffusers_vae(&shapes, name)?
+        } else {
+            return Err(EngineError::model(
+                name,
+                format!(
+                    "{} holds no VAE (looked for LDM encoder.down.* or diffusers encoder.down_blocks.* tensors)",
+                    path.display()
+                ),
+            ));
+        };
+        Ok(VaeFile {
+            config,
+            file: Arc::new(file),
+            names: Arc::new(names),
+        })
+    }
+
+    /// The VAE's weights under diffusers names, read on demand.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        renamed_vb(&self.file, &self.names, dtype, device)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1171,7 +1277,7 @@ impl SingleFileCheckpoint {
             infer_unet(&shapes, family, v_prediction, text.hidden_size, model)?;
         unet.validate()
             .map_err(|e| EngineError::model(model, format!("unet: {e}")))?;
-        let (vae, vae_names) = infer_vae(&shapes, model)?;
+        let (vae, vae_names) = infer_vae(&shapes, VAE_PREFIX, model)?;
         if unet.cross_attention_dim != text.hidden_size {
             return Err(EngineError::model(
                 model,

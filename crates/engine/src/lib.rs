@@ -19,5 +19,7 @@ pub mod runtime;
 pub mod tokenizer;
 pub use runtime::Runtime;
 pub mod checkpoint;
+pub mod lora;
 pub mod model_store;
 pub mod pipeline;
+pub mod weights;

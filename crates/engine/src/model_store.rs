@@ -18,6 +18,7 @@ use crate::error::{EngineError, Result};
 use crate::models::{AutoencoderKl, ClipTextModel, UNet};
 use crate::pipeline::{ModelKind, StableDiffusion};
 use crate::tokenizer::ClipTokenizer;
+use crate::weights::Recorder;
 
 /// How a model is stored on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -71,6 +72,76 @@ impl ModelsDir {
     /// `ROOT/checkpoints`, where models live.
     pub fn checkpoints(&self) -> PathBuf {
         self.root.join("checkpoints")
+    }
+
+    /// `ROOT/loras`, where LoRA files live.
+    pub fn loras(&self) -> PathBuf {
+        self.root.join("loras")
+    }
+
+    /// `ROOT/vae`, where replacement VAEs live.
+    pub fn vaes(&self) -> PathBuf {
+        self.root.join("vae")
+    }
+
+    /// The LoRA called `name`: `ROOT/loras/<name>.safetensors`. Errors name the `lora_model` field.
+    pub fn resolve_lora(&self, name: &str) -> Result<PathBuf> {
+        check_name("lora_model", name)?;
+        let dir = self.loras();
+        let file = dir.join(format!("{name}.safetensors"));
+        if file.is_file() {
+            return Ok(file);
+        }
+        if PICKLE_ENDINGS
+            .iter()
+            .any(|ext| dir.join(format!("{name}{ext}")).is_file())
+        {
+            return Err(EngineError::invalid(
+                "lora_model",
+                format!("LoRA {name} is a pickled file, which is refused because loading it can run code; convert it to .safetensors"),
+            ));
+        }
+        Err(EngineError::invalid(
+            "lora_model",
+            format!("no LoRA named {name} (looked for {})", file.display()),
+        ))
+    }
+
+    /// The VAE called `name`: `ROOT/vae/<name>.safetensors` or the diffusers folder `ROOT/vae/<name>/`.
+    /// Errors name the `vae` field.
+    pub fn resolve_vae(&self, name: &str) -> Result<PathBuf> {
+        check_name("vae", name)?;
+        let dir = self.vaes();
+        let folder = dir.join(name);
+        if folder.join("config.json").is_file() {
+            return Ok(folder);
+        }
+        let file = dir.join(format!("{name}.safetensors"));
+        if file.is_file() {
+            return Ok(file);
+        }
+        Err(EngineError::invalid(
+            "vae",
+            format!(
+                "no VAE named {name} (looked for {} and {}/config.json)",
+                file.display(),
+                folder.display()
+            ),
+        ))
+    }
+
+    /// The names of the LoRAs in `ROOT/loras`, sorted.
+    pub fn list_loras(&self) -> Vec<String> {
+        names_in(&self.loras(), |p| {
+            p.extension().is_some_and(|e| e == "safetensors")
+        })
+    }
+
+    /// The names of the VAEs in `ROOT/vae`, sorted.
+    pub fn list_vaes(&self) -> Vec<String> {
+        names_in(&self.vaes(), |p| {
+            p.extension().is_some_and(|e| e == "safetensors") || p.join("config.json").is_file()
+        })
     }
 
     /// Every model in `ROOT/checkpoints`, sorted by id.
@@ -147,6 +218,43 @@ impl ModelsDir {
         }
         self.resolve_id(id_or_path)
     }
+}
+
+/// Refuses names that are not plain file names (requests come from the network: no paths, no `..`).
+fn check_name(field: &'static str, name: &str) -> Result<()> {
+    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        return Err(EngineError::invalid(
+            field,
+            format!("{name:?} is not a valid name (plain file names only)"),
+        ));
+    }
+    Ok(())
+}
+
+/// The names (file stems) of the entries of `dir` that `keep` accepts, sorted; none if it does not exist.
+fn names_in(dir: &Path, keep: impl Fn(&Path) -> bool) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| keep(p))
+        .filter_map(|p| Some(p.file_stem()?.to_string_lossy().to_string()))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Loads a replacement VAE found by [`ModelsDir::resolve_vae`] (a diffusers folder or a single file).
+pub fn load_vae(path: &Path, name: &str, device: &Device, dtype: DType) -> Result<AutoencoderKl> {
+    if path.is_dir() {
+        let cfg: VaeConfig = read_json(name, &path.join("config.json"))?;
+        let vb = component_weights(name, path, dtype, device)?;
+        return AutoencoderKl::new(&cfg, vb).map_err(component_error(name, "vae"));
+    }
+    let file = crate::checkpoint::VaeFile::open(path, name)?;
+    AutoencoderKl::new(&file.config, file.var_builder(dtype, device))
+        .map_err(component_error(name, "vae"))
 }
 
 /// Classifies an existing path as a model, refusing pickles and anything else.
@@ -321,16 +429,17 @@ fn load_diffusers(dir: &Path, id: &str, device: &Device, dtype: DType) -> Result
     let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"), id)?;
 
     let text_files = weight_files(id, &dir.join("text_encoder"))?;
-    let text_encoder = ClipTextModel::new(
-        &text_cfg,
-        crate::checkpoint::hf_clip_text_vb(id, &text_files, DType::F32, device)?,
-    )
-    .map_err(component_error(id, "text_encoder"))?;
-    let unet = UNet::new(
-        &unet_cfg,
-        component_weights(id, &dir.join("unet"), dtype, device)?,
-    )
-    .map_err(component_error(id, "unet"))?;
+    let (text_vb, text_record) = Recorder::wrap(crate::checkpoint::hf_clip_text_vb(
+        id,
+        &text_files,
+        DType::F32,
+        device,
+    )?);
+    let text_encoder =
+        ClipTextModel::new(&text_cfg, text_vb).map_err(component_error(id, "text_encoder"))?;
+    let (unet_vb, unet_record) =
+        Recorder::wrap(component_weights(id, &dir.join("unet"), dtype, device)?);
+    let unet = UNet::new(&unet_cfg, unet_vb).map_err(component_error(id, "unet"))?;
     let vae = AutoencoderKl::new(
         &vae_cfg,
         component_weights(id, &dir.join("vae"), dtype, device)?,
@@ -346,7 +455,8 @@ fn load_diffusers(dir: &Path, id: &str, device: &Device, dtype: DType) -> Result
         scheduler_config,
         device.clone(),
         dtype,
-    ))
+    )
+    .with_base_weights(unet_record.take(), text_record.take()))
 }
 
 /// Checks that the components of one model fit together.
@@ -389,10 +499,11 @@ fn load_single_file(
     let ck = SingleFileCheckpoint::open(path, id)?;
     check_compatible(id, &ck.unet, &ck.vae, &ck.text)?;
     let tokenizer = ClipTokenizer::bundled(ck.pad_token)?;
-    let text_encoder = ClipTextModel::new(&ck.text, ck.text_encoder_vb(DType::F32, device)?)
-        .map_err(component_error(id, "text encoder"))?;
-    let unet =
-        UNet::new(&ck.unet, ck.unet_vb(dtype, device)?).map_err(component_error(id, "unet"))?;
+    let (text_vb, text_record) = Recorder::wrap(ck.text_encoder_vb(DType::F32, device)?);
+    let text_encoder =
+        ClipTextModel::new(&ck.text, text_vb).map_err(component_error(id, "text encoder"))?;
+    let (unet_vb, unet_record) = Recorder::wrap(ck.unet_vb(dtype, device)?);
+    let unet = UNet::new(&ck.unet, unet_vb).map_err(component_error(id, "unet"))?;
     let vae = AutoencoderKl::new(&ck.vae, ck.vae_vb(dtype, device)?)
         .map_err(component_error(id, "vae"))?;
     Ok(StableDiffusion::from_parts(
@@ -404,7 +515,8 @@ fn load_single_file(
         ck.scheduler_config.clone(),
         device.clone(),
         dtype,
-    ))
+    )
+    .with_base_weights(unet_record.take(), text_record.take()))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ mod pix2pix;
 mod prompt;
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
@@ -13,9 +14,11 @@ use serde::Serialize;
 
 use crate::config::VaeConfig;
 use crate::error::{EngineError, Result};
+use crate::lora::{self, Lora, LoraTarget};
 use crate::models::{AutoencoderKl, ClipTextModel, UNet};
 use crate::schedulers::{self, Scheduler, SchedulerOptions};
 use crate::tokenizer::ClipTokenizer;
+use crate::weights::NamedWeights;
 
 /// Largest width or height the engine accepts.
 pub const MAX_SIDE: u32 = 1024;
@@ -33,16 +36,29 @@ pub enum ModelKind {
 }
 
 /// A loaded Stable Diffusion model: tokenizer, text encoder, UNet, VAE and its scheduler config.
+///
+/// The networks are shared (reference counted): a variant with LoRAs merged in ([`Self::with_loras`]) or
+/// another VAE ([`Self::with_vae`]) shares every part it does not change with the model it came from, and
+/// never changes that model.
+#[derive(Clone)]
 pub struct StableDiffusion {
     /// The model id (folder or file name) it was loaded as.
     pub id: String,
     pub(crate) tokenizer: ClipTokenizer,
-    pub(crate) text_encoder: ClipTextModel,
-    pub(crate) unet: UNet,
-    pub(crate) vae: AutoencoderKl,
+    pub(crate) text_encoder: Arc<ClipTextModel>,
+    pub(crate) unet: Arc<UNet>,
+    pub(crate) vae: Arc<AutoencoderKl>,
     pub(crate) scheduler_config: serde_json::Value,
     pub(crate) device: Device,
     pub(crate) dtype: DType,
+    /// The unpatched networks' tensors, to merge LoRAs from (absent: LoRAs cannot be used).
+    base_weights: Option<Arc<BaseWeights>>,
+}
+
+/// The tensors the UNet and text encoder were built from.
+struct BaseWeights {
+    unet: NamedWeights,
+    text_encoder: NamedWeights,
 }
 
 impl StableDiffusion {
@@ -61,13 +77,77 @@ impl StableDiffusion {
         StableDiffusion {
             id,
             tokenizer,
-            text_encoder,
-            unet,
-            vae,
+            text_encoder: Arc::new(text_encoder),
+            unet: Arc::new(unet),
+            vae: Arc::new(vae),
             scheduler_config,
             device,
             dtype,
+            base_weights: None,
         }
+    }
+
+    /// Keeps the tensors the UNet and text encoder were built from (see [`crate::weights::Recorder`]), which
+    /// [`Self::with_loras`] needs.
+    pub fn with_base_weights(mut self, unet: NamedWeights, text_encoder: NamedWeights) -> Self {
+        self.base_weights = Some(Arc::new(BaseWeights { unet, text_encoder }));
+        self
+    }
+
+    /// This model with `loras` (each with its strength) merged into its UNet and text encoder: a new model
+    /// sharing the VAE, the tokenizer and every unchanged tensor with this one, which stays as it was.
+    pub fn with_loras(&self, loras: &[(&Lora, f64)]) -> Result<StableDiffusion> {
+        if loras.is_empty() {
+            return Ok(self.clone());
+        }
+        let base = self.base_weights.as_ref().ok_or_else(|| {
+            EngineError::invalid(
+                "lora_model",
+                format!(
+                    "model {} was loaded without its named weights; LoRAs cannot be merged",
+                    self.id
+                ),
+            )
+        })?;
+        let unet_patch = lora::merged_weights(&base.unet, LoraTarget::Unet, loras)?;
+        let text_patch = lora::merged_weights(&base.text_encoder, LoraTarget::TextEncoder, loras)?;
+        let mut model = self.clone();
+        if !unet_patch.is_empty() {
+            let vb = base
+                .unet
+                .var_builder_with(unet_patch, self.unet.dtype(), &self.device);
+            model.unet = Arc::new(UNet::new(self.unet.config(), vb)?);
+        }
+        if !text_patch.is_empty() {
+            let vb = base.text_encoder.var_builder_with(
+                text_patch,
+                self.text_encoder.dtype(),
+                &self.device,
+            );
+            model.text_encoder = Arc::new(ClipTextModel::new(self.text_encoder.config(), vb)?);
+        }
+        // The variant's own tensors are not a base for further merges: LoRA sets are merged from the
+        // original model, never stacked.
+        model.base_weights = None;
+        Ok(model)
+    }
+
+    /// This model with another VAE (the rest shared). The VAE must use the same latent channels.
+    pub fn with_vae(&self, vae: AutoencoderKl) -> Result<StableDiffusion> {
+        let ours = self.vae.config();
+        let theirs = vae.config();
+        if ours.latent_channels != theirs.latent_channels {
+            return Err(EngineError::invalid(
+                "vae",
+                format!(
+                    "this VAE has {} latent channels; model {} works with {}",
+                    theirs.latent_channels, self.id, ours.latent_channels
+                ),
+            ));
+        }
+        let mut model = self.clone();
+        model.vae = Arc::new(vae);
+        Ok(model)
     }
 
     /// img2img or InstructPix2Pix, from the UNet's input channels.
