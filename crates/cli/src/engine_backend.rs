@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::UNIX_EPOCH;
 
 use pictor_engine::image_io::{decode_image, encode_png};
+use pictor_engine::lora::Lora;
 use pictor_engine::model_store::{self, ModelFormat, ModelLocation, ModelsDir};
 use pictor_engine::pipeline::{
     Img2ImgRequest, ModelKind, Pix2PixRequest, Progress, StableDiffusion,
@@ -81,6 +82,12 @@ impl EngineBackend {
             model_store::load(&location, &self.runtime.device, self.runtime.dtype)
                 .map_err(engine_error)?,
         );
+        self.insert(id.to_string(), model.clone(), bytes);
+        Ok(model)
+    }
+
+    /// Caches `model` under `key`, evicting the least recently used ones beyond the budget.
+    fn insert(&self, key: String, model: Arc<StableDiffusion>, bytes: u64) {
         let mut cache = self.cache.lock().expect("model cache");
         let mut used: u64 = cache.models.values().map(|c| c.bytes).sum();
         while used + bytes > self.budget && !cache.models.is_empty() {
@@ -98,29 +105,87 @@ impl EngineBackend {
         cache.clock += 1;
         let last_used = cache.clock;
         cache.models.insert(
-            id.to_string(),
+            key,
             Cached {
-                model: model.clone(),
+                model,
                 bytes,
                 last_used,
             },
         );
+    }
+}
+
+impl EngineBackend {
+    /// The model a request runs on: the loaded model itself, or a cached variant of it with the request's
+    /// LoRAs merged and its VAE swapped in (made once per model, LoRA set and VAE, then reused).
+    fn model_for(&self, request: &GenerationRequest) -> Result<Arc<StableDiffusion>, BackendError> {
+        let base = self.model(&request.model_id)?;
+        if request.loras.is_empty() && request.vae.is_none() {
+            return Ok(base);
+        }
+        let key = variant_key(request);
+        if let Some(m) = self.cached(&key) {
+            return Ok(m);
+        }
+        let _guard = self.loading.lock().expect("model loading");
+        if let Some(m) = self.cached(&key) {
+            return Ok(m);
+        }
+        let loras = request
+            .loras
+            .iter()
+            .map(|l| {
+                let path = self.models_dir.resolve_lora(&l.name)?;
+                Ok((Lora::load(&path, &l.name)?, l.strength))
+            })
+            .collect::<Result<Vec<_>, EngineError>>()
+            .map_err(engine_error)?;
+        let refs: Vec<(&Lora, f64)> = loras.iter().map(|(l, s)| (l, *s)).collect();
+        let mut model = base.with_loras(&refs).map_err(engine_error)?;
+        let mut bytes = model.extra_bytes();
+        if let Some(name) = &request.vae {
+            let path = self.models_dir.resolve_vae(name).map_err(engine_error)?;
+            let vae = model_store::load_vae(&path, name, &self.runtime.device, self.runtime.dtype)
+                .map_err(engine_error)?;
+            model = model.with_vae(vae).map_err(engine_error)?;
+            bytes += files_bytes(&path);
+        }
+        tracing::info!(variant = %key, mib = bytes >> 20, "made a model variant");
+        let model = Arc::new(model);
+        self.insert(key, model.clone(), bytes);
         Ok(model)
     }
 }
 
+/// The cache key of a model with LoRAs and a VAE: `model|lora:a@0.8,b@1|vae:x`.
+fn variant_key(request: &GenerationRequest) -> String {
+    let loras: Vec<String> = request
+        .loras
+        .iter()
+        .map(|l| format!("{}@{}", l.name, l.strength))
+        .collect();
+    format!(
+        "{}|lora:{}|vae:{}",
+        request.model_id,
+        loras.join(","),
+        request.vae.as_deref().unwrap_or("")
+    )
+}
+
 /// Bytes of weights a model holds in memory, estimated from its files on disk.
 fn weight_bytes(location: &ModelLocation) -> u64 {
-    fn walk(path: &Path) -> u64 {
-        match std::fs::metadata(path) {
-            Ok(m) if m.is_file() && path.extension().is_some_and(|e| e == "safetensors") => m.len(),
-            Ok(m) if m.is_dir() => std::fs::read_dir(path)
-                .map(|entries| entries.flatten().map(|e| walk(&e.path())).sum())
-                .unwrap_or(0),
-            _ => 0,
-        }
+    files_bytes(&location.path)
+}
+
+/// Bytes of the `.safetensors` files at `path` (a file or a folder, recursively).
+fn files_bytes(path: &Path) -> u64 {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() && path.extension().is_some_and(|e| e == "safetensors") => m.len(),
+        Ok(m) if m.is_dir() => std::fs::read_dir(path)
+            .map(|entries| entries.flatten().map(|e| files_bytes(&e.path())).sum())
+            .unwrap_or(0),
+        _ => 0,
     }
-    walk(&location.path)
 }
 
 fn engine_error(e: EngineError) -> BackendError {
@@ -200,7 +265,7 @@ impl Backend for EngineBackend {
         init_image: &[u8],
         control: &dyn JobControl,
     ) -> Result<Generated, BackendError> {
-        let model = self.model(&request.model_id)?;
+        let model = self.model_for(request)?;
         let init = decode_image(init_image, MAX_PIXELS).map_err(engine_error)?;
         let options = SchedulerOptions {
             use_karras_sigmas: Some(request.use_karras_sigmas),
@@ -256,6 +321,8 @@ impl Backend for EngineBackend {
             png_images,
             scheduler: generation.meta.scheduler.clone(),
             generation_time: generation.meta.generation_time,
+            nsfw_content_detected: Vec::new(),
+            notes: Vec::new(),
         })
     }
 
@@ -307,13 +374,61 @@ impl Backend for EngineBackend {
         Ok(())
     }
 
+    fn check(&self, request: &GenerationRequest) -> Result<(), BackendError> {
+        for lora in &request.loras {
+            self.models_dir
+                .resolve_lora(&lora.name)
+                .map_err(engine_error)?;
+        }
+        if let Some(vae) = &request.vae {
+            self.models_dir.resolve_vae(vae).map_err(engine_error)?;
+        }
+        Ok(())
+    }
+
+    fn add_vae(&self, vae_id: &str, source: ModelSource) -> Result<(), BackendError> {
+        let dir = self.models_dir.vaes();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| BackendError::Failed(format!("{}: {e}", dir.display())))?;
+        let folder = dir.join(vae_id);
+        let file = dir.join(format!("{vae_id}.safetensors"));
+        if folder.exists() || file.exists() {
+            return Err(BackendError::Invalid {
+                field: "vae_id".into(),
+                message: format!("a VAE {vae_id} already exists"),
+            });
+        }
+        match source {
+            ModelSource::HuggingFace { repo, revision } => {
+                pictor_engine::hub::pull_vae(&repo, &folder, revision.as_deref())
+                    .map_err(engine_error)?;
+            }
+            ModelSource::SingleFile { bytes } => {
+                let staging = dir.join(format!(".{vae_id}.safetensors.partial"));
+                std::fs::write(&staging, &bytes)
+                    .map_err(|e| BackendError::Failed(format!("{}: {e}", staging.display())))?;
+                let checked = pictor_engine::checkpoint::VaeFile::open(&staging, vae_id)
+                    .map(|_| ())
+                    .map_err(engine_error);
+                if let Err(e) = checked {
+                    let _ = std::fs::remove_file(&staging);
+                    return Err(e);
+                }
+                std::fs::rename(&staging, &file)
+                    .map_err(|e| BackendError::Failed(format!("{}: {e}", file.display())))?;
+            }
+        }
+        Ok(())
+    }
+
     fn delete_model(&self, model_id: &str) -> Result<(), BackendError> {
         let location = self.models_dir.resolve_id(model_id).map_err(engine_error)?;
+        let variants = format!("{model_id}|");
         self.cache
             .lock()
             .expect("model cache")
             .models
-            .remove(model_id);
+            .retain(|key, _| key != model_id && !key.starts_with(&variants));
         let removed = match location.format {
             ModelFormat::Diffusers => std::fs::remove_dir_all(&location.path),
             ModelFormat::SingleFile => std::fs::remove_file(&location.path),

@@ -91,24 +91,7 @@ fn pull_from(
     }
 
     let endpoint = endpoint.trim_end_matches('/').to_string();
-    let mut builder = ApiBuilder::from_env()
-        .with_endpoint(endpoint.clone())
-        .with_progress(std::io::stderr().is_terminal())
-        .with_retries(2);
-    if let Some(token) = std::env::var("HF_TOKEN")
-        .ok()
-        .filter(|t| !t.trim().is_empty())
-    {
-        builder = builder.with_token(Some(token.trim().to_string()));
-    }
-    let api = builder
-        .build()
-        .map_err(|e| download_err(format!("cannot set up the Hub client: {e}")))?;
-    let repo = api.repo(Repo::with_revision(
-        repo_id.to_string(),
-        RepoType::Model,
-        revision.to_string(),
-    ));
+    let repo = hub_repo(&endpoint, repo_id, revision)?;
     let explain = |what: &str, e: ApiError| describe(&endpoint, repo_id, revision, what, e);
 
     // Everything that needs the network and can fail early happens before anything is written.
@@ -158,6 +141,84 @@ fn pull_from(
     std::fs::rename(&partial.0, &target).map_err(|e| EngineError::io(&target, e))?;
     std::mem::forget(partial);
     Ok(target)
+}
+
+/// A client for one repository at one revision on `endpoint`, with `HF_TOKEN` when set.
+fn hub_repo(endpoint: &str, repo_id: &str, revision: &str) -> Result<hf_hub::api::sync::ApiRepo> {
+    let mut builder = ApiBuilder::from_env()
+        .with_endpoint(endpoint.to_string())
+        .with_progress(std::io::stderr().is_terminal())
+        .with_retries(2);
+    if let Some(token) = std::env::var("HF_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+    {
+        builder = builder.with_token(Some(token.trim().to_string()));
+    }
+    let api = builder
+        .build()
+        .map_err(|e| download_err(format!("cannot set up the Hub client: {e}")))?;
+    Ok(api.repo(Repo::with_revision(
+        repo_id.to_string(),
+        RepoType::Model,
+        revision.to_string(),
+    )))
+}
+
+/// Downloads a diffusers `AutoencoderKL` repository (e.g. `stabilityai/sd-vae-ft-mse`: `config.json` and
+/// `diffusion_pytorch_model.safetensors` at the top, or in a `vae/` folder of a pipeline repository) into the
+/// new folder `dest` (which must not exist). Only `.safetensors` weights are taken.
+pub fn pull_vae(repo_id: &str, dest: &Path, revision: Option<&str>) -> Result<PathBuf> {
+    validate_repo_id(repo_id)?;
+    let revision = revision.unwrap_or("main");
+    if dest.exists() {
+        return Err(download_err(format!("{} already exists", dest.display())));
+    }
+    let endpoint = std::env::var("HF_ENDPOINT")
+        .ok()
+        .filter(|e| !e.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+    let endpoint = endpoint.trim_end_matches('/').to_string();
+    let repo = hub_repo(&endpoint, repo_id, revision)?;
+    let explain = |what: &str, e: ApiError| describe(&endpoint, repo_id, revision, what, e);
+    let info = repo.info().map_err(|e| explain("repository listing", e))?;
+    let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    let folder = ["", "vae/"]
+        .into_iter()
+        .find(|f| files.iter().any(|x| *x == format!("{f}config.json")))
+        .ok_or_else(|| {
+            download_err(format!(
+                "{repo_id} is not a diffusers VAE (no config.json at the top or in vae/)"
+            ))
+        })?;
+    let weights = VARIANTS
+        .iter()
+        .map(|v| match v {
+            None => format!("{folder}diffusion_pytorch_model.safetensors"),
+            Some(v) => format!("{folder}diffusion_pytorch_model.{v}.safetensors"),
+        })
+        .find(|w| files.contains(w))
+        .ok_or_else(|| {
+            download_err(format!(
+                "{repo_id} has no .safetensors VAE weights (pickled .bin files are refused)"
+            ))
+        })?;
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
+    let partial = PartialDir(parent.join(format!(".vae.partial-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&partial.0);
+    std::fs::create_dir_all(&partial.0).map_err(|e| EngineError::io(&partial.0, e))?;
+    for (file, name) in [
+        (weights.clone(), "diffusion_pytorch_model.safetensors"),
+        (format!("{folder}config.json"), "config.json"),
+    ] {
+        tracing::info!("{repo_id}: fetching {file}");
+        let cached = repo.get(&file).map_err(|e| explain(&file, e))?;
+        place(&cached, &partial.0.join(name))?;
+    }
+    std::fs::rename(&partial.0, dest).map_err(|e| EngineError::io(dest, e))?;
+    std::mem::forget(partial);
+    Ok(dest.to_path_buf())
 }
 
 /// A folder being filled; removed on drop unless forgotten after the final rename.

@@ -50,6 +50,71 @@ pub struct GenerationRequest {
     pub seed: u64,
     /// CLIP skip, AUTOMATIC1111 convention (1 = last layer).
     pub clip_skip: u32,
+    /// LoRAs merged into the model for this request, in order.
+    #[serde(default)]
+    pub loras: Vec<LoraChoice>,
+    /// A VAE from the models folder replacing the model's own.
+    #[serde(default)]
+    pub vae: Option<String>,
+    /// Textual-inversion embeddings (names in the models folder) the prompts may use.
+    #[serde(default)]
+    pub embeddings: Vec<String>,
+    /// Token merging (ToMe) in the UNet's self-attention.
+    #[serde(default)]
+    pub tomesd: bool,
+    /// How flagged images are replaced when the safety checker runs; `None` = no check asked for.
+    #[serde(default)]
+    pub safety_checker: Option<SafetyReplacement>,
+}
+
+/// One LoRA of a request and its strength.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraChoice {
+    /// The file name in the models folder's `loras/`, without `.safetensors`.
+    pub name: String,
+    /// How strongly it applies (1 = as trained).
+    pub strength: f64,
+}
+
+/// What replaces an image the safety checker flags (`safety_checker_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SafetyReplacement {
+    /// Blurred beyond recognition.
+    Blur,
+    /// Coarse blocks of colour.
+    Pixelate,
+    /// An all-black image.
+    Black,
+    /// Blurred, with a readable "sensitive content" notice.
+    SensitiveContentText,
+}
+
+impl SafetyReplacement {
+    /// Every replacement, by its API name.
+    pub const ALL: [(&'static str, SafetyReplacement); 4] = [
+        ("blur", SafetyReplacement::Blur),
+        ("pixelate", SafetyReplacement::Pixelate),
+        ("black", SafetyReplacement::Black),
+        ("sensitive_content_text", SafetyReplacement::SensitiveContentText),
+    ];
+
+    /// The replacement an API name stands for.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.trim()))
+            .map(|(_, r)| *r)
+    }
+
+    /// Its API name.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, r)| *r == self)
+            .map(|(n, _)| *n)
+            .expect("every replacement is listed")
+    }
 }
 
 /// What a backend produced for one request.
@@ -61,6 +126,10 @@ pub struct Generated {
     pub scheduler: String,
     /// Seconds spent generating.
     pub generation_time: f64,
+    /// Per image, whether the safety checker flagged it (and it was replaced); empty when no check ran.
+    pub nsfw_content_detected: Vec<bool>,
+    /// Facts the requester should know about how the request was served (e.g. no safety checker installed).
+    pub notes: Vec<String>,
 }
 
 /// Why a backend call failed. `Invalid` and `ModelNotFound` are the requester's fault.
@@ -162,6 +231,23 @@ pub trait Backend: Send + Sync + 'static {
     fn add_model(&self, model_id: &str, source: ModelSource) -> Result<(), BackendError>;
     /// Removes a model from memory and from the models folder.
     fn delete_model(&self, model_id: &str) -> Result<(), BackendError>;
+    /// Checks, before a request is queued, what can be checked cheaply: that its LoRAs, embeddings and VAE
+    /// exist. The default accepts everything.
+    fn check(&self, _request: &GenerationRequest) -> Result<(), BackendError> {
+        Ok(())
+    }
+    /// Adds a VAE to the models folder under `vae_id` (an existing id is an error).
+    fn add_vae(&self, vae_id: &str, _source: ModelSource) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported(format!(
+            "this backend cannot add VAEs ({vae_id})"
+        )))
+    }
+    /// Runs the safety checker on one image file: whether it is flagged.
+    fn check_image(&self, _image: &[u8]) -> Result<bool, BackendError> {
+        Err(BackendError::Unsupported(
+            "no safety checker is available on this server".into(),
+        ))
+    }
     /// Unloads every model from memory.
     fn clear_cache(&self);
     /// Device and memory facts.

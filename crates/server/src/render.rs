@@ -46,14 +46,45 @@ pub fn meta(job: &Job) -> Value {
     let mut put = |k: &str, v: Value| {
         m.insert(k.to_string(), v);
     };
+    let safety = yes_no(r.safety_checker.is_some());
+    let safety_type = |default: &str| {
+        json!(r
+            .safety_checker
+            .map(|t| t.name().to_string())
+            .or_else(|| s.echo.safety_checker_type.clone())
+            .unwrap_or_else(|| default.to_string()))
+    };
+    let loras = if r.loras.is_empty() {
+        Value::Null
+    } else {
+        json!(r.loras.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(","))
+    };
+    let lora_strength = if r.loras.is_empty() {
+        Value::Null
+    } else {
+        json!(r
+            .loras
+            .iter()
+            .map(|l| l.strength.to_string())
+            .collect::<Vec<_>>()
+            .join(","))
+    };
+    let embeddings = if r.embeddings.is_empty() {
+        Value::Null
+    } else {
+        json!(r.embeddings.join(","))
+    };
     match s.family {
         Family::V3 => {
             put("H", json!(r.height));
             put("W", json!(r.width));
             put("enable_attention_slicing", json!("true"));
             put("model", json!(r.model_id));
-            put("safety_checker", json!("none"));
-            put("vae", Value::Null);
+            put("safety_checker", json!(safety));
+            put("vae", json!(r.vae));
+            put("lora", loras.clone());
+            put("lora_strength", lora_strength.clone());
+            put("tomesd", json!(yes_no(r.tomesd)));
         }
         Family::V4Dreambooth | Family::Enterprise | Family::V6Images => {
             put("model_id", json!(r.model_id));
@@ -70,26 +101,21 @@ pub fn meta(job: &Job) -> Value {
             put("clip_skip", json!(r.clip_skip));
             put("temp", json!(yes_no(d.temp)));
             put("base64", json!(yes_no(d.base64)));
+            put("tomesd", json!(yes_no(r.tomesd)));
+            put("vae", json!(r.vae));
+            put("lora", loras.clone());
+            put("lora_strength", lora_strength.clone());
+            put("embeddings", embeddings.clone());
             if s.family == Family::V6Images {
-                put("safety_checker", json!("no"));
-                put(
-                    "safety_checker_type",
-                    json!(s
-                        .echo
-                        .safety_checker_type
-                        .clone()
-                        .unwrap_or_else(|| "sensitive_content_text".into())),
-                );
-                put("tomesd", json!("no"));
+                put("safety_checker", json!(safety));
+                put("safety_checker_type", safety_type("sensitive_content_text"));
                 put("instant_response", json!(yes_no(d.instant_response)));
                 put("enhance_prompt", json!("no"));
                 put("enhance_style", json!(s.echo.enhance_style));
-                put("vae", Value::Null);
-                put("lora", Value::Null);
                 put("ip_adapter_id", Value::Null);
                 put("watermark", json!("no"));
             } else {
-                put("safetychecker", json!("no"));
+                put("safetychecker", json!(safety));
             }
         }
         Family::V6Realtime | Family::EnterpriseRealtime => {
@@ -101,15 +127,8 @@ pub fn meta(job: &Job) -> Value {
             put("instant_response", json!(yes_no(d.instant_response)));
             put("enhance_prompt", json!("no"));
             put("enhance_style", json!(s.echo.enhance_style));
-            put("safety_checker", json!("no"));
-            put(
-                "safety_checker_type",
-                json!(s
-                    .echo
-                    .safety_checker_type
-                    .clone()
-                    .unwrap_or_else(|| "black".into())),
-            );
+            put("safety_checker", json!(safety));
+            put("safety_checker_type", safety_type("black"));
         }
         Family::V5Pix2Pix => {
             put("model_id", json!(r.model_id));
@@ -138,10 +157,21 @@ pub fn meta(job: &Job) -> Value {
 }
 
 fn with_warnings(mut body: Value, job: &Job) -> Value {
-    if !job.spec.echo.warnings.is_empty() {
-        body["warnings"] = json!(job.spec.echo.warnings);
+    let mut warnings = job.spec.echo.warnings.clone();
+    if let Some(result) = &job.result {
+        warnings.extend(result.notes.iter().cloned());
+    }
+    if !warnings.is_empty() {
+        body["warnings"] = json!(warnings);
     }
     body
+}
+
+/// Whether the safety checker flagged any image of a finished job.
+fn nsfw_detected(job: &Job) -> bool {
+    job.result
+        .as_ref()
+        .is_some_and(|r| r.nsfw_content_detected.iter().any(|f| *f))
 }
 
 /// The success body: the same whether answered at once, fetched later or posted to a webhook.
@@ -169,7 +199,7 @@ pub fn success(job: &Job, storage: &dyn Storage) -> Value {
     }
     if family.has_proxy_links() {
         body["proxy_links"] = json!(urls);
-        body["nsfw_content_detected"] = json!(false);
+        body["nsfw_content_detected"] = json!(nsfw_detected(job));
     }
     if family.has_webhook_status() {
         body["webhook_status"] = json!(job.webhook_status);

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{GenerationRequest, ModelInfo, PipelineKind};
+use crate::backend::{GenerationRequest, LoraChoice, ModelInfo, PipelineKind, SafetyReplacement};
 use crate::family::Family;
 use crate::params::Body;
 use crate::responses::ApiError;
@@ -80,24 +80,136 @@ pub struct Submission {
     pub seed: Option<u64>,
     /// CLIP skip.
     pub clip_skip: u32,
+    /// LoRAs with their strengths.
+    pub loras: Vec<LoraChoice>,
+    /// Replacement VAE.
+    pub vae: Option<String>,
+    /// Textual-inversion embeddings.
+    pub embeddings: Vec<String>,
+    /// Token merging.
+    pub tomesd: bool,
+    /// Safety check and what replaces flagged images; `None` = no check.
+    pub safety_checker: Option<SafetyReplacement>,
     /// How results are delivered.
     pub delivery: Delivery,
     /// What meta echoes.
     pub echo: Echo,
 }
 
+/// Most LoRAs one request may merge.
+pub const MAX_LORAS: usize = 5;
+/// Strongest LoRA strength accepted (either sign).
+pub const MAX_LORA_STRENGTH: f64 = 2.0;
+
+/// A comma-separated list of names (`"a, b"`), empty entries dropped.
+fn name_list(body: &Body, names: &[&str]) -> Result<Vec<String>, ApiError> {
+    let Some((field, value)) = body.get(names) else {
+        return Ok(Vec::new());
+    };
+    let text = match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => return Err(ApiError::field(field, "must be a comma-separated list of names")),
+    };
+    Ok(text
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty() && *n != "null" && *n != "none")
+        .map(str::to_string)
+        .collect())
+}
+
+/// `lora_model` and `lora_strength`: one strength per LoRA, or one for all, or none (1 each).
+fn loras(body: &Body) -> Result<Vec<LoraChoice>, ApiError> {
+    let names = name_list(body, &["lora_model", "lora"])?;
+    if names.len() > MAX_LORAS {
+        return Err(ApiError::field(
+            "lora_model",
+            format!("at most {MAX_LORAS} LoRAs per request, got {}", names.len()),
+        ));
+    }
+    let strengths: Vec<f64> = match body.get(&["lora_strength"]) {
+        None => Vec::new(),
+        Some((_, serde_json::Value::Number(n))) => vec![n.as_f64().unwrap_or(f64::NAN)],
+        Some((_, value)) => {
+            let text = match value {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Array(items) => items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                _ => String::from("?"),
+            };
+            text.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(|t| t.parse::<f64>().unwrap_or(f64::NAN))
+                .collect()
+        }
+    };
+    if let Some(bad) = strengths
+        .iter()
+        .find(|s| !s.is_finite() || s.abs() > MAX_LORA_STRENGTH)
+    {
+        return Err(ApiError::field(
+            "lora_strength",
+            format!(
+                "each strength must be a number between -{MAX_LORA_STRENGTH} and {MAX_LORA_STRENGTH}                  (comma-separated, one per LoRA), got {bad}"
+            ),
+        ));
+    }
+    if strengths.len() > 1 && strengths.len() != names.len() {
+        return Err(ApiError::field(
+            "lora_strength",
+            format!(
+                "{} strengths for {} LoRAs: give one strength per LoRA in lora_model, or one for all",
+                strengths.len(),
+                names.len()
+            ),
+        ));
+    }
+    Ok(names
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| LoraChoice {
+            name,
+            strength: match strengths.len() {
+                0 => 1.0,
+                1 => strengths[0],
+                _ => strengths[i],
+            },
+        })
+        .collect())
+}
+
+/// `safety_checker` (default: on where the family documents it) and `safety_checker_type`.
+fn safety(family: Family, body: &Body) -> Result<Option<SafetyReplacement>, ApiError> {
+    let default_on = matches!(
+        family,
+        Family::V3 | Family::V4Dreambooth | Family::Enterprise | Family::V6Images
+    );
+    if !body.flag(&["safety_checker"])?.unwrap_or(default_on) {
+        return Ok(None);
+    }
+    match body.string(&["safety_checker_type"])? {
+        None => Ok(Some(SafetyReplacement::SensitiveContentText)),
+        Some(name) => SafetyReplacement::from_name(&name).map(Some).ok_or_else(|| {
+            let valid: Vec<&str> = SafetyReplacement::ALL.iter().map(|(n, _)| *n).collect();
+            ApiError::field(
+                "safety_checker_type",
+                format!("unknown type {name:?}; use one of {}", valid.join(", ")),
+            )
+        }),
+    }
+}
+
 /// Options that change the picture and are not built yet: refused rather than silently dropped.
 const REFUSED: &[(&str, &str)] = &[
-    ("lora_model", "LoRA models are not supported yet"),
-    (
-        "embeddings_model",
-        "textual-inversion embeddings are not supported yet",
-    ),
-    (
-        "embeddings",
-        "textual-inversion embeddings are not supported yet",
-    ),
-    ("vae", "a custom VAE is not supported yet"),
     ("ip_adapter_id", "IP-Adapter is not supported yet"),
     ("ip_adapter_image", "IP-Adapter is not supported yet"),
     (
@@ -112,14 +224,6 @@ const IGNORED_WHEN_YES: &[(&str, &str)] = &[
     (
         "enhance_prompt",
         "enhance_prompt is not supported yet; the prompt was used as sent",
-    ),
-    (
-        "tomesd",
-        "tomesd (token merging) is not supported yet; the full model ran",
-    ),
-    (
-        "safety_checker",
-        "no safety checker is installed; images were not filtered",
     ),
     (
         "multi_lingual",
@@ -209,6 +313,18 @@ pub fn parse(family: Family, body: &Body) -> Result<Submission, ApiError> {
         clip_skip: body
             .integer_in(&["clip_skip", "clipskip"], 1, 8)?
             .unwrap_or(1) as u32,
+        loras: loras(body)?,
+        vae: body
+            .string(&["vae"])?
+            .map(|v| v.trim().to_string())
+            .filter(|v| !matches!(v.as_str(), "" | "null" | "none" | "no")),
+        embeddings: name_list(body, &["embeddings_model", "embeddings"])?,
+        // ToMe is on by default where the documents list `tomesd` (default yes) and off elsewhere.
+        tomesd: body.flag(&["tomesd"])?.unwrap_or(!matches!(
+            family,
+            Family::V6Realtime | Family::EnterpriseRealtime | Family::V5Pix2Pix
+        )),
+        safety_checker: safety(family, body)?,
         delivery: Delivery {
             base64: body.flag(&["base64"])?.unwrap_or(false),
             temp: body.flag(&["temp"])?.unwrap_or(false),
@@ -309,6 +425,11 @@ pub fn finish(
         algorithm_type: s.algorithm_type.clone(),
         seed,
         clip_skip: s.clip_skip,
+        loras: s.loras.clone(),
+        vae: s.vae.clone(),
+        embeddings: s.embeddings.clone(),
+        tomesd: s.tomesd,
+        safety_checker: s.safety_checker,
     }
 }
 

@@ -128,6 +128,18 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Backend failures as the API reports them: a bad request value names its field.
+impl From<crate::backend::BackendError> for ApiError {
+    fn from(e: crate::backend::BackendError) -> Self {
+        use crate::backend::BackendError;
+        match e {
+            BackendError::ModelNotFound(id) => ApiError::message(format!("Model not found: {id}")),
+            BackendError::Invalid { field, message } => ApiError::field(field, message),
+            other => ApiError::message(other.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

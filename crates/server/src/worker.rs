@@ -225,6 +225,8 @@ async fn generate(app: &Arc<App>, job: &Job) -> Result<JobResult, String> {
     Ok(JobResult {
         generation_time: (generated.generation_time * 1000.0).round() / 1000.0,
         scheduler: generated.scheduler,
+        nsfw_content_detected: generated.nsfw_content_detected,
+        notes: generated.notes,
     })
 }
 

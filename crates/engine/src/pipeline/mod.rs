@@ -53,6 +53,8 @@ pub struct StableDiffusion {
     pub(crate) dtype: DType,
     /// The unpatched networks' tensors, to merge LoRAs from (absent: LoRAs cannot be used).
     base_weights: Option<Arc<BaseWeights>>,
+    /// Bytes of weights this model holds that the model it was derived from does not (0 for a loaded model).
+    extra_bytes: u64,
 }
 
 /// The tensors the UNet and text encoder were built from.
@@ -84,7 +86,14 @@ impl StableDiffusion {
             device,
             dtype,
             base_weights: None,
+            extra_bytes: 0,
         }
+    }
+
+    /// Bytes of merged weights this variant added to the model it was made from ([`Self::with_loras`]; a
+    /// swapped VAE is not counted); 0 for a model loaded from disk.
+    pub fn extra_bytes(&self) -> u64 {
+        self.extra_bytes
     }
 
     /// Keeps the tensors the UNet and text encoder were built from (see [`crate::weights::Recorder`]), which
@@ -112,6 +121,11 @@ impl StableDiffusion {
         let unet_patch = lora::merged_weights(&base.unet, LoraTarget::Unet, loras)?;
         let text_patch = lora::merged_weights(&base.text_encoder, LoraTarget::TextEncoder, loras)?;
         let mut model = self.clone();
+        model.extra_bytes += unet_patch
+            .values()
+            .chain(text_patch.values())
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum::<u64>();
         if !unet_patch.is_empty() {
             let vb = base
                 .unet

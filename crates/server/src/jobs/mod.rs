@@ -79,6 +79,12 @@ pub struct JobResult {
     pub generation_time: f64,
     /// The scheduler that ran.
     pub scheduler: String,
+    /// Per image, whether the safety checker flagged it; empty when no check ran.
+    #[serde(default)]
+    pub nsfw_content_detected: Vec<bool>,
+    /// What the backend said about how it served the request (shown as `warnings`).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// One job as stored.

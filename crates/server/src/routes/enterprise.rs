@@ -50,9 +50,14 @@ async fn blocking<T: Send + 'static>(
 }
 
 fn model_id_field(body: &params::Body) -> Result<String, ApiError> {
+    safe_id(body, "model_id")
+}
+
+/// A required id that becomes a file name: letters, digits, `-`, `_`, `.`, not starting with `.`.
+fn safe_id(body: &params::Body, field: &'static str) -> Result<String, ApiError> {
     let id = body
-        .string(&["model_id"])?
-        .ok_or_else(|| ApiError::required("model_id"))?;
+        .string(&[field])?
+        .ok_or_else(|| ApiError::required(field))?;
     let safe = !id.is_empty()
         && !id.starts_with('.')
         && id.len() <= 128
@@ -61,7 +66,7 @@ fn model_id_field(body: &params::Body) -> Result<String, ApiError> {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if !safe {
         return Err(ApiError::field(
-            "model_id",
+            field,
             "may only contain letters, digits, '-', '_' and '.', and may not start with '.'",
         ));
     }
@@ -69,11 +74,7 @@ fn model_id_field(body: &params::Body) -> Result<String, ApiError> {
 }
 
 fn backend_error(e: BackendError) -> ApiError {
-    match e {
-        BackendError::ModelNotFound(id) => ApiError::message(format!("Model not found: {id}")),
-        BackendError::Invalid { field, message } => ApiError::field(field, message),
-        other => ApiError::message(other.to_string()),
-    }
+    ApiError::from(e)
 }
 
 async fn dispatch(app: &Arc<App>, name: &str, body: &params::Body) -> Result<Value, ApiError> {
@@ -207,12 +208,8 @@ async fn dispatch(app: &Arc<App>, name: &str, body: &params::Body) -> Result<Val
             "S3-compatible storage is not available yet: outputs are kept in the local data folder and served \
              by this server",
         )),
-        "load_vae" => Err(ApiError::message(
-            "load_vae is not supported yet: custom VAEs are not available in this version",
-        )),
-        "nsfw_image_check" => Err(ApiError::message(
-            "nsfw_image_check is not available: this server has no safety checker model yet",
-        )),
+        "load_vae" => load_vae(app, body).await,
+        "nsfw_image_check" => nsfw_image_check(app, body).await,
         _ => Err(ApiError::message(format!("unknown management call {name}"))),
     }
 }
@@ -305,7 +302,33 @@ async fn load_model(app: &Arc<App>, body: &params::Body) -> Result<Value, ApiErr
         loads.insert(id.clone(), ModelLoad::Loading);
     }
     let webhook = body.string(&["webhook"])?;
+    spawn_load(app, Load::Model, id, url, repo, revision, webhook);
+    Ok(json!({"status": "success", "message": "model load started"}))
+}
+
+/// What a background download adds to the models folder.
+#[derive(Clone, Copy)]
+enum Load {
+    Model,
+    Vae,
+}
+
+/// Downloads `url` (a file, through the address guard) or `repo` (Hugging Face) in the background and hands it
+/// to the backend; records the outcome in `model_loads` (VAEs under `vae:<id>`) and posts it to `webhook`.
+fn spawn_load(
+    app: &Arc<App>,
+    what: Load,
+    id: String,
+    url: String,
+    repo: Option<String>,
+    revision: Option<String>,
+    webhook: Option<String>,
+) {
     let app = app.clone();
+    let (key, id_field, ready) = match what {
+        Load::Model => (id.clone(), "model_id", "model_ready"),
+        Load::Vae => (format!("vae:{id}"), "vae_id", "vae_ready"),
+    };
     tokio::spawn(async move {
         let result = async {
             let source = match repo {
@@ -323,33 +346,90 @@ async fn load_model(app: &Arc<App>, body: &params::Body) -> Result<Value, ApiErr
                 }
             };
             let backend = app.backend.clone();
-            let model = id.clone();
-            tokio::task::spawn_blocking(move || backend.add_model(&model, source))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())
+            let name = id.clone();
+            tokio::task::spawn_blocking(move || match what {
+                Load::Model => backend.add_model(&name, source),
+                Load::Vae => backend.add_vae(&name, source),
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
         }
         .await;
         let payload = match &result {
             Ok(()) => {
-                app.model_loads.lock().expect("loads").remove(&id);
-                tracing::info!(model = %id, "model loaded");
-                json!({"status": "success", "model_id": id, "message": "model_ready"})
+                app.model_loads.lock().expect("loads").remove(&key);
+                tracing::info!(%key, "download added to the models folder");
+                json!({"status": "success", id_field: id, "message": ready})
             }
             Err(why) => {
-                tracing::warn!(model = %id, error = %why, "model load failed");
+                tracing::warn!(%key, error = %why, "download failed");
                 app.model_loads
                     .lock()
                     .expect("loads")
-                    .insert(id.clone(), ModelLoad::Failed(why.clone()));
-                json!({"status": "failed", "model_id": id, "message": why})
+                    .insert(key.clone(), ModelLoad::Failed(why.clone()));
+                json!({"status": "failed", id_field: id, "message": why})
             }
         };
         if let Some(hook) = webhook {
             crate::webhook::deliver(&hook, &payload, app.webhook_settings()).await;
         }
     });
-    Ok(json!({"status": "success", "message": "model load started"}))
+}
+
+/// `load_vae`: `vae_id`, `vae_url` (a Hugging Face VAE repository or an http(s) URL of a `.safetensors`
+/// file), `vae_type` (`diffusers` or `safetensors`; `pt` is refused), `webhook`.
+async fn load_vae(app: &Arc<App>, body: &params::Body) -> Result<Value, ApiError> {
+    let id = safe_id(body, "vae_id")?;
+    let url = body
+        .string(&["vae_url", "url"])?
+        .ok_or_else(|| ApiError::required("vae_url"))?;
+    if let Some(kind) = body.string(&["vae_type"])? {
+        if !matches!(kind.as_str(), "diffusers" | "safetensors") {
+            return Err(ApiError::field(
+                "vae_type",
+                "use diffusers or safetensors (pickled .pt/.ckpt VAEs are refused: loading them can run code)",
+            ));
+        }
+    }
+    let repo = model_source_of(&url).map_err(|e| match e {
+        ApiError::Field { message, .. } => ApiError::field("vae_url", message),
+        other => other,
+    })?;
+    {
+        let mut loads = app.model_loads.lock().expect("loads");
+        let key = format!("vae:{id}");
+        if loads.get(&key) == Some(&ModelLoad::Loading) {
+            return Err(ApiError::field("vae_id", format!("{id} is already loading")));
+        }
+        loads.insert(key, ModelLoad::Loading);
+    }
+    let webhook = body.string(&["webhook"])?;
+    spawn_load(app, Load::Vae, id, url, repo, None, webhook);
+    Ok(ok("VAE load started"))
+}
+
+/// `nsfw_image_check`: runs the safety checker on `init_image` (URL or base64).
+async fn nsfw_image_check(app: &Arc<App>, body: &params::Body) -> Result<Value, ApiError> {
+    let source = body
+        .string(&["init_image", "image"])?
+        .ok_or_else(|| ApiError::required("init_image"))?;
+    let image = init_image::resolve(
+        &source,
+        app.url_policy(),
+        app.download_limits(),
+        app.config.max_image_pixels,
+    )
+    .await?;
+    let backend = app.backend.clone();
+    let bytes = image.bytes.clone();
+    let flagged = blocking(move || backend.check_image(&bytes)).await??;
+    let shown = if source.starts_with("http://") || source.starts_with("https://") {
+        source
+    } else {
+        "base64".into()
+    };
+    Ok(json!({"status": "success", "images": shown, "has_nsfw_concept": [flagged]}))
 }
 
 /// `MM/DD/YYYY HH:MM:SS` (UTC), the hosted API's `load_data` format.

@@ -90,6 +90,11 @@ async fn accept(
         .seed
         .unwrap_or_else(|| rand::random::<u32>() as u64);
     let generation = request::finish(&submission, model_id, (init.width, init.height), seed);
+    let backend = app.backend.clone();
+    let checked = generation.clone();
+    tokio::task::spawn_blocking(move || backend.check(&checked))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
 
     let file_prefix = uuid::Uuid::new_v4().to_string();
     let init_key = format!("inputs/{file_prefix}.{}", init.format);
