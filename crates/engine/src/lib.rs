@@ -16,6 +16,7 @@ pub mod hub;
 pub mod image_io;
 pub mod models;
 pub mod runtime;
+pub mod safety;
 pub mod tokenizer;
 pub use runtime::Runtime;
 pub mod checkpoint;

@@ -379,7 +379,7 @@ fn weight_files(id: &str, dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Memory-maps the weights of one component folder.
-fn component_weights(
+pub(crate) fn component_weights(
     id: &str,
     dir: &Path,
     dtype: DType,

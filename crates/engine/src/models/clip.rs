@@ -7,7 +7,7 @@ use crate::config::ClipTextConfig;
 
 /// The MLP activation the config names.
 #[derive(Debug, Clone, Copy)]
-enum Activation {
+pub(crate) enum Activation {
     /// x · σ(1.702 x), OpenAI CLIP (SD 1.x).
     QuickGelu,
     /// Exact GELU, OpenCLIP (SD 2.x).
@@ -23,9 +23,10 @@ impl Activation {
     }
 }
 
-/// One pre-norm transformer layer with causal self-attention.
+/// One pre-norm transformer layer with self-attention (causal for the text encoder, unmasked for the vision
+/// tower).
 #[derive(Debug)]
-struct EncoderLayer {
+pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     q_proj: Linear,
     k_proj: Linear,
@@ -40,23 +41,43 @@ struct EncoderLayer {
 
 impl EncoderLayer {
     fn new(cfg: &ClipTextConfig, activation: Activation, vb: VarBuilder) -> Result<Self> {
-        let h = cfg.hidden_size;
+        Self::with_sizes(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_attention_heads,
+            cfg.layer_norm_eps,
+            activation,
+            vb,
+        )
+    }
+
+    /// Builds a layer of width `h` with an MLP of width `intermediate` and `heads` attention heads from
+    /// transformers-named weights under `vb` (`layer_norm1`, `self_attn.{q,k,v,out}_proj`, `layer_norm2`,
+    /// `mlp.fc1`, `mlp.fc2`).
+    pub(crate) fn with_sizes(
+        h: usize,
+        intermediate: usize,
+        heads: usize,
+        layer_norm_eps: f64,
+        activation: Activation,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let attn = vb.pp("self_attn");
         Ok(EncoderLayer {
-            layer_norm1: candle_nn::layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            layer_norm1: candle_nn::layer_norm(h, layer_norm_eps, vb.pp("layer_norm1"))?,
             q_proj: candle_nn::linear(h, h, attn.pp("q_proj"))?,
             k_proj: candle_nn::linear(h, h, attn.pp("k_proj"))?,
             v_proj: candle_nn::linear(h, h, attn.pp("v_proj"))?,
             out_proj: candle_nn::linear(h, h, attn.pp("out_proj"))?,
-            layer_norm2: candle_nn::layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?,
-            heads: cfg.num_attention_heads,
+            layer_norm2: candle_nn::layer_norm(h, layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: candle_nn::linear(h, intermediate, vb.pp("mlp.fc1"))?,
+            fc2: candle_nn::linear(intermediate, h, vb.pp("mlp.fc2"))?,
+            heads,
             activation,
         })
     }
 
-    fn attention(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn attention(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, n, h) = xs.dims3()?;
         let d = h / self.heads;
         let split = |t: Tensor| -> Result<Tensor> {
@@ -67,13 +88,19 @@ impl EncoderLayer {
         let q = split((self.q_proj.forward(xs)? * (1.0 / (d as f64).sqrt()))?)?;
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let scores = q.matmul(&k.t()?)?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h))?;
         self.out_proj.forward(&out)
     }
 
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// One layer over hidden states (b, tokens, hidden); `mask` (additive, broadcast to the attention scores)
+    /// is the text encoder's causal mask, or none.
+    pub(crate) fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let xs = (self.attention(&self.layer_norm1.forward(xs)?, mask)? + xs)?;
         let h = self
             .activation
@@ -160,7 +187,7 @@ impl ClipTextModel {
         let mask = Self::causal_mask(n, ids.device())?.to_dtype(xs.dtype())?;
         let keep = self.layers.len() + 1 - clip_skip;
         for layer in &self.layers[..keep] {
-            xs = layer.forward(&xs, &mask)?;
+            xs = layer.forward(&xs, Some(&mask))?;
         }
         self.final_layer_norm.forward(&xs)
     }

@@ -4,11 +4,13 @@
 
 mod attention;
 pub mod clip;
+pub mod clip_vision;
 mod layers;
 mod resnet;
 pub mod unet;
 pub mod vae;
 
 pub use clip::ClipTextModel;
+pub use clip_vision::{ClipVisionConfig, ClipVisionModel};
 pub use unet::UNet;
 pub use vae::{AutoencoderKl, LatentDistribution};
