@@ -82,7 +82,7 @@ pub fn meta(job: &Job) -> Value {
                 );
                 put("tomesd", json!("no"));
                 put("instant_response", json!(yes_no(d.instant_response)));
-                put("enhance_prompt", json!("no"));
+                put("enhance_prompt", json!(yes_no(s.echo.enhance_prompt)));
                 put("enhance_style", json!(s.echo.enhance_style));
                 put("vae", Value::Null);
                 put("lora", Value::Null);
@@ -99,7 +99,7 @@ pub fn meta(job: &Job) -> Value {
             put("base64", json!(yes_no(d.base64)));
             put("temp", json!(yes_no(d.temp)));
             put("instant_response", json!(yes_no(d.instant_response)));
-            put("enhance_prompt", json!("no"));
+            put("enhance_prompt", json!(yes_no(s.echo.enhance_prompt)));
             put("enhance_style", json!(s.echo.enhance_style));
             put("safety_checker", json!("no"));
             put(
