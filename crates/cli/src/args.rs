@@ -23,6 +23,11 @@ pub enum Command {
     Pix2pix(Pix2PixArgs),
     /// Run the HTTP service (the ModelsLab / Stable Diffusion API img2img routes).
     Serve(Box<ServeArgs>),
+    /// List the enhance_style ids, or show what one adds to the prompts.
+    Styles {
+        /// A style id to show.
+        name: Option<String>,
+    },
     /// List or download models.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -107,6 +112,13 @@ pub struct CommonArgs {
     /// CLIP layers to skip, A1111 style: 1 = last layer, 2 = penultimate (1–8).
     #[arg(long, default_value_t = 1)]
     pub clip_skip: usize,
+    /// Append Pictor's quality suffix to the prompt and its default negative prompt (yes/no; the API's
+    /// enhance_prompt, which is on by default on most API routes but off here).
+    #[arg(long, default_value = "no", value_parser = yes_no, action = clap::ArgAction::Set)]
+    pub enhance_prompt: bool,
+    /// Wrap the prompt in a style (the API's enhance_style; `pictor styles` lists them).
+    #[arg(long)]
+    pub enhance_style: Option<String>,
     /// Folder for the images: DIR/0.png … DIR/<samples−1>.png.
     #[arg(long)]
     pub out: PathBuf,
@@ -136,9 +148,6 @@ pub struct Img2ImgArgs {
     /// Token merging (ToMe) in the UNet (yes/no; not supported yet).
     #[arg(long, default_value = "no", value_parser = yes_no, action = clap::ArgAction::Set)]
     pub tomesd: bool,
-    /// Append a quality suffix to the prompt (yes/no; not supported yet).
-    #[arg(long, default_value = "no", value_parser = yes_no, action = clap::ArgAction::Set)]
-    pub enhance_prompt: bool,
     /// Run the NSFW safety checker (yes/no; not supported yet).
     #[arg(long, default_value = "no", value_parser = yes_no, action = clap::ArgAction::Set)]
     pub safety_checker: bool,

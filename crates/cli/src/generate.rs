@@ -12,6 +12,7 @@ use pictor_engine::pipeline::{
 };
 use pictor_engine::schedulers::SchedulerOptions;
 use pictor_engine::{EngineError, Runtime};
+use pictor_server::prompt_enhance::{self, EnhancedPrompt, UnknownStyle};
 use serde_json::{json, Value};
 
 use crate::args::{CommonArgs, Img2ImgArgs, Pix2PixArgs};
@@ -45,10 +46,6 @@ impl Progress for Bar {
 fn refuse_unsupported(args: &Img2ImgArgs) -> Result<()> {
     let asked = [
         ("--tomesd yes (token merging)", args.tomesd),
-        (
-            "--enhance-prompt yes (prompt enhancement)",
-            args.enhance_prompt,
-        ),
         ("--safety-checker yes", args.safety_checker),
         (
             "--lora-model / --lora-strength (LoRA)",
@@ -65,6 +62,31 @@ fn refuse_unsupported(args: &Img2ImgArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The final prompt and negative prompt: `--enhance-style` and `--enhance-prompt` applied the way the HTTP
+/// service applies them.
+fn final_prompts(common: &CommonArgs) -> Result<EnhancedPrompt> {
+    prompt_enhance::apply(
+        &common.prompt,
+        &common.negative_prompt,
+        common.enhance_prompt,
+        common.enhance_style.as_deref(),
+    )
+    .map_err(|e| EngineError::invalid(UnknownStyle::FIELD, e.to_string()).into())
+}
+
+/// The meta keys every generation prints about its prompts.
+fn prompt_meta(common: &CommonArgs, prompts: &EnhancedPrompt) -> Value {
+    json!({
+        "prompt": prompts.prompt,
+        "negative_prompt": prompts.negative_prompt,
+        "enhance_prompt": if common.enhance_prompt { "yes" } else { "no" },
+        "enhance_style": common
+            .enhance_style
+            .as_deref()
+            .and_then(|s| prompt_enhance::resolve_style(s).ok()),
+    })
 }
 
 fn load_model(common: &CommonArgs) -> Result<StableDiffusion> {
@@ -98,9 +120,10 @@ fn write_images(out: &Path, generation: &Generation) -> Result<Vec<String>> {
     Ok(paths)
 }
 
-fn print_meta(mut meta: Value, generation: &Generation, outputs: Vec<String>) {
+fn print_meta(mut meta: Value, prompts: Value, generation: &Generation, outputs: Vec<String>) {
     let engine = serde_json::to_value(&generation.meta).expect("meta serialises");
-    if let (Value::Object(m), Value::Object(e)) = (&mut meta, engine) {
+    if let (Value::Object(m), Value::Object(p), Value::Object(e)) = (&mut meta, prompts, engine) {
+        m.extend(p);
         m.extend(e);
         m.insert("output".into(), json!(outputs));
     }
@@ -114,11 +137,12 @@ fn print_meta(mut meta: Value, generation: &Generation, outputs: Vec<String>) {
 pub fn img2img(args: Img2ImgArgs) -> Result<()> {
     refuse_unsupported(&args)?;
     let c = &args.common;
+    let prompts = final_prompts(c)?;
     let init = init_image::load(&c.init_image)?;
     let model = load_model(c)?;
     let request = Img2ImgRequest {
-        prompt: c.prompt.clone(),
-        negative_prompt: c.negative_prompt.clone(),
+        prompt: prompts.prompt.clone(),
+        negative_prompt: prompts.negative_prompt.clone(),
         init_image: init,
         width: args.width,
         height: args.height,
@@ -134,8 +158,6 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
     let generation = model.img2img(&request, &mut Bar::new())?;
     let outputs = write_images(&c.out, &generation)?;
     let meta = json!({
-        "prompt": c.prompt,
-        "negative_prompt": c.negative_prompt,
         "guidance_scale": args.guidance_scale,
         "num_inference_steps": args.num_inference_steps,
         "strength": args.strength,
@@ -145,21 +167,22 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
         "algorithm_type": c.algorithm_type,
         "init_image": c.init_image,
     });
-    print_meta(meta, &generation, outputs);
+    print_meta(meta, prompt_meta(c, &prompts), &generation, outputs);
     Ok(())
 }
 
 /// `pictor pix2pix`.
 pub fn pix2pix(args: Pix2PixArgs) -> Result<()> {
     let c = &args.common;
+    let prompts = final_prompts(c)?;
     let init = init_image::load(&c.init_image)?;
     let round = |v: u32| (v.min(1024) / 8 * 8).max(8);
     let width = args.width.unwrap_or_else(|| round(init.width()));
     let height = args.height.unwrap_or_else(|| round(init.height()));
     let model = load_model(c)?;
     let request = Pix2PixRequest {
-        prompt: c.prompt.clone(),
-        negative_prompt: c.negative_prompt.clone(),
+        prompt: prompts.prompt.clone(),
+        negative_prompt: prompts.negative_prompt.clone(),
         init_image: init,
         width,
         height,
@@ -175,8 +198,6 @@ pub fn pix2pix(args: Pix2PixArgs) -> Result<()> {
     let generation = model.pix2pix(&request, &mut Bar::new())?;
     let outputs = write_images(&c.out, &generation)?;
     let meta = json!({
-        "prompt": c.prompt,
-        "negative_prompt": c.negative_prompt,
         "guidance_scale": args.guidance_scale,
         "image_guidance_scale": args.image_guidance_scale,
         "steps": args.steps,
@@ -184,7 +205,32 @@ pub fn pix2pix(args: Pix2PixArgs) -> Result<()> {
         "clip_skip": c.clip_skip,
         "init_image": c.init_image,
     });
-    print_meta(meta, &generation, outputs);
+    print_meta(meta, prompt_meta(c, &prompts), &generation, outputs);
+    Ok(())
+}
+
+/// `pictor styles [NAME]`: every id, one per line; or one style's texts.
+pub fn styles(name: Option<&str>) -> Result<()> {
+    let Some(name) = name else {
+        for id in prompt_enhance::style_ids() {
+            println!("{id}");
+        }
+        return Ok(());
+    };
+    let id = prompt_enhance::resolve_style(name)
+        .map_err(|e| EngineError::invalid(UnknownStyle::FIELD, e.to_string()))?;
+    let (positive, negative) = prompt_enhance::describe(id).expect("resolved ids exist");
+    let example = prompt_enhance::apply("PROMPT", "", false, Some(id))?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "id": id,
+            "template": positive,
+            "negative": negative,
+            "example": example.prompt,
+            "example_negative": example.negative_prompt,
+        }))?
+    );
     Ok(())
 }
 

@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve::serve(*a),
         Command::Img2img(a) => generate::img2img(a),
         Command::Pix2pix(a) => generate::pix2pix(a),
+        Command::Styles { name } => generate::styles(name.as_deref()),
         Command::Models(ModelsCommand::List { models_dir }) => generate::list_models(&models_dir),
         Command::Models(ModelsCommand::Pull {
             models_dir,

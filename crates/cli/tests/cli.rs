@@ -285,6 +285,77 @@ fn img2img_demo_writes_images_and_meta_and_is_reproducible() {
 }
 
 #[test]
+fn enhance_options_change_the_prompt_that_runs_and_styles_are_listed() {
+    use pictor_server::prompt_enhance;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    make_demo(root, "demo", false);
+
+    let out_plain = root.join("out-plain");
+    let o = pictor(demo_img2img_args(
+        root,
+        "demo",
+        &out_plain,
+        &["--seed", "5"],
+    ));
+    assert_ok(&o, "img2img plain");
+    let m = meta(&o);
+    assert_eq!(
+        (&m["prompt"], &m["enhance_prompt"], &m["enhance_style"]),
+        (&Value::from("a red fox"), &Value::from("no"), &Value::Null),
+        "the CLI does not enhance by default: {m}"
+    );
+
+    let out_styled = root.join("out-styled");
+    let o = pictor(demo_img2img_args(
+        root,
+        "demo",
+        &out_styled,
+        &[
+            "--seed",
+            "5",
+            "--negative-prompt",
+            "blurry",
+            "--enhance-prompt",
+            "yes",
+            "--enhance-style",
+            "Anime",
+        ],
+    ));
+    assert_ok(&o, "img2img --enhance-prompt yes --enhance-style Anime");
+    let m = meta(&o);
+    let expected = prompt_enhance::apply("a red fox", "blurry", true, Some("anime")).unwrap();
+    assert_eq!(m["prompt"], expected.prompt, "{m}");
+    assert_eq!(m["negative_prompt"], expected.negative_prompt, "{m}");
+    assert!(m["prompt"]
+        .as_str()
+        .unwrap()
+        .ends_with(prompt_enhance::QUALITY_SUFFIX));
+    assert_eq!(m["enhance_prompt"], "yes");
+    assert_eq!(m["enhance_style"], "anime");
+    assert_ne!(
+        read_bytes(&out_plain.join("0.png")),
+        read_bytes(&out_styled.join("0.png")),
+        "the enhanced prompt is what ran, so the picture changes"
+    );
+
+    let o = pictor(["styles"]);
+    assert_ok(&o, "styles");
+    let ids: Vec<String> = stdout(&o).lines().map(str::to_string).collect();
+    assert_eq!(ids.len(), 188);
+    assert!(ids.iter().any(|i| i == "pixel-art"));
+    let o = pictor(["styles", "pixel-art"]);
+    assert_ok(&o, "styles pixel-art");
+    let shown = meta(&o);
+    assert_eq!(shown["id"], "pixel-art");
+    assert!(shown["template"].as_str().unwrap().contains("{prompt}"));
+    assert!(shown["example"].as_str().unwrap().contains("PROMPT"));
+    let err = clean_failure(&pictor(["styles", "pixl-art"])).unwrap();
+    assert!(err.contains("pixel-art"), "{err}");
+}
+
+#[test]
 fn img2img_without_seed_reports_a_seed_that_reproduces_the_images() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
@@ -649,9 +720,9 @@ fn bad_inputs_fail_cleanly_with_a_message_naming_the_problem() {
             &["tomesd", "not supported yet"],
         ),
         bad(
-            "--enhance-prompt yes",
-            &[("--enhance-prompt", "yes")],
-            &["enhance-prompt", "not supported yet"],
+            "--enhance-style unknown",
+            &[("--enhance-style", "watercolour")],
+            &["enhance_style", "watercolour", "closest: watercolor"],
         ),
         bad(
             "--safety-checker yes",

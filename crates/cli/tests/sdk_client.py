@@ -53,6 +53,9 @@ def community_schema(init_image):
         scheduler=SCHEDULER,
         clip_skip=1,
         strength=STRENGTH,
+        # The hosted API (and Pictor) enhance v6 / enterprise prompts by default; the reference image was made
+        # from the prompt as written.
+        enhance_prompt="no",
     )
 
 

@@ -37,6 +37,7 @@ fn body_for(case: &Value, extra: Value) -> Value {
         "seed": case["seed"],
         "clip_skip": case["clip_skip"],
         "use_karras_sigmas": if case["use_karras_sigmas"] == true { "yes" } else { "no" },
+        "enhance_prompt": "no",
     });
     if pix2pix {
         body["steps"] = case["num_inference_steps"].clone();
@@ -82,7 +83,7 @@ fn every_family_answers_in_its_shape_with_the_reference_image() {
     // v3: the default model, `meta` with H/W, the index after the uuid.
     let (status, body) = server.post(
         "/api/v3/img2img",
-        &body_for(&ddim, json!({"enhance_prompt": "yes"})),
+        &body_for(&ddim, json!({"tomesd": "yes"})),
     );
     assert_eq!(status, 200);
     assert_eq!(body["status"], "success", "{body}");
@@ -96,10 +97,7 @@ fn every_family_answers_in_its_shape_with_the_reference_image() {
         .as_str()
         .unwrap()
         .ends_with(&format!("/generations/{prefix}-0.png")));
-    assert!(body["warnings"][0]
-        .as_str()
-        .unwrap()
-        .contains("enhance_prompt"));
+    assert!(body["warnings"][0].as_str().unwrap().contains("tomesd"));
     assert_outputs_match(&server, body["output"].as_array().unwrap(), &ddim);
 
     // v4 dreambooth: model_id, two samples, the index before the uuid, `safetychecker`.
@@ -471,6 +469,11 @@ fn bad_inputs_get_the_api_error_shape() {
             "webhook",
         ),
         ("LoRA", with("lora_model", json!("x")), "lora_model"),
+        (
+            "unknown style",
+            with("enhance_style", json!("watercolour")),
+            "enhance_style",
+        ),
     ];
     for (what, body, expect) in cases {
         let (status, answer) = server.post("/api/v6/images/img2img", &body);
@@ -739,4 +742,66 @@ fn health_metrics_and_openapi() {
         serde_json::from_slice::<Value>(&body).unwrap()["status"],
         "error"
     );
+}
+
+#[test]
+fn enhance_prompt_defaults_per_family_and_styles_are_checked() {
+    use pictor_server::prompt_enhance::{DEFAULT_NEGATIVE, QUALITY_SUFFIX};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_default(&dir, &["--sync-timeout", "0"]);
+    let ddim = case("sd1-ddim-s42");
+    let prompt = ddim["prompt"].as_str().unwrap();
+    let negative = ddim["negative_prompt"].as_str().unwrap();
+    let mut default_body = body_for(&ddim, json!({"model_id": "sd1-tiny"}));
+    default_body
+        .as_object_mut()
+        .unwrap()
+        .remove("enhance_prompt");
+
+    // v6 images enhances by default: the suffix and the default negative are in meta, and stay there once run.
+    let (_, queued) = server.post("/api/v6/images/img2img", &default_body);
+    assert_eq!(queued["status"], "processing", "{queued}");
+    let meta = &queued["meta"];
+    assert_eq!(
+        meta["prompt"],
+        format!("{prompt}, {QUALITY_SUFFIX}"),
+        "{meta}"
+    );
+    assert_eq!(
+        meta["negative_prompt"],
+        format!("{negative}, {DEFAULT_NEGATIVE}")
+    );
+    assert_eq!(meta["enhance_prompt"], "yes");
+    assert_eq!(meta["enhance_style"], Value::Null);
+    let done = server.wait_for(
+        queued["fetch_result"].as_str().unwrap(),
+        Duration::from_secs(120),
+    );
+    assert_eq!(done["status"], "success", "{done}");
+    assert_eq!(done["meta"]["prompt"], meta["prompt"]);
+
+    // Realtime does not enhance by default; a style is applied and echoed by its canonical id.
+    let mut styled = default_body.clone();
+    styled["enhance_style"] = json!("Pixel-Art");
+    styled.as_object_mut().unwrap().remove("model_id");
+    let (_, queued) = server.post("/api/v6/realtime/img2img", &styled);
+    assert_eq!(queued["status"], "processing", "{queued}");
+    let meta = &queued["meta"];
+    let styled_prompt = meta["prompt"].as_str().unwrap();
+    assert!(styled_prompt.contains(prompt), "{meta}");
+    assert!(styled_prompt.starts_with("pixel art, "), "{meta}");
+    assert!(!styled_prompt.contains(QUALITY_SUFFIX), "{meta}");
+    assert_eq!(meta["enhance_prompt"], "no");
+    assert_eq!(meta["enhance_style"], "pixel-art");
+
+    // An unknown style is refused in the API's field-error shape, naming close ids.
+    let mut unknown = default_body.clone();
+    unknown["enhance_style"] = json!("pixl-art");
+    let (status, error) = server.post("/api/v6/images/img2img", &unknown);
+    assert_eq!(status, 200);
+    assert_eq!(error["status"], "error", "{error}");
+    let why = error["errors"]["enhance_style"][0].as_str().unwrap();
+    assert!(why.contains("pixel-art"), "{error}");
+    assert_eq!(error["message"], error["messege"]);
 }

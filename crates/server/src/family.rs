@@ -79,6 +79,16 @@ impl Family {
         matches!(self, Family::V6Realtime | Family::EnterpriseRealtime)
     }
 
+    /// Whether `enhance_prompt` is on when a request does not say: yes on v3, v4 dreambooth, v6 images and
+    /// enterprise img2img (the hosted API's documented default), no on the realtime families and v5 pix2pix (an
+    /// edit instruction is not a picture description, and v5 documents no such field).
+    pub fn enhance_prompt_by_default(self) -> bool {
+        matches!(
+            self,
+            Family::V3 | Family::V4Dreambooth | Family::V6Images | Family::Enterprise
+        )
+    }
+
     /// Success and processing bodies carry `webhook_status` (all but the 2023 v3/v5 shapes).
     pub fn has_webhook_status(self) -> bool {
         !matches!(self, Family::V3 | Family::V5Pix2Pix)

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod net_guard;
 pub mod openapi;
 pub mod params;
+pub mod prompt_enhance;
 pub mod render;
 pub mod request;
 pub mod responses;

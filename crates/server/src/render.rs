@@ -110,7 +110,7 @@ pub fn meta(job: &Job) -> Value {
                 put("safety_checker", json!(safety));
                 put("safety_checker_type", safety_type("sensitive_content_text"));
                 put("instant_response", json!(yes_no(d.instant_response)));
-                put("enhance_prompt", json!("no"));
+                put("enhance_prompt", json!(yes_no(s.echo.enhance_prompt)));
                 put("enhance_style", json!(s.echo.enhance_style));
                 put("ip_adapter_id", Value::Null);
                 put("watermark", json!("no"));
@@ -125,7 +125,7 @@ pub fn meta(job: &Job) -> Value {
             put("base64", json!(yes_no(d.base64)));
             put("temp", json!(yes_no(d.temp)));
             put("instant_response", json!(yes_no(d.instant_response)));
-            put("enhance_prompt", json!("no"));
+            put("enhance_prompt", json!(yes_no(s.echo.enhance_prompt)));
             put("enhance_style", json!(s.echo.enhance_style));
             put("safety_checker", json!(safety));
             put("safety_checker_type", safety_type("black"));

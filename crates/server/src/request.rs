@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{GenerationRequest, LoraChoice, ModelInfo, PipelineKind, SafetyReplacement};
 use crate::family::Family;
 use crate::params::Body;
+use crate::prompt_enhance;
 use crate::responses::ApiError;
 
 /// Largest width or height.
@@ -37,7 +38,10 @@ pub struct Echo {
     pub init_image: String,
     /// `safety_checker_type` as sent.
     pub safety_checker_type: Option<String>,
-    /// `enhance_style` as sent.
+    /// Whether `enhance_prompt` applied (as sent, else the family's default).
+    #[serde(default)]
+    pub enhance_prompt: bool,
+    /// The `enhance_style` that applied (its canonical id).
     pub enhance_style: Option<String>,
     /// Options accepted but not applied, each with the reason (returned as `warnings`).
     pub warnings: Vec<String>,
@@ -50,9 +54,9 @@ pub struct Submission {
     pub family: Family,
     /// `model_id` as sent.
     pub model_id: Option<String>,
-    /// The prompt.
+    /// The final prompt: as sent, then `enhance_style` and `enhance_prompt` applied.
     pub prompt: String,
-    /// The negative prompt ("" for none).
+    /// The final negative prompt ("" for none), likewise.
     pub negative_prompt: String,
     /// `init_image` as sent: a URL or base64.
     pub init_image: String,
@@ -222,10 +226,6 @@ const REFUSED: &[(&str, &str)] = &[
 /// Yes/no options accepted and not applied (the documents' examples send them): `(field, note when "yes")`.
 const IGNORED_WHEN_YES: &[(&str, &str)] = &[
     (
-        "enhance_prompt",
-        "enhance_prompt is not supported yet; the prompt was used as sent",
-    ),
-    (
         "multi_lingual",
         "multi_lingual translation is not supported; the prompt was used as sent",
     ),
@@ -263,9 +263,28 @@ pub fn parse(family: Family, body: &Body) -> Result<Submission, ApiError> {
             warnings.push(note.to_string());
         }
     }
-    if body.get(&["enhance_style"]).is_some() {
-        warnings.push("enhance_style is not supported yet; the prompt was used as sent".into());
+    let enhance_prompt = body
+        .flag(&["enhance_prompt"])?
+        .unwrap_or(family.enhance_prompt_by_default());
+    let enhance_style = body
+        .string(&["enhance_style"])?
+        .map(|id| {
+            prompt_enhance::resolve_style(&id)
+                .map_err(|e| ApiError::field(prompt_enhance::UnknownStyle::FIELD, e.to_string()))
+        })
+        .transpose()?;
+    if let Some(id) = enhance_style.filter(|id| prompt_enhance::adds_nothing(id)) {
+        warnings.push(format!(
+            "enhance_style {id} adds nothing on this server; the prompt was used as sent"
+        ));
     }
+    let enhanced = prompt_enhance::apply(
+        &prompt,
+        &body.string(&["negative_prompt"])?.unwrap_or_default(),
+        enhance_prompt,
+        enhance_style,
+    )
+    .map_err(|e| ApiError::field(prompt_enhance::UnknownStyle::FIELD, e.to_string()))?;
     let pix2pix = family.pipeline() == PipelineKind::Pix2Pix;
     let steps_names: &[&str] = if pix2pix {
         &["steps", "num_inference_steps"]
@@ -280,8 +299,8 @@ pub fn parse(family: Family, body: &Body) -> Result<Submission, ApiError> {
     Ok(Submission {
         family,
         model_id: body.string(&["model_id"])?,
-        prompt,
-        negative_prompt: body.string(&["negative_prompt"])?.unwrap_or_default(),
+        prompt: enhanced.prompt,
+        negative_prompt: enhanced.negative_prompt,
         echo: Echo {
             init_image: if is_url {
                 init_image.clone()
@@ -289,7 +308,8 @@ pub fn parse(family: Family, body: &Body) -> Result<Submission, ApiError> {
                 "base64".into()
             },
             safety_checker_type: body.string(&["safety_checker_type"])?,
-            enhance_style: body.string(&["enhance_style"])?,
+            enhance_prompt,
+            enhance_style: enhance_style.map(str::to_string),
             warnings,
         },
         init_image,
@@ -470,9 +490,104 @@ mod tests {
             (Some(512), Some(512), 1, 30)
         );
         assert_eq!(s.seed, None);
-        assert_eq!(s.negative_prompt, "");
-        assert_eq!(s.echo.warnings.len(), 1, "enhance_prompt is noted");
+        assert_eq!(
+            s.prompt,
+            format!(
+                "a cat sitting on a bench, {}",
+                prompt_enhance::QUALITY_SUFFIX
+            )
+        );
+        assert_eq!(s.negative_prompt, prompt_enhance::DEFAULT_NEGATIVE);
+        assert!(s.echo.enhance_prompt);
+        assert!(s.echo.warnings.is_empty(), "{:?}", s.echo.warnings);
         assert!(!s.delivery.base64);
+    }
+
+    #[test]
+    fn enhance_prompt_defaults_per_family() {
+        let plain = json!({"prompt": "a cat", "negative_prompt": "blurry", "init_image": "x"});
+        let suffixed = format!("a cat, {}", prompt_enhance::QUALITY_SUFFIX);
+        let negative = format!("blurry, {}", prompt_enhance::DEFAULT_NEGATIVE);
+        for family in Family::ALL {
+            let s = parse(family, &body(plain.clone())).unwrap();
+            let on = matches!(
+                family,
+                Family::V3 | Family::V4Dreambooth | Family::V6Images | Family::Enterprise
+            );
+            assert_eq!(s.echo.enhance_prompt, on, "{family:?}");
+            if on {
+                assert_eq!(
+                    (&s.prompt, &s.negative_prompt),
+                    (&suffixed, &negative),
+                    "{family:?}"
+                );
+            } else {
+                assert_eq!(
+                    (s.prompt.as_str(), s.negative_prompt.as_str()),
+                    ("a cat", "blurry")
+                );
+            }
+        }
+        // Sent values win: "no" on v3, JSON true on realtime.
+        let mut off = plain.clone();
+        off["enhance_prompt"] = json!("no");
+        let s = parse(Family::V3, &body(off)).unwrap();
+        assert_eq!((s.prompt.as_str(), s.echo.enhance_prompt), ("a cat", false));
+        let mut on = plain.clone();
+        on["enhance_prompt"] = json!(true);
+        let s = parse(Family::V6Realtime, &body(on)).unwrap();
+        assert_eq!(s.prompt, suffixed);
+    }
+
+    #[test]
+    fn enhance_style_wraps_the_prompt_and_is_echoed() {
+        let b = body(json!({"prompt": "a cat", "init_image": "x", "enhance_style": "Pixel-Art"}));
+        let s = parse(Family::V6Realtime, &b).unwrap();
+        let (_, style_negative) = prompt_enhance::describe("pixel-art").unwrap();
+        assert!(s.prompt.starts_with("pixel art, a cat, "), "{}", s.prompt);
+        assert!(!s.prompt.contains(prompt_enhance::QUALITY_SUFFIX));
+        assert_eq!(s.negative_prompt, style_negative);
+        assert_eq!(s.echo.enhance_style.as_deref(), Some("pixel-art"));
+
+        // Style first, then the suffix (v6 images enhances by default).
+        let s = parse(Family::V6Images, &b).unwrap();
+        assert!(s.prompt.starts_with("pixel art, a cat, "));
+        assert!(s.prompt.ends_with(prompt_enhance::QUALITY_SUFFIX));
+        assert_eq!(
+            s.negative_prompt,
+            format!("{style_negative}, {}", prompt_enhance::DEFAULT_NEGATIVE)
+        );
+
+        // pix2pix: the instruction is wrapped only when asked.
+        let s = parse(
+            Family::V5Pix2Pix,
+            &body(json!({"prompt": "make it snow", "init_image": "x", "enhance_style": "anime"})),
+        )
+        .unwrap();
+        assert!(s.prompt.starts_with("anime artwork, make it snow, "));
+
+        // No-op ids are accepted and said to do nothing.
+        let s = parse(
+            Family::V5Pix2Pix,
+            &body(json!({"prompt": "a cat", "init_image": "x", "enhance_style": "nsfw"})),
+        )
+        .unwrap();
+        assert_eq!(s.prompt, "a cat");
+        assert!(s.echo.warnings[0].contains("nsfw"), "{:?}", s.echo.warnings);
+
+        let err = parse(
+            Family::V3,
+            &body(json!({"prompt": "a cat", "init_image": "x", "enhance_style": "animee"})),
+        )
+        .unwrap_err();
+        assert_eq!(err.field_name(), Some("enhance_style"));
+        assert!(err.to_string().contains("anime"), "{err}");
+        let err = parse(
+            Family::V3,
+            &body(json!({"prompt": "a cat", "init_image": "x", "enhance_prompt": "maybe"})),
+        )
+        .unwrap_err();
+        assert_eq!(err.field_name(), Some("enhance_prompt"));
     }
 
     #[test]
