@@ -119,6 +119,31 @@ pub struct CommonArgs {
     /// Wrap the prompt in a style (the API's enhance_style; `pictor styles` lists them).
     #[arg(long)]
     pub enhance_style: Option<String>,
+    /// LoRAs from MODELS/loras, comma-separated names (files without .safetensors).
+    #[arg(long)]
+    pub lora_model: Option<String>,
+    /// LoRA strengths, comma-separated: one per LoRA, or one for all (default 1).
+    #[arg(long)]
+    pub lora_strength: Option<String>,
+    /// A VAE from MODELS/vae replacing the model's own.
+    #[arg(long)]
+    pub vae: Option<String>,
+    /// Textual-inversion embeddings from MODELS/embeddings, comma-separated; each file name is its trigger word.
+    #[arg(long)]
+    pub embeddings_model: Option<String>,
+    /// Token merging (ToMe, ratio 0.5) in the UNet's self-attention: faster, slightly different (yes/no).
+    #[arg(long, default_value = "no", value_parser = yes_no, action = clap::ArgAction::Set)]
+    pub tomesd: bool,
+    /// Run the Stable Diffusion safety checker and replace flagged images (yes/no).
+    #[arg(long, default_value = "no", value_parser = yes_no, action = clap::ArgAction::Set)]
+    pub safety_checker: bool,
+    /// How flagged images are replaced: blur, pixelate, black or sensitive_content_text.
+    #[arg(long, default_value = "sensitive_content_text")]
+    pub safety_checker_type: String,
+    /// The safety checker to use (a safety_checker/ folder or a model folder holding one); default: the
+    /// model's own.
+    #[arg(long)]
+    pub safety_checker_model: Option<PathBuf>,
     /// Folder for the images: DIR/0.png … DIR/<samples−1>.png.
     #[arg(long)]
     pub out: PathBuf,
@@ -145,21 +170,6 @@ pub struct Img2ImgArgs {
     /// How much of the init image to replace, 0–1 (1 = all of it).
     #[arg(long, default_value_t = 0.7)]
     pub strength: f64,
-    /// Token merging (ToMe) in the UNet (yes/no; not supported yet).
-    #[arg(long, default_value = "no", value_parser = yes_no, action = clap::ArgAction::Set)]
-    pub tomesd: bool,
-    /// Run the NSFW safety checker (yes/no; not supported yet).
-    #[arg(long, default_value = "no", value_parser = yes_no, action = clap::ArgAction::Set)]
-    pub safety_checker: bool,
-    /// LoRA names, comma-separated (not supported yet).
-    #[arg(long)]
-    pub lora_model: Option<String>,
-    /// LoRA strengths, comma-separated (not supported yet).
-    #[arg(long)]
-    pub lora_strength: Option<String>,
-    /// Textual-inversion embeddings, comma-separated (not supported yet).
-    #[arg(long)]
-    pub embeddings_model: Option<String>,
 }
 
 /// `pictor pix2pix …`
@@ -197,6 +207,10 @@ pub struct ServeArgs {
     /// The models folder (ROOT/checkpoints/<model_id>/ or <model_id>.safetensors).
     #[arg(long, default_value = "models", env = "PICTOR_MODELS_DIR")]
     pub models_dir: PathBuf,
+    /// A Stable Diffusion safety checker (a diffusers safety_checker/ folder, or a model folder holding one)
+    /// used for every model; without it, a model's own safety_checker/ folder is used when it has one.
+    #[arg(long, env = "PICTOR_SAFETY_CHECKER")]
+    pub safety_checker: Option<PathBuf>,
     /// Where jobs (SQLite), keys and output files are kept.
     #[arg(long, default_value = "pictor-data", env = "PICTOR_DATA_DIR")]
     pub data_dir: PathBuf,

@@ -2,21 +2,21 @@
 //! the img2img / pix2pix pipelines.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::UNIX_EPOCH;
 
 use pictor_engine::image_io::{decode_image, encode_png};
-use pictor_engine::lora::Lora;
 use pictor_engine::model_store::{self, ModelFormat, ModelLocation, ModelsDir};
 use pictor_engine::pipeline::{
     Img2ImgRequest, ModelKind, Pix2PixRequest, Progress, StableDiffusion,
 };
+use pictor_engine::safety::{replace_flagged, Replacement, SafetyChecker};
 use pictor_engine::schedulers::{SchedulerOptions, SCHEDULER_NAMES};
 use pictor_engine::{EngineError, Runtime};
 use pictor_server::backend::{
     Backend, BackendError, Generated, GenerationRequest, JobControl, ModelInfo, ModelSource,
-    PipelineKind, SystemInfo,
+    PipelineKind, SafetyReplacement, SystemInfo,
 };
 
 /// Largest init image the engine decodes (the service checked it already; this is a second guard).
@@ -43,6 +43,10 @@ pub struct EngineBackend {
     cache: Mutex<Cache>,
     /// Held while a model loads, so two jobs never load the same model twice at once.
     loading: Mutex<()>,
+    /// `--safety-checker`: the checker every model uses (else each model's own `safety_checker/`).
+    safety_checker: Option<PathBuf>,
+    /// Loaded safety checkers by path.
+    checkers: Mutex<HashMap<PathBuf, Arc<SafetyChecker>>>,
 }
 
 impl EngineBackend {
@@ -54,7 +58,46 @@ impl EngineBackend {
             budget: budget_bytes,
             cache: Mutex::new(Cache::default()),
             loading: Mutex::new(()),
+            safety_checker: None,
+            checkers: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Uses the safety checker at `path` (a checker folder, or a model folder holding `safety_checker/`) for
+    /// every model.
+    pub fn with_safety_checker(mut self, path: Option<PathBuf>) -> Self {
+        self.safety_checker = path;
+        self
+    }
+
+    /// The safety checker for `model_id`, loaded once; `None` when there is none.
+    fn checker_for(
+        &self,
+        model_id: Option<&str>,
+    ) -> Result<Option<Arc<SafetyChecker>>, BackendError> {
+        let path = match model_id {
+            Some(id) => {
+                let location = self.models_dir.resolve_id(id).map_err(engine_error)?;
+                model_store::safety_checker_path(self.safety_checker.as_deref(), &location)
+            }
+            None => self.safety_checker.clone().or_else(|| {
+                let models = self.models_dir.list().ok()?;
+                models
+                    .iter()
+                    .find_map(|m| model_store::safety_checker_path(None, m))
+            }),
+        };
+        let Some(path) = path else {
+            return Ok(None);
+        };
+        let mut checkers = self.checkers.lock().expect("safety checkers");
+        if let Some(c) = checkers.get(&path) {
+            return Ok(Some(c.clone()));
+        }
+        let checker =
+            Arc::new(SafetyChecker::load(&path, &self.runtime.device).map_err(engine_error)?);
+        checkers.insert(path, checker.clone());
+        Ok(Some(checker))
     }
 
     fn cached(&self, id: &str) -> Option<Arc<StableDiffusion>> {
@@ -131,29 +174,31 @@ impl EngineBackend {
         if let Some(m) = self.cached(&key) {
             return Ok(m);
         }
-        let loras = request
+        let loras: Vec<(String, f64)> = request
             .loras
             .iter()
-            .map(|l| {
-                let path = self.models_dir.resolve_lora(&l.name)?;
-                Ok((Lora::load(&path, &l.name)?, l.strength))
-            })
-            .collect::<Result<Vec<_>, EngineError>>()
+            .map(|l| (l.name.clone(), l.strength))
+            .collect();
+        let model = model_store::variant(&base, &self.models_dir, &loras, request.vae.as_deref())
             .map_err(engine_error)?;
-        let refs: Vec<(&Lora, f64)> = loras.iter().map(|(l, s)| (l, *s)).collect();
-        let mut model = base.with_loras(&refs).map_err(engine_error)?;
         let mut bytes = model.extra_bytes();
         if let Some(name) = &request.vae {
-            let path = self.models_dir.resolve_vae(name).map_err(engine_error)?;
-            let vae = model_store::load_vae(&path, name, &self.runtime.device, self.runtime.dtype)
-                .map_err(engine_error)?;
-            model = model.with_vae(vae).map_err(engine_error)?;
-            bytes += files_bytes(&path);
+            bytes += files_bytes(&self.models_dir.resolve_vae(name).map_err(engine_error)?);
         }
         tracing::info!(variant = %key, mib = bytes >> 20, "made a model variant");
         let model = Arc::new(model);
         self.insert(key, model.clone(), bytes);
         Ok(model)
+    }
+}
+
+/// The engine's replacement for the service's `safety_checker_type`.
+fn replacement(kind: SafetyReplacement) -> Replacement {
+    match kind {
+        SafetyReplacement::Blur => Replacement::Blur,
+        SafetyReplacement::Pixelate => Replacement::Pixelate,
+        SafetyReplacement::Black => Replacement::Black,
+        SafetyReplacement::SensitiveContentText => Replacement::SensitiveContentText,
     }
 }
 
@@ -311,8 +356,23 @@ impl Backend for EngineBackend {
             ),
         }
         .map_err(engine_error)?;
-        let png_images = generation
-            .images
+        let mut images = generation.images;
+        let mut nsfw_content_detected = Vec::new();
+        let mut notes = Vec::new();
+        if let Some(kind) = request.safety_checker {
+            match self.checker_for(Some(&request.model_id))? {
+                Some(checker) => {
+                    let flags = checker.check(&images).map_err(engine_error)?;
+                    replace_flagged(&mut images, &flags, replacement(kind));
+                    nsfw_content_detected = flags;
+                }
+                None => notes.push(
+                    "no safety checker is installed (the model has no safety_checker/ folder and the server                      has no --safety-checker): images were not checked"
+                        .to_string(),
+                ),
+            }
+        }
+        let png_images = images
             .iter()
             .map(encode_png)
             .collect::<Result<Vec<_>, _>>()
@@ -321,8 +381,8 @@ impl Backend for EngineBackend {
             png_images,
             scheduler: generation.meta.scheduler.clone(),
             generation_time: generation.meta.generation_time,
-            nsfw_content_detected: Vec::new(),
-            notes: Vec::new(),
+            nsfw_content_detected,
+            notes,
         })
     }
 
@@ -384,6 +444,18 @@ impl Backend for EngineBackend {
             self.models_dir.resolve_vae(vae).map_err(engine_error)?;
         }
         Ok(())
+    }
+
+    fn check_image(&self, image: &[u8]) -> Result<bool, BackendError> {
+        let checker = self.checker_for(None)?.ok_or_else(|| {
+            BackendError::Unsupported(
+                "no safety checker is installed: start the server with --safety-checker PATH or add a model                  with a safety_checker/ folder"
+                    .into(),
+            )
+        })?;
+        let image = decode_image(image, MAX_PIXELS).map_err(engine_error)?;
+        let flags = checker.check(&[image]).map_err(engine_error)?;
+        Ok(flags.first().copied().unwrap_or(false))
     }
 
     fn add_vae(&self, vae_id: &str, source: ModelSource) -> Result<(), BackendError> {

@@ -3,16 +3,18 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use pictor_engine::image_io::encode_png;
 use pictor_engine::model_store::{self, ModelsDir};
 use pictor_engine::pipeline::{
     Generation, Img2ImgRequest, Pix2PixRequest, Progress, StableDiffusion,
 };
+use pictor_engine::safety::{replace_flagged, Replacement, SafetyChecker};
 use pictor_engine::schedulers::SchedulerOptions;
 use pictor_engine::{EngineError, Runtime};
 use pictor_server::prompt_enhance::{self, EnhancedPrompt, UnknownStyle};
+use pictor_server::request::pair_loras;
 use serde_json::{json, Value};
 
 use crate::args::{CommonArgs, Img2ImgArgs, Pix2PixArgs};
@@ -42,28 +44,6 @@ impl Progress for Bar {
     }
 }
 
-/// Refuses options whose capability is not built yet, instead of silently ignoring them.
-fn refuse_unsupported(args: &Img2ImgArgs) -> Result<()> {
-    let asked = [
-        ("--tomesd yes (token merging)", args.tomesd),
-        ("--safety-checker yes", args.safety_checker),
-        (
-            "--lora-model / --lora-strength (LoRA)",
-            args.lora_model.is_some() || args.lora_strength.is_some(),
-        ),
-        (
-            "--embeddings-model (textual inversion)",
-            args.embeddings_model.is_some(),
-        ),
-    ];
-    for (what, on) in asked {
-        if on {
-            return Err(EngineError::Unsupported(what.to_string()).into());
-        }
-    }
-    Ok(())
-}
-
 /// The final prompt and negative prompt: `--enhance-style` and `--enhance-prompt` applied the way the HTTP
 /// service applies them.
 fn final_prompts(common: &CommonArgs) -> Result<EnhancedPrompt> {
@@ -89,15 +69,79 @@ fn prompt_meta(common: &CommonArgs, prompts: &EnhancedPrompt) -> Value {
     })
 }
 
-fn load_model(common: &CommonArgs) -> Result<StableDiffusion> {
+/// The model a command runs on, with its LoRAs and VAE, and the safety checker when one is asked for.
+struct Prepared {
+    model: StableDiffusion,
+    safety: Option<(SafetyChecker, Replacement)>,
+}
+
+fn prepare(common: &CommonArgs) -> Result<Prepared> {
     let dir = ModelsDir::new(&common.models_dir);
     let location = dir.resolve(&common.model)?;
     let runtime = Runtime::default_for_this_machine()?;
-    Ok(model_store::load(
-        &location,
-        &runtime.device,
-        runtime.dtype,
-    )?)
+    let split = |text: &Option<String>| -> Vec<String> {
+        text.iter()
+            .flat_map(|t| t.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let strengths = split(&common.lora_strength)
+        .iter()
+        .map(|t| {
+            t.parse::<f64>().map_err(|_| {
+                EngineError::invalid("lora_strength", format!("{t:?} is not a number"))
+            })
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let loras: Vec<(String, f64)> = pair_loras(split(&common.lora_model), strengths)
+        .map_err(|e| anyhow!("{e}"))?
+        .into_iter()
+        .map(|l| (l.name, l.strength))
+        .collect();
+    let base = model_store::load(&location, &runtime.device, runtime.dtype)?;
+    let model = model_store::variant(&base, &dir, &loras, common.vae.as_deref())?;
+    let safety = if common.safety_checker {
+        let kind = Replacement::from_name(&common.safety_checker_type)?;
+        let path =
+            model_store::safety_checker_path(common.safety_checker_model.as_deref(), &location)
+                .ok_or_else(|| {
+                    anyhow!(
+                    "--safety-checker yes: model {} has no safety_checker/ folder; give one with \
+                     --safety-checker-model PATH",
+                    location.id
+                )
+                })?;
+        Some((SafetyChecker::load(&path, &runtime.device)?, kind))
+    } else {
+        None
+    };
+    Ok(Prepared { model, safety })
+}
+
+/// Runs the safety checker (when asked for) and replaces flagged images; the flags, for the meta.
+fn filter(prepared: &Prepared, generation: &mut Generation) -> Result<Option<Vec<bool>>> {
+    let Some((checker, kind)) = &prepared.safety else {
+        return Ok(None);
+    };
+    let flags = checker.check(&generation.images)?;
+    replace_flagged(&mut generation.images, &flags, *kind);
+    Ok(Some(flags))
+}
+
+/// The meta keys about the request's model extras.
+fn extras_meta(common: &CommonArgs, flags: Option<Vec<bool>>) -> Value {
+    json!({
+        "lora_model": common.lora_model,
+        "lora_strength": common.lora_strength,
+        "vae": common.vae,
+        "embeddings_model": common.embeddings_model,
+        "tomesd": if common.tomesd { "yes" } else { "no" },
+        "safety_checker": if common.safety_checker { "yes" } else { "no" },
+        "safety_checker_type": common.safety_checker_type,
+        "nsfw_content_detected": flags,
+    })
 }
 
 fn scheduler_options(common: &CommonArgs) -> SchedulerOptions {
@@ -120,10 +164,19 @@ fn write_images(out: &Path, generation: &Generation) -> Result<Vec<String>> {
     Ok(paths)
 }
 
-fn print_meta(mut meta: Value, prompts: Value, generation: &Generation, outputs: Vec<String>) {
+fn print_meta(
+    mut meta: Value,
+    prompts: Value,
+    extras: Value,
+    generation: &Generation,
+    outputs: Vec<String>,
+) {
     let engine = serde_json::to_value(&generation.meta).expect("meta serialises");
-    if let (Value::Object(m), Value::Object(p), Value::Object(e)) = (&mut meta, prompts, engine) {
+    if let (Value::Object(m), Value::Object(p), Value::Object(x), Value::Object(e)) =
+        (&mut meta, prompts, extras, engine)
+    {
         m.extend(p);
+        m.extend(x);
         m.extend(e);
         m.insert("output".into(), json!(outputs));
     }
@@ -135,11 +188,10 @@ fn print_meta(mut meta: Value, prompts: Value, generation: &Generation, outputs:
 
 /// `pictor img2img`.
 pub fn img2img(args: Img2ImgArgs) -> Result<()> {
-    refuse_unsupported(&args)?;
     let c = &args.common;
     let prompts = final_prompts(c)?;
     let init = init_image::load(&c.init_image)?;
-    let model = load_model(c)?;
+    let prepared = prepare(c)?;
     let request = Img2ImgRequest {
         prompt: prompts.prompt.clone(),
         negative_prompt: prompts.negative_prompt.clone(),
@@ -155,7 +207,8 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
         scheduler_options: scheduler_options(c),
         clip_skip: c.clip_skip,
     };
-    let generation = model.img2img(&request, &mut Bar::new())?;
+    let mut generation = prepared.model.img2img(&request, &mut Bar::new())?;
+    let flags = filter(&prepared, &mut generation)?;
     let outputs = write_images(&c.out, &generation)?;
     let meta = json!({
         "guidance_scale": args.guidance_scale,
@@ -167,7 +220,13 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
         "algorithm_type": c.algorithm_type,
         "init_image": c.init_image,
     });
-    print_meta(meta, prompt_meta(c, &prompts), &generation, outputs);
+    print_meta(
+        meta,
+        prompt_meta(c, &prompts),
+        extras_meta(c, flags),
+        &generation,
+        outputs,
+    );
     Ok(())
 }
 
@@ -179,7 +238,7 @@ pub fn pix2pix(args: Pix2PixArgs) -> Result<()> {
     let round = |v: u32| (v.min(1024) / 8 * 8).max(8);
     let width = args.width.unwrap_or_else(|| round(init.width()));
     let height = args.height.unwrap_or_else(|| round(init.height()));
-    let model = load_model(c)?;
+    let prepared = prepare(c)?;
     let request = Pix2PixRequest {
         prompt: prompts.prompt.clone(),
         negative_prompt: prompts.negative_prompt.clone(),
@@ -195,7 +254,8 @@ pub fn pix2pix(args: Pix2PixArgs) -> Result<()> {
         scheduler_options: scheduler_options(c),
         clip_skip: c.clip_skip,
     };
-    let generation = model.pix2pix(&request, &mut Bar::new())?;
+    let mut generation = prepared.model.pix2pix(&request, &mut Bar::new())?;
+    let flags = filter(&prepared, &mut generation)?;
     let outputs = write_images(&c.out, &generation)?;
     let meta = json!({
         "guidance_scale": args.guidance_scale,
@@ -205,7 +265,13 @@ pub fn pix2pix(args: Pix2PixArgs) -> Result<()> {
         "clip_skip": c.clip_skip,
         "init_image": c.init_image,
     });
-    print_meta(meta, prompt_meta(c, &prompts), &generation, outputs);
+    print_meta(
+        meta,
+        prompt_meta(c, &prompts),
+        extras_meta(c, flags),
+        &generation,
+        outputs,
+    );
     Ok(())
 }
 

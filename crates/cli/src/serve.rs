@@ -63,7 +63,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         );
     }
     let runtime = Runtime::default_for_this_machine()?;
-    let backend = EngineBackend::new(models, runtime, args.model_cache_mib << 20);
+    let backend = EngineBackend::new(models, runtime, args.model_cache_mib << 20)
+        .with_safety_checker(args.safety_checker.clone());
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

@@ -15,6 +15,7 @@ use candle_nn::VarBuilder;
 use crate::checkpoint::SingleFileCheckpoint;
 use crate::config::{read_json, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
 use crate::error::{EngineError, Result};
+use crate::lora::Lora;
 use crate::models::{AutoencoderKl, ClipTextModel, UNet};
 use crate::pipeline::{ModelKind, StableDiffusion};
 use crate::tokenizer::ClipTokenizer;
@@ -243,6 +244,39 @@ fn names_in(dir: &Path, keep: impl Fn(&Path) -> bool) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// `base` with the LoRAs `loras` (names in `ROOT/loras`, with strengths) merged in and the VAE `vae` (a name
+/// in `ROOT/vae`) swapped in: what a request with `lora_model` / `vae` runs on. Without either, a cheap
+/// copy of `base` (the networks are shared).
+pub fn variant(
+    base: &StableDiffusion,
+    dir: &ModelsDir,
+    loras: &[(String, f64)],
+    vae: Option<&str>,
+) -> Result<StableDiffusion> {
+    let files = loras
+        .iter()
+        .map(|(name, strength)| Ok((Lora::load(&dir.resolve_lora(name)?, name)?, *strength)))
+        .collect::<Result<Vec<_>>>()?;
+    let refs: Vec<(&Lora, f64)> = files.iter().map(|(l, s)| (l, *s)).collect();
+    let mut model = base.with_loras(&refs)?;
+    if let Some(name) = vae {
+        let path = dir.resolve_vae(name)?;
+        model = model.with_vae(load_vae(&path, name, &base.device, base.dtype)?)?;
+    }
+    Ok(model)
+}
+
+/// The safety checker a model uses: `global` (`--safety-checker`) when given, else the model's own
+/// `safety_checker/` folder (diffusers folders only), else none.
+pub fn safety_checker_path(global: Option<&Path>, model: &ModelLocation) -> Option<PathBuf> {
+    if let Some(path) = global {
+        return Some(path.to_path_buf());
+    }
+    let own = model.path.join("safety_checker");
+    (model.format == ModelFormat::Diffusers && own.join("config.json").is_file())
+        .then_some(model.path.clone())
 }
 
 /// Loads a replacement VAE found by [`ModelsDir::resolve_vae`] (a diffusers folder or a single file).

@@ -96,7 +96,10 @@ impl SafetyReplacement {
         ("blur", SafetyReplacement::Blur),
         ("pixelate", SafetyReplacement::Pixelate),
         ("black", SafetyReplacement::Black),
-        ("sensitive_content_text", SafetyReplacement::SensitiveContentText),
+        (
+            "sensitive_content_text",
+            SafetyReplacement::SensitiveContentText,
+        ),
     ];
 
     /// The replacement an API name stands for.

@@ -57,7 +57,12 @@ pub fn meta(job: &Job) -> Value {
     let loras = if r.loras.is_empty() {
         Value::Null
     } else {
-        json!(r.loras.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(","))
+        json!(r
+            .loras
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect::<Vec<_>>()
+            .join(","))
     };
     let lora_strength = if r.loras.is_empty() {
         Value::Null

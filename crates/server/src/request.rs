@@ -114,10 +114,19 @@ fn name_list(body: &Body, names: &[&str]) -> Result<Vec<String>, ApiError> {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Array(items) => items
             .iter()
-            .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            })
             .collect::<Vec<_>>()
             .join(","),
-        _ => return Err(ApiError::field(field, "must be a comma-separated list of names")),
+        _ => {
+            return Err(ApiError::field(
+                field,
+                "must be a comma-separated list of names",
+            ))
+        }
     };
     Ok(text
         .split(',')
@@ -130,12 +139,6 @@ fn name_list(body: &Body, names: &[&str]) -> Result<Vec<String>, ApiError> {
 /// `lora_model` and `lora_strength`: one strength per LoRA, or one for all, or none (1 each).
 fn loras(body: &Body) -> Result<Vec<LoraChoice>, ApiError> {
     let names = name_list(body, &["lora_model", "lora"])?;
-    if names.len() > MAX_LORAS {
-        return Err(ApiError::field(
-            "lora_model",
-            format!("at most {MAX_LORAS} LoRAs per request, got {}", names.len()),
-        ));
-    }
     let strengths: Vec<f64> = match body.get(&["lora_strength"]) {
         None => Vec::new(),
         Some((_, serde_json::Value::Number(n))) => vec![n.as_f64().unwrap_or(f64::NAN)],
@@ -144,7 +147,11 @@ fn loras(body: &Body) -> Result<Vec<LoraChoice>, ApiError> {
                 serde_json::Value::String(s) => s.clone(),
                 serde_json::Value::Array(items) => items
                     .iter()
-                    .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string())
+                    })
                     .collect::<Vec<_>>()
                     .join(","),
                 _ => String::from("?"),
@@ -156,6 +163,18 @@ fn loras(body: &Body) -> Result<Vec<LoraChoice>, ApiError> {
                 .collect()
         }
     };
+    pair_loras(names, strengths)
+}
+
+/// Pairs LoRA names with strengths: one strength per LoRA, one for all, or none (1 each); at most
+/// [`MAX_LORAS`], strengths within ±[`MAX_LORA_STRENGTH`]. Errors name `lora_model` or `lora_strength`.
+pub fn pair_loras(names: Vec<String>, strengths: Vec<f64>) -> Result<Vec<LoraChoice>, ApiError> {
+    if names.len() > MAX_LORAS {
+        return Err(ApiError::field(
+            "lora_model",
+            format!("at most {MAX_LORAS} LoRAs per request, got {}", names.len()),
+        ));
+    }
     if let Some(bad) = strengths
         .iter()
         .find(|s| !s.is_finite() || s.abs() > MAX_LORA_STRENGTH)
@@ -202,13 +221,15 @@ fn safety(family: Family, body: &Body) -> Result<Option<SafetyReplacement>, ApiE
     }
     match body.string(&["safety_checker_type"])? {
         None => Ok(Some(SafetyReplacement::SensitiveContentText)),
-        Some(name) => SafetyReplacement::from_name(&name).map(Some).ok_or_else(|| {
-            let valid: Vec<&str> = SafetyReplacement::ALL.iter().map(|(n, _)| *n).collect();
-            ApiError::field(
-                "safety_checker_type",
-                format!("unknown type {name:?}; use one of {}", valid.join(", ")),
-            )
-        }),
+        Some(name) => SafetyReplacement::from_name(&name)
+            .map(Some)
+            .ok_or_else(|| {
+                let valid: Vec<&str> = SafetyReplacement::ALL.iter().map(|(n, _)| *n).collect();
+                ApiError::field(
+                    "safety_checker_type",
+                    format!("unknown type {name:?}; use one of {}", valid.join(", ")),
+                )
+            }),
     }
 }
 
@@ -601,7 +622,10 @@ mod tests {
             ("guidance_scale", json!(25)),
             ("strength", json!(1.5)),
             ("clip_skip", json!(9)),
-            ("lora_model", json!("x")),
+            ("lora_strength", json!("0.5,0.7,1")),
+            ("lora_strength", json!("strong")),
+            ("lora_model", json!("a,b,c,d,e,f")),
+            ("safety_checker_type", json!("sepia")),
         ];
         for (field, value) in cases {
             let mut b = base.clone();
@@ -611,6 +635,62 @@ mod tests {
         }
         let err = parse(Family::V6Images, &body(json!({"prompt": "p"}))).unwrap_err();
         assert_eq!(err.to_string(), "The init image field is required.");
+    }
+
+    #[test]
+    fn loras_strengths_and_feature_defaults() {
+        let parsed = |v: serde_json::Value| {
+            let mut b = json!({"prompt": "p", "init_image": "x"});
+            for (k, x) in v.as_object().unwrap() {
+                b[k] = x.clone();
+            }
+            parse(Family::V6Images, &body(b)).unwrap()
+        };
+        let pairs = |s: &Submission| -> Vec<(String, f64)> {
+            s.loras
+                .iter()
+                .map(|l| (l.name.clone(), l.strength))
+                .collect()
+        };
+        let s = parsed(json!({"lora_model": "a, b", "lora_strength": "0.6,1"}));
+        assert_eq!(pairs(&s), vec![("a".into(), 0.6), ("b".into(), 1.0)]);
+        let s = parsed(json!({"lora_model": "a,b", "lora_strength": 0.5}));
+        assert_eq!(pairs(&s), vec![("a".into(), 0.5), ("b".into(), 0.5)]);
+        let s = parsed(json!({"lora_model": "a", "lora_strength": null}));
+        assert_eq!(pairs(&s), vec![("a".into(), 1.0)]);
+        assert!(parsed(json!({"lora_model": null})).loras.is_empty());
+        let s = parsed(json!({"vae": "anime", "embeddings_model": "x,y"}));
+        assert_eq!(s.vae.as_deref(), Some("anime"));
+        assert_eq!(s.embeddings, vec!["x", "y"]);
+        // Defaults: ToMe and the safety checker on for the image families, off for realtime and pix2pix.
+        assert!(s.tomesd);
+        assert_eq!(
+            s.safety_checker,
+            Some(SafetyReplacement::SensitiveContentText)
+        );
+        let s = parsed(
+            json!({"tomesd": "no", "safety_checker": "yes", "safety_checker_type": "pixelate"}),
+        );
+        assert!(!s.tomesd);
+        assert_eq!(s.safety_checker, Some(SafetyReplacement::Pixelate));
+        let s = parsed(json!({"safety_checker": false, "safety_checker_type": "whatever"}));
+        assert_eq!(
+            s.safety_checker, None,
+            "the type is not checked when the checker is off"
+        );
+        let rt = parse(
+            Family::V6Realtime,
+            &body(json!({"prompt": "p", "init_image": "x"})),
+        )
+        .unwrap();
+        assert!(!rt.tomesd);
+        assert_eq!(rt.safety_checker, None);
+        let err = parse(
+            Family::V6Images,
+            &body(json!({"prompt": "p", "init_image": "x", "lora_model": "a,b,c", "lora_strength": "1,1"})),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("2 strengths for 3 LoRAs"), "{err}");
     }
 
     #[test]

@@ -152,9 +152,11 @@ impl ClipImageProcessor {
             1 => FilterType::Lanczos3,
             2 => FilterType::Triangle,
             3 => FilterType::CatmullRom,
-            other => return Err(bad(format!(
+            other => {
+                return Err(bad(format!(
                 "resample {other} is not supported (0 nearest, 1 lanczos, 2 bilinear, 3 bicubic)"
-            ))),
+            )))
+            }
         };
         let center_crop = match (raw.do_center_crop.unwrap_or(true), &raw.crop_size) {
             (false, _) => None,

@@ -243,6 +243,14 @@ mod tests {
                 algorithm_type: None,
                 seed: 1,
                 clip_skip: 1,
+                loras: vec![crate::backend::LoraChoice {
+                    name: "style".into(),
+                    strength: 0.8,
+                }],
+                vae: Some("v".into()),
+                embeddings: vec!["e".into()],
+                tomesd: true,
+                safety_checker: Some(crate::backend::SafetyReplacement::Pixelate),
             },
             delivery: Default::default(),
             echo: Default::default(),
@@ -275,6 +283,8 @@ mod tests {
         let result = JobResult {
             generation_time: 1.5,
             scheduler: "DDIMScheduler".into(),
+            nsfw_content_detected: vec![true],
+            notes: vec!["n".into()],
         };
         assert!(store
             .finish(a, &Outcome::Success(result.clone()))

@@ -400,7 +400,10 @@ async fn load_vae(app: &Arc<App>, body: &params::Body) -> Result<Value, ApiError
         let mut loads = app.model_loads.lock().expect("loads");
         let key = format!("vae:{id}");
         if loads.get(&key) == Some(&ModelLoad::Loading) {
-            return Err(ApiError::field("vae_id", format!("{id} is already loading")));
+            return Err(ApiError::field(
+                "vae_id",
+                format!("{id} is already loading"),
+            ));
         }
         loads.insert(key, ModelLoad::Loading);
     }
