@@ -38,6 +38,8 @@ fn body_for(case: &Value, extra: Value) -> Value {
         "clip_skip": case["clip_skip"],
         "use_karras_sigmas": if case["use_karras_sigmas"] == true { "yes" } else { "no" },
         "enhance_prompt": "no",
+        "tomesd": "no",
+        "safety_checker": "no",
     });
     if pix2pix {
         body["steps"] = case["num_inference_steps"].clone();
@@ -675,7 +677,7 @@ fn management_routes_need_the_admin_key_and_work() {
     );
 
     // Calls that do not apply say so.
-    for name in ["update_server", "update_s3", "load_vae", "nsfw_image_check"] {
+    for name in ["update_server", "update_s3"] {
         let answer = manage(name, json!({}));
         assert_eq!(answer["status"], "error", "{name}: {answer}");
         assert!(
