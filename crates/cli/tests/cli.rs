@@ -575,6 +575,66 @@ fn img2img_parity(name: &str) {
     }
 }
 
+/// `pictor img2img` with LoRAs or a VAE from the models folder reproduces the lora_vae fixtures.
+#[test]
+fn img2img_with_loras_and_a_vae_matches_diffusers() {
+    let fx = fixtures();
+    for (name, extra) in [
+        (
+            "kohya-0.6-peft-1.0",
+            vec![
+                "--lora-model",
+                "tiny-kohya,tiny-peft",
+                "--lora-strength",
+                "0.6,1",
+            ],
+        ),
+        ("vae-tiny-alt", vec!["--vae", "tiny-alt-ldm"]),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let mut args: Vec<String> = [
+            "img2img",
+            "--models-dir",
+            fx.join("models").to_str().unwrap(),
+            "--model",
+            "sd1-tiny",
+            "--init-image",
+            fx.join("init-64.png").to_str().unwrap(),
+            "--prompt",
+            "a photo of a cat",
+            "--negative-prompt",
+            "blurry",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--num-inference-steps",
+            "10",
+            "--strength",
+            "0.75",
+            "--seed",
+            "42",
+            "--scheduler",
+            "PNDMScheduler",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let o = pictor(&args);
+        assert_ok(&o, name);
+        let m = meta(&o);
+        assert_eq!(m["nsfw_content_detected"], Value::Null, "{m}");
+        assert_image_matches(
+            &read_bytes(&out.join("0.png")),
+            &format!("lora_vae/{name}/0.png"),
+        );
+    }
+}
+
 #[test]
 fn img2img_matches_diffusers_sd1_ddim() {
     img2img_parity("sd1-ddim-s42");
@@ -715,25 +775,34 @@ fn bad_inputs_fail_cleanly_with_a_message_naming_the_problem() {
             &["init_image", "no-such-image.png"],
         ),
         bad(
-            "--tomesd yes",
-            &[("--tomesd", "yes")],
-            &["tomesd", "not supported yet"],
-        ),
-        bad(
             "--enhance-style unknown",
             &[("--enhance-style", "watercolour")],
             &["enhance_style", "watercolour", "closest: watercolor"],
         ),
         bad(
-            "--safety-checker yes",
+            "--safety-checker yes on a model without one",
             &[("--safety-checker", "yes")],
-            &["safety-checker", "not supported yet"],
+            &["safety_checker/", "--safety-checker-model"],
+        ),
+        bad(
+            "--safety-checker-type sepia",
+            &[
+                ("--safety-checker", "yes"),
+                ("--safety-checker-type", "sepia"),
+            ],
+            &["safety_checker_type", "sepia"],
         ),
         bad(
             "--lora-model x",
             &[("--lora-model", "x")],
-            &["lora", "not supported yet"],
+            &["lora_model", "no LoRA named x"],
         ),
+        bad(
+            "more LoRA strengths than LoRAs",
+            &[("--lora-model", "x"), ("--lora-strength", "0.5,0.6")],
+            &["lora_strength", "2 strengths for 1 LoRAs"],
+        ),
+        bad("--vae x", &[("--vae", "x")], &["vae", "no VAE named x"]),
         bad(
             "--embeddings-model x",
             &[("--embeddings-model", "x")],
