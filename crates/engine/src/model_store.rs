@@ -43,6 +43,10 @@ pub struct ModelLocation {
 /// File endings of pickled checkpoints, which are never loaded (unpickling runs code).
 const PICKLE_ENDINGS: &[&str] = &[".ckpt", ".pt", ".pth", ".bin", ".pkl"];
 
+/// File endings of textual-inversion embeddings, in the order they are looked for. Pickled ones are read
+/// with a reader that never runs code (see [`crate::embeddings`]).
+const EMBEDDING_ENDINGS: &[&str] = &[".safetensors", ".pt", ".bin"];
+
 fn pickle_error(name: &str) -> EngineError {
     EngineError::model(
         name,
@@ -71,6 +75,40 @@ impl ModelsDir {
     /// `ROOT/checkpoints`, where models live.
     pub fn checkpoints(&self) -> PathBuf {
         self.root.join("checkpoints")
+    }
+
+    /// `ROOT/embeddings`, where textual-inversion embeddings live.
+    pub fn embeddings(&self) -> PathBuf {
+        self.root.join("embeddings")
+    }
+
+    /// The file of the embedding `name` in `ROOT/embeddings`: `<name>.safetensors`, `.pt` or `.bin`, tried in
+    /// that order. Names only (no paths, no leading `.`), as they come from requests.
+    pub fn resolve_embedding(&self, name: &str) -> Result<PathBuf> {
+        if name.is_empty()
+            || name.contains(['/', '\\'])
+            || name.starts_with('.')
+            || name.contains("..")
+        {
+            return Err(EngineError::invalid(
+                "embeddings",
+                format!("{name:?} is not an embedding name (a file name without extension)"),
+            ));
+        }
+        let dir = self.embeddings();
+        EMBEDDING_ENDINGS
+            .iter()
+            .map(|ext| dir.join(format!("{name}{ext}")))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                EngineError::invalid(
+                    "embeddings",
+                    format!(
+                        "no embedding {name} in {} (looked for {name}.safetensors, {name}.pt and {name}.bin)",
+                        dir.display()
+                    ),
+                )
+            })
     }
 
     /// Every model in `ROOT/checkpoints`, sorted by id.
@@ -428,6 +466,36 @@ mod tests {
             .iter()
             .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
             .collect()
+    }
+
+    #[test]
+    fn embeddings_resolve_by_name_only() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = ModelsDir::new(root.path());
+        std::fs::create_dir(dir.embeddings()).unwrap();
+        std::fs::write(dir.embeddings().join("style.pt"), b"").unwrap();
+        std::fs::write(dir.embeddings().join("both.bin"), b"").unwrap();
+        std::fs::write(dir.embeddings().join("both.safetensors"), b"").unwrap();
+        assert_eq!(
+            dir.resolve_embedding("style").unwrap(),
+            dir.embeddings().join("style.pt")
+        );
+        assert_eq!(
+            dir.resolve_embedding("both").unwrap(),
+            dir.embeddings().join("both.safetensors")
+        );
+        let e = dir.resolve_embedding("nope").unwrap_err().to_string();
+        assert!(
+            e.contains("no embedding nope") && e.contains("nope.bin"),
+            "{e}"
+        );
+        for bad in ["", "../style", "a/b", "a\\b", ".hidden", "x..y"] {
+            let e = dir.resolve_embedding(bad).unwrap_err();
+            assert!(
+                e.to_string().contains("not an embedding name"),
+                "{bad:?}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod img2img;
 mod pix2pix;
 mod prompt;
+mod prompt_chunks;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -12,6 +13,7 @@ use image::RgbImage;
 use serde::Serialize;
 
 use crate::config::VaeConfig;
+use crate::embeddings::TextualInversion;
 use crate::error::{EngineError, Result};
 use crate::models::{AutoencoderKl, ClipTextModel, UNet};
 use crate::schedulers::{self, Scheduler, SchedulerOptions};
@@ -195,6 +197,8 @@ pub struct Img2ImgRequest {
     pub scheduler_options: SchedulerOptions,
     /// A1111 clip skip: 1 = last CLIP layer.
     pub clip_skip: usize,
+    /// Textual-inversion embeddings the prompts may call up by name.
+    pub embeddings: Vec<TextualInversion>,
 }
 
 /// An InstructPix2Pix request.
@@ -226,6 +230,8 @@ pub struct Pix2PixRequest {
     pub scheduler_options: SchedulerOptions,
     /// A1111 clip skip.
     pub clip_skip: usize,
+    /// Textual-inversion embeddings the prompts may call up by name.
+    pub embeddings: Vec<TextualInversion>,
 }
 
 /// What a generation made, with what was actually used.
