@@ -31,7 +31,7 @@ pub fn family_of_hidden_size(hidden: usize) -> &'static str {
         768 => "SD 1.x",
         1024 => "SD 2.x",
         1280 => "SDXL",
-        _ => "an unknown architecture",
+        _ => "another architecture",
     }
 }
 

@@ -15,7 +15,7 @@ impl StableDiffusion {
     /// Encodes each `(prompt, clip_skip)` to its conditioning (1, 77·k, hidden), all with the same k: shorter
     /// ones are extended with the empty prompt's encoding (at their own clip skip), as AUTOMATIC1111 does.
     /// `embeddings` are the textual inversions the prompts may name.
-    pub(crate) fn encode_prompts(
+    pub fn encode_prompts(
         &self,
         prompts: &[(&str, usize)],
         embeddings: &[TextualInversion],
@@ -27,7 +27,8 @@ impl StableDiffusion {
                 return Err(EngineError::invalid(
                     "embeddings",
                     format!(
-                        "embedding {} is for {} (vectors of {}) but model {} is {} (text encoder width {hidden})",
+                        "embedding {} was made for {} ({}-wide vectors) and does not fit model {}, which is \
+                         {} (text encoder {hidden} wide)",
                         e.name,
                         family_of_hidden_size(e.hidden_size()),
                         e.hidden_size(),
