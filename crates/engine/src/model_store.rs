@@ -4,7 +4,8 @@
 //! ROOT/checkpoints/<model_id>/               diffusers layout: model_index.json, unet/, vae/, text_encoder/,
 //!                                            tokenizer/, scheduler/ (safety_checker/ optional)
 //! ROOT/checkpoints/<model_id>.safetensors    single-file checkpoint with the original LDM tensor names
-//! ROOT/loras/, ROOT/embeddings/, ROOT/vae/   used by later features
+//! ROOT/embeddings/<name>.safetensors|.pt|.bin  textual-inversion embeddings (see crate::embeddings)
+//! ROOT/loras/, ROOT/vae/                     used by later features
 //! ```
 
 use std::path::{Path, PathBuf};

@@ -87,8 +87,14 @@ fn is_word(c: char) -> bool {
     c.is_alphanumeric() || c == '_'
 }
 
-/// Parses `prompt` into weighted pieces (see the module documentation for the rules).
+/// Parses `prompt` into weighted pieces (see the module documentation for the rules); errors name the
+/// field `prompt`.
 pub fn parse(prompt: &str) -> Result<Vec<PromptPiece>> {
+    parse_field(prompt, "prompt")
+}
+
+/// [`parse`] with errors naming `field` (e.g. `negative_prompt`).
+pub fn parse_field(prompt: &str, field: &'static str) -> Result<Vec<PromptPiece>> {
     let chars: Vec<char> = prompt.chars().collect();
     // (text, weight) pieces, `None` text for BREAK; weights are multiplied in place when a bracket closes.
     let mut pieces: Vec<(Option<String>, f64)> = Vec::new();
@@ -104,7 +110,7 @@ pub fn parse(prompt: &str) -> Result<Vec<PromptPiece>> {
         match open.pop() {
             Some((k, start, _)) if k == kind => Ok(start),
             Some((k, _, at)) => Err(EngineError::invalid(
-                "prompt",
+                field,
                 format!(
                     "unbalanced brackets: '{closer}' at character {pos} closes the '{}' at character {at} \
                      (write \\{closer} for a literal '{closer}')",
@@ -112,7 +118,7 @@ pub fn parse(prompt: &str) -> Result<Vec<PromptPiece>> {
                 ),
             )),
             None => Err(EngineError::invalid(
-                "prompt",
+                field,
                 format!(
                     "unbalanced brackets: '{closer}' at character {pos} has no opening '{}' \
                      (write \\{closer} for a literal '{closer}')",
@@ -158,7 +164,7 @@ pub fn parse(prompt: &str) -> Result<Vec<PromptPiece>> {
                 Some((number, end)) if matches!(open.last(), Some((Bracket::Round, _, _))) => {
                     let weight: f64 = number.parse().map_err(|_| {
                         EngineError::invalid(
-                            "prompt",
+                            field,
                             format!("weight {number:?} at character {} is not a number", pos + 1),
                         )
                     })?;
@@ -189,7 +195,7 @@ pub fn parse(prompt: &str) -> Result<Vec<PromptPiece>> {
     if let Some((kind, _, at)) = open.first() {
         let closer = if *kind == Bracket::Round { ')' } else { ']' };
         return Err(EngineError::invalid(
-            "prompt",
+            field,
             format!(
                 "unbalanced brackets: the '{}' at character {at} is never closed \
                  (add '{closer}', or write \\{} for a literal '{}')",
@@ -413,6 +419,17 @@ mod tests {
             );
             assert!(e.to_string().contains(want), "{prompt:?}: {e}");
         }
+        let e = parse_field("x)", "negative_prompt").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                EngineError::InvalidRequest {
+                    field: "negative_prompt",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]

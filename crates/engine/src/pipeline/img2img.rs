@@ -67,6 +67,10 @@ impl StableDiffusion {
         let samples = req.samples;
         let guided = req.guidance_scale > 1.0;
 
+        if guided {
+            // Checked here so that a syntax error names the right field.
+            crate::prompt_syntax::parse_field(&req.negative_prompt, "negative_prompt")?;
+        }
         // diffusers applies clip skip to the prompt only; the negative prompt uses the last layer.
         let (positive, context) = if guided {
             let encoded = self.encode_prompts(
