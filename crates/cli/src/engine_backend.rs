@@ -316,6 +316,10 @@ impl Backend for EngineBackend {
             use_karras_sigmas: Some(request.use_karras_sigmas),
             algorithm_type: request.algorithm_type.clone(),
         };
+        let embeddings = self
+            .models_dir
+            .load_embeddings(&request.embeddings)
+            .map_err(engine_error)?;
         let mut relay = Relay(control);
         let generation = match request.kind {
             PipelineKind::Img2Img => model.img2img(
@@ -333,6 +337,7 @@ impl Backend for EngineBackend {
                     scheduler: request.scheduler.clone(),
                     scheduler_options: options,
                     clip_skip: request.clip_skip as usize,
+                    embeddings: embeddings.clone(),
                 },
                 &mut relay,
             ),
@@ -351,6 +356,7 @@ impl Backend for EngineBackend {
                     scheduler: request.scheduler.clone(),
                     scheduler_options: options,
                     clip_skip: request.clip_skip as usize,
+                    embeddings: embeddings.clone(),
                 },
                 &mut relay,
             ),
@@ -442,6 +448,11 @@ impl Backend for EngineBackend {
         }
         if let Some(vae) = &request.vae {
             self.models_dir.resolve_vae(vae).map_err(engine_error)?;
+        }
+        for name in &request.embeddings {
+            self.models_dir
+                .resolve_embedding(name)
+                .map_err(engine_error)?;
         }
         Ok(())
     }

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use pictor_engine::embeddings::TextualInversion;
 use pictor_engine::image_io::encode_png;
 use pictor_engine::model_store::{self, ModelsDir};
 use pictor_engine::pipeline::{
@@ -73,6 +74,7 @@ fn prompt_meta(common: &CommonArgs, prompts: &EnhancedPrompt) -> Value {
 struct Prepared {
     model: StableDiffusion,
     safety: Option<(SafetyChecker, Replacement)>,
+    embeddings: Vec<TextualInversion>,
 }
 
 fn prepare(common: &CommonArgs) -> Result<Prepared> {
@@ -117,7 +119,12 @@ fn prepare(common: &CommonArgs) -> Result<Prepared> {
     } else {
         None
     };
-    Ok(Prepared { model, safety })
+    let embeddings = dir.load_embeddings(&split(&common.embeddings_model))?;
+    Ok(Prepared {
+        model,
+        safety,
+        embeddings,
+    })
 }
 
 /// Runs the safety checker (when asked for) and replaces flagged images; the flags, for the meta.
@@ -206,6 +213,7 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
         scheduler: c.scheduler.clone(),
         scheduler_options: scheduler_options(c),
         clip_skip: c.clip_skip,
+        embeddings: prepared.embeddings.clone(),
     };
     let mut generation = prepared.model.img2img(&request, &mut Bar::new())?;
     let flags = filter(&prepared, &mut generation)?;
@@ -253,6 +261,7 @@ pub fn pix2pix(args: Pix2PixArgs) -> Result<()> {
         scheduler: c.scheduler.clone(),
         scheduler_options: scheduler_options(c),
         clip_skip: c.clip_skip,
+        embeddings: prepared.embeddings.clone(),
     };
     let mut generation = prepared.model.pix2pix(&request, &mut Bar::new())?;
     let flags = filter(&prepared, &mut generation)?;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use pictor_engine::prompt_syntax::escape;
 use serde_json::Value;
 use support::{assert_image_matches, copy_dir, fixtures, BIN};
 
@@ -529,10 +530,11 @@ fn img2img_parity(name: &str) {
         s("model"),
         "--init-image".into(),
         fx.join(s("init_image")).display().to_string(),
+        // diffusers took the fixture prompts literally; literal text is escaped text in Pictor's syntax.
         "--prompt".into(),
-        s("prompt"),
+        escape(&s("prompt")),
         "--negative-prompt".into(),
-        s("negative_prompt"),
+        escape(&s("negative_prompt")),
         "--width".into(),
         s("width"),
         "--height".into(),
@@ -806,7 +808,7 @@ fn bad_inputs_fail_cleanly_with_a_message_naming_the_problem() {
         bad(
             "--embeddings-model x",
             &[("--embeddings-model", "x")],
-            &["embeddings", "not supported yet"],
+            &["embeddings_model", "no embedding x"],
         ),
     ];
     table.push(Bad {

@@ -244,7 +244,7 @@ fn check_api(server: &Server, api: &Api, entry: &Value, queued: bool) -> Vec<Str
     assert_eq!(meta["strength"], 0.75, "{context}");
     assert_eq!(meta["guidance_scale"], 7.5, "{context}");
     assert_eq!(
-        meta["prompt"], "a photo of a cat, ((cinematic lighting))",
+        meta["prompt"], r"a photo of a cat, \(\(cinematic lighting\)\)",
         "{context}"
     );
     assert_eq!(meta["negative_prompt"], "blurry", "{context}");

@@ -25,7 +25,8 @@ from modelslab_py.schemas.community import Image2Image
 from modelslab_py.schemas.realtime import RealtimeImage2ImageSchema
 
 # Case `sd1-ddim-s42` of tests/fixtures/cases.json.
-PROMPT = "a photo of a cat, ((cinematic lighting))"
+# diffusers took the prompt literally; in Pictor's (AUTOMATIC1111) prompt syntax literal brackets are escaped.
+PROMPT = r"a photo of a cat, \(\(cinematic lighting\)\)"
 NEGATIVE_PROMPT = "blurry"
 SIZE = 64
 STEPS = 10

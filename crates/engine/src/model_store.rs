@@ -4,7 +4,8 @@
 //! ROOT/checkpoints/<model_id>/               diffusers layout: model_index.json, unet/, vae/, text_encoder/,
 //!                                            tokenizer/, scheduler/ (safety_checker/ optional)
 //! ROOT/checkpoints/<model_id>.safetensors    single-file checkpoint with the original LDM tensor names
-//! ROOT/loras/, ROOT/embeddings/, ROOT/vae/   used by later features
+//! ROOT/embeddings/<name>.safetensors|.pt|.bin  textual-inversion embeddings (see crate::embeddings)
+//! ROOT/loras/, ROOT/vae/                     used by later features
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -44,6 +45,10 @@ pub struct ModelLocation {
 
 /// File endings of pickled checkpoints, which are never loaded (unpickling runs code).
 const PICKLE_ENDINGS: &[&str] = &[".ckpt", ".pt", ".pth", ".bin", ".pkl"];
+
+/// File endings of textual-inversion embeddings, in the order they are looked for. Pickled ones are read
+/// with a reader that never runs code (see [`crate::embeddings`]).
+const EMBEDDING_ENDINGS: &[&str] = &[".safetensors", ".pt", ".bin"];
 
 fn pickle_error(name: &str) -> EngineError {
     EngineError::model(
@@ -143,6 +148,44 @@ impl ModelsDir {
         names_in(&self.vaes(), |p| {
             p.extension().is_some_and(|e| e == "safetensors") || p.join("config.json").is_file()
         })
+    }
+
+    /// `ROOT/embeddings`, where textual-inversion embeddings live.
+    pub fn embeddings(&self) -> PathBuf {
+        self.root.join("embeddings")
+    }
+
+    /// The file of the embedding `name` in `ROOT/embeddings`: `<name>.safetensors`, `.pt` or `.bin`, tried in
+    /// that order. Names only (no paths, no leading `.`), as they come from requests.
+    pub fn resolve_embedding(&self, name: &str) -> Result<PathBuf> {
+        check_name("embeddings_model", name)?;
+        let dir = self.embeddings();
+        EMBEDDING_ENDINGS
+            .iter()
+            .map(|ext| dir.join(format!("{name}{ext}")))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                EngineError::invalid(
+                    "embeddings_model",
+                    format!(
+                        "no embedding {name} in {} (looked for {name}.safetensors, {name}.pt and {name}.bin)",
+                        dir.display()
+                    ),
+                )
+            })
+    }
+
+    /// Loads the embeddings `names` (see [`Self::resolve_embedding`]) in order.
+    pub fn load_embeddings(
+        &self,
+        names: &[String],
+    ) -> Result<Vec<crate::embeddings::TextualInversion>> {
+        names
+            .iter()
+            .map(|name| {
+                crate::embeddings::TextualInversion::load(&self.resolve_embedding(name)?, name)
+            })
+            .collect()
     }
 
     /// Every model in `ROOT/checkpoints`, sorted by id.
@@ -574,6 +617,33 @@ mod tests {
             .iter()
             .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
             .collect()
+    }
+
+    #[test]
+    fn embeddings_resolve_by_name_only() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = ModelsDir::new(root.path());
+        std::fs::create_dir(dir.embeddings()).unwrap();
+        std::fs::write(dir.embeddings().join("style.pt"), b"").unwrap();
+        std::fs::write(dir.embeddings().join("both.bin"), b"").unwrap();
+        std::fs::write(dir.embeddings().join("both.safetensors"), b"").unwrap();
+        assert_eq!(
+            dir.resolve_embedding("style").unwrap(),
+            dir.embeddings().join("style.pt")
+        );
+        assert_eq!(
+            dir.resolve_embedding("both").unwrap(),
+            dir.embeddings().join("both.safetensors")
+        );
+        let e = dir.resolve_embedding("nope").unwrap_err().to_string();
+        assert!(
+            e.contains("no embedding nope") && e.contains("nope.bin"),
+            "{e}"
+        );
+        for bad in ["", "../style", "a/b", "a\\b", ".hidden"] {
+            let e = dir.resolve_embedding(bad).unwrap_err();
+            assert!(e.to_string().contains("not a valid name"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

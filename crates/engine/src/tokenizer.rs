@@ -223,7 +223,7 @@ impl ClipTokenizer {
     }
 
     /// Content token ids of `text` (no bos / eos, no truncation).
-    fn content_ids(&self, text: &str) -> Result<Vec<u32>> {
+    pub(crate) fn content_ids(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode(text, false)
@@ -254,6 +254,11 @@ impl ClipTokenizer {
         ids.truncate(self.max_length.max(2));
         ids.resize(self.max_length.max(ids.len()), self.pad_id);
         Ok(ids)
+    }
+
+    /// The id of one vocabulary entry (BPE form, e.g. `",</w>"`), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
     }
 
     /// Id of the padding token (`<|endoftext|>` in SD 1, `!` in SD 2).

@@ -72,6 +72,7 @@ fn request(case: &Case) -> Img2ImgRequest {
         scheduler: Some(case.scheduler.clone()),
         scheduler_options: SchedulerOptions::default(),
         clip_skip: 1,
+        embeddings: Vec::new(),
     }
 }
 

@@ -10,6 +10,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use pictor_engine::image_io::load_image;
 use pictor_engine::model_store::{self, ModelsDir};
 use pictor_engine::pipeline::{Img2ImgRequest, NoProgress, Pix2PixRequest, StableDiffusion};
+use pictor_engine::prompt_syntax::escape;
 use pictor_engine::schedulers::SchedulerOptions;
 use pictor_engine::Runtime;
 use serde::Deserialize;
@@ -77,11 +78,14 @@ fn run_case(case: &Case, cache: &ModelCache) -> Result<(), Failed> {
         use_karras_sigmas: case.use_karras_sigmas,
         algorithm_type: case.algorithm_type.clone(),
     };
-    let negative = case.negative_prompt.clone().unwrap_or_default();
+    // The fixtures' prompts are literal text to diffusers (e.g. "((cinematic lighting))"); in Pictor's
+    // prompt syntax literal text is escaped text.
+    let prompt = escape(&case.prompt);
+    let negative = escape(case.negative_prompt.as_deref().unwrap_or_default());
     let generation = match case.pipeline.as_str() {
         "img2img" => model.img2img(
             &Img2ImgRequest {
-                prompt: case.prompt.clone(),
+                prompt: prompt.clone(),
                 negative_prompt: negative,
                 init_image: init,
                 width: case.width,
@@ -94,12 +98,13 @@ fn run_case(case: &Case, cache: &ModelCache) -> Result<(), Failed> {
                 scheduler: Some(case.scheduler.clone()),
                 scheduler_options: options.clone(),
                 clip_skip: case.clip_skip,
+                embeddings: Vec::new(),
             },
             &mut NoProgress,
         )?,
         "pix2pix" => model.pix2pix(
             &Pix2PixRequest {
-                prompt: case.prompt.clone(),
+                prompt: prompt.clone(),
                 negative_prompt: negative,
                 init_image: init,
                 width: case.width,
@@ -112,6 +117,7 @@ fn run_case(case: &Case, cache: &ModelCache) -> Result<(), Failed> {
                 scheduler: Some(case.scheduler.clone()),
                 scheduler_options: options,
                 clip_skip: case.clip_skip,
+                embeddings: Vec::new(),
             },
             &mut NoProgress,
         )?,

@@ -172,19 +172,27 @@ impl ClipTextModel {
     /// 1 is the last layer, 2 the penultimate one, …; the final layer norm is applied to the chosen layer's
     /// output, as diffusers does.
     pub fn forward(&self, ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        self.forward_embeds(&self.embed_tokens(ids)?, clip_skip)
+    }
+
+    /// The token embeddings (b, tokens, hidden) of token ids (b, tokens), before position embeddings.
+    pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        self.token_embedding.forward(ids)
+    }
+
+    /// Like [`Self::forward`] from token embeddings (b, tokens, hidden) instead of ids, so that some of them
+    /// can be replaced (textual inversion); position embeddings are added here.
+    pub fn forward_embeds(&self, token_embeds: &Tensor, clip_skip: usize) -> Result<Tensor> {
         if clip_skip == 0 || clip_skip > self.max_clip_skip() {
             candle_core::bail!(
                 "clip_skip must be between 1 and {} for this text encoder",
                 self.max_clip_skip()
             );
         }
-        let (_, n) = ids.dims2()?;
-        let positions = Tensor::arange(0u32, n as u32, ids.device())?.unsqueeze(0)?;
-        let mut xs = self
-            .token_embedding
-            .forward(ids)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
-        let mask = Self::causal_mask(n, ids.device())?.to_dtype(xs.dtype())?;
+        let (_, n, _) = token_embeds.dims3()?;
+        let positions = Tensor::arange(0u32, n as u32, token_embeds.device())?.unsqueeze(0)?;
+        let mut xs = token_embeds.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = Self::causal_mask(n, token_embeds.device())?.to_dtype(xs.dtype())?;
         let keep = self.layers.len() + 1 - clip_skip;
         for layer in &self.layers[..keep] {
             xs = layer.forward(&xs, Some(&mask))?;

@@ -67,13 +67,22 @@ impl StableDiffusion {
         let samples = req.samples;
         let guided = req.guidance_scale > 1.0;
 
-        let positive = self.embed_prompt(&req.prompt, req.clip_skip)?;
-        let context = if guided {
-            // diffusers applies clip skip to the prompt only; the negative prompt uses the last layer.
-            let negative = self.embed_prompt(&req.negative_prompt, 1)?;
-            self.guidance_batch(&[&negative, &positive], samples)?
+        if guided {
+            // Checked here so that a syntax error names the right field.
+            crate::prompt_syntax::parse_field(&req.negative_prompt, "negative_prompt")?;
+        }
+        // diffusers applies clip skip to the prompt only; the negative prompt uses the last layer.
+        let (positive, context) = if guided {
+            let encoded = self.encode_prompts(
+                &[(&req.prompt, req.clip_skip), (&req.negative_prompt, 1)],
+                &req.embeddings,
+            )?;
+            let context = self.guidance_batch(&[&encoded[1], &encoded[0]], samples)?;
+            (encoded[0].clone(), context)
         } else {
-            self.guidance_batch(&[&positive], samples)?
+            let encoded = self.encode_prompts(&[(&req.prompt, req.clip_skip)], &req.embeddings)?;
+            let context = self.guidance_batch(&[&encoded[0]], samples)?;
+            (encoded[0].clone(), context)
         };
 
         let mut scheduler = self.build_scheduler(

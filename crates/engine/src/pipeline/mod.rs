@@ -4,6 +4,7 @@
 mod img2img;
 mod pix2pix;
 mod prompt;
+mod prompt_chunks;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use image::RgbImage;
 use serde::Serialize;
 
 use crate::config::VaeConfig;
+use crate::embeddings::TextualInversion;
 use crate::error::{EngineError, Result};
 use crate::lora::{self, Lora, LoraTarget};
 use crate::models::{AutoencoderKl, ClipTextModel, UNet};
@@ -289,6 +291,8 @@ pub struct Img2ImgRequest {
     pub scheduler_options: SchedulerOptions,
     /// A1111 clip skip: 1 = last CLIP layer.
     pub clip_skip: usize,
+    /// Textual-inversion embeddings the prompts may call up by name.
+    pub embeddings: Vec<TextualInversion>,
 }
 
 /// An InstructPix2Pix request.
@@ -320,6 +324,8 @@ pub struct Pix2PixRequest {
     pub scheduler_options: SchedulerOptions,
     /// A1111 clip skip.
     pub clip_skip: usize,
+    /// Textual-inversion embeddings the prompts may call up by name.
+    pub embeddings: Vec<TextualInversion>,
 }
 
 /// What a generation made, with what was actually used.

@@ -48,13 +48,20 @@ impl StableDiffusion {
         let samples = req.samples;
         let guided = req.guidance_scale > 1.0 && req.image_guidance_scale >= 1.0;
 
-        let positive = self.embed_prompt(&req.prompt, req.clip_skip)?;
+        if guided {
+            // Checked here so that a syntax error names the right field.
+            crate::prompt_syntax::parse_field(&req.negative_prompt, "negative_prompt")?;
+        }
         let context = if guided {
             // diffusers applies clip skip to the prompt only; the negative prompt uses the last layer.
-            let negative = self.embed_prompt(&req.negative_prompt, 1)?;
-            self.guidance_batch(&[&positive, &negative, &negative], samples)?
+            let encoded = self.encode_prompts(
+                &[(&req.prompt, req.clip_skip), (&req.negative_prompt, 1)],
+                &req.embeddings,
+            )?;
+            self.guidance_batch(&[&encoded[0], &encoded[1], &encoded[1]], samples)?
         } else {
-            self.guidance_batch(&[&positive], samples)?
+            let encoded = self.encode_prompts(&[(&req.prompt, req.clip_skip)], &req.embeddings)?;
+            self.guidance_batch(&[&encoded[0]], samples)?
         };
 
         let mut scheduler = self.build_scheduler(
