@@ -11,6 +11,7 @@ use pictor_engine::model_store::{self, ModelFormat, ModelLocation, ModelsDir};
 use pictor_engine::pipeline::{
     Img2ImgRequest, ModelKind, Pix2PixRequest, Progress, StableDiffusion,
 };
+use pictor_engine::prompt_syntax;
 use pictor_engine::safety::{replace_flagged, Replacement, SafetyChecker};
 use pictor_engine::schedulers::{SchedulerOptions, SCHEDULER_NAMES};
 use pictor_engine::{EngineError, Runtime};
@@ -441,6 +442,9 @@ impl Backend for EngineBackend {
     }
 
     fn check(&self, request: &GenerationRequest) -> Result<(), BackendError> {
+        prompt_syntax::parse_field(&request.prompt, "prompt").map_err(engine_error)?;
+        prompt_syntax::parse_field(&request.negative_prompt, "negative_prompt")
+            .map_err(engine_error)?;
         for lora in &request.loras {
             self.models_dir
                 .resolve_lora(&lora.name)

@@ -229,13 +229,19 @@ fn the_safety_checker_replaces_flagged_images_and_checks_uploads() {
 }
 
 #[test]
-fn without_a_checker_the_answer_says_so_and_load_vae_adds_one() {
+fn embeddings_no_checker_and_load_vae() {
     let dir = tempfile::tempdir().unwrap();
     let models = tempfile::tempdir().unwrap();
     support::copy_dir(
         &fixtures().join("models/checkpoints/sd1-tiny"),
         &models.path().join("checkpoints/sd1-tiny"),
     );
+    std::fs::create_dir_all(models.path().join("embeddings")).unwrap();
+    std::fs::copy(
+        fixtures().join("prompts/embeddings/pictor-style.pt"),
+        models.path().join("embeddings/pictor-style.pt"),
+    )
+    .unwrap();
     let receiver = Receiver::start();
     receiver.serve_file(
         "/vae.safetensors",
@@ -270,6 +276,40 @@ fn without_a_checker_the_answer_says_so_and_load_vae_adds_one() {
             .contains("no safety checker"),
         "{answer}"
     );
+
+    // A textual-inversion embedding (A1111 .pt) used in the prompt, against diffusers' load_textual_inversion.
+    let prompts: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("prompts/prompts.json")).unwrap(),
+    )
+    .unwrap();
+    let ti = &prompts["ti_img2img"];
+    let ti_body = |extra: Value| {
+        let mut b = body(
+            &json!({
+                "model": ti["model"], "prompt": ti["prompt"], "negative_prompt": ti["negative_prompt"],
+                "init_image": ti["init_image"], "width": 64, "height": 64, "samples": 1,
+                "num_inference_steps": ti["num_inference_steps"], "guidance_scale": ti["guidance_scale"],
+                "strength": ti["strength"], "scheduler": "PNDMScheduler", "seed": ti["seed"],
+            }),
+            json!({"embeddings_model": "pictor-style"}),
+        );
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let (_, answer) = server.post("/api/v6/images/img2img", &ti_body(json!({})));
+    assert_image_matches(&png_of(&server, &answer), ti["image"].as_str().unwrap());
+    assert_eq!(answer["meta"]["embeddings"], "pictor-style", "{answer}");
+    for (extra, field) in [
+        (json!({"embeddings_model": "nope"}), "embeddings_model"),
+        (json!({"prompt": "a ((cat)"}), "prompt"),
+        (json!({"negative_prompt": "blurry]"}), "negative_prompt"),
+    ] {
+        let (_, answer) = server.post("/api/v6/images/img2img", &ti_body(extra.clone()));
+        assert_eq!(answer["status"], "error", "{extra}: {answer}");
+        assert!(answer["errors"][field].is_array(), "{extra}: {answer}");
+    }
 
     let manage = |extra: Value| {
         let mut body = json!({"key": ADMIN});
