@@ -130,6 +130,7 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
         scheduler: c.scheduler.clone(),
         scheduler_options: scheduler_options(c),
         clip_skip: c.clip_skip,
+        tome: None,
     };
     let generation = model.img2img(&request, &mut Bar::new())?;
     let outputs = write_images(&c.out, &generation)?;
@@ -171,6 +172,7 @@ pub fn pix2pix(args: Pix2PixArgs) -> Result<()> {
         scheduler: c.scheduler.clone(),
         scheduler_options: scheduler_options(c),
         clip_skip: c.clip_skip,
+        tome: None,
     };
     let generation = model.pix2pix(&request, &mut Bar::new())?;
     let outputs = write_images(&c.out, &generation)?;

@@ -6,9 +6,11 @@ mod attention;
 pub mod clip;
 mod layers;
 mod resnet;
+pub mod tome;
 pub mod unet;
 pub mod vae;
 
 pub use clip::ClipTextModel;
-pub use unet::UNet;
+pub use tome::{TokenMerging, TomeSettings};
+pub use unet::{UNet, UNetOptions};
 pub use vae::{AutoencoderKl, LatentDistribution};

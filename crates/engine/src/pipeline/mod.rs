@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::config::VaeConfig;
 use crate::error::{EngineError, Result};
-use crate::models::{AutoencoderKl, ClipTextModel, UNet};
+use crate::models::{AutoencoderKl, ClipTextModel, TokenMerging, TomeSettings, UNet, UNetOptions};
 use crate::schedulers::{self, Scheduler, SchedulerOptions};
 use crate::tokenizer::ClipTokenizer;
 
@@ -195,6 +195,8 @@ pub struct Img2ImgRequest {
     pub scheduler_options: SchedulerOptions,
     /// A1111 clip skip: 1 = last CLIP layer.
     pub clip_skip: usize,
+    /// Token merging (the API's `tomesd`); `None` runs the UNet on every token.
+    pub tome: Option<TomeSettings>,
 }
 
 /// An InstructPix2Pix request.
@@ -226,6 +228,8 @@ pub struct Pix2PixRequest {
     pub scheduler_options: SchedulerOptions,
     /// A1111 clip skip.
     pub clip_skip: usize,
+    /// Token merging (the API's `tomesd`); `None` runs the UNet on every token.
+    pub tome: Option<TomeSettings>,
 }
 
 /// What a generation made, with what was actually used.
@@ -291,6 +295,20 @@ pub(crate) fn check_common(
         ));
     }
     Ok(())
+}
+
+/// The UNet options of one generation: token merging seeded with the request's seed.
+pub(crate) fn unet_options(tome: Option<&TomeSettings>, seed: u64) -> Result<UNetOptions> {
+    let tome = match tome {
+        Some(settings) => {
+            settings
+                .validate()
+                .map_err(|msg| EngineError::invalid("tomesd", msg))?;
+            Some(TokenMerging::new(*settings, seed))
+        }
+        None => None,
+    };
+    Ok(UNetOptions { tome })
 }
 
 impl StableDiffusion {
