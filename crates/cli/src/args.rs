@@ -31,6 +31,8 @@ pub enum Command {
     /// List or download models.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Time the full-size SD 1.5 networks with random weights (no model files needed).
+    Bench(BenchArgs),
     /// Write a tiny random model in diffusers layout (e.g. to ROOT/checkpoints/demo) to try Pictor with no
     /// download. It draws noise-like pictures.
     MakeDemoModel {
@@ -268,4 +270,61 @@ pub struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
+}
+
+/// The network `pictor bench` times.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchComponentArg {
+    /// One UNet call (batch 2 = one guided step of one image).
+    Unet,
+    /// The VAE encoder.
+    VaeEncode,
+    /// The VAE decoder.
+    VaeDecode,
+    /// The CLIP-L text encoder.
+    TextEncoder,
+    /// A whole img2img request (strength 0.75, guidance 7.5).
+    Img2img,
+}
+
+/// Weight precision for `pictor bench`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrecisionArg {
+    /// 32-bit floats.
+    Fp32,
+    /// bfloat16 (weights cast; not tuned yet).
+    Bf16,
+}
+
+/// `pictor bench …`
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// What to time.
+    #[arg(long, value_enum, default_value = "unet")]
+    pub component: BenchComponentArg,
+    /// Image side in pixels (latents are an eighth of it).
+    #[arg(long, default_value_t = 512)]
+    pub resolution: usize,
+    /// Batch size (img2img: images per request).
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// Timed runs after one warm-up run.
+    #[arg(long, default_value_t = 3)]
+    pub iterations: usize,
+    /// Weight and activation precision.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub precision: PrecisionArg,
+    /// Token merging (tomesd defaults) in the UNet.
+    #[arg(long)]
+    pub tomesd: bool,
+    /// img2img: steps of the full schedule (strength 0.75 runs three quarters of them).
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Instead of timing, run one UNet call with and without token merging on the same weights and inputs
+    /// and report how close the outputs are (relative L2, cosine similarity) and both times.
+    #[arg(long)]
+    pub compare_tome: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }

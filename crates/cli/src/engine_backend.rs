@@ -8,6 +8,7 @@ use std::time::UNIX_EPOCH;
 
 use pictor_engine::image_io::{decode_image, encode_png};
 use pictor_engine::model_store::{self, ModelFormat, ModelLocation, ModelsDir};
+use pictor_engine::models::TomeSettings;
 use pictor_engine::pipeline::{
     Img2ImgRequest, ModelKind, Pix2PixRequest, Progress, StableDiffusion,
 };
@@ -339,6 +340,7 @@ impl Backend for EngineBackend {
                     scheduler_options: options,
                     clip_skip: request.clip_skip as usize,
                     embeddings: embeddings.clone(),
+                    tome: request.tomesd.then(TomeSettings::default),
                 },
                 &mut relay,
             ),
@@ -358,6 +360,7 @@ impl Backend for EngineBackend {
                     scheduler_options: options,
                     clip_skip: request.clip_skip as usize,
                     embeddings: embeddings.clone(),
+                    tome: request.tomesd.then(TomeSettings::default),
                 },
                 &mut relay,
             ),

@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pictor_engine::embeddings::TextualInversion;
 use pictor_engine::image_io::encode_png;
 use pictor_engine::model_store::{self, ModelsDir};
+use pictor_engine::models::TomeSettings;
 use pictor_engine::pipeline::{
     Generation, Img2ImgRequest, Pix2PixRequest, Progress, StableDiffusion,
 };
@@ -214,6 +215,7 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
         scheduler_options: scheduler_options(c),
         clip_skip: c.clip_skip,
         embeddings: prepared.embeddings.clone(),
+        tome: c.tomesd.then(TomeSettings::default),
     };
     let mut generation = prepared.model.img2img(&request, &mut Bar::new())?;
     let flags = filter(&prepared, &mut generation)?;
@@ -262,6 +264,7 @@ pub fn pix2pix(args: Pix2PixArgs) -> Result<()> {
         scheduler_options: scheduler_options(c),
         clip_skip: c.clip_skip,
         embeddings: prepared.embeddings.clone(),
+        tome: c.tomesd.then(TomeSettings::default),
     };
     let mut generation = prepared.model.pix2pix(&request, &mut Bar::new())?;
     let flags = filter(&prepared, &mut generation)?;

@@ -2,6 +2,7 @@
 //! manages models, and makes a demo model.
 
 mod args;
+mod bench;
 mod engine_backend;
 mod generate;
 mod init_image;
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(a) => serve::serve(*a),
         Command::Img2img(a) => generate::img2img(a),
+        Command::Bench(a) => bench::bench(&a),
         Command::Pix2pix(a) => generate::pix2pix(a),
         Command::Styles { name } => generate::styles(name.as_deref()),
         Command::Models(ModelsCommand::List { models_dir }) => generate::list_models(&models_dir),

@@ -57,6 +57,8 @@ def community_schema(init_image):
         # The hosted API (and Pictor) enhance v6 / enterprise prompts by default; the reference image was made
         # from the prompt as written.
         enhance_prompt="no",
+        # Token merging is on by default there too and changes the image slightly.
+        tomesd="no",
     )
 
 

@@ -10,6 +10,7 @@ pub mod schedulers;
 
 pub use error::{EngineError, Result};
 pub mod assets;
+pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod embeddings;

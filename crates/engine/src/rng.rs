@@ -82,6 +82,11 @@ impl TorchGenerator {
         self.seed
     }
 
+    /// The next 32 random bits, as torch's `random()`; `torch.randint(n)` (n < 2³²) draws this modulo n.
+    pub fn random_u32(&mut self) -> u32 {
+        self.mt.next_u32()
+    }
+
     /// A float uniform in [0, 1) from 24 random bits (torch's `uniform_real_distribution<float>`).
     fn uniform_f32(&mut self) -> f32 {
         (self.mt.next_u32() & ((1 << 24) - 1)) as f32 * (1.0 / (1u32 << 24) as f32)

@@ -73,6 +73,7 @@ fn request(case: &Case) -> Img2ImgRequest {
         scheduler_options: SchedulerOptions::default(),
         clip_skip: 1,
         embeddings: Vec::new(),
+        tome: None,
     }
 }
 

@@ -184,6 +184,7 @@ fn bad_prompts_and_embeddings_are_clear_errors() {
         scheduler_options: SchedulerOptions::default(),
         clip_skip: 1,
         embeddings: Vec::new(),
+        tome: None,
     };
     let e = model.img2img(&request, &mut NoProgress).unwrap_err();
     assert!(
@@ -267,6 +268,7 @@ fn textual_inversion_img2img_matches_diffusers() {
             scheduler_options: SchedulerOptions::default(),
             clip_skip: 1,
             embeddings,
+            tome: None,
         };
         let generation = model.img2img(&request, &mut NoProgress).unwrap();
         let (max, mean) = compare(&generation.images[0], &theirs);
@@ -280,6 +282,7 @@ fn textual_inversion_img2img_matches_diffusers() {
                 .img2img(
                     &Img2ImgRequest {
                         embeddings: Vec::new(),
+                        tome: None,
                         ..request.clone()
                     },
                     &mut NoProgress,

@@ -5,6 +5,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
 
 use super::layers::{conv2d, group_norm, linear_maybe_conv};
+use super::tome::{BlockStage, TokenMerging};
 
 /// softmax(q kᵀ · scale) v over `heads` heads; q is (b, n, heads·d), k and v are (b, m, heads·d).
 /// Scores are computed in float32 whatever the input type (diffusers' upcast, harmless in fp32).
@@ -127,13 +128,40 @@ impl TransformerBlock {
         })
     }
 
-    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self
-            .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context))?
-            + &xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    /// Runs the block on `xs` (b, h·w, dim). With token merging, the matching is computed once from the
+    /// block's input (tomesd's metric) and wraps the operations the settings name.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        context: &Tensor,
+        tome: Option<&mut TokenMerging>,
+        grid: (usize, usize),
+    ) -> Result<Tensor> {
+        let merge = match tome {
+            Some(tome) => tome.plan(xs, grid)?,
+            None => None,
+        };
+        let wrapped = |stage: BlockStage,
+                       input: Tensor,
+                       op: &dyn Fn(&Tensor) -> Result<Tensor>|
+         -> Result<Tensor> {
+            match merge.as_ref().filter(|m| m.applies(stage)) {
+                Some(m) => m.plan().unmerge(&op(&m.plan().merge(&input)?)?),
+                None => op(&input),
+            }
+        };
+        let attn1 = wrapped(BlockStage::SelfAttention, self.norm1.forward(xs)?, &|t| {
+            self.attn1.forward(t, None)
+        })?;
+        let xs = (attn1 + xs)?;
+        let attn2 = wrapped(BlockStage::CrossAttention, self.norm2.forward(&xs)?, &|t| {
+            self.attn2.forward(t, Some(context))
+        })?;
+        let xs = (attn2 + xs)?;
+        let ff = wrapped(BlockStage::FeedForward, self.norm3.forward(&xs)?, &|t| {
+            self.ff.forward(t)
+        })?;
+        ff + xs
     }
 }
 
@@ -202,8 +230,14 @@ impl SpatialTransformer {
         })
     }
 
-    /// Applies the transformer to a (b, c, h, w) feature map, attending to `context` (b, tokens, dim).
-    pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// Applies the transformer to a (b, c, h, w) feature map, attending to `context` (b, tokens, dim),
+    /// merging tokens inside its blocks when `tome` is given.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: &Tensor,
+        mut tome: Option<&mut TokenMerging>,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
         let to_tokens = |t: &Tensor, ch: usize| -> Result<Tensor> {
@@ -214,7 +248,7 @@ impl SpatialTransformer {
             Projection::Linear(lin) => lin.forward(&to_tokens(&normed, c)?)?,
         };
         for block in &self.blocks {
-            tokens = block.forward(&tokens, context)?;
+            tokens = block.forward(&tokens, context, tome.as_deref_mut(), (h, w))?;
         }
         let to_map = |t: &Tensor, ch: usize| -> Result<Tensor> {
             t.reshape((b, h, w, ch))?

@@ -7,10 +7,12 @@ pub mod clip;
 pub mod clip_vision;
 mod layers;
 mod resnet;
+pub mod tome;
 pub mod unet;
 pub mod vae;
 
 pub use clip::ClipTextModel;
 pub use clip_vision::{ClipVisionConfig, ClipVisionModel};
-pub use unet::UNet;
+pub use tome::{TokenMerging, TomeSettings};
+pub use unet::{UNet, UNetOptions};
 pub use vae::{AutoencoderKl, LatentDistribution};

@@ -6,6 +6,7 @@ use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
 use super::attention::SpatialTransformer;
 use super::layers::{conv2d, group_norm, group_norm_silu};
 use super::resnet::ResnetBlock;
+use super::tome::TokenMerging;
 use crate::config::UNetConfig;
 
 /// Sinusoidal embedding of one timestep, computed in float32 as diffusers' `get_timestep_embedding` does.
@@ -32,6 +33,14 @@ fn timestep_embedding(
         [sin, cos].concat()
     };
     Tensor::from_vec(values, (1, half * 2), device)
+}
+
+/// Per-call options of [`UNet::forward_with`].
+#[derive(Debug, Default)]
+pub struct UNetOptions {
+    /// Token merging in the transformer blocks (tomesd); its generator advances with every merged block, so
+    /// one value is kept for all the UNet calls of a generation.
+    pub tome: Option<TokenMerging>,
 }
 
 /// One down block: ResNets, optional spatial transformers, optional stride-2 down-sampling.
@@ -223,7 +232,22 @@ impl UNet {
     /// embeddings `context` (b, tokens, cross_attention_dim). Any latent size works: up-sampling follows the
     /// skip connections' sizes as diffusers does for sizes that are not a multiple of 2^(blocks − 1).
     pub fn forward(&self, xs: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
-        let batch = xs.dim(0)?;
+        self.forward_with(xs, timestep, context, &mut UNetOptions::default())
+    }
+
+    /// [`UNet::forward`] with options (token merging).
+    pub fn forward_with(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        options: &mut UNetOptions,
+    ) -> Result<Tensor> {
+        let (batch, _, latent_h, latent_w) = xs.dims4()?;
+        let mut tome = options.tome.as_mut();
+        if let Some(tome) = tome.as_deref_mut() {
+            tome.set_latent_size(latent_h, latent_w);
+        }
         let dtype = xs.dtype();
         let t_emb = timestep_embedding(
             timestep,
@@ -246,7 +270,7 @@ impl UNet {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 h = resnet.forward(&h, emb)?;
                 if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, context)?;
+                    h = attn.forward(&h, context, tome.as_deref_mut())?;
                 }
                 skips.push(h.clone());
             }
@@ -257,7 +281,7 @@ impl UNet {
         }
         if let Some(mid) = &self.mid_block {
             h = mid.resnet0.forward(&h, emb)?;
-            h = mid.attention.forward(&h, context)?;
+            h = mid.attention.forward(&h, context, tome.as_deref_mut())?;
             h = mid.resnet1.forward(&h, emb)?;
         }
         for block in &self.up_blocks {
@@ -265,7 +289,7 @@ impl UNet {
                 let skip = skips.pop().expect("one skip per up-block resnet");
                 h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, emb)?;
                 if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, context)?;
+                    h = attn.forward(&h, context, tome.as_deref_mut())?;
                 }
             }
             if let Some(up) = &block.upsampler {

@@ -6,7 +6,8 @@ use candle_core::Tensor;
 
 use super::prompt::split_batch;
 use super::{
-    check_common, random_seed, Generation, Img2ImgRequest, ModelKind, Progress, StableDiffusion,
+    check_common, random_seed, unet_options, Generation, Img2ImgRequest, ModelKind, Progress,
+    StableDiffusion,
 };
 use crate::error::{EngineError, Result};
 use crate::image_io::{fit_to_size, image_to_tensor};
@@ -64,6 +65,7 @@ impl StableDiffusion {
         let started = Instant::now();
         let seed = req.seed.unwrap_or_else(random_seed);
         let mut rng = TorchGenerator::new(seed);
+        let mut unet_options = unet_options(req.tome.as_ref(), seed)?;
         let samples = req.samples;
         let guided = req.guidance_scale > 1.0;
 
@@ -119,7 +121,9 @@ impl StableDiffusion {
                         return Err(EngineError::Cancelled);
                     }
                     let input = scheduler.scale_model_input(&x, t)?;
-                    let out = self.unet.forward(&input, t, &prompt_context)?;
+                    let out =
+                        self.unet
+                            .forward_with(&input, t, &prompt_context, &mut unet_options)?;
                     x = scheduler.invert_step(&out, t, &x)?;
                 }
                 x
@@ -137,7 +141,9 @@ impl StableDiffusion {
                 latents.clone()
             };
             let input = scheduler.scale_model_input(&input, t)?;
-            let out = self.unet.forward(&input, t, &context)?;
+            let out = self
+                .unet
+                .forward_with(&input, t, &context, &mut unet_options)?;
             let noise_pred = if guided {
                 let parts = split_batch(&out, 2)?;
                 let (uncond, text) = (&parts[0], &parts[1]);

@@ -17,7 +17,7 @@ use crate::config::VaeConfig;
 use crate::embeddings::TextualInversion;
 use crate::error::{EngineError, Result};
 use crate::lora::{self, Lora, LoraTarget};
-use crate::models::{AutoencoderKl, ClipTextModel, UNet};
+use crate::models::{AutoencoderKl, ClipTextModel, TokenMerging, TomeSettings, UNet, UNetOptions};
 use crate::schedulers::{self, Scheduler, SchedulerOptions};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::NamedWeights;
@@ -293,6 +293,8 @@ pub struct Img2ImgRequest {
     pub clip_skip: usize,
     /// Textual-inversion embeddings the prompts may call up by name.
     pub embeddings: Vec<TextualInversion>,
+    /// Token merging (the API's `tomesd`); `None` runs the UNet on every token.
+    pub tome: Option<TomeSettings>,
 }
 
 /// An InstructPix2Pix request.
@@ -326,6 +328,8 @@ pub struct Pix2PixRequest {
     pub clip_skip: usize,
     /// Textual-inversion embeddings the prompts may call up by name.
     pub embeddings: Vec<TextualInversion>,
+    /// Token merging (the API's `tomesd`); `None` runs the UNet on every token.
+    pub tome: Option<TomeSettings>,
 }
 
 /// What a generation made, with what was actually used.
@@ -391,6 +395,20 @@ pub(crate) fn check_common(
         ));
     }
     Ok(())
+}
+
+/// The UNet options of one generation: token merging seeded with the request's seed.
+pub(crate) fn unet_options(tome: Option<&TomeSettings>, seed: u64) -> Result<UNetOptions> {
+    let tome = match tome {
+        Some(settings) => {
+            settings
+                .validate()
+                .map_err(|msg| EngineError::invalid("tomesd", msg))?;
+            Some(TokenMerging::new(*settings, seed))
+        }
+        None => None,
+    };
+    Ok(UNetOptions { tome })
 }
 
 impl StableDiffusion {

@@ -6,7 +6,8 @@ use candle_core::Tensor;
 
 use super::prompt::split_batch;
 use super::{
-    check_common, random_seed, Generation, ModelKind, Pix2PixRequest, Progress, StableDiffusion,
+    check_common, random_seed, unet_options, Generation, ModelKind, Pix2PixRequest, Progress,
+    StableDiffusion,
 };
 use crate::error::{EngineError, Result};
 use crate::image_io::{fit_to_size, image_to_tensor};
@@ -45,6 +46,7 @@ impl StableDiffusion {
         let started = Instant::now();
         let seed = req.seed.unwrap_or_else(random_seed);
         let mut rng = TorchGenerator::new(seed);
+        let mut unet_options = unet_options(req.tome.as_ref(), seed)?;
         let samples = req.samples;
         let guided = req.guidance_scale > 1.0 && req.image_guidance_scale >= 1.0;
 
@@ -102,7 +104,9 @@ impl StableDiffusion {
             };
             let input = scheduler.scale_model_input(&input, t)?;
             let input = Tensor::cat(&[&input, &image_latents], 1)?;
-            let out = self.unet.forward(&input, t, &context)?;
+            let out = self
+                .unet
+                .forward_with(&input, t, &context, &mut unet_options)?;
             let noise_pred = if guided {
                 let parts = split_batch(&out, 3)?;
                 let (text, image, uncond) = (&parts[0], &parts[1], &parts[2]);
