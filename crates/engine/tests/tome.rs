@@ -11,6 +11,7 @@ use pictor_engine::model_store::{self, ModelsDir};
 use pictor_engine::models::tome::bipartite_soft_matching;
 use pictor_engine::models::TomeSettings;
 use pictor_engine::pipeline::{Img2ImgRequest, NoProgress, Pix2PixRequest, StableDiffusion};
+use pictor_engine::prompt_syntax::escape;
 use pictor_engine::rng::TorchGenerator;
 use pictor_engine::schedulers::SchedulerOptions;
 use pictor_engine::Runtime;
@@ -77,8 +78,8 @@ fn generate(
     let generation = match case.pipeline.as_str() {
         "img2img" => model.img2img(
             &Img2ImgRequest {
-                prompt: case.prompt.clone(),
-                negative_prompt: negative,
+                prompt: escape(&case.prompt),
+                negative_prompt: escape(&negative),
                 init_image: init,
                 width: case.width,
                 height: case.height,
@@ -97,8 +98,8 @@ fn generate(
         ),
         _ => model.pix2pix(
             &Pix2PixRequest {
-                prompt: case.prompt.clone(),
-                negative_prompt: negative,
+                prompt: escape(&case.prompt),
+                negative_prompt: escape(&negative),
                 init_image: init,
                 width: case.width,
                 height: case.height,
