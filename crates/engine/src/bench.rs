@@ -226,7 +226,7 @@ fn unet_inputs(
     Ok((latents, context))
 }
 
-/// The UNet, VAE and text encoder each built for this process only, so one benchmark holds one network.
+/// SD 1.5's UNet over random weights.
 fn random_unet(dtype: DType, device: &Device) -> Result<UNet> {
     let config = sd15_unet_config();
     random_network(dtype, device, |vb| UNet::new(&config, vb))
