@@ -194,6 +194,43 @@ impl EngineBackend {
     }
 }
 
+/// The folder and file a new entry `id` of `dir` would take, after checking neither exists (`field` names the
+/// id in the error). Creates `dir`.
+fn new_entry(dir: &Path, id: &str, field: &str) -> Result<(PathBuf, PathBuf), BackendError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| BackendError::Failed(format!("{}: {e}", dir.display())))?;
+    let folder = dir.join(id);
+    let file = dir.join(format!("{id}.safetensors"));
+    if folder.exists() || file.exists() {
+        return Err(BackendError::Invalid {
+            field: field.into(),
+            message: format!("{id} already exists"),
+        });
+    }
+    Ok((folder, file))
+}
+
+/// Writes `bytes` to `file` through a hidden staging file, only if `check` accepts the staged file.
+fn place_checked(
+    file: &Path,
+    bytes: &[u8],
+    check: impl FnOnce(&Path) -> Result<(), EngineError>,
+) -> Result<(), BackendError> {
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let staging = file.with_file_name(format!(".{name}.partial"));
+    std::fs::write(&staging, bytes)
+        .map_err(|e| BackendError::Failed(format!("{}: {e}", staging.display())))?;
+    if let Err(e) = check(&staging) {
+        let _ = std::fs::remove_file(&staging);
+        return Err(engine_error(e));
+    }
+    std::fs::rename(&staging, file)
+        .map_err(|e| BackendError::Failed(format!("{}: {e}", file.display())))
+}
+
 /// The engine's replacement for the service's `safety_checker_type`.
 fn replacement(kind: SafetyReplacement) -> Replacement {
     match kind {
@@ -398,16 +435,7 @@ impl Backend for EngineBackend {
 
     fn add_model(&self, model_id: &str, source: ModelSource) -> Result<(), BackendError> {
         let dir = self.models_dir.checkpoints();
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| BackendError::Failed(format!("{}: {e}", dir.display())))?;
-        let folder = dir.join(model_id);
-        let file = dir.join(format!("{model_id}.safetensors"));
-        if folder.exists() || file.exists() {
-            return Err(BackendError::Invalid {
-                field: "model_id".into(),
-                message: format!("{model_id} already exists"),
-            });
-        }
+        let (folder, file) = new_entry(&dir, model_id, "model_id")?;
         match source {
             ModelSource::HuggingFace { repo, revision } => {
                 let staging = dir.join(format!(".pull-{model_id}"));
@@ -422,22 +450,10 @@ impl Backend for EngineBackend {
                 let _ = std::fs::remove_dir_all(&staging);
                 result?;
             }
-            ModelSource::SingleFile { bytes } => {
-                let staging = dir.join(format!(".{model_id}.safetensors.partial"));
-                std::fs::write(&staging, &bytes)
-                    .map_err(|e| BackendError::Failed(format!("{}: {e}", staging.display())))?;
-                // Refuse anything that is not a complete Stable Diffusion checkpoint before it becomes a model.
-                let checked =
-                    pictor_engine::checkpoint::SingleFileCheckpoint::open(&staging, model_id)
-                        .map(|_| ())
-                        .map_err(engine_error);
-                if let Err(e) = checked {
-                    let _ = std::fs::remove_file(&staging);
-                    return Err(e);
-                }
-                std::fs::rename(&staging, &file)
-                    .map_err(|e| BackendError::Failed(format!("{}: {e}", file.display())))?;
-            }
+            // Anything that is not a complete Stable Diffusion checkpoint is refused before it becomes a model.
+            ModelSource::SingleFile { bytes } => place_checked(&file, &bytes, |staged| {
+                pictor_engine::checkpoint::SingleFileCheckpoint::open(staged, model_id).map(|_| ())
+            })?,
         }
         let location = self.models_dir.resolve_id(model_id).map_err(engine_error)?;
         model_store::peek_kind(&location).map_err(engine_error)?;
@@ -477,36 +493,15 @@ impl Backend for EngineBackend {
     }
 
     fn add_vae(&self, vae_id: &str, source: ModelSource) -> Result<(), BackendError> {
-        let dir = self.models_dir.vaes();
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| BackendError::Failed(format!("{}: {e}", dir.display())))?;
-        let folder = dir.join(vae_id);
-        let file = dir.join(format!("{vae_id}.safetensors"));
-        if folder.exists() || file.exists() {
-            return Err(BackendError::Invalid {
-                field: "vae_id".into(),
-                message: format!("a VAE {vae_id} already exists"),
-            });
-        }
+        let (folder, file) = new_entry(&self.models_dir.vaes(), vae_id, "vae_id")?;
         match source {
             ModelSource::HuggingFace { repo, revision } => {
                 pictor_engine::hub::pull_vae(&repo, &folder, revision.as_deref())
                     .map_err(engine_error)?;
             }
-            ModelSource::SingleFile { bytes } => {
-                let staging = dir.join(format!(".{vae_id}.safetensors.partial"));
-                std::fs::write(&staging, &bytes)
-                    .map_err(|e| BackendError::Failed(format!("{}: {e}", staging.display())))?;
-                let checked = pictor_engine::checkpoint::VaeFile::open(&staging, vae_id)
-                    .map(|_| ())
-                    .map_err(engine_error);
-                if let Err(e) = checked {
-                    let _ = std::fs::remove_file(&staging);
-                    return Err(e);
-                }
-                std::fs::rename(&staging, &file)
-                    .map_err(|e| BackendError::Failed(format!("{}: {e}", file.display())))?;
-            }
+            ModelSource::SingleFile { bytes } => place_checked(&file, &bytes, |staged| {
+                pictor_engine::checkpoint::VaeFile::open(staged, vae_id).map(|_| ())
+            })?,
         }
         Ok(())
     }

@@ -3,15 +3,16 @@
 //! max |Δ| ≤ 3 and mean |Δ| ≤ 0.5 on the 0–255 scale; merging must leave the base model untouched; files
 //! for another architecture are refused with the reason.
 
-use std::path::{Path, PathBuf};
+mod support;
 
 use pictor_engine::image_io::load_image;
 use pictor_engine::lora::Lora;
-use pictor_engine::model_store::{self, ModelsDir};
+use pictor_engine::model_store::{self};
 use pictor_engine::pipeline::{Img2ImgRequest, NoProgress, StableDiffusion};
 use pictor_engine::schedulers::SchedulerOptions;
 use pictor_engine::Runtime;
 use serde::Deserialize;
+use support::{compare, fixtures, load_model, models};
 
 #[derive(Debug, Deserialize)]
 struct Case {
@@ -35,22 +36,9 @@ struct Case {
     images: Vec<String>,
 }
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn models() -> ModelsDir {
-    ModelsDir::new(fixtures().join("models"))
-}
-
 fn cases() -> Vec<Case> {
     let text = std::fs::read_to_string(fixtures().join("lora_vae/cases.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn load(id: &str) -> StableDiffusion {
-    let rt = Runtime::cpu();
-    model_store::load(&models().resolve_id(id).unwrap(), &rt.device, rt.dtype).unwrap()
 }
 
 fn lora(name: &str) -> Lora {
@@ -77,18 +65,6 @@ fn request(case: &Case) -> Img2ImgRequest {
     }
 }
 
-/// (max, mean) absolute difference over all channels.
-fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
-    let mut max = 0u8;
-    let mut sum = 0u64;
-    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
-        let d = x.abs_diff(*y);
-        max = max.max(d);
-        sum += d as u64;
-    }
-    (max, sum as f64 / a.as_raw().len() as f64)
-}
-
 fn generate(model: &StableDiffusion, case: &Case) -> Vec<image::RgbImage> {
     model
         .img2img(&request(case), &mut NoProgress)
@@ -99,7 +75,7 @@ fn generate(model: &StableDiffusion, case: &Case) -> Vec<image::RgbImage> {
 fn assert_matches(case: &Case, images: &[image::RgbImage]) {
     for (ours, path) in images.iter().zip(&case.images) {
         let theirs = load_image(&fixtures().join("lora_vae").join(path), 1 << 24).unwrap();
-        let (max, mean) = difference(ours, &theirs);
+        let (max, mean) = compare(ours, &theirs);
         assert!(
             max <= 3 && mean <= 0.5,
             "{}: max |Δ| {max}, mean |Δ| {mean:.3} against diffusers",
@@ -111,7 +87,7 @@ fn assert_matches(case: &Case, images: &[image::RgbImage]) {
 #[test]
 fn loras_and_vaes_match_diffusers_and_leave_the_base_model_alone() {
     let plain = cases().into_iter().next().unwrap();
-    let base = load(&plain.model);
+    let base = load_model(&plain.model);
     let before = generate(&base, &plain);
     for case in cases() {
         assert_eq!(case.model, plain.model, "one base model for every case");
@@ -127,7 +103,7 @@ fn loras_and_vaes_match_diffusers_and_leave_the_base_model_alone() {
         }
         let images = generate(&model, &case);
         assert_matches(&case, &images);
-        let (max, _) = difference(&images[0], &before[0]);
+        let (max, _) = compare(&images[0], &before[0]);
         assert!(
             max > 20,
             "{}: the variant should differ from the base model",
@@ -143,7 +119,7 @@ fn loras_and_vaes_match_diffusers_and_leave_the_base_model_alone() {
 
 #[test]
 fn the_ldm_named_vae_file_equals_the_diffusers_folder() {
-    let base = load("sd1-tiny");
+    let base = load_model("sd1-tiny");
     let case = cases().into_iter().find(|c| c.vae.is_some()).unwrap();
     let rt = Runtime::cpu();
     let file = models().resolve_vae("tiny-alt-ldm").unwrap();
@@ -153,7 +129,7 @@ fn the_ldm_named_vae_file_equals_the_diffusers_folder() {
 
 #[test]
 fn a_single_file_model_takes_the_same_loras() {
-    let single = load("sd1-tiny-single");
+    let single = load_model("sd1-tiny-single");
     let case = cases().into_iter().next().unwrap();
     let l = lora(&case.loras[0].0);
     let model = single.with_loras(&[(&l, case.loras[0].1)]).unwrap();
@@ -162,7 +138,7 @@ fn a_single_file_model_takes_the_same_loras() {
 
 #[test]
 fn unfit_or_missing_files_are_refused_clearly() {
-    let base = load("sd1-tiny");
+    let base = load_model("sd1-tiny");
     let sd2 = lora("tiny-sd2-kohya");
     let err = base.with_loras(&[(&sd2, 1.0)]).err().unwrap().to_string();
     assert!(err.contains("another architecture"), "{err}");

@@ -2,8 +2,9 @@
 //! scripts/make_fixtures.py from diffusers' own pipelines on tiny random models) is run through the engine
 //! and must match diffusers' PNGs within max |Δ| ≤ 3 and mean |Δ| ≤ 0.5 on the 0–255 scale.
 
+mod support;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -14,6 +15,7 @@ use pictor_engine::prompt_syntax::escape;
 use pictor_engine::schedulers::SchedulerOptions;
 use pictor_engine::Runtime;
 use serde::Deserialize;
+use support::{compare, fixtures};
 
 #[derive(Debug, Clone, Deserialize)]
 struct Case {
@@ -40,10 +42,6 @@ struct Case {
     images: Vec<String>,
 }
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
 type ModelCache = Arc<Mutex<HashMap<String, Arc<StableDiffusion>>>>;
 
 fn model(cache: &ModelCache, name: &str) -> Result<Arc<StableDiffusion>, Failed> {
@@ -57,18 +55,6 @@ fn model(cache: &ModelCache, name: &str) -> Result<Arc<StableDiffusion>, Failed>
     let m = Arc::new(model_store::load(&location, &rt.device, rt.dtype)?);
     cache.insert(name.to_string(), m.clone());
     Ok(m)
-}
-
-/// Maximum and mean absolute difference between two RGB images of the same size.
-fn compare(ours: &image::RgbImage, theirs: &image::RgbImage) -> (u8, f64) {
-    let mut max = 0u8;
-    let mut sum = 0u64;
-    for (a, b) in ours.as_raw().iter().zip(theirs.as_raw()) {
-        let d = a.abs_diff(*b);
-        max = max.max(d);
-        sum += d as u64;
-    }
-    (max, sum as f64 / ours.as_raw().len() as f64)
 }
 
 fn run_case(case: &Case, cache: &ModelCache) -> Result<(), Failed> {

@@ -3,18 +3,20 @@
 //! AUTOMATIC1111's rules on transformers' CLIPTextModel, and an img2img image from diffusers after
 //! `load_textual_inversion`.
 
+mod support;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use pictor_engine::embeddings::TextualInversion;
 use pictor_engine::image_io::load_image;
-use pictor_engine::model_store::{self, ModelsDir};
+use pictor_engine::model_store::ModelsDir;
 use pictor_engine::pipeline::{Img2ImgRequest, NoProgress, StableDiffusion};
 use pictor_engine::prompt_syntax::escape;
 use pictor_engine::schedulers::SchedulerOptions;
-use pictor_engine::{EngineError, Runtime};
+use pictor_engine::EngineError;
 use serde_json::Value;
+use support::{fixtures, load_model, max_abs_diff};
 
 /// Largest |Δ| allowed between our conditioning and the float32 Python reference (values reach ~4), after the
 /// common factor below.
@@ -24,19 +26,9 @@ const TOLERANCE: f32 = 1e-5;
 /// factor (up to ~3e-5 here): it is checked on its own, with this tolerance.
 const FACTOR_TOLERANCE: f32 = 2e-4;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
 fn fixture() -> Value {
     let text = std::fs::read_to_string(fixtures().join("prompts/prompts.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn load_model(name: &str) -> StableDiffusion {
-    let dir = ModelsDir::new(fixtures().join("models"));
-    let rt = Runtime::cpu();
-    model_store::load(&dir.resolve_id(name).unwrap(), &rt.device, rt.dtype).unwrap()
 }
 
 /// The embedding `name`: from `tests/fixtures/prompts/embeddings/` found as the models folder finds it, or the
@@ -61,21 +53,7 @@ fn fit_scale(ours: &Tensor, theirs: &Tensor) -> (f32, f32) {
             .unwrap()
     };
     let c = dot(ours, theirs) / dot(theirs, theirs);
-    (c, max_diff(ours, &(theirs * c as f64).unwrap()))
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    (c, max_abs_diff(ours, &(theirs * c as f64).unwrap()))
 }
 
 #[test]
@@ -151,7 +129,7 @@ fn prompt_and_negative_get_the_same_length() {
         .encode_prompts(&[("blurry", 1), ("", 1)], &[])
         .unwrap();
     let expected = Tensor::cat(&[&alone[0], &alone[1]], 1).unwrap();
-    assert_eq!(max_diff(&both[0], &expected), 0.0);
+    assert_eq!(max_abs_diff(&both[0], &expected), 0.0);
 }
 
 #[test]
@@ -214,7 +192,7 @@ fn embedding_formats_load_the_same_vectors() {
     let pt = embedding("embeddings", "pictor-style");
     let st = embedding("embeddings-st", "pictor-style");
     assert_eq!((pt.vector_count(), pt.hidden_size()), (3, 48));
-    assert_eq!(max_diff(&pt.vectors, &st.vectors), 0.0);
+    assert_eq!(max_abs_diff(&pt.vectors, &st.vectors), 0.0);
     let dot = embedding("embeddings", "pictor-dot");
     assert_eq!((dot.vector_count(), dot.hidden_size()), (1, 48));
 }
@@ -251,7 +229,7 @@ fn textual_inversion_img2img_matches_diffusers() {
             )
             .unwrap();
         let batch = Tensor::cat(&[&encoded[1], &encoded[0]], 0).unwrap();
-        let d = max_diff(&batch, &expected_embeds);
+        let d = max_abs_diff(&batch, &expected_embeds);
         assert!(d <= TOLERANCE, "{folder}: prompt_embeds max |Δ| {d:e}");
         let request = Img2ImgRequest {
             prompt: escape(&s("prompt")),

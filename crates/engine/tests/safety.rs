@@ -5,17 +5,16 @@
 //! weight namings and folder layouts, clear errors for bad folders, and the replacements applied to
 //! exactly the flagged images.
 
+mod support;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use pictor_engine::safety::{replace_flagged, Replacement, SafetyChecker, CLIP_MEAN, CLIP_STD};
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/safety")
-}
+use support::{fixtures, max_abs_diff};
 
 fn expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap())
@@ -63,19 +62,6 @@ fn diffusers_pixel_values() -> Tensor {
         .permute((0, 3, 1, 2))
         .unwrap()
         .contiguous()
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
         .unwrap()
 }
 

@@ -3,19 +3,18 @@
 //! tolerance (max |Δ| ≤ 3, mean |Δ| ≤ 0.5 on 0–255), and visibly apart from the same run without merging;
 //! the matching itself must reproduce tomesd's merge and unmerge on an odd grid.
 
-use std::path::{Path, PathBuf};
+mod support;
 
 use candle_core::{Device, Tensor};
 use pictor_engine::image_io::load_image;
-use pictor_engine::model_store::{self, ModelsDir};
 use pictor_engine::models::tome::bipartite_soft_matching;
 use pictor_engine::models::TomeSettings;
 use pictor_engine::pipeline::{Img2ImgRequest, NoProgress, Pix2PixRequest, StableDiffusion};
 use pictor_engine::prompt_syntax::escape;
 use pictor_engine::rng::TorchGenerator;
 use pictor_engine::schedulers::SchedulerOptions;
-use pictor_engine::Runtime;
 use serde::Deserialize;
+use support::{compare, fixtures, load_model};
 
 #[derive(Debug, Clone, Deserialize)]
 struct Tome {
@@ -51,21 +50,10 @@ struct Case {
     tome: Tome,
 }
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
 fn cases() -> Vec<Case> {
     let text =
         std::fs::read_to_string(fixtures().join("tome/cases.json")).expect("tome/cases.json");
     serde_json::from_str(&text).expect("tome/cases.json parses")
-}
-
-fn load_model(name: &str) -> StableDiffusion {
-    let dir = ModelsDir::new(fixtures().join("models"));
-    let location = dir.resolve_id(name).expect("fixture model");
-    let rt = Runtime::cpu();
-    model_store::load(&location, &rt.device, rt.dtype).expect("fixture model loads")
 }
 
 fn generate(
@@ -118,19 +106,6 @@ fn generate(
         ),
     };
     generation.expect("generation runs").images
-}
-
-/// Maximum and mean absolute difference between two RGB images of the same size.
-fn compare(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
-    assert_eq!(a.dimensions(), b.dimensions());
-    let mut max = 0u8;
-    let mut sum = 0u64;
-    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
-        let d = x.abs_diff(*y);
-        max = max.max(d);
-        sum += d as u64;
-    }
-    (max, sum as f64 / a.as_raw().len() as f64)
 }
 
 #[test]

@@ -105,29 +105,32 @@ pub const MAX_LORAS: usize = 5;
 /// Strongest LoRA strength accepted (either sign).
 pub const MAX_LORA_STRENGTH: f64 = 2.0;
 
+/// A list field's text: a string as it is, an array's items joined with commas; `None` for other values.
+fn list_text(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(items) => Some(
+            items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string())
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        _ => None,
+    }
+}
+
 /// A comma-separated list of names (`"a, b"`), empty entries dropped.
 fn name_list(body: &Body, names: &[&str]) -> Result<Vec<String>, ApiError> {
     let Some((field, value)) = body.get(names) else {
         return Ok(Vec::new());
     };
-    let text = match value {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Array(items) => items
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| v.to_string())
-            })
-            .collect::<Vec<_>>()
-            .join(","),
-        _ => {
-            return Err(ApiError::field(
-                field,
-                "must be a comma-separated list of names",
-            ))
-        }
-    };
+    let text = list_text(value)
+        .ok_or_else(|| ApiError::field(field, "must be a comma-separated list of names"))?;
     Ok(text
         .split(',')
         .map(str::trim)
@@ -143,19 +146,7 @@ fn loras(body: &Body) -> Result<Vec<LoraChoice>, ApiError> {
         None => Vec::new(),
         Some((_, serde_json::Value::Number(n))) => vec![n.as_f64().unwrap_or(f64::NAN)],
         Some((_, value)) => {
-            let text = match value {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Array(items) => items
-                    .iter()
-                    .map(|v| {
-                        v.as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| v.to_string())
-                    })
-                    .collect::<Vec<_>>()
-                    .join(","),
-                _ => String::from("?"),
-            };
+            let text = list_text(value).unwrap_or_else(|| "?".into());
             text.split(',')
                 .map(str::trim)
                 .filter(|t| !t.is_empty())
