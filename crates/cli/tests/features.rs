@@ -264,6 +264,7 @@ fn embeddings_no_checker_and_load_vae() {
         warnings.contains("no safety checker is installed"),
         "{answer}"
     );
+    assert_eq!(answer["meta"]["safety_checker"], "unavailable", "{answer}");
     let (_, answer) = server.post(
         "/api/v1/enterprise/nsfw_image_check",
         &json!({"key": ADMIN, "init_image": fixture_base64("init-64.png")}),

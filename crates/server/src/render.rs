@@ -46,7 +46,16 @@ pub fn meta(job: &Job) -> Value {
     let mut put = |k: &str, v: Value| {
         m.insert(k.to_string(), v);
     };
-    let safety = yes_no(r.safety_checker.is_some());
+    // What ran: "unavailable" once a job that asked for the check finished without one (no checker installed).
+    let unchecked = job
+        .result
+        .as_ref()
+        .is_some_and(|x| x.nsfw_content_detected.is_empty());
+    let safety = match r.safety_checker {
+        Some(_) if unchecked => "unavailable",
+        Some(_) => "yes",
+        None => "no",
+    };
     let safety_type = |default: &str| {
         json!(r
             .safety_checker
