@@ -14,7 +14,12 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use pictor_engine::safety::{replace_flagged, Replacement, SafetyChecker, CLIP_MEAN, CLIP_STD};
 use serde_json::Value;
-use support::{fixtures, max_abs_diff};
+use support::max_abs_diff;
+
+/// `tests/fixtures/safety`, where the checker and its references are.
+fn fixtures() -> std::path::PathBuf {
+    support::fixtures().join("safety")
+}
 
 fn expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap())
