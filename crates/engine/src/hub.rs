@@ -169,15 +169,24 @@ fn hub_repo(endpoint: &str, repo_id: &str, revision: &str) -> Result<hf_hub::api
 /// `diffusion_pytorch_model.safetensors` at the top, or in a `vae/` folder of a pipeline repository) into the
 /// new folder `dest` (which must not exist). Only `.safetensors` weights are taken.
 pub fn pull_vae(repo_id: &str, dest: &Path, revision: Option<&str>) -> Result<PathBuf> {
+    let endpoint = std::env::var("HF_ENDPOINT")
+        .ok()
+        .filter(|e| !e.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+    pull_vae_from(&endpoint, repo_id, dest, revision)
+}
+
+fn pull_vae_from(
+    endpoint: &str,
+    repo_id: &str,
+    dest: &Path,
+    revision: Option<&str>,
+) -> Result<PathBuf> {
     validate_repo_id(repo_id)?;
     let revision = revision.unwrap_or("main");
     if dest.exists() {
         return Err(download_err(format!("{} already exists", dest.display())));
     }
-    let endpoint = std::env::var("HF_ENDPOINT")
-        .ok()
-        .filter(|e| !e.trim().is_empty())
-        .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
     let endpoint = endpoint.trim_end_matches('/').to_string();
     let repo = hub_repo(&endpoint, repo_id, revision)?;
     let explain = |what: &str, e: ApiError| describe(&endpoint, repo_id, revision, what, e);
@@ -623,6 +632,28 @@ mod tests {
         assert!(msg.contains("cannot reach http://127.0.0.1:9"), "{msg}");
         assert_clean_failure(r, &ck, t);
         assert!(!ck.exists());
+    }
+
+    #[test]
+    fn vae_pull_fails_cleanly_and_checks_its_arguments() {
+        let d = tempfile::tempdir().unwrap();
+        let vae = d.path().join("vae");
+        std::fs::create_dir_all(&vae).unwrap();
+        let t = std::time::Instant::now();
+        let r = pull_vae_from(
+            "http://127.0.0.1:9",
+            "pictor-test/vae",
+            &vae.join("x"),
+            None,
+        );
+        let msg = r.as_ref().unwrap_err().to_string();
+        assert!(msg.contains("cannot reach http://127.0.0.1:9"), "{msg}");
+        assert_clean_failure(r, &vae, t);
+        let r = pull_vae_from("http://127.0.0.1:9", "../etc", &vae.join("y"), None);
+        assert!(r.unwrap_err().to_string().contains("invalid repository id"));
+        std::fs::create_dir_all(vae.join("taken")).unwrap();
+        let r = pull_vae_from("http://127.0.0.1:9", "a/b", &vae.join("taken"), None);
+        assert!(r.unwrap_err().to_string().contains("already exists"));
     }
 
     #[test]
