@@ -879,6 +879,22 @@ fn infer_diffusers_vae(v: &Shapes, model: &str) -> Result<(VaeConfig, HashMap<St
     Ok((config, names))
 }
 
+/// Checks the header of the `.safetensors` file at `path`, memory-maps it and lists its tensors' shapes.
+/// `model` names it in errors.
+fn map_file(path: &Path, model: &str) -> Result<(MmapedSafetensors, Shapes)> {
+    check_safetensors_header(model, path)?;
+    // SAFETY: the file is memory-mapped read-only; like every mmap user we rely on it not being
+    // truncated while it is in use.
+    let file = unsafe { MmapedSafetensors::new(path) }
+        .map_err(|e| EngineError::model(model, format!("cannot read {}: {e}", path.display())))?;
+    let shapes: Shapes = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect();
+    Ok((file, shapes))
+}
+
 /// A VAE in one `.safetensors` file, as A1111 users keep them in `models/VAE/` (e.g.
 /// `vae-ft-mse-840000-ema-pruned.safetensors`): original LDM names with or without the
 /// `first_stage_model.` prefix (so a whole checkpoint works too), or diffusers names. The architecture is
@@ -893,16 +909,7 @@ pub struct VaeFile {
 impl VaeFile {
     /// Checks and memory-maps `path` and works out its naming and architecture. `name` names it in errors.
     pub fn open(path: &Path, name: &str) -> Result<Self> {
-        check_safetensors_header(name, path)?;
-        // SAFETY: read-only memory map, as for checkpoints.
-        let file = unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
-            EngineError::model(name, format!("cannot read {}: {e}", path.display()))
-        })?;
-        let shapes: Shapes = file
-            .tensors()
-            .into_iter()
-            .map(|(n, view)| (n, view.shape().to_vec()))
-            .collect();
+        let (file, shapes) = map_file(path, name)?;
         let (config, names) = if has_prefix(&shapes, &format!("{VAE_PREFIX}encoder.down.")) {
             infer_vae(&shapes, VAE_PREFIX, name)?
         } else if has_prefix(&shapes, "encoder.down.") {
@@ -1197,17 +1204,7 @@ impl SingleFileCheckpoint {
     /// names and shapes (and the sidecar `<name>.yaml`, if any). Refuses files without a UNet, VAE or text
     /// encoder, naming what is missing. `model` names the model in errors.
     pub fn open(path: &Path, model: &str) -> Result<Self> {
-        check_safetensors_header(model, path)?;
-        // SAFETY: the file is memory-mapped read-only; like every mmap user we rely on it not being
-        // truncated while the model is loaded.
-        let file = unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
-            EngineError::model(model, format!("cannot read {}: {e}", path.display()))
-        })?;
-        let shapes: Shapes = file
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| (name, view.shape().to_vec()))
-            .collect();
+        let (file, shapes) = map_file(path, model)?;
 
         let family = if has_prefix(&shapes, OPEN_CLIP_PREFIX) {
             Some(Family::Sd2)
