@@ -376,7 +376,7 @@ impl Backend for EngineBackend {
                     scheduler: request.scheduler.clone(),
                     scheduler_options: options,
                     clip_skip: request.clip_skip as usize,
-                    embeddings: embeddings.clone(),
+                    embeddings,
                     tome: request.tomesd.then(TomeSettings::default),
                 },
                 &mut relay,
@@ -396,7 +396,7 @@ impl Backend for EngineBackend {
                     scheduler: request.scheduler.clone(),
                     scheduler_options: options,
                     clip_skip: request.clip_skip as usize,
-                    embeddings: embeddings.clone(),
+                    embeddings,
                     tome: request.tomesd.then(TomeSettings::default),
                 },
                 &mut relay,
@@ -414,7 +414,8 @@ impl Backend for EngineBackend {
                     nsfw_content_detected = flags;
                 }
                 None => notes.push(
-                    "no safety checker is installed (the model has no safety_checker/ folder and the server                      has no --safety-checker): images were not checked"
+                    "no safety checker is installed (the model has no safety_checker/ folder and the server \
+                     has no --safety-checker): images were not checked"
                         .to_string(),
                 ),
             }
@@ -483,7 +484,8 @@ impl Backend for EngineBackend {
     fn check_image(&self, image: &[u8]) -> Result<bool, BackendError> {
         let checker = self.checker_for(None)?.ok_or_else(|| {
             BackendError::Unsupported(
-                "no safety checker is installed: start the server with --safety-checker PATH or add a model                  with a safety_checker/ folder"
+                "no safety checker is installed: start the server with --safety-checker PATH or add a model \
+                 with a safety_checker/ folder"
                     .into(),
             )
         })?;

@@ -136,20 +136,6 @@ impl ModelsDir {
         ))
     }
 
-    /// The names of the LoRAs in `ROOT/loras`, sorted.
-    pub fn list_loras(&self) -> Vec<String> {
-        names_in(&self.loras(), |p| {
-            p.extension().is_some_and(|e| e == "safetensors")
-        })
-    }
-
-    /// The names of the VAEs in `ROOT/vae`, sorted.
-    pub fn list_vaes(&self) -> Vec<String> {
-        names_in(&self.vaes(), |p| {
-            p.extension().is_some_and(|e| e == "safetensors") || p.join("config.json").is_file()
-        })
-    }
-
     /// `ROOT/embeddings`, where textual-inversion embeddings live.
     pub fn embeddings(&self) -> PathBuf {
         self.root.join("embeddings")
@@ -273,20 +259,6 @@ fn check_name(field: &'static str, name: &str) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// The names (file stems) of the entries of `dir` that `keep` accepts, sorted; none if it does not exist.
-fn names_in(dir: &Path, keep: impl Fn(&Path) -> bool) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| keep(p))
-        .filter_map(|p| Some(p.file_stem()?.to_string_lossy().to_string()))
-        .collect();
-    names.sort();
-    names
 }
 
 /// `base` with the LoRAs `loras` (names in `ROOT/loras`, with strengths) merged in and the VAE `vae` (a name

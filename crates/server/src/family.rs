@@ -79,10 +79,11 @@ impl Family {
         matches!(self, Family::V6Realtime | Family::EnterpriseRealtime)
     }
 
-    /// Whether `enhance_prompt` is on when a request does not say: yes on v3, v4 dreambooth, v6 images and
-    /// enterprise img2img (the hosted API's documented default), no on the realtime families and v5 pix2pix (an
-    /// edit instruction is not a picture description, and v5 documents no such field).
-    pub fn enhance_prompt_by_default(self) -> bool {
+    /// Whether `enhance_prompt`, `tomesd` and `safety_checker` are on when a request does not say: yes on v3, v4
+    /// dreambooth, v6 images and enterprise img2img (the hosted API's documented defaults), no on the realtime
+    /// families (their schema defaults them off) and v5 pix2pix (it documents none of them; an edit instruction
+    /// is not a picture description).
+    pub fn options_on_by_default(self) -> bool {
         matches!(
             self,
             Family::V3 | Family::V4Dreambooth | Family::V6Images | Family::Enterprise

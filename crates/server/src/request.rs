@@ -173,7 +173,8 @@ pub fn pair_loras(names: Vec<String>, strengths: Vec<f64>) -> Result<Vec<LoraCho
         return Err(ApiError::field(
             "lora_strength",
             format!(
-                "each strength must be a number between -{MAX_LORA_STRENGTH} and {MAX_LORA_STRENGTH}                  (comma-separated, one per LoRA), got {bad}"
+                "each strength must be a number between -{MAX_LORA_STRENGTH} and {MAX_LORA_STRENGTH} \
+                 (comma-separated, one per LoRA), got {bad}"
             ),
         ));
     }
@@ -203,11 +204,10 @@ pub fn pair_loras(names: Vec<String>, strengths: Vec<f64>) -> Result<Vec<LoraCho
 
 /// `safety_checker` (default: on where the family documents it) and `safety_checker_type`.
 fn safety(family: Family, body: &Body) -> Result<Option<SafetyReplacement>, ApiError> {
-    let default_on = matches!(
-        family,
-        Family::V3 | Family::V4Dreambooth | Family::Enterprise | Family::V6Images
-    );
-    if !body.flag(&["safety_checker"])?.unwrap_or(default_on) {
+    if !body
+        .flag(&["safety_checker"])?
+        .unwrap_or(family.options_on_by_default())
+    {
         return Ok(None);
     }
     match body.string(&["safety_checker_type"])? {
@@ -277,7 +277,7 @@ pub fn parse(family: Family, body: &Body) -> Result<Submission, ApiError> {
     }
     let enhance_prompt = body
         .flag(&["enhance_prompt"])?
-        .unwrap_or(family.enhance_prompt_by_default());
+        .unwrap_or(family.options_on_by_default());
     let enhance_style = body
         .string(&["enhance_style"])?
         .map(|id| {
@@ -351,11 +351,9 @@ pub fn parse(family: Family, body: &Body) -> Result<Submission, ApiError> {
             .map(|v| v.trim().to_string())
             .filter(|v| !matches!(v.as_str(), "" | "null" | "none" | "no")),
         embeddings: name_list(body, &["embeddings_model", "embeddings"])?,
-        // ToMe is on by default where the documents list `tomesd` (default yes) and off elsewhere.
-        tomesd: body.flag(&["tomesd"])?.unwrap_or(!matches!(
-            family,
-            Family::V6Realtime | Family::EnterpriseRealtime | Family::V5Pix2Pix
-        )),
+        tomesd: body
+            .flag(&["tomesd"])?
+            .unwrap_or(family.options_on_by_default()),
         safety_checker: safety(family, body)?,
         delivery: Delivery {
             base64: body.flag(&["base64"])?.unwrap_or(false),
