@@ -16,6 +16,7 @@ pub mod demo;
 pub mod embeddings;
 pub mod hub;
 pub mod image_io;
+pub mod kernels;
 pub mod models;
 pub mod prompt_syntax;
 pub mod runtime;

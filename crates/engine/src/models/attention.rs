@@ -2,14 +2,22 @@
 //! transformer block, and the spatial transformer that wraps them around a feature map.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
 
-use super::layers::{conv2d, group_norm, linear_maybe_conv};
+use crate::kernels;
+
+use super::layers::{conv2d, group_norm, linear_maybe_conv, Conv2d, GroupNorm};
 use super::tome::{BlockStage, TokenMerging};
 
 /// softmax(q kᵀ · scale) v over `heads` heads; q is (b, n, heads·d), k and v are (b, m, heads·d).
-/// Scores are computed in float32 whatever the input type (diffusers' upcast, harmless in fp32).
+/// Scores are computed in float32 whatever the input type (diffusers' upcast, harmless in fp32). On the
+/// CPU this is [`kernels::attention::attention`], which never holds the whole score matrix.
 pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    if q.device().is_cpu() {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        return kernels::attention::attention(&f32(q)?, &f32(k)?, &f32(v)?, heads)?
+            .to_dtype(q.dtype());
+    }
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
     let d = inner / heads;
@@ -92,6 +100,9 @@ impl FeedForward {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(xs)?;
+        if h.device().is_cpu() && h.dtype() == DType::F32 {
+            return self.out.forward(&kernels::geglu::geglu(&h)?);
+        }
         let half = h.dim(D::Minus1)? / 2;
         let value = h.narrow(D::Minus1, 0, half)?;
         let gate = h.narrow(D::Minus1, half, half)?.gelu_erf()?;

@@ -1,7 +1,45 @@
 //! Small building blocks shared by the networks: convolutions, norms and activations as SD uses them.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::kernels;
+
+/// Whether the hand-written CPU kernels can take a tensor: f32 on the CPU.
+fn fast_cpu(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && xs.dtype() == DType::F32
+}
+
+/// A 2-D convolution with a bias. Convolutions of f32 CPU tensors run through
+/// [`kernels::conv::conv2d`]; everything else through candle's own convolution.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    plain: candle_nn::Conv2d,
+}
+
+impl Conv2d {
+    /// The kernel weights, (c_out, c_in, kh, kw).
+    pub fn weight(&self) -> &Tensor {
+        self.plain.weight()
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let cfg = self.plain.config();
+        match self.plain.bias() {
+            Some(bias)
+                if cfg.dilation == 1
+                    && cfg.groups == 1
+                    && fast_cpu(xs)
+                    && fast_cpu(self.weight()) =>
+            {
+                kernels::conv::conv2d(xs, self.weight(), bias, cfg.padding, cfg.stride)
+            }
+            _ => self.plain.forward(xs),
+        }
+    }
+}
 
 /// A 2-D convolution with square kernel, the given stride and padding, and a bias.
 pub fn conv2d(
@@ -17,17 +55,73 @@ pub fn conv2d(
         stride,
         ..Default::default()
     };
-    candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)
+    Ok(Conv2d {
+        plain: candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?,
+    })
+}
+
+/// A group norm with affine weights. f32 CPU tensors go through the fused
+/// [`kernels::group_norm::group_norm`]; others through candle's composition.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// Normalises `xs`, then applies SiLU when `silu` is set.
+    fn apply(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        if fast_cpu(xs) && fast_cpu(&self.weight) {
+            return kernels::group_norm::group_norm(
+                xs,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                silu,
+            );
+        }
+        let channels = self.weight.dim(0)?;
+        let plain = candle_nn::GroupNorm::new(
+            self.weight.clone(),
+            self.bias.clone(),
+            channels,
+            self.groups,
+            self.eps,
+        )?;
+        let normed = plain.forward(xs)?;
+        if silu {
+            normed.silu()
+        } else {
+            Ok(normed)
+        }
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.apply(xs, false)
+    }
 }
 
 /// A group norm with affine weights.
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
+    if groups == 0 || !channels.is_multiple_of(groups) {
+        candle_core::bail!("group norm: {channels} channels cannot form {groups} groups");
+    }
+    Ok(GroupNorm {
+        weight: vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?,
+        bias: vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?,
+        groups,
+        eps,
+    })
 }
 
 /// Group norm followed by SiLU, the pair that opens every ResNet half.
 pub fn group_norm_silu(norm: &GroupNorm, xs: &Tensor) -> Result<Tensor> {
-    norm.forward(xs)?.silu()
+    norm.apply(xs, true)
 }
 
 /// A linear layer whose weight may be stored as a 1×1 convolution kernel (old VAE attention checkpoints).

@@ -1,9 +1,9 @@
 //! `ResnetBlock2D`: two group-norm/SiLU/conv halves with an optional time-embedding shift in between.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
-use super::layers::{conv2d, group_norm, group_norm_silu};
+use super::layers::{conv2d, group_norm, group_norm_silu, Conv2d, GroupNorm};
 
 /// One residual block as diffusers builds it (output scale factor 1, "default" time shift).
 #[derive(Debug)]

@@ -1,10 +1,10 @@
 //! `UNet2DConditionModel`: the noise predictor, built block by block from `unet/config.json`.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 use super::attention::SpatialTransformer;
-use super::layers::{conv2d, group_norm, group_norm_silu};
+use super::layers::{conv2d, group_norm, group_norm_silu, Conv2d, GroupNorm};
 use super::resnet::ResnetBlock;
 use super::tome::TokenMerging;
 use crate::config::UNetConfig;

@@ -1,10 +1,10 @@
 //! `AutoencoderKL`: the VAE that maps images to latents and back, built from `vae/config.json`.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::attention::VaeAttention;
-use super::layers::{conv2d, group_norm, group_norm_silu};
+use super::layers::{conv2d, group_norm, group_norm_silu, Conv2d, GroupNorm};
 use super::resnet::ResnetBlock;
 use crate::config::VaeConfig;
 use crate::rng::TorchGenerator;

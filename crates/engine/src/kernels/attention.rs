@@ -1,0 +1,208 @@
+//! softmax(q kᵀ · scale) v, computed a block of query rows at a time: each task holds the scores of at
+//! most [`QUERY_BLOCK`] rows against all keys (1 MiB at SD's largest 4096-token level), never the full
+//! (tokens × tokens) matrix, and reads q, k, v and writes the output in their (b, tokens, heads·d)
+//! layout, so the heads are never split out, transposed or copied.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::{contiguous_f32, vector, SharedMut};
+
+/// Query rows per task.
+pub const QUERY_BLOCK: usize = 64;
+
+/// Multi-head attention over f32 CPU tensors q (b, n, heads·d), k and v (b, m, heads·d); returns
+/// (b, n, heads·d). Inputs that are not contiguous are made so first.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, _, inner) = q.dims3()?;
+    let (bk, _, inner_k) = k.dims3()?;
+    if bk != b
+        || inner_k != inner
+        || v.dims() != k.dims()
+        || heads == 0
+        || !inner.is_multiple_of(heads)
+    {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit {heads} heads",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    q.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        &BlockedAttention { heads },
+    )
+}
+
+/// The custom op behind [`attention`].
+struct BlockedAttention {
+    heads: usize,
+}
+
+impl CustomOp3 for BlockedAttention {
+    fn name(&self) -> &'static str {
+        "pictor-blocked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q_storage: &CpuStorage,
+        q_layout: &Layout,
+        k_storage: &CpuStorage,
+        k_layout: &Layout,
+        v_storage: &CpuStorage,
+        v_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = contiguous_f32(q_storage, q_layout, self.name())?;
+        let k = contiguous_f32(k_storage, k_layout, self.name())?;
+        let v = contiguous_f32(v_storage, v_layout, self.name())?;
+        let (b, n, inner) = q_layout.shape().dims3()?;
+        let m = k_layout.shape().dims()[1];
+        let heads = self.heads;
+        let d = inner / heads;
+        let scale = 1.0 / (d as f32).sqrt();
+
+        let mut out = vec![0f32; b * n * inner];
+        let dst = SharedMut(out.as_mut_ptr());
+        let blocks_per_head = n.div_ceil(QUERY_BLOCK);
+        let tasks = b * heads * blocks_per_head;
+        (0..tasks).into_par_iter().for_each_init(
+            || vec![0f32; QUERY_BLOCK * m],
+            |scores, task| {
+                let block = task % blocks_per_head;
+                let head = (task / blocks_per_head) % heads;
+                let batch = task / (blocks_per_head * heads);
+                let row0 = block * QUERY_BLOCK;
+                let rows = QUERY_BLOCK.min(n - row0);
+                let q_block = &q[(batch * n + row0) * inner + head * d..];
+                let k_head = &k[batch * m * inner + head * d..];
+                let v_head = &v[batch * m * inner + head * d..];
+                // SAFETY: the strides below keep every access inside q, k, v (rows < n, m keys, d
+                // columns from head·d) and `scores` (rows × m); each task writes only its own rows and
+                // head's columns of `out`.
+                unsafe {
+                    // scores = scale · q_block · k_headᵀ   (rows × m)
+                    gemm::gemm(
+                        rows,
+                        m,
+                        d,
+                        scores.as_mut_ptr(),
+                        1,
+                        m as isize,
+                        false,
+                        q_block.as_ptr(),
+                        1,
+                        inner as isize,
+                        k_head.as_ptr(),
+                        inner as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                    for row in scores[..rows * m].chunks_exact_mut(m) {
+                        vector::softmax(row);
+                    }
+                    // out block = probabilities · v_head   (rows × d), written in place
+                    gemm::gemm(
+                        rows,
+                        d,
+                        m,
+                        dst.at((batch * n + row0) * inner + head * d),
+                        1,
+                        inner as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        m as isize,
+                        v_head.as_ptr(),
+                        1,
+                        inner as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((b, n, inner))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, D};
+
+    /// The plain candle composition: split heads, materialise the scores, softmax, multiply.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, n, inner) = q.dims3()?;
+        let m = k.dim(1)?;
+        let d = inner / heads;
+        let split = |t: &Tensor, len: usize| {
+            t.reshape((b, len, heads, d))?
+                .transpose(1, 2)?
+                .reshape((b * heads, len, d))?
+                .contiguous()
+        };
+        let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
+        let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+            .matmul(&v)?
+            .reshape((b, heads, n, d))?
+            .transpose(1, 2)?
+            .reshape((b, n, inner))
+    }
+
+    #[test]
+    fn equals_the_plain_candle_attention_on_awkward_shapes() -> Result<()> {
+        let device = Device::Cpu;
+        // (batch, query tokens, key tokens, heads, head dim): odd sizes, blocks that do not divide,
+        // cross-attention with 77 keys, one head of 512 (the VAE), batch 1 and 8.
+        for &(b, n, m, heads, d) in &[
+            (1, 1, 1, 1, 1),
+            (1, 65, 65, 3, 5),
+            (2, 130, 77, 8, 40),
+            (8, 33, 19, 2, 7),
+            (1, 200, 200, 1, 64),
+            (3, 64, 64, 5, 16),
+        ] {
+            let q = Tensor::randn(0f32, 1.0, (b, n, heads * d), &device)?;
+            let k = Tensor::randn(0f32, 1.0, (b, m, heads * d), &device)?;
+            let v = Tensor::randn(0f32, 1.0, (b, m, heads * d), &device)?;
+            let fast = attention(&q, &k, &v, heads)?;
+            let plain = reference(&q, &k, &v, heads)?;
+            let diff = (fast - plain)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(
+                diff < 1e-5,
+                "{b}x{n}x{m}, {heads} heads of {d}: max |Δ| {diff}"
+            );
+        }
+        // Strided inputs (a transposed view) are made contiguous first.
+        let q = Tensor::randn(0f32, 1.0, (2, 12, 9), &device)?.transpose(1, 2)?;
+        let k = Tensor::randn(0f32, 1.0, (2, 6, 12), &device)?;
+        let fast = attention(&q, &k, &k, 3)?;
+        let plain = reference(&q.contiguous()?, &k, &k, 3)?;
+        let diff = (fast - plain)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "strided: {diff}");
+        assert!(attention(&q.to_dtype(DType::F64)?, &k, &k, 3).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,252 @@
+//! 2-D convolution (3×3 stride-1 ones over large maps go to [`super::winograd`]) as one matrix product per tile of output positions, the tile's im2col matrix built
+//! from row copies of a zero-padded input (no whole-image im2col buffer, no layout change).
+//!
+//! The input is copied once into a zero-padded (c_in, h + 2p, w + 2p) image (not at all without
+//! padding). A tile is a run of output positions over all images of the batch, taken row segment by row
+//! segment; its im2col row for input channel i and kernel tap (ky, kx) is, per segment, one slice of the
+//! padded image (a `memcpy` at stride 1). The weights are used in their own (c_out, c_in·kh·kw) layout;
+//! one `gemm` per tile writes a scratch tile that is copied out with the bias. Small feature maps of a
+//! whole batch fit in one tile, so the low-resolution levels of the UNet still make one wide product.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::{contiguous_f32, threads, SharedMut};
+
+/// A tile's im2col matrix holds about this many floats (4 MiB), within [`MIN_TILE`, `MAX_TILE`] positions.
+const COLUMN_FLOATS: usize = 1 << 20;
+const MIN_TILE: usize = 96;
+const MAX_TILE: usize = 2048;
+
+/// Convolves `xs` (b, c_in, h, w) with `weight` (c_out, c_in, kh, kw) at `stride` with zero padding
+/// `padding` on every side and adds `bias` (c_out); returns (b, c_out, ho, wo) with
+/// ho = (h + 2p − kh) / stride + 1 (wo likewise).
+pub fn conv2d(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (_, c_in, h, w) = xs.dims4()?;
+    let (c_out, w_in, kh, kw) = weight.dims4()?;
+    if w_in != c_in
+        || bias.dims() != [c_out]
+        || stride == 0
+        || h + 2 * padding < kh
+        || w + 2 * padding < kw
+    {
+        candle_core::bail!(
+            "conv2d: input {:?}, weight {:?}, bias {:?} with padding {padding}, stride {stride} do not fit",
+            xs.dims(),
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    let (b, ho, wo) = (
+        xs.dim(0)?,
+        (h + 2 * padding - kh) / stride + 1,
+        (w + 2 * padding - kw) / stride + 1,
+    );
+    if (kh, kw, stride) == (3, 3, 1) && super::winograd::worthwhile(b * ho * wo) {
+        return super::winograd::conv3x3(xs, weight, bias, padding);
+    }
+    xs.contiguous()?.apply_op3_no_bwd(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        &TiledConv { padding, stride },
+    )
+}
+
+/// The custom op behind [`conv2d`].
+struct TiledConv {
+    padding: usize,
+    stride: usize,
+}
+
+impl CustomOp3 for TiledConv {
+    fn name(&self) -> &'static str {
+        "pictor-tiled-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x_storage: &CpuStorage,
+        x_layout: &Layout,
+        w_storage: &CpuStorage,
+        w_layout: &Layout,
+        b_storage: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xs = contiguous_f32(x_storage, x_layout, self.name())?;
+        let weight = contiguous_f32(w_storage, w_layout, self.name())?;
+        let bias = contiguous_f32(b_storage, b_layout, self.name())?;
+        let (batch, c_in, h, w) = x_layout.shape().dims4()?;
+        let (c_out, _, kh, kw) = w_layout.shape().dims4()?;
+        let (p, s) = (self.padding, self.stride);
+        let (hp, wp) = (h + 2 * p, w + 2 * p);
+        let (ho, wo) = ((hp - kh) / s + 1, (wp - kw) / s + 1);
+        let taps = kh * kw;
+        let depth = c_in * taps;
+
+        let plane = hp * wp;
+        let padded_storage;
+        let padded: &[f32] = if p == 0 {
+            xs
+        } else {
+            let mut buffer = vec![0f32; batch * c_in * plane];
+            buffer
+                .par_chunks_mut(plane)
+                .zip(xs.par_chunks(h * w))
+                .for_each(|(dst, src)| {
+                    for (y, row) in src.chunks_exact(w).enumerate() {
+                        dst[(y + p) * wp + p..][..w].copy_from_slice(row);
+                    }
+                });
+            padded_storage = buffer;
+            &padded_storage
+        };
+
+        // Output positions (b, y, x) numbered b·ho·wo + y·wo + x.
+        let per_image = ho * wo;
+        let total = batch * per_image;
+        let tile = (COLUMN_FLOATS / depth).clamp(MIN_TILE, MAX_TILE).min(total);
+        let tiles = total.div_ceil(tile);
+        let mut out = vec![0f32; batch * c_out * per_image];
+        let dst = SharedMut(out.as_mut_ptr());
+        let run = |buffers: &mut (Vec<f32>, Vec<f32>), index: usize, parallelism: Parallelism| {
+            let (columns, scratch) = buffers;
+            let start = index * tile;
+            let len = tile.min(total - start);
+            // The tile's row segments: (image, output row, first x, count, column in the tile).
+            let mut segments = Vec::with_capacity(len / wo + 2);
+            let mut pos = start;
+            while pos < start + len {
+                let (b, rest) = (pos / per_image, pos % per_image);
+                let (y, x) = (rest / wo, rest % wo);
+                let count = (wo - x).min(start + len - pos);
+                segments.push((b, y, x, count, pos - start));
+                pos += count;
+            }
+            columns.resize(depth * len, 0.0);
+            for i in 0..c_in {
+                for t in 0..taps {
+                    let (ky, kx) = (t / kw, t % kw);
+                    let row = &mut columns[(i * taps + t) * len..][..len];
+                    for &(b, y, x, count, col) in &segments {
+                        let src = (b * c_in + i) * plane + (y * s + ky) * wp + x * s + kx;
+                        let dst = &mut row[col..col + count];
+                        if s == 1 {
+                            dst.copy_from_slice(&padded[src..src + count]);
+                        } else {
+                            for (j, d) in dst.iter_mut().enumerate() {
+                                *d = padded[src + j * s];
+                            }
+                        }
+                    }
+                }
+            }
+            scratch.resize(c_out * len, 0.0);
+            // SAFETY: scratch is (c_out × len), weight (c_out × depth), columns (depth × len), all
+            // row-major and in bounds.
+            unsafe {
+                gemm::gemm(
+                    c_out,
+                    len,
+                    depth,
+                    scratch.as_mut_ptr(),
+                    1,
+                    len as isize,
+                    false,
+                    weight.as_ptr(),
+                    1,
+                    depth as isize,
+                    columns.as_ptr(),
+                    1,
+                    len as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+            for &(b, y, x, count, col) in &segments {
+                for (o, &bias) in bias.iter().enumerate() {
+                    let src = &scratch[o * len + col..][..count];
+                    let offset = ((b * c_out + o) * ho + y) * wo + x;
+                    // SAFETY: output positions (b, y, x..x+count) belong to this tile only.
+                    let out = unsafe { std::slice::from_raw_parts_mut(dst.at(offset), count) };
+                    for (d, &v) in out.iter_mut().zip(src) {
+                        *d = v + bias;
+                    }
+                }
+            }
+        };
+        if tiles >= 2 * threads() {
+            (0..tiles)
+                .into_par_iter()
+                .for_each_init(Default::default, |buffers, index| {
+                    run(buffers, index, Parallelism::None)
+                });
+        } else {
+            let mut buffers = Default::default();
+            for index in 0..tiles {
+                run(&mut buffers, index, Parallelism::Rayon(threads()));
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((batch, c_out, ho, wo))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn equals_candle_conv2d_on_awkward_shapes() -> Result<()> {
+        let device = Device::Cpu;
+        // (batch, c_in, c_out, h, w, kernel, padding, stride): odd channels, non-square and one-pixel
+        // images, 1×1 and 3×3 kernels with and without padding, stride 1 and 2 (even and odd sizes),
+        // batch 1 and 8, enough positions for many tiles, tiles that span images.
+        for &(b, c_in, c_out, h, w, k, p, s) in &[
+            (1, 3, 5, 7, 9, 3, 1, 1),
+            (8, 4, 6, 5, 3, 3, 1, 1),
+            (1, 7, 3, 1, 1, 3, 1, 1),
+            (2, 5, 9, 6, 11, 1, 0, 1),
+            (1, 6, 4, 8, 5, 3, 0, 1),
+            (8, 3, 3, 4, 4, 1, 0, 1),
+            (1, 13, 17, 70, 45, 3, 1, 1),
+            (2, 32, 1100, 9, 7, 3, 1, 1),
+            (1, 5, 7, 9, 12, 3, 1, 2),
+            (8, 3, 4, 10, 7, 3, 0, 2),
+            (2, 9, 11, 33, 17, 3, 1, 2),
+        ] {
+            let xs = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &device)?;
+            let weight = Tensor::randn(0f32, 0.3, (c_out, c_in, k, k), &device)?;
+            let bias = Tensor::randn(0f32, 1.0, c_out, &device)?;
+            let fast = conv2d(&xs, &weight, &bias, p, s)?;
+            let plain = xs
+                .conv2d(&weight, p, s, 1, 1)?
+                .broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?;
+            assert_eq!(fast.dims(), plain.dims());
+            let diff = (fast - plain)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(
+                diff < 1e-4,
+                "{b}x{c_in}x{h}x{w} → {c_out}, {k}×{k} pad {p} stride {s}: {diff}"
+            );
+        }
+        let xs = Tensor::zeros((1, 2, 3, 3), candle_core::DType::F32, &device)?;
+        let weight = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, &device)?;
+        let bias = Tensor::zeros(4, candle_core::DType::F32, &device)?;
+        assert!(conv2d(&xs, &weight, &bias, 1, 1).is_err());
+        Ok(())
+    }
+}
