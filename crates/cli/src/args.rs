@@ -84,6 +84,9 @@ pub struct CommonArgs {
     /// The models folder (ROOT/checkpoints/<model_id>/ or <model_id>.safetensors).
     #[arg(long, default_value = "models")]
     pub models_dir: PathBuf,
+    /// Arithmetic precision: fp32, or bf16 products on AMX CPUs (faster, close to fp32 but not equal).
+    #[arg(long, value_enum, default_value = "fp32", env = "PICTOR_PRECISION")]
+    pub precision: PrecisionArg,
     /// Model id in ROOT/checkpoints, or a path to a model folder or .safetensors checkpoint.
     #[arg(long)]
     pub model: String,
@@ -209,6 +212,10 @@ pub struct ServeArgs {
     /// The models folder (ROOT/checkpoints/<model_id>/ or <model_id>.safetensors).
     #[arg(long, default_value = "models", env = "PICTOR_MODELS_DIR")]
     pub models_dir: PathBuf,
+    /// Arithmetic precision of every job: fp32, or bf16 products on AMX CPUs (faster, close to fp32 but
+    /// not equal).
+    #[arg(long, value_enum, default_value = "fp32", env = "PICTOR_PRECISION")]
+    pub precision: PrecisionArg,
     /// A Stable Diffusion safety checker (a diffusers safety_checker/ folder, or a model folder holding one)
     /// used for every model; without it, a model's own safety_checker/ folder is used when it has one.
     #[arg(long, env = "PICTOR_SAFETY_CHECKER")]
@@ -287,13 +294,22 @@ pub enum BenchComponentArg {
     Img2img,
 }
 
-/// Weight precision for `pictor bench`.
+/// Arithmetic precision of the CPU engine.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrecisionArg {
-    /// 32-bit floats.
+    /// 32-bit floats throughout (the reference results).
     Fp32,
-    /// bfloat16 (weights cast; not tuned yet).
+    /// Convolutions and linear layers multiply in bfloat16 on AMX (Intel Xeon Sapphire Rapids or later)
+    /// with f32 accumulation; weights and everything else stay f32. Refused on CPUs without AMX.
     Bf16,
+}
+
+impl PrecisionArg {
+    /// Turns the engine's bf16 products on or off for this process, or says why they cannot be used.
+    pub fn apply(self) -> anyhow::Result<()> {
+        pictor_engine::kernels::set_bf16_products(self == PrecisionArg::Bf16)
+            .map_err(anyhow::Error::msg)
+    }
 }
 
 /// `pictor bench …`
@@ -311,7 +327,7 @@ pub struct BenchArgs {
     /// Timed runs after one warm-up run.
     #[arg(long, default_value_t = 3)]
     pub iterations: usize,
-    /// Weight and activation precision.
+    /// Arithmetic precision (bf16: products on AMX, see `pictor serve --help`).
     #[arg(long, value_enum, default_value = "fp32")]
     pub precision: PrecisionArg,
     /// Token merging (tomesd defaults) in the UNet.

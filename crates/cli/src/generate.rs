@@ -81,6 +81,7 @@ struct Prepared {
 fn prepare(common: &CommonArgs) -> Result<Prepared> {
     let dir = ModelsDir::new(&common.models_dir);
     let location = dir.resolve(&common.model)?;
+    common.precision.apply()?;
     let runtime = Runtime::default_for_this_machine()?;
     let split = |text: &Option<String>| -> Vec<String> {
         text.iter()

@@ -62,6 +62,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             models.checkpoints().display()
         );
     }
+    args.precision.apply()?;
     let runtime = Runtime::default_for_this_machine()?;
     let backend = EngineBackend::new(models, runtime, args.model_cache_mib << 20)
         .with_safety_checker(args.safety_checker.clone());

@@ -84,22 +84,23 @@ fn random_network<T>(
     Ok(network)
 }
 
-/// Weight and activation precision of a benchmark.
+/// Arithmetic precision of a benchmark. Weights and activations are f32 either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BenchPrecision {
     /// 32-bit floats.
     Fp32,
-    /// bfloat16 (the weights are simply cast).
+    /// Convolutions and linear layers multiply in bf16 on AMX ([`crate::kernels::set_bf16_products`]).
     Bf16,
 }
 
 impl BenchPrecision {
-    fn dtype(self) -> DType {
-        match self {
-            BenchPrecision::Fp32 => DType::F32,
-            BenchPrecision::Bf16 => DType::BF16,
-        }
+    /// The tensor type of the networks (f32 in both modes), after switching the engine's bf16 products
+    /// on or off for this process.
+    fn dtype(self) -> Result<DType> {
+        crate::kernels::set_bf16_products(self == BenchPrecision::Bf16)
+            .map_err(|reason| EngineError::invalid("precision", reason))?;
+        Ok(DType::F32)
     }
 }
 
@@ -236,7 +237,7 @@ fn random_unet(dtype: DType, device: &Device) -> Result<UNet> {
 pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     check(opts)?;
     let device = Device::Cpu;
-    let dtype = opts.precision.dtype();
+    let dtype = opts.precision.dtype()?;
     let (b, res) = (opts.batch, opts.resolution);
     let mut run: Box<dyn FnMut() -> Result<()>> = match opts.component {
         BenchComponent::Unet => {
@@ -361,7 +362,7 @@ pub fn compare_tome(
     batch: usize,
     precision: BenchPrecision,
 ) -> Result<TomeCloseness> {
-    let dtype = precision.dtype();
+    let dtype = precision.dtype()?;
     check(&BenchOptions {
         component: BenchComponent::Unet,
         resolution,

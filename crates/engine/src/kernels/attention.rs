@@ -7,7 +7,9 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, vector, SharedMut};
+use half::bf16;
+
+use super::{amx, contiguous_f32, vector, SharedMut};
 
 /// Query rows per task.
 pub const QUERY_BLOCK: usize = 64;
@@ -66,6 +68,10 @@ impl CustomOp3 for BlockedAttention {
         let scale = 1.0 / (d as f32).sqrt();
 
         let mut out = vec![0f32; b * n * inner];
+        if super::bf16_products() && amx::available() {
+            amx_attention(q, k, v, &mut out, (b, n, m, inner, heads));
+            return Ok((CpuStorage::F32(out), Shape::from((b, n, inner))));
+        }
         let dst = SharedMut(out.as_mut_ptr());
         let blocks_per_head = n.div_ceil(QUERY_BLOCK);
         let tasks = b * heads * blocks_per_head;
@@ -107,7 +113,7 @@ impl CustomOp3 for BlockedAttention {
                         Parallelism::None,
                     );
                     for row in scores[..rows * m].chunks_exact_mut(m) {
-                        vector::softmax(row);
+                        vector::softmax_scaled(row, 1.0);
                     }
                     // out block = probabilities · v_head   (rows × d), written in place
                     gemm::gemm(
@@ -136,6 +142,95 @@ impl CustomOp3 for BlockedAttention {
         );
         Ok((CpuStorage::F32(out), Shape::from((b, n, inner))))
     }
+}
+
+/// The bf16 path of [`BlockedAttention`]: the same blocks, with both products on AMX. K and V of every
+/// (image, head) are packed once; each task packs its query rows and its probabilities.
+#[allow(clippy::too_many_arguments)]
+fn amx_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    (b, n, m, inner, heads): (usize, usize, usize, usize, usize),
+) {
+    let d = inner / heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let (dp, mp) = (amx::pad(d, amx::BLOCK), amx::pad(m, amx::BLOCK));
+    // Kᵀ (d × m) and V (m × d) of each (image, head), in AMX's B order.
+    let packed: Vec<(Vec<bf16>, Vec<bf16>)> = (0..b * heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (batch, head) = (bh / heads, bh % heads);
+            let base = batch * m * inner + head * d;
+            let keys = amx::pack_b(d, m, |r, c| k[base + c * inner + r]);
+            let mut values = Vec::new();
+            amx::pack_b_rows(&mut values, &v[base..], m, d, inner);
+            (keys, values)
+        })
+        .collect();
+    let dst = SharedMut(out.as_mut_ptr());
+    let blocks_per_head = n.div_ceil(QUERY_BLOCK);
+    (0..b * heads * blocks_per_head)
+        .into_par_iter()
+        .for_each_init(
+            || {
+                (
+                    Vec::new(),
+                    vec![0f32; QUERY_BLOCK * mp],
+                    Vec::new(),
+                    vec![0f32; QUERY_BLOCK * dp],
+                )
+            },
+            |(q_block, scores, probs, product), task| {
+                let block = task % blocks_per_head;
+                let bh = task / blocks_per_head;
+                let (batch, head) = (bh / heads, bh % heads);
+                let row0 = block * QUERY_BLOCK;
+                let rows = QUERY_BLOCK.min(n - row0);
+                let (keys, values) = &packed[bh];
+                let q_start = (batch * n + row0) * inner + head * d;
+                amx::pack_a_rows(q_block, &q[q_start..], rows, d, inner);
+                let rows_p = amx::pad(rows, amx::BLOCK);
+                // SAFETY: AMX is available (the caller checked); q_block is rows_p × dp, keys dp × mp,
+                // scores rows_p × mp.
+                unsafe {
+                    amx::matmul(
+                        rows_p,
+                        mp,
+                        dp,
+                        q_block,
+                        keys,
+                        scores.as_mut_ptr(),
+                        mp,
+                        false,
+                    )
+                };
+                for row in scores.chunks_exact_mut(mp).take(rows) {
+                    vector::softmax_scaled(&mut row[..m], scale);
+                }
+                amx::pack_a_rows(probs, scores, rows, m, mp);
+                // SAFETY: probs is rows_p × mp, values mp × dp, product rows_p × dp.
+                unsafe {
+                    amx::matmul(
+                        rows_p,
+                        dp,
+                        mp,
+                        probs,
+                        values,
+                        product.as_mut_ptr(),
+                        dp,
+                        false,
+                    )
+                };
+                for (r, row) in product.chunks_exact(dp).take(rows).enumerate() {
+                    let offset = (batch * n + row0 + r) * inner + head * d;
+                    // SAFETY: this task alone writes its rows' columns of this head.
+                    let out = unsafe { std::slice::from_raw_parts_mut(dst.at(offset), d) };
+                    out.copy_from_slice(&row[..d]);
+                }
+            },
+        );
 }
 
 #[cfg(test)]
@@ -203,6 +298,48 @@ mod tests {
             .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "strided: {diff}");
         assert!(attention(&q.to_dtype(DType::F64)?, &k, &k, 3).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn amx_attention_is_close_to_the_plain_candle_attention() -> Result<()> {
+        if !amx::available() {
+            eprintln!("no AMX on this machine: skipped");
+            return Ok(());
+        }
+        let device = Device::Cpu;
+        for &(b, n, m, heads, d) in &[
+            (1, 1, 1, 1, 1),
+            (1, 65, 65, 3, 5),
+            (2, 130, 77, 8, 40),
+            (8, 33, 19, 2, 7),
+            (1, 200, 200, 1, 64),
+        ] {
+            let q = Tensor::randn(0f32, 1.0, (b, n, heads * d), &device)?;
+            let k = Tensor::randn(0f32, 1.0, (b, m, heads * d), &device)?;
+            let v = Tensor::randn(0f32, 1.0, (b, m, heads * d), &device)?;
+            let plain = reference(&q, &k, &v, heads)?;
+            let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            let mut out = vec![0f32; b * n * heads * d];
+            amx_attention(
+                &flat(&q)?,
+                &flat(&k)?,
+                &flat(&v)?,
+                &mut out,
+                (b, n, m, heads * d, heads),
+            );
+            let fast = Tensor::from_vec(out, (b, n, heads * d), &device)?;
+            let diff = (fast - plain)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            // bf16 inputs (8-bit mantissa) for scores and probabilities, f32 sums.
+            assert!(
+                diff < 0.05,
+                "{b}x{n}x{m}, {heads} heads of {d}: max |Δ| {diff}"
+            );
+        }
         Ok(())
     }
 }

@@ -9,12 +9,16 @@
 //! in `models::layers` and `models::attention` fall back to the plain candle operation for any other
 //! device or dtype, and the tests in this module check each kernel against that plain operation.
 
+pub mod amx;
 pub mod attention;
 pub mod conv;
 pub mod geglu;
 pub mod group_norm;
+pub mod linear;
 mod vector;
 pub mod winograd;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
@@ -45,6 +49,28 @@ impl SharedMut {
         // SAFETY: callers stay inside the allocation the pointer came from.
         unsafe { self.0.add(offset) }
     }
+}
+
+/// Whether convolutions and linear layers multiply in bf16 on AMX (`--precision bf16`), process-wide.
+static BF16_PRODUCTS: AtomicBool = AtomicBool::new(false);
+
+/// Turns bf16 products on or off for this process (a server or one command). Turning them on fails,
+/// with the reason, on a CPU without AMX.
+pub fn set_bf16_products(on: bool) -> std::result::Result<(), String> {
+    if on && !amx::available() {
+        return Err(
+            "--precision bf16 needs a CPU with AMX-BF16 (Intel Xeon Sapphire Rapids or later) \
+                    and a Linux kernel that grants it; this machine has none, use fp32"
+                .to_string(),
+        );
+    }
+    BF16_PRODUCTS.store(on, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Whether bf16 products are on (see [`set_bf16_products`]).
+pub fn bf16_products() -> bool {
+    BF16_PRODUCTS.load(Ordering::Relaxed)
 }
 
 /// How many worker threads the kernels spread over (rayon's pool, which gemm uses too).

@@ -42,11 +42,34 @@ pub fn erf(x: f32) -> f32 {
     }
 }
 
+/// f32 → bf16 rounding to nearest even (NaNs are not preserved; the networks have none), vectorisable.
+#[inline(always)]
+pub fn to_bf16(x: f32) -> half::bf16 {
+    let bits = x.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
+    half::bf16::from_bits((rounded >> 16) as u16)
+}
+
+#[inline(always)]
+fn bf16_row_body(src: &[f32], dst: &mut [half::bf16]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = to_bf16(s);
+    }
+}
+
+#[inline(always)]
+fn bf16_pairs_body(first: &[f32], second: &[f32], dst: &mut [half::bf16]) {
+    for ((pair, &a), &b) in dst.chunks_exact_mut(2).zip(first).zip(second) {
+        pair[0] = to_bf16(a);
+        pair[1] = to_bf16(b);
+    }
+}
+
 /// Lanes the reductions below keep side by side (one AVX-512 register of f32).
 const LANES: usize = 16;
 
 #[inline(always)]
-fn softmax_body(row: &mut [f32]) {
+fn softmax_body(row: &mut [f32], scale: f32) {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for chunk in &mut chunks {
@@ -65,13 +88,13 @@ fn softmax_body(row: &mut [f32]) {
     let mut chunks = row.chunks_exact_mut(LANES);
     for chunk in &mut chunks {
         for (s, x) in sums.iter_mut().zip(chunk.iter_mut()) {
-            *x = exp(*x - max);
+            *x = exp((*x - max) * scale);
             *s += *x;
         }
     }
     let mut sum: f32 = 0.0;
     for x in chunks.into_remainder() {
-        *x = exp(*x - max);
+        *x = exp((*x - max) * scale);
         sum += *x;
     }
     sum += sums.iter().sum::<f32>();
@@ -150,12 +173,20 @@ macro_rules! dispatched {
 }
 
 dispatched!(
-    /// Replaces a row of scores with softmax(row), in place.
-    fn softmax(row: &mut [f32]) -> () = softmax_body
+    /// Replaces a row of scores x with softmax(scale · x), in place (scale > 0).
+    fn softmax_scaled(row: &mut [f32], scale: f32) -> () = softmax_body
 );
 dispatched!(
     /// dst = src · mul + add, followed by SiLU when `silu` is set.
     fn normalize(src: &[f32], dst: &mut [f32], mul: f32, add: f32, silu: bool) -> () = normalize_body
+);
+dispatched!(
+    /// dst[i] = bf16(src[i]).
+    fn bf16_row(src: &[f32], dst: &mut [half::bf16]) -> () = bf16_row_body
+);
+dispatched!(
+    /// dst[2i] = bf16(first[i]), dst[2i + 1] = bf16(second[i]): two rows interleaved as AMX reads B.
+    fn bf16_pairs(first: &[f32], second: &[f32], dst: &mut [half::bf16]) -> () = bf16_pairs_body
 );
 dispatched!(
     /// dst = value · GELU(gate), GELU in its exact erf form.
@@ -211,7 +242,7 @@ mod tests {
         for len in [1usize, 7, 16, 77, 4097] {
             let mut row: Vec<f32> = (0..len).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
             let original = row.clone();
-            softmax(&mut row);
+            softmax_scaled(&mut row, 1.0);
             let max = original.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let total: f32 = original.iter().map(|x| (x - max).exp()).sum();
             for (p, x) in row.iter().zip(&original) {

@@ -17,7 +17,7 @@ use super::{contiguous_f32, threads, SharedMut};
 /// Whether a 3×3 stride-1 convolution over `positions` output positions (batch · h · w) is worth the
 /// weight transform: below this the direct product of [`super::conv`] is as fast.
 pub fn worthwhile(positions: usize) -> bool {
-    positions >= 1024
+    positions >= 256
 }
 
 /// Convolves `xs` (b, c_in, h, w) with a 3×3 `weight` (c_out, c_in, 3, 3) at stride 1 and zero padding
@@ -124,8 +124,10 @@ impl CustomOp3 for Winograd {
             });
 
         let windows = batch * th * tw;
+        // Enough chunks for every thread to take two, where the chunks stay wide enough to pay.
         let chunk = (CHUNK_FLOATS / c_in.max(c_out))
-            .clamp(64, 1024)
+            .min(windows.div_ceil(2 * threads()))
+            .clamp(32, 1024)
             .min(windows);
         let chunks = windows.div_ceil(chunk);
         let mut out = vec![0f32; batch * c_out * ho * wo];

@@ -2,11 +2,11 @@
 //! transformer block, and the spatial transformer that wraps them around a feature map.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 use crate::kernels;
 
-use super::layers::{conv2d, group_norm, linear_maybe_conv, Conv2d, GroupNorm};
+use super::layers::{self, conv2d, group_norm, linear_maybe_conv, Conv2d, GroupNorm, Linear};
 use super::tome::{BlockStage, TokenMerging};
 
 /// softmax(q kᵀ · scale) v over `heads` heads; q is (b, n, heads·d), k and v are (b, m, heads·d).
@@ -63,10 +63,10 @@ impl CrossAttention {
     ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(CrossAttention {
-            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
+            to_q: layers::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: layers::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: layers::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: layers::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
             heads,
         })
     }
@@ -93,8 +93,8 @@ impl FeedForward {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = dim * 4;
         Ok(FeedForward {
-            proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj: layers::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: layers::linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 
@@ -212,8 +212,8 @@ impl SpatialTransformer {
         let inner = heads * head_dim;
         let (proj_in, proj_out) = if linear_projection {
             (
-                Projection::Linear(candle_nn::linear(channels, inner, vb.pp("proj_in"))?),
-                Projection::Linear(candle_nn::linear(inner, channels, vb.pp("proj_out"))?),
+                Projection::Linear(layers::linear(channels, inner, vb.pp("proj_in"))?),
+                Projection::Linear(layers::linear(inner, channels, vb.pp("proj_out"))?),
             )
         } else {
             (

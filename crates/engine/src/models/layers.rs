@@ -1,9 +1,27 @@
 //! Small building blocks shared by the networks: convolutions, norms and activations as SD uses them.
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
+use half::bf16;
 
 use crate::kernels;
+
+/// A bf16 copy of a layer's weights in the order the AMX product reads them, made on first use with
+/// bf16 products on (so fp32 runs never pay for it) and shared by clones of the layer.
+#[derive(Debug, Clone, Default)]
+struct PackedWeights(Arc<OnceLock<Vec<bf16>>>);
+
+impl PackedWeights {
+    fn get_or_pack(&self, pack: impl FnOnce() -> Result<Vec<bf16>>) -> Result<&[bf16]> {
+        if let Some(packed) = self.0.get() {
+            return Ok(packed);
+        }
+        let packed = pack()?;
+        Ok(self.0.get_or_init(|| packed))
+    }
+}
 
 /// Whether the hand-written CPU kernels can take a tensor: f32 on the CPU.
 fn fast_cpu(xs: &Tensor) -> bool {
@@ -11,10 +29,12 @@ fn fast_cpu(xs: &Tensor) -> bool {
 }
 
 /// A 2-D convolution with a bias. Convolutions of f32 CPU tensors run through
-/// [`kernels::conv::conv2d`]; everything else through candle's own convolution.
+/// [`kernels::conv::conv2d`] (in bf16 on AMX when bf16 products are on); everything else through
+/// candle's own convolution.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     plain: candle_nn::Conv2d,
+    packed: PackedWeights,
 }
 
 impl Conv2d {
@@ -34,7 +54,15 @@ impl Module for Conv2d {
                     && fast_cpu(xs)
                     && fast_cpu(self.weight()) =>
             {
-                kernels::conv::conv2d(xs, self.weight(), bias, cfg.padding, cfg.stride)
+                let amx = if kernels::bf16_products() {
+                    Some(
+                        self.packed
+                            .get_or_pack(|| kernels::conv::pack_weight(self.weight()))?,
+                    )
+                } else {
+                    None
+                };
+                kernels::conv::conv2d(xs, self.weight(), bias, cfg.padding, cfg.stride, amx)
             }
             _ => self.plain.forward(xs),
         }
@@ -57,6 +85,7 @@ pub fn conv2d(
     };
     Ok(Conv2d {
         plain: candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?,
+        packed: PackedWeights::default(),
     })
 }
 
@@ -124,13 +153,61 @@ pub fn group_norm_silu(norm: &GroupNorm, xs: &Tensor) -> Result<Tensor> {
     norm.apply(xs, true)
 }
 
+/// A linear layer (`x · Wᵀ + b`). With bf16 products on, f32 CPU inputs multiply on AMX
+/// ([`kernels::linear`]); otherwise candle's product.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    packed: PackedWeights,
+}
+
+impl Linear {
+    /// A layer from its (out, in) weight and optional bias.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight,
+            bias,
+            packed: PackedWeights::default(),
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if kernels::bf16_products() && fast_cpu(xs) && fast_cpu(&self.weight) {
+            let packed = self
+                .packed
+                .get_or_pack(|| kernels::linear::pack_weight(&self.weight))?;
+            let out = kernels::linear::linear(xs, packed, self.weight.dim(0)?)?;
+            return match &self.bias {
+                Some(bias) => out.broadcast_add(bias),
+                None => Ok(out),
+            };
+        }
+        candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(xs)
+    }
+}
+
+/// A linear layer from `in_dim` to `out_dim` features with a bias.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let plain = candle_nn::linear(in_dim, out_dim, vb)?;
+    Ok(Linear::new(plain.weight().clone(), plain.bias().cloned()))
+}
+
+/// A linear layer from `in_dim` to `out_dim` features without a bias.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let plain = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
+    Ok(Linear::new(plain.weight().clone(), None))
+}
+
 /// A linear layer whose weight may be stored as a 1×1 convolution kernel (old VAE attention checkpoints).
 pub fn linear_maybe_conv(
     in_dim: usize,
     out_dim: usize,
     bias: bool,
     vb: VarBuilder,
-) -> Result<candle_nn::Linear> {
+) -> Result<Linear> {
     let weight = if vb.contains_tensor("weight") {
         let w = vb.get_unchecked("weight")?;
         match w.rank() {
@@ -153,5 +230,5 @@ pub fn linear_maybe_conv(
     } else {
         None
     };
-    Ok(candle_nn::Linear::new(weight, bias))
+    Ok(Linear::new(weight, bias))
 }

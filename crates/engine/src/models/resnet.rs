@@ -1,9 +1,9 @@
 //! `ResnetBlock2D`: two group-norm/SiLU/conv halves with an optional time-embedding shift in between.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-use super::layers::{conv2d, group_norm, group_norm_silu, Conv2d, GroupNorm};
+use super::layers::{self, conv2d, group_norm, group_norm_silu, Conv2d, GroupNorm, Linear};
 
 /// One residual block as diffusers builds it (output scale factor 1, "default" time shift).
 #[derive(Debug)]
@@ -36,7 +36,7 @@ impl ResnetBlock {
             norm1: group_norm(groups, in_ch, eps, vb.pp("norm1"))?,
             conv1: conv2d(in_ch, out_ch, 3, 1, 1, vb.pp("conv1"))?,
             time_emb_proj: match temb_ch {
-                Some(t) => Some(candle_nn::linear(t, out_ch, vb.pp("time_emb_proj"))?),
+                Some(t) => Some(layers::linear(t, out_ch, vb.pp("time_emb_proj"))?),
                 None => None,
             },
             norm2: group_norm(groups, out_ch, eps, vb.pp("norm2"))?,

@@ -1,10 +1,10 @@
 //! `UNet2DConditionModel`: the noise predictor, built block by block from `unet/config.json`.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::attention::SpatialTransformer;
-use super::layers::{conv2d, group_norm, group_norm_silu, Conv2d, GroupNorm};
+use super::layers::{self, conv2d, group_norm, group_norm_silu, Conv2d, GroupNorm, Linear};
 use super::resnet::ResnetBlock;
 use super::tome::TokenMerging;
 use crate::config::UNetConfig;
@@ -107,8 +107,8 @@ impl UNet {
             config.conv_in_kernel / 2,
             vb.pp("conv_in"),
         )?;
-        let time_linear_1 = candle_nn::linear(ch[0], temb, vb.pp("time_embedding.linear_1"))?;
-        let time_linear_2 = candle_nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?;
+        let time_linear_1 = layers::linear(ch[0], temb, vb.pp("time_embedding.linear_1"))?;
+        let time_linear_2 = layers::linear(temb, temb, vb.pp("time_embedding.linear_2"))?;
 
         let mut down_blocks = Vec::with_capacity(n);
         for i in 0..n {

@@ -1,0 +1,315 @@
+//! bf16 matrix products on Intel AMX (the tile unit of Sapphire Rapids and later Xeons), with f32
+//! accumulation, for `--precision bf16`.
+//!
+//! No Rust crate wraps AMX and its intrinsics are not stable Rust, so the few instructions are issued by
+//! inline assembly: `ldtilecfg` (eight 16 × 64-byte tiles), `tileloadd`, `tdpbf16ps` (a 16 × 16 f32 block
+//! += 16 × 32 bf16 · 32 × 16 bf16), `tilestored`, `tilerelease`. Linux hands the tile state to a process
+//! only after `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`; [`available`] asks once.
+//!
+//! Operands: A is row-major bf16 (m × k), B is in the "VNNI" order AMX reads — for each block of 16
+//! columns, each pair of rows (2p, 2p+1) stored as 16 column pairs — and C is row-major f32. Sizes are
+//! padded by the packers: m and n to multiples of 32, k to a multiple of 32.
+
+use std::sync::OnceLock;
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::{vector, SharedMut};
+
+/// Rows and columns of one C block (2 × 2 tiles).
+pub const BLOCK: usize = 32;
+/// Depth of one tile product.
+pub const DEPTH: usize = 32;
+
+/// Whether this CPU has AMX with bf16 and the OS lets this process use it.
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(detect)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    // CPUID leaf 7: EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
+    let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+    if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain syscall asking for permission; it changes nothing else.
+    let status = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    status == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// Rounds `n` up to a multiple of `to`.
+pub fn pad(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
+}
+
+/// Packs an f32 matrix given by `at(row, col)` (rows × cols) as row-major bf16 A, padded with zeros to
+/// (pad(rows, 32) × pad(cols, 32)).
+pub fn pack_a(rows: usize, cols: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Vec<bf16> {
+    let (m, k) = (pad(rows, BLOCK), pad(cols, DEPTH));
+    let mut a = vec![bf16::ZERO; m * k];
+    a.par_chunks_mut(k)
+        .take(rows)
+        .enumerate()
+        .for_each(|(r, row)| {
+            for (c, value) in row.iter_mut().take(cols).enumerate() {
+                *value = bf16::from_f32(at(r, c));
+            }
+        });
+    a
+}
+
+/// Packs B (rows = k × cols = n) in VNNI order, padded to (pad(k, 32) × pad(n, 32)): `at(k, n)` gives
+/// the element. Layout: [n / 16][k / 2][16 columns][2 rows].
+pub fn pack_b(rows: usize, cols: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Vec<bf16> {
+    let (k, n) = (pad(rows, DEPTH), pad(cols, BLOCK));
+    let mut b = vec![bf16::ZERO; k * n];
+    b.par_chunks_mut(k * 16)
+        .enumerate()
+        .for_each(|(block, chunk)| {
+            for pair in 0..k / 2 {
+                for j in 0..16 {
+                    let col = block * 16 + j;
+                    if col >= cols {
+                        continue;
+                    }
+                    for half in 0..2 {
+                        let row = 2 * pair + half;
+                        if row < rows {
+                            chunk[(pair * 16 + j) * 2 + half] = bf16::from_f32(at(row, col));
+                        }
+                    }
+                }
+            }
+        });
+    b
+}
+
+/// Packs a row-major f32 matrix (rows × cols, row stride `ld`) into `dst` as A (see [`pack_a`]); the
+/// per-call path for activations.
+pub fn pack_a_rows(dst: &mut Vec<bf16>, src: &[f32], rows: usize, cols: usize, ld: usize) {
+    let (m, k) = (pad(rows, BLOCK), pad(cols, DEPTH));
+    dst.clear();
+    dst.resize(m * k, bf16::ZERO);
+    dst.par_chunks_mut(k)
+        .take(rows)
+        .enumerate()
+        .for_each(|(r, row)| vector::bf16_row(&src[r * ld..][..cols], &mut row[..cols]));
+}
+
+/// Packs a row-major f32 matrix (rows = k × cols = n, row stride `ld`) into `dst` as B (see
+/// [`pack_b`]); the per-call path for convolution columns. Runs on the calling thread.
+pub fn pack_b_rows(dst: &mut Vec<bf16>, src: &[f32], rows: usize, cols: usize, ld: usize) {
+    let (k, n) = (pad(rows, DEPTH), pad(cols, BLOCK));
+    dst.clear();
+    dst.resize(k * n, bf16::ZERO);
+    for (block, chunk) in dst.chunks_exact_mut(k * 16).enumerate() {
+        let c0 = block * 16;
+        if c0 >= cols {
+            break;
+        }
+        let width = 16.min(cols - c0);
+        for pair in 0..rows.div_ceil(2) {
+            let out = &mut chunk[pair * 32..][..2 * width];
+            let first = &src[2 * pair * ld + c0..][..width];
+            if 2 * pair + 1 < rows {
+                let second = &src[(2 * pair + 1) * ld + c0..][..width];
+                vector::bf16_pairs(first, second, out);
+            } else {
+                for (j, &value) in first.iter().enumerate() {
+                    out[2 * j] = vector::to_bf16(value);
+                }
+            }
+        }
+    }
+}
+
+/// The 64-byte tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn new() -> Self {
+        let mut cfg = [0u8; 64];
+        cfg[0] = 1;
+        for tile in 0..8 {
+            cfg[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&64u16.to_le_bytes());
+            cfg[48 + tile] = 16;
+        }
+        TileConfig(cfg)
+    }
+}
+
+/// C (m × n, row stride `ldc`) = A (m × k, packed by [`pack_a`]) · B (k × n, packed by [`pack_b`]), for
+/// padded m, n, k; the blocks of C are spread over the threads when `parallel` is set.
+///
+/// # Safety
+/// [`available`] must be true; `a` must hold m × k, `b` k × n and `c` (m − 1) · ldc + n elements.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[bf16],
+    b: &[bf16],
+    c: *mut f32,
+    ldc: usize,
+    parallel: bool,
+) {
+    debug_assert!(m.is_multiple_of(BLOCK) && n.is_multiple_of(BLOCK) && k.is_multiple_of(DEPTH));
+    debug_assert!(a.len() >= m * k && b.len() >= k * n);
+    let c = SharedMut(c);
+    let blocks = (m / BLOCK) * (n / BLOCK);
+    let run = |range: std::ops::Range<usize>| {
+        let cfg = TileConfig::new();
+        // SAFETY: AMX is available (caller's contract); the configuration is valid.
+        unsafe { std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
+        for block in range {
+            let (mb, nb) = (block / (n / BLOCK), block % (n / BLOCK));
+            // SAFETY: the block lies inside A, B and C by the caller's contract.
+            unsafe { block_product(mb, nb, k, a, b, c, ldc) };
+        }
+        // SAFETY: releases the tile state this thread configured.
+        unsafe { std::arch::asm!("tilerelease", options(nostack)) };
+    };
+    if parallel && blocks > 1 {
+        let per_task = blocks.div_ceil(4 * super::threads()).max(1);
+        (0..blocks.div_ceil(per_task))
+            .into_par_iter()
+            .for_each(|task| {
+                run(task * per_task..((task + 1) * per_task).min(blocks));
+            });
+    } else {
+        run(0..blocks);
+    }
+}
+
+/// One 32 × 32 block of C: tiles 0–3 accumulate, 4–5 hold A's two row halves, 6–7 B's two column halves.
+#[inline(always)]
+unsafe fn block_product(
+    mb: usize,
+    nb: usize,
+    k: usize,
+    a: &[bf16],
+    b: &[bf16],
+    c: SharedMut,
+    ldc: usize,
+) {
+    let a_stride = (k * 2) as isize; // bytes per A row
+    let b_stride = 64isize; // bytes per VNNI row (16 column pairs)
+    let a0 = a.as_ptr().add(mb * BLOCK * k);
+    let a1 = a0.add(16 * k);
+    let b0 = b.as_ptr().add(nb * 2 * 16 * k);
+    let b1 = b0.add(16 * k);
+    std::arch::asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nostack)
+    );
+    let mut s = 0;
+    while s < k {
+        // A: columns s..s+32 of 16 rows. B: rows s..s+32 = pairs s/2..s/2+16, 16 columns each.
+        std::arch::asm!(
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a0 = in(reg) a0.add(s),
+            a1 = in(reg) a1.add(s),
+            b0 = in(reg) b0.add(s * 16),
+            b1 = in(reg) b1.add(s * 16),
+            sa = in(reg) a_stride,
+            sb = in(reg) b_stride,
+            options(nostack)
+        );
+        s += DEPTH;
+    }
+    let c00 = c.at(mb * BLOCK * ldc + nb * BLOCK);
+    let c01 = c00.add(16);
+    let c10 = c00.add(16 * ldc);
+    let c11 = c10.add(16);
+    std::arch::asm!(
+        "tilestored [{c00} + {sc}*1], tmm0",
+        "tilestored [{c01} + {sc}*1], tmm1",
+        "tilestored [{c10} + {sc}*1], tmm2",
+        "tilestored [{c11} + {sc}*1], tmm3",
+        c00 = in(reg) c00,
+        c01 = in(reg) c01,
+        c10 = in(reg) c10,
+        c11 = in(reg) c11,
+        sc = in(reg) (ldc * 4) as isize,
+        options(nostack)
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amx_product_equals_f64_sum_of_bf16_inputs() {
+        if !available() {
+            eprintln!("no AMX on this machine: skipped");
+            return;
+        }
+        for &(m, n, k) in &[
+            (1usize, 1usize, 1usize),
+            (33, 17, 45),
+            (64, 96, 320),
+            (5, 70, 100),
+        ] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919) % 23) as f32 / 7.0 - 1.5)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 104_729) % 19) as f32 / 5.0 - 1.8)
+                .collect();
+            let pa = pack_a(m, k, |r, c| a[r * k + c]);
+            let pb = pack_b(k, n, |r, c| b[r * n + c]);
+            // The per-call packers give the same bits.
+            let (mut fast_a, mut fast_b) = (Vec::new(), Vec::new());
+            pack_a_rows(&mut fast_a, &a, m, k, k);
+            pack_b_rows(&mut fast_b, &b, k, n, n);
+            assert!(fast_a == pa && fast_b == pb, "{m}x{n}x{k}: packers differ");
+            let (mp, np, kp) = (pad(m, BLOCK), pad(n, BLOCK), pad(k, DEPTH));
+            let mut c = vec![0f32; mp * np];
+            unsafe { matmul(mp, np, kp, &pa, &pb, c.as_mut_ptr(), np, true) };
+            for r in 0..m {
+                for col in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|i| {
+                            bf16::from_f32(a[r * k + i]).to_f64()
+                                * bf16::from_f32(b[i * n + col]).to_f64()
+                        })
+                        .sum();
+                    let got = c[r * np + col] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-3 * (1.0 + want.abs()),
+                        "{m}x{n}x{k} ({r},{col}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
