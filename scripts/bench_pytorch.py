@@ -31,6 +31,8 @@ Options (the same names and defaults as `pictor bench`):
                      --iterations apply to all of it):
                        UNet step (batch 2) at 256 and 512, VAE encode and decode (batch 1) at 256 and 512,
                        text encoder (batch 2), img2img 512 x 512, 20 steps, strength 0.75, one image
+    --pictor-precision fp32|bf16   Pictor's precision when it should differ from --precision (the issue's
+                     bf16 goal: `--precision fp32 --pictor-precision bf16` puts Pictor bf16 next to PyTorch fp32)
     --compare BIN    also run `BIN bench <same arguments> --json` for each measurement (Pictor must be
                      built beforehand, e.g. `cargo build --release -p pictor-cli`); if BIN is missing or
                      fails, the table says so in Pictor's column and the error is printed below it
@@ -408,7 +410,8 @@ def print_table(info, rows, compare):
             fmt(pt and pt["median_s"], ".3f") if pt else "error",
         ]
         if compare:
-            cells.append(fmt(pc["median_s"], ".3f") if pc else "error")
+            cells.append((fmt(pc["median_s"], ".3f") if pc else "error")
+                         + (f" ({r['pictor_precision']})" if r.get("pictor_precision") != r["precision"] else ""))
             ratio = pc["median_s"] / pt["median_s"] if pt and pc and pt["median_s"] > 0 else None
             cells.append(fmt(ratio, ".2f"))
         cells.append(fmt(pt and pt.get("peak_rss_mib"), ".0f") if pt else "error")
@@ -439,6 +442,8 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--suite", action="store_true", help="run the issue's set of measurements")
     p.add_argument("--compare", metavar="BIN", help="also run BIN bench ... --json (the pictor binary)")
+    p.add_argument("--pictor-precision", choices=["fp32", "bf16"], default=None,
+                   help="Pictor's precision when it differs from --precision (bf16 against PyTorch fp32)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per measurement and side")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -470,8 +475,20 @@ def main():
         row["pytorch"], row["pytorch_error"] = run_side(
             [sys.executable, str(Path(__file__).resolve()), "--worker", *args], opts.timeout)
         if compare:
-            row["pictor"], row["pictor_error"] = run_side([compare, "bench", *args, "--json"], opts.timeout)
+            pictor_args = measurement_args(dict(m, precision=opts.pictor_precision or m["precision"]))
+            row["pictor_precision"] = opts.pictor_precision or m["precision"]
+            row["pictor"], row["pictor_error"] = run_side([compare, "bench", *pictor_args, "--json"],
+                                                          opts.timeout)
         rows.append(row)
+        if not opts.json:
+            # Each result as soon as it is known, so an interrupted suite keeps what it measured.
+            pt, pc = row.get("pytorch"), row.get("pictor")
+            done = f"  PyTorch {fmt(pt and pt['median_s'], '.3f')} s"
+            if compare:
+                done += f", Pictor ({row['pictor_precision']}) {fmt(pc and pc['median_s'], '.3f')} s"
+                if pt and pc and pt["median_s"] > 0:
+                    done += f", ratio {pc['median_s'] / pt['median_s']:.2f}"
+            print(done, file=sys.stderr, flush=True)
     if opts.json:
         print(json.dumps({"machine": info, "compare": compare, "rows": rows}, indent=2, sort_keys=True))
     else:

@@ -17,6 +17,25 @@ pub const QUERY_BLOCK: usize = 64;
 /// Multi-head attention over f32 CPU tensors q (b, n, heads·d), k and v (b, m, heads·d); returns
 /// (b, n, heads·d). Inputs that are not contiguous are made so first.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    attention_masked(q, k, v, heads, false)
+}
+
+/// [`attention`], optionally causal (query i sees keys 0..=i only, as in CLIP's text encoder; q and k
+/// must then have the same length).
+pub fn attention_masked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    causal: bool,
+) -> Result<Tensor> {
+    if causal && q.dims().get(1) != k.dims().get(1) {
+        candle_core::bail!(
+            "causal attention: q {:?} and k {:?} differ in length",
+            q.dims(),
+            k.dims()
+        );
+    }
     let (b, _, inner) = q.dims3()?;
     let (bk, _, inner_k) = k.dims3()?;
     if bk != b
@@ -35,13 +54,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     q.contiguous()?.apply_op3_no_bwd(
         &k.contiguous()?,
         &v.contiguous()?,
-        &BlockedAttention { heads },
+        &BlockedAttention { heads, causal },
     )
 }
 
 /// The custom op behind [`attention`].
 struct BlockedAttention {
     heads: usize,
+    causal: bool,
 }
 
 impl CustomOp3 for BlockedAttention {
@@ -69,7 +89,7 @@ impl CustomOp3 for BlockedAttention {
 
         let mut out = vec![0f32; b * n * inner];
         if super::bf16_products() && amx::available() {
-            amx_attention(q, k, v, &mut out, (b, n, m, inner, heads));
+            amx_attention(q, k, v, &mut out, (b, n, m, inner, heads), self.causal);
             return Ok((CpuStorage::F32(out), Shape::from((b, n, inner))));
         }
         let dst = SharedMut(out.as_mut_ptr());
@@ -112,8 +132,8 @@ impl CustomOp3 for BlockedAttention {
                         false,
                         Parallelism::None,
                     );
-                    for row in scores[..rows * m].chunks_exact_mut(m) {
-                        vector::softmax_scaled(row, 1.0);
+                    for (r, row) in scores[..rows * m].chunks_exact_mut(m).enumerate() {
+                        softmax_row(row, row0 + r, self.causal, 1.0);
                     }
                     // out block = probabilities · v_head   (rows × d), written in place
                     gemm::gemm(
@@ -144,6 +164,17 @@ impl CustomOp3 for BlockedAttention {
     }
 }
 
+/// softmax(scale · row) for query `index`; causal rows see only keys 0..=index, the rest become zero.
+fn softmax_row(row: &mut [f32], index: usize, causal: bool, scale: f32) {
+    if causal && index + 1 < row.len() {
+        let (seen, hidden) = row.split_at_mut(index + 1);
+        vector::softmax_scaled(seen, scale);
+        hidden.fill(0.0);
+    } else {
+        vector::softmax_scaled(row, scale);
+    }
+}
+
 /// The bf16 path of [`BlockedAttention`]: the same blocks, with both products on AMX. K and V of every
 /// (image, head) are packed once; each task packs its query rows and its probabilities.
 #[allow(clippy::too_many_arguments)]
@@ -153,6 +184,7 @@ fn amx_attention(
     v: &[f32],
     out: &mut [f32],
     (b, n, m, inner, heads): (usize, usize, usize, usize, usize),
+    causal: bool,
 ) {
     let d = inner / heads;
     let scale = 1.0 / (d as f32).sqrt();
@@ -206,8 +238,8 @@ fn amx_attention(
                         false,
                     )
                 };
-                for row in scores.chunks_exact_mut(mp).take(rows) {
-                    vector::softmax_scaled(&mut row[..m], scale);
+                for (r, row) in scores.chunks_exact_mut(mp).take(rows).enumerate() {
+                    softmax_row(&mut row[..m], row0 + r, causal, scale);
                 }
                 amx::pack_a_rows(probs, scores, rows, m, mp);
                 // SAFETY: probs is rows_p × mp, values mp × dp, product rows_p × dp.
@@ -240,6 +272,17 @@ mod tests {
 
     /// The plain candle composition: split heads, materialise the scores, softmax, multiply.
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+        reference_masked(q, k, v, heads, false)
+    }
+
+    /// The same with an additive causal mask (−∞ above the diagonal), as CLIP's text encoder builds it.
+    fn reference_masked(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        causal: bool,
+    ) -> Result<Tensor> {
         let (b, n, inner) = q.dims3()?;
         let m = k.dim(1)?;
         let d = inner / heads;
@@ -250,7 +293,19 @@ mod tests {
                 .contiguous()
         };
         let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
-        let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
+        let mut scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
+        if causal {
+            let mask: Vec<f32> = (0..n * m)
+                .map(|i| {
+                    if i % m > i / m {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            scores = scores.broadcast_add(&Tensor::from_vec(mask, (n, m), q.device())?)?;
+        }
         candle_nn::ops::softmax(&scores, D::Minus1)?
             .matmul(&v)?
             .reshape((b, heads, n, d))?
@@ -327,6 +382,7 @@ mod tests {
                 &flat(&v)?,
                 &mut out,
                 (b, n, m, heads * d, heads),
+                false,
             );
             let fast = Tensor::from_vec(out, (b, n, heads * d), &device)?;
             let diff = (fast - plain)?
@@ -340,6 +396,28 @@ mod tests {
                 "{b}x{n}x{m}, {heads} heads of {d}: max |Δ| {diff}"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn causal_attention_equals_the_masked_candle_attention() -> Result<()> {
+        let device = Device::Cpu;
+        for &(b, n, heads, d) in &[(1, 1, 1, 3), (2, 77, 12, 64), (8, 70, 3, 5), (1, 130, 2, 8)] {
+            let q = Tensor::randn(0f32, 1.0, (b, n, heads * d), &device)?;
+            let k = Tensor::randn(0f32, 1.0, (b, n, heads * d), &device)?;
+            let v = Tensor::randn(0f32, 1.0, (b, n, heads * d), &device)?;
+            let fast = attention_masked(&q, &k, &v, heads, true)?;
+            let plain = reference_masked(&q, &k, &v, heads, true)?;
+            let diff = (fast - plain)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{b}x{n}, {heads} heads of {d}: max |Δ| {diff}");
+        }
+        let q = Tensor::zeros((1, 3, 4), candle_core::DType::F32, &device)?;
+        let k = Tensor::zeros((1, 5, 4), candle_core::DType::F32, &device)?;
+        assert!(attention_masked(&q, &k, &k, 2, true).is_err());
         Ok(())
     }
 }

@@ -4,6 +4,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 
 use crate::config::ClipTextConfig;
+use crate::kernels;
 
 /// The MLP activation the config names.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +22,14 @@ impl Activation {
             Activation::Gelu => xs.gelu_erf(),
         }
     }
+}
+
+/// The additive causal mask (1, 1, n, n): 0 on and below the diagonal, the lowest f32 above it.
+fn causal_mask(n: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| (0..n).map(move |j| if j > i { f32::MIN } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (1, 1, n, n), device)
 }
 
 /// One pre-norm transformer layer with self-attention (causal for the text encoder, unmasked for the vision
@@ -77,9 +86,19 @@ impl EncoderLayer {
         })
     }
 
-    fn attention(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn attention(&self, xs: &Tensor, causal: bool) -> Result<Tensor> {
         let (b, n, h) = xs.dims3()?;
         let d = h / self.heads;
+        if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+            let out = kernels::attention::attention_masked(
+                &self.q_proj.forward(xs)?,
+                &self.k_proj.forward(xs)?,
+                &self.v_proj.forward(xs)?,
+                self.heads,
+                causal,
+            )?;
+            return self.out_proj.forward(&out);
+        }
         let split = |t: Tensor| -> Result<Tensor> {
             t.reshape((b, n, self.heads, d))?
                 .transpose(1, 2)?
@@ -89,19 +108,20 @@ impl EncoderLayer {
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
         let scores = q.matmul(&k.t()?)?;
-        let scores = match mask {
-            Some(mask) => scores.broadcast_add(mask)?,
-            None => scores,
+        let scores = if causal {
+            scores.broadcast_add(&causal_mask(n, xs.device())?.to_dtype(scores.dtype())?)?
+        } else {
+            scores
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h))?;
         self.out_proj.forward(&out)
     }
 
-    /// One layer over hidden states (b, tokens, hidden); `mask` (additive, broadcast to the attention scores)
-    /// is the text encoder's causal mask, or none.
-    pub(crate) fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let xs = (self.attention(&self.layer_norm1.forward(xs)?, mask)? + xs)?;
+    /// One layer over hidden states (b, tokens, hidden); `causal` for the text encoder (token i attends to
+    /// tokens 0..=i), not for the vision tower.
+    pub(crate) fn forward(&self, xs: &Tensor, causal: bool) -> Result<Tensor> {
+        let xs = (self.attention(&self.layer_norm1.forward(xs)?, causal)? + xs)?;
         let h = self
             .activation
             .apply(&self.fc1.forward(&self.layer_norm2.forward(&xs)?)?)?;
@@ -161,13 +181,6 @@ impl ClipTextModel {
         self.layers.len() + 1
     }
 
-    fn causal_mask(n: usize, device: &Device) -> Result<Tensor> {
-        let mask: Vec<f32> = (0..n)
-            .flat_map(|i| (0..n).map(move |j| if j > i { f32::MIN } else { 0.0 }))
-            .collect();
-        Tensor::from_vec(mask, (1, 1, n, n), device)
-    }
-
     /// Encodes token ids (b, tokens) to hidden states (b, tokens, hidden). `clip_skip` follows AUTOMATIC1111:
     /// 1 is the last layer, 2 the penultimate one, …; the final layer norm is applied to the chosen layer's
     /// output, as diffusers does.
@@ -192,10 +205,9 @@ impl ClipTextModel {
         let (_, n, _) = token_embeds.dims3()?;
         let positions = Tensor::arange(0u32, n as u32, token_embeds.device())?.unsqueeze(0)?;
         let mut xs = token_embeds.broadcast_add(&self.position_embedding.forward(&positions)?)?;
-        let mask = Self::causal_mask(n, token_embeds.device())?.to_dtype(xs.dtype())?;
         let keep = self.layers.len() + 1 - clip_skip;
         for layer in &self.layers[..keep] {
-            xs = layer.forward(&xs, Some(&mask))?;
+            xs = layer.forward(&xs, true)?;
         }
         self.final_layer_norm.forward(&xs)
     }

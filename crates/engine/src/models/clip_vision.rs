@@ -206,7 +206,7 @@ impl ClipVisionModel {
             .broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
         let mut xs = self.pre_layrnorm.forward(&xs)?;
         for layer in &self.layers {
-            xs = layer.forward(&xs, None)?;
+            xs = layer.forward(&xs, false)?;
         }
         self.post_layernorm
             .forward(&xs.narrow(1, 0, 1)?.squeeze(1)?)
