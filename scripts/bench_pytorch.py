@@ -483,11 +483,13 @@ def main():
         if not opts.json:
             # Each result as soon as it is known, so an interrupted suite keeps what it measured.
             pt, pc = row.get("pytorch"), row.get("pictor")
-            done = f"  PyTorch {fmt(pt and pt['median_s'], '.3f')} s"
+            done = (f"  PyTorch {fmt(pt and pt['median_s'], '.3f')} s, peak "
+                    f"{fmt(pt and pt.get('peak_rss_mib'), '.0f')} MiB")
             if compare:
-                done += f", Pictor ({row['pictor_precision']}) {fmt(pc and pc['median_s'], '.3f')} s"
+                done += (f"; Pictor ({row['pictor_precision']}) {fmt(pc and pc['median_s'], '.3f')} s, peak "
+                         f"{fmt(pc and pc.get('peak_rss_mib'), '.0f')} MiB")
                 if pt and pc and pt["median_s"] > 0:
-                    done += f", ratio {pc['median_s'] / pt['median_s']:.2f}"
+                    done += f"; ratio {pc['median_s'] / pt['median_s']:.2f}"
             print(done, file=sys.stderr, flush=True)
     if opts.json:
         print(json.dumps({"machine": info, "compare": compare, "rows": rows}, indent=2, sort_keys=True))

@@ -5,81 +5,9 @@
 
 mod support;
 
-use pictor_engine::image_io::load_image;
 use pictor_engine::kernels;
-use pictor_engine::pipeline::{Img2ImgRequest, NoProgress, Pix2PixRequest, StableDiffusion};
-use pictor_engine::prompt_syntax::escape;
-use pictor_engine::schedulers::SchedulerOptions;
-use serde::Deserialize;
-use support::{fixtures, load_model};
-
-#[derive(Debug, Clone, Deserialize)]
-struct Case {
-    name: String,
-    model: String,
-    pipeline: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    init_image: String,
-    width: u32,
-    height: u32,
-    samples: usize,
-    num_inference_steps: usize,
-    guidance_scale: f64,
-    strength: Option<f64>,
-    image_guidance_scale: Option<f64>,
-    seed: u64,
-    scheduler: String,
-    clip_skip: usize,
-}
-
-fn generate(model: &StableDiffusion, case: &Case) -> Vec<image::RgbImage> {
-    let init = load_image(&fixtures().join(&case.init_image), 1 << 24).unwrap();
-    let negative = escape(&case.negative_prompt.clone().unwrap_or_default());
-    let generation = match case.pipeline.as_str() {
-        "img2img" => model.img2img(
-            &Img2ImgRequest {
-                prompt: escape(&case.prompt),
-                negative_prompt: negative,
-                init_image: init,
-                width: case.width,
-                height: case.height,
-                samples: case.samples,
-                num_inference_steps: case.num_inference_steps,
-                guidance_scale: case.guidance_scale,
-                strength: case.strength.unwrap(),
-                seed: Some(case.seed),
-                scheduler: Some(case.scheduler.clone()),
-                scheduler_options: SchedulerOptions::default(),
-                clip_skip: case.clip_skip,
-                tome: None,
-                embeddings: Vec::new(),
-            },
-            &mut NoProgress,
-        ),
-        _ => model.pix2pix(
-            &Pix2PixRequest {
-                prompt: escape(&case.prompt),
-                negative_prompt: negative,
-                init_image: init,
-                width: case.width,
-                height: case.height,
-                samples: case.samples,
-                num_inference_steps: case.num_inference_steps,
-                guidance_scale: case.guidance_scale,
-                image_guidance_scale: case.image_guidance_scale.unwrap(),
-                seed: Some(case.seed),
-                scheduler: Some(case.scheduler.clone()),
-                scheduler_options: SchedulerOptions::default(),
-                clip_skip: case.clip_skip,
-                tome: None,
-                embeddings: Vec::new(),
-            },
-            &mut NoProgress,
-        ),
-    };
-    generation.expect("generation runs").images
-}
+use pictor_engine::pipeline::StableDiffusion;
+use support::{fixtures, generate_case, load_model, GenerationCase};
 
 /// Peak signal-to-noise ratio of `b` against `a` in dB on the 0–255 scale (infinite when equal).
 fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
@@ -102,9 +30,9 @@ fn bf16_images_stay_within_35_db_of_fp32() {
         return;
     }
     let text = std::fs::read_to_string(fixtures().join("cases.json")).expect("cases.json");
-    let cases: Vec<Case> = serde_json::from_str(&text).expect("cases.json parses");
+    let cases: Vec<GenerationCase> = serde_json::from_str(&text).expect("cases.json parses");
     // Both pipelines, SD 1 and SD 2 and InstructPix2Pix, several schedulers: every fourth case.
-    let chosen: Vec<&Case> = cases.iter().step_by(4).collect();
+    let chosen: Vec<&GenerationCase> = cases.iter().step_by(4).collect();
     let mut models: Vec<(String, StableDiffusion)> = Vec::new();
     let (mut failures, mut identical, mut images) = (Vec::new(), 0, 0);
     for case in chosen {
@@ -116,9 +44,9 @@ fn bf16_images_stay_within_35_db_of_fp32() {
         }
         let model = &models.iter().find(|(n, _)| n == &case.model).unwrap().1;
         kernels::set_bf16_products(false).unwrap();
-        let reference = generate(model, case);
+        let reference = generate_case(model, case, None);
         kernels::set_bf16_products(true).unwrap();
-        let reduced = generate(model, case);
+        let reduced = generate_case(model, case, None);
         kernels::set_bf16_products(false).unwrap();
         for (i, (a, b)) in reference.iter().zip(&reduced).enumerate() {
             let db = psnr(a, b);

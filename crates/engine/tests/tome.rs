@@ -9,12 +9,10 @@ use candle_core::Device;
 use pictor_engine::image_io::load_image;
 use pictor_engine::models::tome::bipartite_soft_matching;
 use pictor_engine::models::TomeSettings;
-use pictor_engine::pipeline::{Img2ImgRequest, NoProgress, Pix2PixRequest, StableDiffusion};
-use pictor_engine::prompt_syntax::escape;
+use pictor_engine::pipeline::StableDiffusion;
 use pictor_engine::rng::TorchGenerator;
-use pictor_engine::schedulers::SchedulerOptions;
 use serde::Deserialize;
-use support::{compare, fixtures, load_model, max_abs_diff};
+use support::{compare, fixtures, generate_case, load_model, max_abs_diff, GenerationCase};
 
 #[derive(Debug, Clone, Deserialize)]
 struct Tome {
@@ -28,24 +26,11 @@ struct Tome {
     merge_mlp: bool,
 }
 
+/// A tomesd case: the generation, tomesd's images and its settings.
 #[derive(Debug, Clone, Deserialize)]
 struct Case {
-    name: String,
-    model: String,
-    pipeline: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    init_image: String,
-    width: u32,
-    height: u32,
-    samples: usize,
-    num_inference_steps: usize,
-    guidance_scale: f64,
-    strength: Option<f64>,
-    image_guidance_scale: Option<f64>,
-    seed: u64,
-    scheduler: String,
-    clip_skip: usize,
+    #[serde(flatten)]
+    run: GenerationCase,
     images: Vec<String>,
     tome: Tome,
 }
@@ -56,67 +41,16 @@ fn cases() -> Vec<Case> {
     serde_json::from_str(&text).expect("tome/cases.json parses")
 }
 
-fn generate(
-    model: &StableDiffusion,
-    case: &Case,
-    tome: Option<TomeSettings>,
-) -> Vec<image::RgbImage> {
-    let init = load_image(&fixtures().join(&case.init_image), 1 << 24).unwrap();
-    let negative = case.negative_prompt.clone().unwrap_or_default();
-    let generation = match case.pipeline.as_str() {
-        "img2img" => model.img2img(
-            &Img2ImgRequest {
-                prompt: escape(&case.prompt),
-                negative_prompt: escape(&negative),
-                init_image: init,
-                width: case.width,
-                height: case.height,
-                samples: case.samples,
-                num_inference_steps: case.num_inference_steps,
-                guidance_scale: case.guidance_scale,
-                strength: case.strength.unwrap(),
-                seed: Some(case.seed),
-                scheduler: Some(case.scheduler.clone()),
-                scheduler_options: SchedulerOptions::default(),
-                clip_skip: case.clip_skip,
-                tome,
-                embeddings: Vec::new(),
-            },
-            &mut NoProgress,
-        ),
-        _ => model.pix2pix(
-            &Pix2PixRequest {
-                prompt: escape(&case.prompt),
-                negative_prompt: escape(&negative),
-                init_image: init,
-                width: case.width,
-                height: case.height,
-                samples: case.samples,
-                num_inference_steps: case.num_inference_steps,
-                guidance_scale: case.guidance_scale,
-                image_guidance_scale: case.image_guidance_scale.unwrap(),
-                seed: Some(case.seed),
-                scheduler: Some(case.scheduler.clone()),
-                scheduler_options: SchedulerOptions::default(),
-                clip_skip: case.clip_skip,
-                tome,
-                embeddings: Vec::new(),
-            },
-            &mut NoProgress,
-        ),
-    };
-    generation.expect("generation runs").images
-}
-
 #[test]
 fn generations_match_tomesd_and_differ_from_unmerged_runs() {
     let mut failures = Vec::new();
     let mut models: Vec<(String, StableDiffusion)> = Vec::new();
     for case in cases() {
-        if !models.iter().any(|(n, _)| n == &case.model) {
-            models.push((case.model.clone(), load_model(&case.model)));
+        let name = &case.run.name;
+        if !models.iter().any(|(n, _)| n == &case.run.model) {
+            models.push((case.run.model.clone(), load_model(&case.run.model)));
         }
-        let model = &models.iter().find(|(n, _)| n == &case.model).unwrap().1;
+        let model = &models.iter().find(|(n, _)| n == &case.run.model).unwrap().1;
         let t = &case.tome;
         let settings = TomeSettings {
             ratio: t.ratio,
@@ -128,25 +62,23 @@ fn generations_match_tomesd_and_differ_from_unmerged_runs() {
             merge_crossattn: t.merge_crossattn,
             merge_mlp: t.merge_mlp,
         };
-        let merged = generate(model, &case, Some(settings));
-        let plain = generate(model, &case, None);
-        assert_eq!(merged.len(), case.images.len(), "{}", case.name);
+        let merged = generate_case(model, &case.run, Some(settings));
+        let plain = generate_case(model, &case.run, None);
+        assert_eq!(merged.len(), case.images.len(), "{name}");
         for (i, (ours, path)) in merged.iter().zip(&case.images).enumerate() {
             let theirs = load_image(&fixtures().join(path), 1 << 24).unwrap();
             let (max, mean) = compare(ours, &theirs);
             let (pmax, pmean) = compare(&plain[i], &theirs);
             println!(
-                "{} image {i}: vs tomesd max {max} mean {mean:.3}; unmerged vs tomesd max {pmax} mean {pmean:.3}",
-                case.name
+                "{name} image {i}: vs tomesd max {max} mean {mean:.3}; unmerged vs tomesd max {pmax} mean {pmean:.3}"
             );
             if max > 3 || mean > 0.5 {
                 failures.push(format!(
-                    "{} image {i}: max |Δ| {max}, mean |Δ| {mean:.3}",
-                    case.name
+                    "{name} image {i}: max |Δ| {max}, mean |Δ| {mean:.3}"
                 ));
             }
             if pmax <= 3 {
-                failures.push(format!("{} image {i}: merging changes nothing", case.name));
+                failures.push(format!("{name} image {i}: merging changes nothing"));
             }
         }
     }

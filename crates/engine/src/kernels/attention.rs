@@ -331,11 +331,7 @@ mod tests {
             let v = Tensor::randn(0f32, 1.0, (b, m, heads * d), &device)?;
             let fast = attention(&q, &k, &v, heads)?;
             let plain = reference(&q, &k, &v, heads)?;
-            let diff = (fast - plain)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let diff = super::super::max_abs_diff(&fast, &plain)?;
             assert!(
                 diff < 1e-5,
                 "{b}x{n}x{m}, {heads} heads of {d}: max |Δ| {diff}"
@@ -346,11 +342,7 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (2, 6, 12), &device)?;
         let fast = attention(&q, &k, &k, 3)?;
         let plain = reference(&q.contiguous()?, &k, &k, 3)?;
-        let diff = (fast - plain)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
+        let diff = super::super::max_abs_diff(&fast, &plain)?;
         assert!(diff < 1e-5, "strided: {diff}");
         assert!(attention(&q.to_dtype(DType::F64)?, &k, &k, 3).is_err());
         Ok(())
@@ -385,11 +377,7 @@ mod tests {
                 false,
             );
             let fast = Tensor::from_vec(out, (b, n, heads * d), &device)?;
-            let diff = (fast - plain)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let diff = super::super::max_abs_diff(&fast, &plain)?;
             // bf16 inputs (8-bit mantissa) for scores and probabilities, f32 sums.
             assert!(
                 diff < 0.05,
@@ -408,11 +396,7 @@ mod tests {
             let v = Tensor::randn(0f32, 1.0, (b, n, heads * d), &device)?;
             let fast = attention_masked(&q, &k, &v, heads, true)?;
             let plain = reference_masked(&q, &k, &v, heads, true)?;
-            let diff = (fast - plain)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let diff = super::super::max_abs_diff(&fast, &plain)?;
             assert!(diff < 1e-5, "{b}x{n}, {heads} heads of {d}: max |Δ| {diff}");
         }
         let q = Tensor::zeros((1, 3, 4), candle_core::DType::F32, &device)?;

@@ -305,11 +305,7 @@ mod tests {
             )?;
             for fast in [conv2d(&xs, &weight, &bias, p, s, None)?, tiled] {
                 assert_eq!(fast.dims(), plain.dims());
-                let diff = (fast - &plain)?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
+                let diff = super::super::max_abs_diff(&fast, &plain)?;
                 assert!(
                     diff < 1e-4,
                     "{b}x{c_in}x{h}x{w} → {c_out}, {k}×{k} pad {p} stride {s}: {diff}"
@@ -346,11 +342,7 @@ mod tests {
                 .conv2d(&weight, p, s, 1, 1)?
                 .broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?;
             let scale = plain.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            let diff = (fast - &plain)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let diff = super::super::max_abs_diff(&fast, &plain)?;
             assert!(
                 diff < 0.02 * scale,
                 "{b}x{c_in}x{h}x{w} → {c_out}: {diff} of {scale}"

@@ -101,11 +101,7 @@ mod tests {
             let plain = candle_nn::Linear::new(weight, None).forward(&xs)?;
             assert_eq!(fast.dims(), plain.dims());
             // bf16 keeps 8 bits of mantissa: relative error per product ~2^-9, averaging out in the sum.
-            let diff = (fast - plain)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let diff = super::super::max_abs_diff(&fast, &plain)?;
             assert!(diff < 0.05, "{dims:?} x {k} -> {n}: {diff}");
         }
         Ok(())

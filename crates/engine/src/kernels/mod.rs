@@ -77,3 +77,9 @@ pub fn bf16_products() -> bool {
 fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }
+
+/// The largest |a − b| over all elements: how the kernel tests compare with the plain candle operation.
+#[cfg(test)]
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> Result<f32> {
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}

@@ -296,11 +296,7 @@ mod tests {
                 .conv2d(&weight, p, 1, 1, 1)?
                 .broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?;
             assert_eq!(fast.dims(), plain.dims());
-            let diff = (fast - plain)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let diff = super::super::max_abs_diff(&fast, &plain)?;
             assert!(diff < 1e-4, "{b}x{c_in}x{h}x{w} → {c_out}, pad {p}: {diff}");
         }
         let xs = Tensor::zeros((1, 2, 3, 3), candle_core::DType::F32, &device)?;
