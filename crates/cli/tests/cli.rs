@@ -357,6 +357,57 @@ fn enhance_options_change_the_prompt_that_runs_and_styles_are_listed() {
 }
 
 #[test]
+fn precision_bf16_runs_close_to_fp32_on_amx_or_is_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    make_demo(root, "demo", false);
+    let (fp32_out, bf16_out) = (root.join("fp32"), root.join("bf16"));
+    let o = pictor(demo_img2img_args(root, "demo", &fp32_out, &["--seed", "3"]));
+    assert_ok(&o, "img2img fp32");
+    let o = pictor(demo_img2img_args(
+        root,
+        "demo",
+        &bf16_out,
+        &["--seed", "3", "--precision", "bf16"],
+    ));
+    if o.status.success() {
+        // This CPU has AMX: the same images up to bf16 rounding.
+        for i in 0..2 {
+            let (a, b) = (
+                read_rgb(&fp32_out.join(format!("{i}.png"))),
+                read_rgb(&bf16_out.join(format!("{i}.png"))),
+            );
+            assert_eq!(a.dimensions(), b.dimensions());
+            let mean = a
+                .as_raw()
+                .iter()
+                .zip(b.as_raw())
+                .map(|(&x, &y)| (x as f64 - y as f64).abs())
+                .sum::<f64>()
+                / a.as_raw().len() as f64;
+            assert!(
+                mean < 2.0,
+                "{i}.png: bf16 is {mean:.2} levels from fp32 on average"
+            );
+        }
+    } else {
+        let err = clean_failure(&o).unwrap();
+        assert!(err.contains("AMX"), "refusal names what is missing: {err}");
+    }
+    let o = pictor(demo_img2img_args(
+        root,
+        "demo",
+        &bf16_out,
+        &["--precision", "fp16"],
+    ));
+    let err = clean_failure(&o).unwrap();
+    assert!(
+        err.contains("fp32") && err.contains("bf16"),
+        "lists the choices: {err}"
+    );
+}
+
+#[test]
 fn img2img_without_seed_reports_a_seed_that_reproduces_the_images() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
