@@ -58,22 +58,6 @@ pub fn pad(n: usize, to: usize) -> usize {
     n.div_ceil(to) * to
 }
 
-/// Packs an f32 matrix given by `at(row, col)` (rows × cols) as row-major bf16 A, padded with zeros to
-/// (pad(rows, 32) × pad(cols, 32)).
-pub fn pack_a(rows: usize, cols: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Vec<bf16> {
-    let (m, k) = (pad(rows, BLOCK), pad(cols, DEPTH));
-    let mut a = vec![bf16::ZERO; m * k];
-    a.par_chunks_mut(k)
-        .take(rows)
-        .enumerate()
-        .for_each(|(r, row)| {
-            for (c, value) in row.iter_mut().take(cols).enumerate() {
-                *value = bf16::from_f32(at(r, c));
-            }
-        });
-    a
-}
-
 /// Packs B (rows = k × cols = n) in VNNI order, padded to (pad(k, 32) × pad(n, 32)): `at(k, n)` gives
 /// the element. Layout: [n / 16][k / 2][16 columns][2 rows].
 pub fn pack_b(rows: usize, cols: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Vec<bf16> {
@@ -100,8 +84,8 @@ pub fn pack_b(rows: usize, cols: usize, at: impl Fn(usize, usize) -> f32 + Sync)
     b
 }
 
-/// Packs a row-major f32 matrix (rows × cols, row stride `ld`) into `dst` as A (see [`pack_a`]); the
-/// per-call path for activations.
+/// Packs a row-major f32 matrix (rows × cols, row stride `ld`) into `dst` as row-major bf16 A, padded
+/// with zeros to (pad(rows, 32) × pad(cols, 32)).
 pub fn pack_a_rows(dst: &mut Vec<bf16>, src: &[f32], rows: usize, cols: usize, ld: usize) {
     let (m, k) = (pad(rows, BLOCK), pad(cols, DEPTH));
     dst.clear();
@@ -155,7 +139,7 @@ impl TileConfig {
     }
 }
 
-/// C (m × n, row stride `ldc`) = A (m × k, packed by [`pack_a`]) · B (k × n, packed by [`pack_b`]), for
+/// C (m × n, row stride `ldc`) = A (m × k, packed by [`pack_a_rows`]) · B (k × n, packed by [`pack_b`]), for
 /// padded m, n, k; the blocks of C are spread over the threads when `parallel` is set.
 ///
 /// # Safety
@@ -266,6 +250,21 @@ unsafe fn block_product(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A packed element by element with `half`'s rounding: the reference for `pack_a_rows`.
+    fn pack_a(rows: usize, cols: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Vec<bf16> {
+        let (m, k) = (pad(rows, BLOCK), pad(cols, DEPTH));
+        let mut a = vec![bf16::ZERO; m * k];
+        a.par_chunks_mut(k)
+            .take(rows)
+            .enumerate()
+            .for_each(|(r, row)| {
+                for (c, value) in row.iter_mut().take(cols).enumerate() {
+                    *value = bf16::from_f32(at(r, c));
+                }
+            });
+        a
+    }
 
     #[test]
     fn amx_product_equals_f64_sum_of_bf16_inputs() {

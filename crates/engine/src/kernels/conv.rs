@@ -10,11 +10,10 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 use half::bf16;
 
-use super::{amx, contiguous_f32, threads, SharedMut};
+use super::{amx, contiguous_f32, for_each_tile, pad_planes, row_segments, threads, SharedMut};
 
 /// A tile's im2col matrix holds about this many floats (4 MiB), within [`MIN_TILE`, `MAX_TILE`] positions.
 const COLUMN_FLOATS: usize = 1 << 20;
@@ -26,7 +25,9 @@ pub fn pack_weight(weight: &Tensor) -> Result<Vec<bf16>> {
     let (c_out, c_in, kh, kw) = weight.dims4()?;
     let depth = c_in * kh * kw;
     let data = weight.flatten_all()?.to_vec1::<f32>()?;
-    Ok(amx::pack_a(c_out, depth, |r, c| data[r * depth + c]))
+    let mut packed = Vec::new();
+    amx::pack_a_rows(&mut packed, &data, c_out, depth, depth);
+    Ok(packed)
 }
 
 /// Convolves `xs` (b, c_in, h, w) with `weight` (c_out, c_in, kh, kw) at `stride` with zero padding
@@ -121,16 +122,7 @@ impl CustomOp3 for TiledConv<'_> {
         let padded: &[f32] = if p == 0 {
             xs
         } else {
-            let mut buffer = vec![0f32; batch * c_in * plane];
-            buffer
-                .par_chunks_mut(plane)
-                .zip(xs.par_chunks(h * w))
-                .for_each(|(dst, src)| {
-                    for (y, row) in src.chunks_exact(w).enumerate() {
-                        dst[(y + p) * wp + p..][..w].copy_from_slice(row);
-                    }
-                });
-            padded_storage = buffer;
+            padded_storage = pad_planes(xs, (h, w), (hp, wp), p);
             &padded_storage
         };
 
@@ -151,26 +143,20 @@ impl CustomOp3 for TiledConv<'_> {
             let (columns, scratch, packed_columns) = buffers;
             let start = index * tile;
             let len = tile.min(total - start);
-            // The tile's row segments: (image, output row, first x, count, column in the tile).
-            let mut segments = Vec::with_capacity(len / wo + 2);
-            let mut pos = start;
-            while pos < start + len {
-                let (b, rest) = (pos / per_image, pos % per_image);
-                let (y, x) = (rest / wo, rest % wo);
-                let count = (wo - x).min(start + len - pos);
-                segments.push((b, y, x, count, pos - start));
-                pos += count;
-            }
+            let segments = row_segments(start, len, (ho, wo));
             columns.resize(depth * len, 0.0);
             for i in 0..c_in {
                 for t in 0..taps {
                     let (ky, kx) = (t / kw, t % kw);
                     let row = &mut columns[(i * taps + t) * len..][..len];
-                    for &(b, y, x, count, col) in &segments {
-                        let src = (b * c_in + i) * plane + (y * s + ky) * wp + x * s + kx;
-                        let dst = &mut row[col..col + count];
+                    for seg in &segments {
+                        let src = (seg.image * c_in + i) * plane
+                            + (seg.row * s + ky) * wp
+                            + seg.col * s
+                            + kx;
+                        let dst = &mut row[seg.offset..seg.offset + seg.count];
                         if s == 1 {
-                            dst.copy_from_slice(&padded[src..src + count]);
+                            dst.copy_from_slice(&padded[src..src + seg.count]);
                         } else {
                             for (j, d) in dst.iter_mut().enumerate() {
                                 *d = padded[src + j * s];
@@ -234,30 +220,19 @@ impl CustomOp3 for TiledConv<'_> {
                     len
                 }
             };
-            for &(b, y, x, count, col) in &segments {
+            for seg in &segments {
                 for (o, &bias) in bias.iter().enumerate() {
-                    let src = &scratch[o * ldc + col..][..count];
-                    let offset = ((b * c_out + o) * ho + y) * wo + x;
-                    // SAFETY: output positions (b, y, x..x+count) belong to this tile only.
-                    let out = unsafe { std::slice::from_raw_parts_mut(dst.at(offset), count) };
+                    let src = &scratch[o * ldc + seg.offset..][..seg.count];
+                    let offset = ((seg.image * c_out + o) * ho + seg.row) * wo + seg.col;
+                    // SAFETY: these output positions belong to this tile only.
+                    let out = unsafe { std::slice::from_raw_parts_mut(dst.at(offset), seg.count) };
                     for (d, &v) in out.iter_mut().zip(src) {
                         *d = v + bias;
                     }
                 }
             }
         };
-        if tiles >= 2 * threads() {
-            (0..tiles)
-                .into_par_iter()
-                .for_each_init(Default::default, |buffers, index| {
-                    run(buffers, index, Parallelism::None)
-                });
-        } else {
-            let mut buffers = Default::default();
-            for index in 0..tiles {
-                run(&mut buffers, index, Parallelism::Rayon(threads()));
-            }
-        }
+        for_each_tile(tiles, run);
         Ok((CpuStorage::F32(out), Shape::from((batch, c_out, ho, wo))))
     }
 }

@@ -22,6 +22,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Whether the kernels here can take a tensor: f32 on the CPU. Callers use candle's own operation otherwise.
+pub fn accepts(t: &candle_core::Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
 
 /// The f32 data of a contiguous CPU tensor, or an error naming the kernel that needed it.
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, kernel: &str) -> Result<&'a [f32]> {
@@ -73,6 +80,78 @@ pub fn bf16_products() -> bool {
     BF16_PRODUCTS.load(Ordering::Relaxed)
 }
 
+/// Copies planes of h × w (`xs`, one after another) into zero-filled planes of hp × wp with each plane's
+/// top-left corner at (pad, pad): the padded input both convolutions read.
+fn pad_planes(
+    xs: &[f32],
+    (h, w): (usize, usize),
+    (hp, wp): (usize, usize),
+    pad: usize,
+) -> Vec<f32> {
+    let mut padded = vec![0f32; xs.len() / (h * w) * hp * wp];
+    padded
+        .par_chunks_mut(hp * wp)
+        .zip(xs.par_chunks(h * w))
+        .for_each(|(dst, src)| {
+            for (y, row) in src.chunks_exact(w).enumerate() {
+                dst[(y + pad) * wp + pad..][..w].copy_from_slice(row);
+            }
+        });
+    padded
+}
+
+/// A piece of a run of grid positions that stays on one row of one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    image: usize,
+    row: usize,
+    /// First column.
+    col: usize,
+    count: usize,
+    /// Where the piece starts within the run.
+    offset: usize,
+}
+
+/// Splits the run of `len` positions from `start`, numbered image by image and row by row over images of
+/// `rows` × `width` positions, into pieces that each stay on one row.
+fn row_segments(start: usize, len: usize, (rows, width): (usize, usize)) -> Vec<Segment> {
+    let per_image = rows * width;
+    let mut segments = Vec::with_capacity(len / width + 2);
+    let mut pos = start;
+    while pos < start + len {
+        let (image, rest) = (pos / per_image, pos % per_image);
+        let (row, col) = (rest / width, rest % width);
+        let count = (width - col).min(start + len - pos);
+        segments.push(Segment {
+            image,
+            row,
+            col,
+            count,
+            offset: pos - start,
+        });
+        pos += count;
+    }
+    segments
+}
+
+/// Runs `run(buffers, tile, parallelism)` for tiles 0..`tiles`: side by side when there are at least two
+/// per thread (each `gemm` on its own thread), else one after another with each `gemm` spread over the
+/// threads. `buffers` are per-thread scratch space.
+fn for_each_tile<B: Default + Send>(tiles: usize, run: impl Fn(&mut B, usize, Parallelism) + Sync) {
+    if tiles >= 2 * threads() {
+        (0..tiles)
+            .into_par_iter()
+            .for_each_init(B::default, |buffers, tile| {
+                run(buffers, tile, Parallelism::None)
+            });
+    } else {
+        let mut buffers = B::default();
+        for tile in 0..tiles {
+            run(&mut buffers, tile, Parallelism::Rayon(threads()));
+        }
+    }
+}
+
 /// How many worker threads the kernels spread over (rayon's pool, which gemm uses too).
 fn threads() -> usize {
     rayon::current_num_threads().max(1)
@@ -82,4 +161,33 @@ fn threads() -> usize {
 #[cfg(test)]
 fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> Result<f32> {
     (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_segments_cut_runs_at_row_and_image_ends() {
+        // Images of 2 rows × 3 columns; the run 4..11 covers image 0 row 1 from column 1, image 1 row 0,
+        // and image 1 row 1 up to column 1.
+        let pieces: Vec<_> = row_segments(4, 7, (2, 3))
+            .iter()
+            .map(|s| (s.image, s.row, s.col, s.count, s.offset))
+            .collect();
+        assert_eq!(
+            pieces,
+            vec![(0, 1, 1, 2, 0), (1, 0, 0, 3, 2), (1, 1, 0, 2, 5)]
+        );
+    }
+
+    #[test]
+    fn pad_planes_frames_each_plane_with_zeros() {
+        let xs: Vec<f32> = (1..=8).map(|v| v as f32).collect(); // two planes of 2 × 2
+        let padded = pad_planes(&xs, (2, 2), (4, 5), 1);
+        assert_eq!(padded.len(), 2 * 20);
+        assert_eq!(&padded[5..10], &[0.0, 1.0, 2.0, 0.0, 0.0]);
+        assert_eq!(&padded[20 + 10..20 + 15], &[0.0, 7.0, 8.0, 0.0, 0.0]);
+        assert_eq!(padded.iter().sum::<f32>(), 36.0);
+    }
 }

@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{contiguous_f32, threads, SharedMut};
+use super::{contiguous_f32, for_each_tile, pad_planes, row_segments, threads, Segment, SharedMut};
 
 /// Whether a 3×3 stride-1 convolution over `positions` output positions (batch · h · w) is worth the
 /// weight transform: below this the direct product of [`super::conv`] is as fast.
@@ -113,15 +113,7 @@ impl CustomOp3 for Winograd {
             }
         });
 
-        let mut padded = vec![0f32; batch * c_in * plane];
-        padded
-            .par_chunks_mut(plane)
-            .zip(xs.par_chunks(h * w))
-            .for_each(|(dst, src)| {
-                for (y, row) in src.chunks_exact(w).enumerate() {
-                    dst[(y + p) * wp + p..][..w].copy_from_slice(row);
-                }
-            });
+        let padded = pad_planes(xs, (h, w), (hp, wp), p);
 
         let windows = batch * th * tw;
         // Enough chunks for every thread to take two, where the chunks stay wide enough to pay.
@@ -139,23 +131,21 @@ impl CustomOp3 for Winograd {
             let len = chunk.min(windows - start);
             v.resize(16 * c_in * len, 0.0);
             m.resize(16 * c_out * len, 0.0);
-            // The chunk's runs of windows along one row of blocks: (image, block row, first block
-            // column, count, first window in the chunk).
-            let mut segments = Vec::with_capacity(len / tw + 2);
-            let mut pos = start;
-            while pos < start + len {
-                let (b, rest) = (pos / (th * tw), pos % (th * tw));
-                let (ty, tx) = (rest / tw, rest % tw);
-                let count = (tw - tx).min(start + len - pos);
-                segments.push((b, ty, tx, count, pos - start));
-                pos += count;
-            }
+            // The chunk's runs of windows along one row of 2×2 blocks.
+            let segments = row_segments(start, len, (th, tw));
             // V = Bᵀ d B: first down the four input rows of a run (Bᵀ, contiguous), then across
             // (B, columns 2k..2k+3 of each transformed row).
-            let widest = segments.iter().map(|s| 2 * s.3 + 2).max().unwrap_or(0);
+            let widest = segments.iter().map(|s| 2 * s.count + 2).max().unwrap_or(0);
             rows.resize(4 * widest, 0.0);
             for i in 0..c_in {
-                for &(b, ty, tx, count, j0) in &segments {
+                for &Segment {
+                    image: b,
+                    row: ty,
+                    col: tx,
+                    count,
+                    offset: j0,
+                } in &segments
+                {
                     let width = 2 * count + 2;
                     let base = (b * c_in + i) * plane + 2 * ty * wp + 2 * tx;
                     let r = |k: usize| &padded[base + k * wp..][..width];
@@ -213,7 +203,14 @@ impl CustomOp3 for Winograd {
             // row of 2·count outputs, copied out as far as the image goes.
             rows.resize(4 * widest.max(2 * len), 0.0);
             for (o, &bias) in bias.iter().enumerate() {
-                for &(b, ty, tx, count, j0) in &segments {
+                for &Segment {
+                    image: b,
+                    row: ty,
+                    col: tx,
+                    count,
+                    offset: j0,
+                } in &segments
+                {
                     let mv = |xi: usize| &m[(xi * c_out + o) * len + j0..][..count];
                     let (line, _) = rows.split_at_mut(2 * count);
                     for dy in 0..2 {
@@ -253,18 +250,7 @@ impl CustomOp3 for Winograd {
                 }
             }
         };
-        if chunks >= 2 * threads() {
-            (0..chunks)
-                .into_par_iter()
-                .for_each_init(Default::default, |buffers, index| {
-                    run(buffers, index, Parallelism::None)
-                });
-        } else {
-            let mut buffers = Default::default();
-            for index in 0..chunks {
-                run(&mut buffers, index, Parallelism::Rayon(threads()));
-            }
-        }
+        for_each_tile(chunks, run);
         Ok((CpuStorage::F32(out), Shape::from((batch, c_out, ho, wo))))
     }
 }

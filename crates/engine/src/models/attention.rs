@@ -100,7 +100,7 @@ impl FeedForward {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(xs)?;
-        if h.device().is_cpu() && h.dtype() == DType::F32 {
+        if kernels::accepts(&h) {
             return self.out.forward(&kernels::geglu::geglu(&h)?);
         }
         let half = h.dim(D::Minus1)? / 2;

@@ -89,7 +89,7 @@ impl EncoderLayer {
     fn attention(&self, xs: &Tensor, causal: bool) -> Result<Tensor> {
         let (b, n, h) = xs.dims3()?;
         let d = h / self.heads;
-        if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+        if kernels::accepts(xs) {
             let out = kernels::attention::attention_masked(
                 &self.q_proj.forward(xs)?,
                 &self.k_proj.forward(xs)?,

@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use half::bf16;
 
@@ -21,11 +21,6 @@ impl PackedWeights {
         let packed = pack()?;
         Ok(self.0.get_or_init(|| packed))
     }
-}
-
-/// Whether the hand-written CPU kernels can take a tensor: f32 on the CPU.
-fn fast_cpu(xs: &Tensor) -> bool {
-    xs.device().is_cpu() && xs.dtype() == DType::F32
 }
 
 /// A 2-D convolution with a bias. Convolutions of f32 CPU tensors run through
@@ -51,8 +46,8 @@ impl Module for Conv2d {
             Some(bias)
                 if cfg.dilation == 1
                     && cfg.groups == 1
-                    && fast_cpu(xs)
-                    && fast_cpu(self.weight()) =>
+                    && kernels::accepts(xs)
+                    && kernels::accepts(self.weight()) =>
             {
                 let amx = if kernels::bf16_products() {
                     Some(
@@ -102,7 +97,7 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Normalises `xs`, then applies SiLU when `silu` is set.
     fn apply(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
-        if fast_cpu(xs) && fast_cpu(&self.weight) {
+        if kernels::accepts(xs) && kernels::accepts(&self.weight) {
             return kernels::group_norm::group_norm(
                 xs,
                 &self.weight,
@@ -157,17 +152,21 @@ pub fn group_norm_silu(norm: &GroupNorm, xs: &Tensor) -> Result<Tensor> {
 /// ([`kernels::linear`]); otherwise candle's product.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+    plain: candle_nn::Linear,
     packed: PackedWeights,
 }
 
 impl Linear {
     /// A layer from its (out, in) weight and optional bias.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear::from(candle_nn::Linear::new(weight, bias))
+    }
+}
+
+impl From<candle_nn::Linear> for Linear {
+    fn from(plain: candle_nn::Linear) -> Self {
         Linear {
-            weight,
-            bias,
+            plain,
             packed: PackedWeights::default(),
         }
     }
@@ -175,30 +174,29 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if kernels::bf16_products() && fast_cpu(xs) && fast_cpu(&self.weight) {
+        let weight = self.plain.weight();
+        if kernels::bf16_products() && kernels::accepts(xs) && kernels::accepts(weight) {
             let packed = self
                 .packed
-                .get_or_pack(|| kernels::linear::pack_weight(&self.weight))?;
-            let out = kernels::linear::linear(xs, packed, self.weight.dim(0)?)?;
-            return match &self.bias {
+                .get_or_pack(|| kernels::linear::pack_weight(weight))?;
+            let out = kernels::linear::linear(xs, packed, weight.dim(0)?)?;
+            return match self.plain.bias() {
                 Some(bias) => out.broadcast_add(bias),
                 None => Ok(out),
             };
         }
-        candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(xs)
+        self.plain.forward(xs)
     }
 }
 
 /// A linear layer from `in_dim` to `out_dim` features with a bias.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let plain = candle_nn::linear(in_dim, out_dim, vb)?;
-    Ok(Linear::new(plain.weight().clone(), plain.bias().cloned()))
+    candle_nn::linear(in_dim, out_dim, vb).map(Linear::from)
 }
 
 /// A linear layer from `in_dim` to `out_dim` features without a bias.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let plain = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
-    Ok(Linear::new(plain.weight().clone(), None))
+    candle_nn::linear_no_bias(in_dim, out_dim, vb).map(Linear::from)
 }
 
 /// A linear layer whose weight may be stored as a 1×1 convolution kernel (old VAE attention checkpoints).
