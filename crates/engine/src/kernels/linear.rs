@@ -1,10 +1,108 @@
-//! The bf16 product of a linear layer on AMX: `xs · Wᵀ` with the weights packed once (by the layer) and
-//! the activations packed per call, accumulated in f32.
+//! Linear layers on the CPU: `xs · Wᵀ (+ b)` in f32 through [`sgemm`] (the weights repacked per call, a
+//! transposition that costs 1/(2·rows) of the product, so no second copy of the weights is kept), and
+//! the bf16 product on AMX with the weights packed once (by the layer) and the activations per call.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use half::bf16;
 
+use super::sgemm::{self, PackedB, Start};
 use super::{amx, contiguous_f32};
+
+/// Up to this many input rows, repacking the weights would be a large part of a product, so layers
+/// keep a packed copy ([`pack_f32`]) for such calls (the text encoder, cross-attention keys and values).
+pub const FEW_ROWS: usize = 512;
+
+/// The weight (n, k) of a linear layer packed as the right operand of `xs · Wᵀ`, for [`linear_f32`].
+pub fn pack_f32(weight: &Tensor) -> Result<PackedB> {
+    let (n, k) = weight.dims2()?;
+    let data = weight
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut packed = PackedB::default();
+    packed.repack_transposed_par(&data, n, k, k);
+    Ok(packed)
+}
+
+/// `xs (…, k) · Wᵀ + b` in f32 for a weight (n, k) and an optional bias (n), all f32 CPU tensors; with
+/// `packed` (the same weight through [`pack_f32`]) the weight is not repacked.
+pub fn linear_f32(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    packed: Option<&PackedB>,
+) -> Result<Tensor> {
+    let (n, k) = weight.dims2()?;
+    if xs.dims().last() != Some(&k) || bias.is_some_and(|b| b.dims() != [n]) {
+        candle_core::bail!(
+            "linear: input {:?} does not fit weight {:?} and bias {:?}",
+            xs.dims(),
+            weight.dims(),
+            bias.map(|b| b.dims().to_vec())
+        );
+    }
+    let bias = bias
+        .map(|b| b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>())
+        .transpose()?;
+    if packed.is_some_and(|p| (p.n(), p.k()) != (n, k)) {
+        candle_core::bail!("linear: packed weights do not match {:?}", weight.dims());
+    }
+    xs.contiguous()?
+        .apply_op2_no_bwd(&weight.contiguous()?, &F32Linear { bias, packed })
+}
+
+/// The custom op behind [`linear_f32`].
+struct F32Linear<'a> {
+    bias: Option<Vec<f32>>,
+    packed: Option<&'a PackedB>,
+}
+
+impl CustomOp2 for F32Linear<'_> {
+    fn name(&self) -> &'static str {
+        "pictor-f32-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x_storage: &CpuStorage,
+        x_layout: &Layout,
+        w_storage: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xs = contiguous_f32(x_storage, x_layout, self.name())?;
+        let weight = contiguous_f32(w_storage, w_layout, self.name())?;
+        let (n, k) = w_layout.shape().dims2()?;
+        let m = xs.len() / k.max(1);
+        let start = match &self.bias {
+            Some(bias) => Start::Bias(bias),
+            None => Start::Zero,
+        };
+        let mut out = Vec::with_capacity(m * n);
+        // The product writes every element of `out` (no `Start::Add`), so it needs no zeroing.
+        let spare = &mut out.spare_capacity_mut()[..m * n];
+        // SAFETY: MaybeUninit<f32> has f32's layout; the slice is only written before `set_len`.
+        let c = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<f32>(), m * n) };
+        match self.packed {
+            Some(packed) => sgemm::gemm(m, xs, k, packed, c, n, start),
+            None => PACKED.with_borrow_mut(|packed| {
+                packed.repack_transposed_par(weight, n, k, k);
+                sgemm::gemm(m, xs, k, packed, c, n, start);
+            }),
+        }
+        // SAFETY: all m·n elements were written above.
+        unsafe { out.set_len(m * n) };
+        let mut dims = x_layout.shape().dims().to_vec();
+        dims.pop();
+        dims.push(n);
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+thread_local! {
+    /// The calling thread's packed copy of the last weight it multiplied by: repacked per call, the
+    /// allocation kept so large weights do not fault in fresh pages every time.
+    static PACKED: std::cell::RefCell<PackedB> = std::cell::RefCell::new(PackedB::default());
+}
 
 /// Packs f32 weights (out_features, in_features) as the B operand of `xs · Wᵀ`.
 pub fn pack_weight(weight: &Tensor) -> Result<Vec<bf16>> {
@@ -78,6 +176,35 @@ impl CustomOp1 for AmxLinear<'_> {
 mod tests {
     use super::*;
     use candle_core::{Device, Module};
+
+    #[test]
+    fn f32_linear_equals_candles_linear() -> Result<()> {
+        let device = Device::Cpu;
+        for &(dims, k, n, bias) in &[
+            (&[1usize, 1][..], 1usize, 1usize, true),
+            (&[2, 77][..], 768, 320, false),
+            (&[8, 5][..], 33, 70, true),
+            (&[3][..], 320, 1280, true),
+            (&[1, 331][..], 401, 45, false),
+        ] {
+            let mut shape = dims.to_vec();
+            shape.push(k);
+            let xs = Tensor::randn(0f32, 1.0, shape.as_slice(), &device)?;
+            let weight = Tensor::randn(0f32, 1.0 / (k as f32).sqrt(), (n, k), &device)?;
+            let bias = bias
+                .then(|| Tensor::randn(0f32, 1.0, n, &device))
+                .transpose()?;
+            let fast = linear_f32(&xs, &weight, bias.as_ref(), None)?;
+            let packed = pack_f32(&weight)?;
+            let prepacked = linear_f32(&xs, &weight, bias.as_ref(), Some(&packed))?;
+            assert_eq!(super::super::max_abs_diff(&fast, &prepacked)?, 0.0);
+            let plain = candle_nn::Linear::new(weight, bias).forward(&xs)?;
+            assert_eq!(fast.dims(), plain.dims());
+            let diff = super::super::max_abs_diff(&fast, &plain)?;
+            assert!(diff < 1e-4, "{dims:?} x {k} -> {n}: {diff}");
+        }
+        Ok(())
+    }
 
     #[test]
     fn bf16_linear_is_close_to_the_f32_linear() -> Result<()> {

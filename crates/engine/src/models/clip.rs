@@ -1,7 +1,9 @@
 //! The CLIP text encoder (transformers' `CLIPTextModel`) with A1111-style clip skip.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
+
+use super::layers::Linear;
 
 use crate::config::ClipTextConfig;
 use crate::kernels;
@@ -22,6 +24,12 @@ impl Activation {
             Activation::Gelu => xs.gelu_erf(),
         }
     }
+}
+
+/// A linear layer with a bias that stays in f32 under `--precision bf16` (the text encoder's output
+/// conditions every step, so it is kept at full precision).
+fn f32_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(super::layers::linear(in_dim, out_dim, vb)?.always_f32())
 }
 
 /// The additive causal mask (1, 1, n, n): 0 on and below the diagonal, the lowest f32 above it.
@@ -74,13 +82,13 @@ impl EncoderLayer {
         let attn = vb.pp("self_attn");
         Ok(EncoderLayer {
             layer_norm1: candle_nn::layer_norm(h, layer_norm_eps, vb.pp("layer_norm1"))?,
-            q_proj: candle_nn::linear(h, h, attn.pp("q_proj"))?,
-            k_proj: candle_nn::linear(h, h, attn.pp("k_proj"))?,
-            v_proj: candle_nn::linear(h, h, attn.pp("v_proj"))?,
-            out_proj: candle_nn::linear(h, h, attn.pp("out_proj"))?,
+            q_proj: f32_linear(h, h, attn.pp("q_proj"))?,
+            k_proj: f32_linear(h, h, attn.pp("k_proj"))?,
+            v_proj: f32_linear(h, h, attn.pp("v_proj"))?,
+            out_proj: f32_linear(h, h, attn.pp("out_proj"))?,
             layer_norm2: candle_nn::layer_norm(h, layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(h, intermediate, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(intermediate, h, vb.pp("mlp.fc2"))?,
+            fc1: f32_linear(h, intermediate, vb.pp("mlp.fc1"))?,
+            fc2: f32_linear(intermediate, h, vb.pp("mlp.fc2"))?,
             heads,
             activation,
         })

@@ -148,12 +148,18 @@ pub fn group_norm_silu(norm: &GroupNorm, xs: &Tensor) -> Result<Tensor> {
     norm.apply(xs, true)
 }
 
-/// A linear layer (`x · Wᵀ + b`). With bf16 products on, f32 CPU inputs multiply on AMX
-/// ([`kernels::linear`]); otherwise candle's product.
+/// A linear layer (`x · Wᵀ + b`). f32 CPU inputs multiply through [`kernels::linear`]: in bf16 on AMX
+/// when bf16 products are on (unless [`Linear::always_f32`]), otherwise in f32 with the bias added in
+/// the product; other devices and dtypes use candle's product.
 #[derive(Debug, Clone)]
 pub struct Linear {
     plain: candle_nn::Linear,
     packed: PackedWeights,
+    /// The f32 weights packed for products of few rows (see [`kernels::linear::FEW_ROWS`]), made on the
+    /// first such call.
+    packed_f32: Arc<OnceLock<kernels::sgemm::PackedB>>,
+    /// Whether bf16 products may be used (off for layers kept in f32 whatever the precision).
+    bf16: bool,
 }
 
 impl Linear {
@@ -163,11 +169,23 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// This layer, always multiplying in f32 even with bf16 products on (the text encoder).
+    pub fn always_f32(self) -> Self {
+        Linear {
+            bf16: false,
+            ..self
+        }
+    }
+}
+
 impl From<candle_nn::Linear> for Linear {
     fn from(plain: candle_nn::Linear) -> Self {
         Linear {
             plain,
             packed: PackedWeights::default(),
+            packed_f32: Arc::default(),
+            bf16: true,
         }
     }
 }
@@ -175,7 +193,8 @@ impl From<candle_nn::Linear> for Linear {
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let weight = self.plain.weight();
-        if kernels::bf16_products() && kernels::accepts(xs) && kernels::accepts(weight) {
+        if self.bf16 && kernels::bf16_products() && kernels::accepts(xs) && kernels::accepts(weight)
+        {
             let packed = self
                 .packed
                 .get_or_pack(|| kernels::linear::pack_weight(weight))?;
@@ -184,6 +203,21 @@ impl Module for Linear {
                 Some(bias) => out.broadcast_add(bias),
                 None => Ok(out),
             };
+        }
+        if kernels::accepts(xs) && kernels::accepts(weight) {
+            let rows = xs.elem_count() / weight.dim(1)?.max(1);
+            let packed = if rows < kernels::linear::FEW_ROWS {
+                Some(match self.packed_f32.get() {
+                    Some(packed) => packed,
+                    None => {
+                        let packed = kernels::linear::pack_f32(weight)?;
+                        self.packed_f32.get_or_init(|| packed)
+                    }
+                })
+            } else {
+                None
+            };
+            return kernels::linear::linear_f32(xs, weight, self.plain.bias(), packed);
         }
         self.plain.forward(xs)
     }
