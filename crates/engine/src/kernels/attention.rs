@@ -1,17 +1,20 @@
 //! softmax(q kᵀ · scale) v, computed a block of query rows at a time: each task holds the scores of at
-//! most [`QUERY_BLOCK`] rows against all keys (1 MiB at SD's largest 4096-token level), never the full
-//! (tokens × tokens) matrix, and reads q, k, v and writes the output in their (b, tokens, heads·d)
-//! layout, so the heads are never split out, transposed or copied.
+//! most [`QUERY_BLOCK`] (f32: 72) rows against all keys (about 1 MiB at SD's largest 4096-token level),
+//! never the full (tokens × tokens) matrix, and reads q and writes the output in their
+//! (b, tokens, heads·d) layout, so the heads are never split out or transposed. Keys and values are
+//! packed once per (image, head) for the products (f32: [`super::sgemm`]; bf16: AMX); the softmax is
+//! left undivided and each output row is divided by its sum after the second product (d values per
+//! row instead of one per key).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use half::bf16;
 
+use super::sgemm::{self, PackedB, Start};
 use super::{amx, contiguous_f32, vector, SharedMut};
 
-/// Query rows per task.
+/// Query rows per task of the bf16 path (a whole number of AMX tiles).
 pub const QUERY_BLOCK: usize = 64;
 
 /// Multi-head attention over f32 CPU tensors q (b, n, heads·d), k and v (b, m, heads·d); returns
@@ -84,84 +87,97 @@ impl CustomOp3 for BlockedAttention {
         let (b, n, inner) = q_layout.shape().dims3()?;
         let m = k_layout.shape().dims()[1];
         let heads = self.heads;
-        let d = inner / heads;
-        let scale = 1.0 / (d as f32).sqrt();
 
         let mut out = vec![0f32; b * n * inner];
         if super::bf16_products() && amx::available() {
             amx_attention(q, k, v, &mut out, (b, n, m, inner, heads), self.causal);
             return Ok((CpuStorage::F32(out), Shape::from((b, n, inner))));
         }
-        let dst = SharedMut(out.as_mut_ptr());
-        let blocks_per_head = n.div_ceil(QUERY_BLOCK);
-        let tasks = b * heads * blocks_per_head;
-        (0..tasks).into_par_iter().for_each_init(
-            || vec![0f32; QUERY_BLOCK * m],
-            |scores, task| {
+        f32_attention(q, k, v, &mut out, (b, n, m, inner, heads), self.causal);
+        Ok((CpuStorage::F32(out), Shape::from((b, n, inner))))
+    }
+}
+
+/// Query rows per task of the f32 path: a whole number of [`sgemm`]'s register tiles.
+const F32_QUERY_BLOCK: usize = 72;
+
+/// The f32 path of [`BlockedAttention`]: Kᵀ and V of every (image, head) packed once for [`sgemm`],
+/// then per block of query rows: scores = q · Kᵀ, softmax, out = probabilities · V (written straight
+/// into the head's columns of the output).
+fn f32_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    (b, n, m, inner, heads): (usize, usize, usize, usize, usize),
+    causal: bool,
+) {
+    let d = inner / heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let packed: Vec<(PackedB, PackedB)> = (0..b * heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (batch, head) = (bh / heads, bh % heads);
+            let base = batch * m * inner + head * d;
+            let keys = PackedB::transposed(&k[base..], m, d, inner);
+            let mut values = PackedB::default();
+            values.repack_rows(&v[base..], m, d, inner);
+            (keys, values)
+        })
+        .collect();
+    let dst = SharedMut(out.as_mut_ptr());
+    let blocks_per_head = n.div_ceil(F32_QUERY_BLOCK);
+    // Score rows at a stride the second product reads in place.
+    let ld = sgemm::row_stride(m);
+    (0..b * heads * blocks_per_head)
+        .into_par_iter()
+        .for_each_init(
+            || {
+                (
+                    vec![0f32; F32_QUERY_BLOCK * ld],
+                    vec![0f32; F32_QUERY_BLOCK],
+                )
+            },
+            |(scores, sums), task| {
                 let block = task % blocks_per_head;
-                let head = (task / blocks_per_head) % heads;
-                let batch = task / (blocks_per_head * heads);
-                let row0 = block * QUERY_BLOCK;
-                let rows = QUERY_BLOCK.min(n - row0);
+                let bh = task / blocks_per_head;
+                let (batch, head) = (bh / heads, bh % heads);
+                let row0 = block * F32_QUERY_BLOCK;
+                let rows = F32_QUERY_BLOCK.min(n - row0);
+                let (keys, values) = &packed[bh];
                 let q_block = &q[(batch * n + row0) * inner + head * d..];
-                let k_head = &k[batch * m * inner + head * d..];
-                let v_head = &v[batch * m * inner + head * d..];
-                // SAFETY: the strides below keep every access inside q, k, v (rows < n, m keys, d
-                // columns from head·d) and `scores` (rows × m); each task writes only its own rows and
-                // head's columns of `out`.
+                let scores = &mut scores[..(rows - 1) * ld + m];
+                sgemm::gemm_serial(rows, q_block, inner, keys, scores, ld, Start::Zero);
+                // Unnormalised probabilities; each output row is divided by its sum after the product.
+                for (r, sum) in sums.iter_mut().enumerate().take(rows) {
+                    let row = &mut scores[r * ld..][..m];
+                    let seen = if causal { (row0 + r + 1).min(m) } else { m };
+                    row[seen..].fill(0.0);
+                    *sum = vector::exp_shifted(&mut row[..seen], scale);
+                }
+                let first = (batch * n + row0) * inner + head * d;
+                // SAFETY: this task alone reads and writes rows row0..row0+rows, columns
+                // head·d..head·d+d of `out`, all inside it.
                 unsafe {
-                    // scores = scale · q_block · k_headᵀ   (rows × m)
-                    gemm::gemm(
+                    sgemm::gemm_serial_unchecked(
                         rows,
-                        m,
-                        d,
-                        scores.as_mut_ptr(),
-                        1,
-                        m as isize,
-                        false,
-                        q_block.as_ptr(),
-                        1,
-                        inner as isize,
-                        k_head.as_ptr(),
-                        inner as isize,
-                        1,
-                        0.0,
-                        scale,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
+                        scores,
+                        ld,
+                        values,
+                        dst.at(first),
+                        inner,
+                        Start::Zero,
                     );
-                    for (r, row) in scores[..rows * m].chunks_exact_mut(m).enumerate() {
-                        softmax_row(row, row0 + r, self.causal, 1.0);
+                    for (r, &sum) in sums.iter().enumerate().take(rows) {
+                        let row = std::slice::from_raw_parts_mut(dst.at(first + r * inner), d);
+                        let inv = 1.0 / sum;
+                        for x in row {
+                            *x *= inv;
+                        }
                     }
-                    // out block = probabilities · v_head   (rows × d), written in place
-                    gemm::gemm(
-                        rows,
-                        d,
-                        m,
-                        dst.at((batch * n + row0) * inner + head * d),
-                        1,
-                        inner as isize,
-                        false,
-                        scores.as_ptr(),
-                        1,
-                        m as isize,
-                        v_head.as_ptr(),
-                        1,
-                        inner as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
                 }
             },
         );
-        Ok((CpuStorage::F32(out), Shape::from((b, n, inner))))
-    }
 }
 
 /// softmax(scale · row) for query `index`; causal rows see only keys 0..=index, the rest become zero.

@@ -70,6 +70,15 @@ const LANES: usize = 16;
 
 #[inline(always)]
 fn softmax_body(row: &mut [f32], scale: f32) {
+    let inv = 1.0 / exp_shifted_body(row, scale);
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+/// Replaces x with e^(scale · (x − max x)) and returns the sum: softmax without the final division.
+#[inline(always)]
+fn exp_shifted_body(row: &mut [f32], scale: f32) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for chunk in &mut chunks {
@@ -97,11 +106,7 @@ fn softmax_body(row: &mut [f32], scale: f32) {
         *x = exp((*x - max) * scale);
         sum += *x;
     }
-    sum += sums.iter().sum::<f32>();
-    let inv = 1.0 / sum;
-    for x in row.iter_mut() {
-        *x *= inv;
-    }
+    sum + sums.iter().sum::<f32>()
 }
 
 #[inline(always)]
@@ -175,6 +180,11 @@ macro_rules! dispatched {
 dispatched!(
     /// Replaces a row of scores x with softmax(scale · x), in place (scale > 0).
     fn softmax_scaled(row: &mut [f32], scale: f32) -> () = softmax_body
+);
+dispatched!(
+    /// Replaces a row of scores x with e^(scale · (x − max x)) and returns their sum (softmax before
+    /// its division, for callers that divide a smaller product instead).
+    fn exp_shifted(row: &mut [f32], scale: f32) -> f32 = exp_shifted_body
 );
 dispatched!(
     /// dst = src · mul + add, followed by SiLU when `silu` is set.
