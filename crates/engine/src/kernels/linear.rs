@@ -8,9 +8,9 @@ use half::bf16;
 use super::sgemm::{self, PackedB, Start};
 use super::{amx, contiguous_f32};
 
-/// Up to this many input rows, repacking the weights would be a large part of a product, so layers
-/// keep a packed copy ([`pack_f32`]) for such calls (the text encoder, cross-attention keys and values).
-pub const FEW_ROWS: usize = 512;
+/// From this many input rows on, repacking the weights per call for [`sgemm`] pays (below it, layers
+/// without a packed copy use candle's product).
+pub const REPACK_ROWS: usize = 1024;
 
 /// The weight (n, k) of a linear layer packed as the right operand of `xs · Wᵀ`, for [`linear_f32`].
 pub fn pack_f32(weight: &Tensor) -> Result<PackedB> {

@@ -322,11 +322,12 @@ unsafe fn product(
                         _ => None,
                     };
                     let add = matches!(tile_start, Start::Add);
+                    #[cfg(target_arch = "x86_64")]
                     if wide {
                         micro_avx512(kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add);
-                    } else {
-                        micro_plain(kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add);
+                        continue;
                     }
+                    micro_plain(kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add);
                 }
             }
         }
@@ -428,23 +429,6 @@ unsafe fn micro_avx512(
         _mm512_mask_storeu_ps(row, mask_lo, v0);
         _mm512_mask_storeu_ps(row.wrapping_add(16), mask_hi, v1);
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn micro_avx512(
-    kc: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    c: *mut f32,
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-    bias: Option<&[f32]>,
-    add: bool,
-) {
-    micro_plain(kc, a, lda, b, c, ldc, rows, cols, bias, add)
 }
 
 /// [`micro_avx512`] in plain Rust, for CPUs without AVX-512.

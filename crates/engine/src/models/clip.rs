@@ -26,10 +26,15 @@ impl Activation {
     }
 }
 
-/// A linear layer with a bias that stays in f32 under `--precision bf16` (the text encoder's output
-/// conditions every step, so it is kept at full precision).
-fn f32_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(super::layers::linear(in_dim, out_dim, vb)?.always_f32())
+/// A linear layer with a bias, always in f32 (see [`Linear::always_f32`]), its weights packed once
+/// when `pack_once` (see [`Linear::packed_once`]).
+fn f32_linear(in_dim: usize, out_dim: usize, pack_once: bool, vb: VarBuilder) -> Result<Linear> {
+    let layer = super::layers::linear(in_dim, out_dim, vb)?.always_f32();
+    Ok(if pack_once {
+        layer.packed_once()
+    } else {
+        layer
+    })
 }
 
 /// The additive causal mask (1, 1, n, n): 0 on and below the diagonal, the lowest f32 above it.
@@ -64,31 +69,33 @@ impl EncoderLayer {
             cfg.num_attention_heads,
             cfg.layer_norm_eps,
             activation,
+            true,
             vb,
         )
     }
 
     /// Builds a layer of width `h` with an MLP of width `intermediate` and `heads` attention heads from
     /// transformers-named weights under `vb` (`layer_norm1`, `self_attn.{q,k,v,out}_proj`, `layer_norm2`,
-    /// `mlp.fc1`, `mlp.fc2`).
+    /// `mlp.fc1`, `mlp.fc2`); `pack_once` keeps the linear weights packed (see [`Linear::packed_once`]).
     pub(crate) fn with_sizes(
         h: usize,
         intermediate: usize,
         heads: usize,
         layer_norm_eps: f64,
         activation: Activation,
+        pack_once: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
         let attn = vb.pp("self_attn");
         Ok(EncoderLayer {
             layer_norm1: candle_nn::layer_norm(h, layer_norm_eps, vb.pp("layer_norm1"))?,
-            q_proj: f32_linear(h, h, attn.pp("q_proj"))?,
-            k_proj: f32_linear(h, h, attn.pp("k_proj"))?,
-            v_proj: f32_linear(h, h, attn.pp("v_proj"))?,
-            out_proj: f32_linear(h, h, attn.pp("out_proj"))?,
+            q_proj: f32_linear(h, h, pack_once, attn.pp("q_proj"))?,
+            k_proj: f32_linear(h, h, pack_once, attn.pp("k_proj"))?,
+            v_proj: f32_linear(h, h, pack_once, attn.pp("v_proj"))?,
+            out_proj: f32_linear(h, h, pack_once, attn.pp("out_proj"))?,
             layer_norm2: candle_nn::layer_norm(h, layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: f32_linear(h, intermediate, vb.pp("mlp.fc1"))?,
-            fc2: f32_linear(intermediate, h, vb.pp("mlp.fc2"))?,
+            fc1: f32_linear(h, intermediate, pack_once, vb.pp("mlp.fc1"))?,
+            fc2: f32_linear(intermediate, h, pack_once, vb.pp("mlp.fc2"))?,
             heads,
             activation,
         })

@@ -153,6 +153,9 @@ impl ClipVisionModel {
                     config.num_attention_heads,
                     config.layer_norm_eps,
                     activation,
+                    // 257 tokens per image: repacking per call is cheap enough, and the vision
+                    // tower's weights are large.
+                    false,
                     vb.pp(format!("encoder.layers.{i}")),
                 )
             })

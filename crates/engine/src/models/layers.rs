@@ -150,16 +150,18 @@ pub fn group_norm_silu(norm: &GroupNorm, xs: &Tensor) -> Result<Tensor> {
 
 /// A linear layer (`x · Wᵀ + b`). f32 CPU inputs multiply through [`kernels::linear`]: in bf16 on AMX
 /// when bf16 products are on (unless [`Linear::always_f32`]), otherwise in f32 with the bias added in
-/// the product; other devices and dtypes use candle's product.
+/// the product, from weights repacked per call or [`Linear::packed_once`]; other devices and dtypes use
+/// candle's product.
 #[derive(Debug, Clone)]
 pub struct Linear {
     plain: candle_nn::Linear,
     packed: PackedWeights,
-    /// The f32 weights packed for products of few rows (see [`kernels::linear::FEW_ROWS`]), made on the
-    /// first such call.
+    /// The f32 weights packed once, made on first use, for [`Linear::packed_once`] layers.
     packed_f32: Arc<OnceLock<kernels::sgemm::PackedB>>,
-    /// Whether bf16 products may be used (off for layers kept in f32 whatever the precision).
-    bf16: bool,
+    /// Set by [`Linear::always_f32`].
+    always_f32: bool,
+    /// Set by [`Linear::packed_once`].
+    packed_once: bool,
 }
 
 impl Linear {
@@ -170,10 +172,22 @@ impl Linear {
 }
 
 impl Linear {
-    /// This layer, always multiplying in f32 even with bf16 products on (the text encoder).
+    /// This layer, always multiplied in f32, even with bf16 products on (the CLIP encoders: the text
+    /// encoder's output conditions every step, the safety checker's decides what is shown).
     pub fn always_f32(self) -> Self {
         Linear {
-            bf16: false,
+            always_f32: true,
+            ..self
+        }
+    }
+
+    /// This layer with its f32 weights packed once, on first use, instead of per call: for layers whose
+    /// products have few rows (the text encoder's 77 tokens per prompt), where repacking costs nearly as
+    /// much as the product. The copy doubles the layer's weight memory (about 0.35 GB for CLIP-L's text
+    /// encoder).
+    pub fn packed_once(self) -> Self {
+        Linear {
+            packed_once: true,
             ..self
         }
     }
@@ -185,7 +199,8 @@ impl From<candle_nn::Linear> for Linear {
             plain,
             packed: PackedWeights::default(),
             packed_f32: Arc::default(),
-            bf16: true,
+            always_f32: false,
+            packed_once: false,
         }
     }
 }
@@ -193,7 +208,10 @@ impl From<candle_nn::Linear> for Linear {
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let weight = self.plain.weight();
-        if self.bf16 && kernels::bf16_products() && kernels::accepts(xs) && kernels::accepts(weight)
+        if !self.always_f32
+            && kernels::bf16_products()
+            && kernels::accepts(xs)
+            && kernels::accepts(weight)
         {
             let packed = self
                 .packed
@@ -205,19 +223,22 @@ impl Module for Linear {
             };
         }
         if kernels::accepts(xs) && kernels::accepts(weight) {
-            let rows = xs.elem_count() / weight.dim(1)?.max(1);
-            let packed = if rows < kernels::linear::FEW_ROWS {
-                Some(match self.packed_f32.get() {
+            if self.packed_once {
+                let packed = match self.packed_f32.get() {
                     Some(packed) => packed,
                     None => {
                         let packed = kernels::linear::pack_f32(weight)?;
                         self.packed_f32.get_or_init(|| packed)
                     }
-                })
-            } else {
-                None
-            };
-            return kernels::linear::linear_f32(xs, weight, self.plain.bias(), packed);
+                };
+                return kernels::linear::linear_f32(xs, weight, self.plain.bias(), Some(packed));
+            }
+            // Few rows: repacking the weights per call would cost more than the `gemm` crate's own
+            // packing inside candle's product (measured), so those go there.
+            let rows = xs.elem_count() / weight.dim(1)?.max(1);
+            if rows >= kernels::linear::REPACK_ROWS {
+                return kernels::linear::linear_f32(xs, weight, self.plain.bias(), None);
+            }
         }
         self.plain.forward(xs)
     }
