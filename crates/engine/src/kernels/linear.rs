@@ -1,6 +1,7 @@
-//! Linear layers on the CPU: `xs · Wᵀ (+ b)` in f32 through [`sgemm`] (the weights repacked per call, a
-//! transposition that costs 1/(2·rows) of the product, so no second copy of the weights is kept), and
-//! the bf16 product on AMX with the weights packed once (by the layer) and the activations per call.
+//! Linear layers on the CPU: `xs · Wᵀ (+ b)` in f32 through [`sgemm`], the weights either repacked per
+//! call (a transposition costing about 1/(2·rows) of the product, so no second copy is kept) or packed
+//! once by the layer ([`pack_f32`]); and the bf16 product on AMX with the weights packed once (by the
+//! layer) and the activations per call.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use half::bf16;

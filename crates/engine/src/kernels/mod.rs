@@ -6,9 +6,10 @@
 //! group norm is a chain of ~10 tensor ops, its convolution copies the input into an im2col buffer), so
 //! they are written here, with two matrix kernels under them: [`sgemm`], our blocked f32 product for a
 //! right operand packed once and reused (linear layers, attention, Winograd), and the `gemm` crate (the
-//! kernel candle itself uses, with its AVX-512 kernels enabled) for the tiled convolution. Each kernel is a candle custom op for f32 tensors on the CPU; the callers
-//! in `models::layers` and `models::attention` fall back to the plain candle operation for any other
-//! device or dtype, and the tests in this module check each kernel against that plain operation.
+//! kernel candle itself uses, with its AVX-512 kernels enabled) for the tiled convolution. Each kernel is
+//! a candle custom op for f32 tensors on the CPU; the callers in `models::layers` and
+//! `models::attention` fall back to the plain candle operation for any other device or dtype, and the
+//! tests in this module check each kernel against that plain operation.
 
 pub mod amx;
 pub mod attention;

@@ -5,8 +5,9 @@
 //! The `gemm` crate packs both operands on every call; on Stable Diffusion's shapes (a short depth of
 //! 40–1280 against thousands of rows) that repacking of the weights is a large part of the time, and it
 //! cannot take an operand packed beforehand. This is the classic blocked product instead: B in panels of
-//! [`NR`] columns, A repacked per block of rows and depth so the register tile ([`MR`] × [`NR`]) streams
-//! both from cache, one AVX-512 micro-kernel, and a plain-Rust kernel for CPUs without AVX-512.
+//! [`NR`] columns, A read in place by blocks of rows and depth (copied only at row strides that would
+//! crowd one L1 set, see [`row_stride`]), so the register tile ([`MR`] × [`NR`]) streams both from
+//! cache; one AVX-512 micro-kernel, and a plain-Rust kernel for CPUs without AVX-512.
 
 use rayon::prelude::*;
 
@@ -33,32 +34,12 @@ pub struct PackedB {
 }
 
 impl PackedB {
-    /// Packs the k × n matrix whose element (row p, column j) is `at(p, j)`.
-    pub fn new(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Self {
-        let mut packed = PackedB::default();
-        packed.repack(k, n, at);
-        packed
-    }
-
     /// Packs `B = Wᵀ` from W stored as n rows of k (a linear layer's (out, in) weight, or keys (m, d) for
     /// the scores `q · kᵀ`), row `j` of W starting at `w[j * ld]`.
     pub fn transposed(w: &[f32], n: usize, k: usize, ld: usize) -> Self {
         let mut packed = PackedB::default();
         packed.repack_transposed(w, n, k, ld);
         packed
-    }
-
-    /// [`PackedB::new`] into this buffer, reusing its allocation.
-    pub fn repack(&mut self, k: usize, n: usize, at: impl Fn(usize, usize) -> f32) {
-        self.resize(k, n);
-        for (panel, dst) in self.data.chunks_exact_mut(k * NR).enumerate() {
-            for (p, row) in dst.chunks_exact_mut(NR).enumerate() {
-                for (c, slot) in row.iter_mut().enumerate() {
-                    let j = panel * NR + c;
-                    *slot = if j < n { at(p, j) } else { 0.0 };
-                }
-            }
-        }
     }
 
     /// [`PackedB::transposed`] into this buffer, reusing its allocation.
@@ -92,7 +73,7 @@ impl PackedB {
     }
 
     /// Makes this a k × n matrix to be filled in place through [`PackedB::data_mut`] at
-    /// [`PackedB::offset`]s. Old values stay where nothing new is written; columns past n only ever feed
+    /// [`panel_offset`]s. Old values stay where nothing new is written; columns past n only ever feed
     /// outputs that are not stored, so they need no clearing.
     pub fn reshape(&mut self, k: usize, n: usize) {
         self.k = k;
@@ -100,22 +81,15 @@ impl PackedB {
         self.data.resize(n.div_ceil(NR) * NR * k, 0.0);
     }
 
-    /// Where element (row p, column j) lives in [`PackedB::data_mut`].
-    #[inline]
-    pub fn offset(&self, p: usize, j: usize) -> usize {
-        (j / NR) * self.k * NR + p * NR + j % NR
-    }
-
     /// The packed values, for filling in place.
     pub fn data_mut(&mut self) -> &mut [f32] {
         &mut self.data
     }
 
+    /// [`PackedB::reshape`] with every value zero (the packers write only the columns below n).
     fn resize(&mut self, k: usize, n: usize) {
-        self.k = k;
-        self.n = n;
         self.data.clear();
-        self.data.resize(n.div_ceil(NR) * NR * k, 0.0);
+        self.reshape(k, n);
     }
 
     /// Rows (the depth of the product).
@@ -127,6 +101,12 @@ impl PackedB {
     pub fn n(&self) -> usize {
         self.n
     }
+}
+
+/// Where element (row p, column j) of a packed matrix of depth `k` lives in its data.
+#[inline]
+pub fn panel_offset(k: usize, p: usize, j: usize) -> usize {
+    (j / NR) * k * NR + p * NR + j % NR
 }
 
 /// Packs panel `panel` of `B = Wᵀ` (W: n rows of k, row stride `ld`) into `dst`, 16 depth steps × the
@@ -347,10 +327,8 @@ pub fn row_stride(k: usize) -> usize {
 /// Whether the twelve rows of a tile at row stride `lda` (floats) fall into so few L1 sets (64-byte
 /// lines, 64 sets) that they evict each other.
 fn crowded(lda: usize) -> bool {
-    let mut sets: Vec<usize> = (0..MR).map(|r| (r * lda * 4 / 64) % 64).collect();
-    sets.sort_unstable();
-    sets.dedup();
-    sets.len() < MR / 2
+    let sets = (0..MR).fold(0u64, |sets, r| sets | 1 << ((r * lda * 4 / 64) % 64));
+    (sets.count_ones() as usize) < MR / 2
 }
 
 thread_local! {
@@ -483,6 +461,19 @@ mod tests {
         c
     }
 
+    /// The k × n matrix whose element (row p, column j) is `at(p, j)`, packed element by element: the
+    /// reference for the fast packers.
+    fn pack_each(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> PackedB {
+        let mut packed = PackedB::default();
+        packed.resize(k, n);
+        for j in 0..n {
+            for p in 0..k {
+                packed.data[panel_offset(k, p, j)] = at(p, j);
+            }
+        }
+        packed
+    }
+
     fn random(len: usize, seed: u32) -> Vec<f32> {
         let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
         (0..len)
@@ -509,11 +500,13 @@ mod tests {
             let b = random(k * n, 2);
             let bias = random(n, 3);
             let want = reference(m, k, n, &a, &b);
-            let packed = PackedB::new(k, n, |p, j| b[p * n + j]);
+            let packed = pack_each(k, n, |p, j| b[p * n + j]);
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             let packed_t = PackedB::transposed(&bt, n, k, k);
             let mut packed_rows = PackedB::default();
             packed_rows.repack_rows(&b, k, n, n);
+            assert_eq!(packed_t.data, packed.data, "{k}x{n}: transposed packer");
+            assert_eq!(packed_rows.data, packed.data, "{k}x{n}: row packer");
             let tolerance = 1e-4 * k as f32;
             for packed in [&packed, &packed_t, &packed_rows] {
                 let mut c = vec![f32::NAN; m * n];

@@ -154,58 +154,74 @@ fn sum_and_squares_body(xs: &[f32], mean: f32) -> (f32, f32) {
     )
 }
 
-/// Defines `$name` that runs `$body` compiled for AVX-512 when the CPU has it, else for the baseline.
+/// Defines `$name` that runs `$body` compiled for AVX-512 when the CPU has it, else for the baseline
+/// (`$body` is `#[inline(always)]`, so it is built into both). An `unsafe fn` form serves kernels whose
+/// bodies write through raw pointers; it carries the body's safety contract.
 macro_rules! dispatched {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
         $(#[$doc])*
-        pub fn $name($($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
-                unsafe fn wide($($arg: $ty),*) -> $ret {
-                    $body($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512dq")
-                {
-                    // SAFETY: the CPU has the features `wide` was compiled for.
-                    return unsafe { wide($($arg),*) };
-                }
-            }
-            $body($($arg),*)
+        #[allow(unused_unsafe)]
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            // SAFETY: `$body` is a safe fn; the block only calls `wide` on a CPU that has its features.
+            unsafe { dispatched!(@pick $body($($arg: $ty),*) -> $ret) }
         }
     };
+    ($(#[$doc:meta])* $vis:vis unsafe fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
+        $(#[$doc])*
+        #[allow(unused_unsafe)]
+        $vis unsafe fn $name($($arg: $ty),*) -> $ret {
+            // SAFETY: the caller keeps `$body`'s contract; `wide` only runs on a CPU with its features.
+            unsafe { dispatched!(@pick $body($($arg: $ty),*) -> $ret) }
+        }
+    };
+    (@pick $body:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[allow(unused_unsafe)]
+            #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+            unsafe fn wide($($arg: $ty),*) -> $ret {
+                unsafe { $body($($arg),*) }
+            }
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+            {
+                return wide($($arg),*);
+            }
+        }
+        $body($($arg),*)
+    }};
 }
+pub(super) use dispatched;
 
 dispatched!(
     /// Replaces a row of scores x with softmax(scale · x), in place (scale > 0).
-    fn softmax_scaled(row: &mut [f32], scale: f32) -> () = softmax_body
+    pub fn softmax_scaled(row: &mut [f32], scale: f32) -> () = softmax_body
 );
 dispatched!(
     /// Replaces a row of scores x with e^(scale · (x − max x)) and returns their sum (softmax before
     /// its division, for callers that divide a smaller product instead).
-    fn exp_shifted(row: &mut [f32], scale: f32) -> f32 = exp_shifted_body
+    pub fn exp_shifted(row: &mut [f32], scale: f32) -> f32 = exp_shifted_body
 );
 dispatched!(
     /// dst = src · mul + add, followed by SiLU when `silu` is set.
-    fn normalize(src: &[f32], dst: &mut [f32], mul: f32, add: f32, silu: bool) -> () = normalize_body
+    pub fn normalize(src: &[f32], dst: &mut [f32], mul: f32, add: f32, silu: bool) -> () = normalize_body
 );
 dispatched!(
     /// dst[i] = bf16(src[i]).
-    fn bf16_row(src: &[f32], dst: &mut [half::bf16]) -> () = bf16_row_body
+    pub fn bf16_row(src: &[f32], dst: &mut [half::bf16]) -> () = bf16_row_body
 );
 dispatched!(
     /// dst[2i] = bf16(first[i]), dst[2i + 1] = bf16(second[i]): two rows interleaved as AMX reads B.
-    fn bf16_pairs(first: &[f32], second: &[f32], dst: &mut [half::bf16]) -> () = bf16_pairs_body
+    pub fn bf16_pairs(first: &[f32], second: &[f32], dst: &mut [half::bf16]) -> () = bf16_pairs_body
 );
 dispatched!(
     /// dst = value · GELU(gate), GELU in its exact erf form.
-    fn geglu(value: &[f32], gate: &[f32], dst: &mut [f32]) -> () = geglu_body
+    pub fn geglu(value: &[f32], gate: &[f32], dst: &mut [f32]) -> () = geglu_body
 );
 dispatched!(
     /// (Σ (x − mean), Σ (x − mean)²) over `xs`: a shifted sum, so the variance stays exact when the
     /// caller passes a first estimate of the mean.
-    fn sum_and_squares(xs: &[f32], mean: f32) -> (f32, f32) = sum_and_squares_body
+    pub fn sum_and_squares(xs: &[f32], mean: f32) -> (f32, f32) = sum_and_squares_body
 );
 
 #[cfg(test)]

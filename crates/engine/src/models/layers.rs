@@ -8,13 +8,20 @@ use half::bf16;
 
 use crate::kernels;
 
-/// A bf16 copy of a layer's weights in the order the AMX product reads them, made on first use with
-/// bf16 products on (so fp32 runs never pay for it) and shared by clones of the layer.
-#[derive(Debug, Clone, Default)]
-struct PackedWeights(Arc<OnceLock<Vec<bf16>>>);
+/// A copy of a layer's weights in the order a product reads them (bf16 for AMX, or f32 panels for
+/// [`kernels::sgemm`]), made on first use (so runs that never take that path never pay for it) and
+/// shared by clones of the layer.
+#[derive(Debug, Clone)]
+struct PackedWeights<T>(Arc<OnceLock<T>>);
 
-impl PackedWeights {
-    fn get_or_pack(&self, pack: impl FnOnce() -> Result<Vec<bf16>>) -> Result<&[bf16]> {
+impl<T> Default for PackedWeights<T> {
+    fn default() -> Self {
+        PackedWeights(Arc::default())
+    }
+}
+
+impl<T> PackedWeights<T> {
+    fn get_or_pack(&self, pack: impl FnOnce() -> Result<T>) -> Result<&T> {
         if let Some(packed) = self.0.get() {
             return Ok(packed);
         }
@@ -29,7 +36,7 @@ impl PackedWeights {
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     plain: candle_nn::Conv2d,
-    packed: PackedWeights,
+    packed: PackedWeights<Vec<bf16>>,
 }
 
 impl Conv2d {
@@ -52,7 +59,8 @@ impl Module for Conv2d {
                 let amx = if kernels::bf16_products() {
                     Some(
                         self.packed
-                            .get_or_pack(|| kernels::conv::pack_weight(self.weight()))?,
+                            .get_or_pack(|| kernels::conv::pack_weight(self.weight()))?
+                            .as_slice(),
                     )
                 } else {
                     None
@@ -155,9 +163,9 @@ pub fn group_norm_silu(norm: &GroupNorm, xs: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct Linear {
     plain: candle_nn::Linear,
-    packed: PackedWeights,
-    /// The f32 weights packed once, made on first use, for [`Linear::packed_once`] layers.
-    packed_f32: Arc<OnceLock<kernels::sgemm::PackedB>>,
+    packed: PackedWeights<Vec<bf16>>,
+    /// The f32 weights packed once, for [`Linear::packed_once`] layers.
+    packed_f32: PackedWeights<kernels::sgemm::PackedB>,
     /// Set by [`Linear::always_f32`].
     always_f32: bool,
     /// Set by [`Linear::packed_once`].
@@ -169,9 +177,7 @@ impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Linear::from(candle_nn::Linear::new(weight, bias))
     }
-}
 
-impl Linear {
     /// This layer, always multiplied in f32, even with bf16 products on (the CLIP encoders: the text
     /// encoder's output conditions every step, the safety checker's decides what is shown).
     pub fn always_f32(self) -> Self {
@@ -198,7 +204,7 @@ impl From<candle_nn::Linear> for Linear {
         Linear {
             plain,
             packed: PackedWeights::default(),
-            packed_f32: Arc::default(),
+            packed_f32: PackedWeights::default(),
             always_f32: false,
             packed_once: false,
         }
@@ -224,13 +230,9 @@ impl Module for Linear {
         }
         if kernels::accepts(xs) && kernels::accepts(weight) {
             if self.packed_once {
-                let packed = match self.packed_f32.get() {
-                    Some(packed) => packed,
-                    None => {
-                        let packed = kernels::linear::pack_f32(weight)?;
-                        self.packed_f32.get_or_init(|| packed)
-                    }
-                };
+                let packed = self
+                    .packed_f32
+                    .get_or_pack(|| kernels::linear::pack_f32(weight))?;
                 return kernels::linear::linear_f32(xs, weight, self.plain.bias(), Some(packed));
             }
             // Few rows: repacking the weights per call would cost more than the `gemm` crate's own
