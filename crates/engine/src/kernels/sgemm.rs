@@ -304,7 +304,17 @@ unsafe fn product(
                     let add = matches!(tile_start, Start::Add);
                     #[cfg(target_arch = "x86_64")]
                     if wide {
-                        micro_avx512(kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add);
+                        // A panel at most half full (the last of an attention head's 40 or 80 values)
+                        // takes the half-width tile: half the multiplications.
+                        if cols <= NR / 2 {
+                            micro_avx512::<1>(
+                                kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add,
+                            );
+                        } else {
+                            micro_avx512::<2>(
+                                kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add,
+                            );
+                        }
                         continue;
                     }
                     micro_plain(kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add);
@@ -347,11 +357,12 @@ fn avx512() -> bool {
     }
 }
 
-/// One register tile: C[rows, cols] (start) + A tile · B panel, in AVX-512.
+/// One register tile: C[rows, cols] (start) + A tile · B panel, in AVX-512, over the panel's first
+/// `HALVES` × 16 columns (`HALVES` is 1 or 2; with 1, `cols` ≤ 16).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn micro_avx512(
+unsafe fn micro_avx512<const HALVES: usize>(
     kc: usize,
     a: &[f32],
     lda: usize,
@@ -371,11 +382,17 @@ unsafe fn micro_avx512(
     let bp = b.as_ptr();
     for p in 0..kc {
         let b0 = _mm512_loadu_ps(bp.add(p * NR));
-        let b1 = _mm512_loadu_ps(bp.add(p * NR + 16));
-        for r in 0..MR {
-            let av = _mm512_set1_ps(*ap[r].add(p));
-            lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
-            hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
+        if HALVES == 2 {
+            let b1 = _mm512_loadu_ps(bp.add(p * NR + 16));
+            for r in 0..MR {
+                let av = _mm512_set1_ps(*ap[r].add(p));
+                lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
+                hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
+            }
+        } else {
+            for r in 0..MR {
+                lo[r] = _mm512_fmadd_ps(_mm512_set1_ps(*ap[r].add(p)), b0, lo[r]);
+            }
         }
     }
     let mask_lo: __mmask16 = if cols >= 16 {
@@ -495,6 +512,9 @@ mod tests {
             (150, 300, 70),
             (300, 600, 64),
             (12, 257, 32),
+            // An attention head's values: last panels of 8 and of exactly 16 columns (half-width tile).
+            (75, 40, 40),
+            (40, 80, 80),
         ] {
             let a = random(m * k, 1);
             let b = random(k * n, 2);
