@@ -156,36 +156,38 @@ fn sum_and_squares_body(xs: &[f32], mean: f32) -> (f32, f32) {
 
 /// Defines `$name` that runs `$body` compiled for AVX-512 when the CPU has it, else for the baseline
 /// (`$body` is `#[inline(always)]`, so it is built into both). An `unsafe fn` form serves kernels whose
-/// bodies write through raw pointers; it carries the body's safety contract.
+/// bodies write through raw pointers; it carries the body's safety contract, and may take one type
+/// parameter (`$body` then names the instance, e.g. `body::<T>`).
 macro_rules! dispatched {
-    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:expr) => {
         $(#[$doc])*
         #[allow(unused_unsafe)]
         $vis fn $name($($arg: $ty),*) -> $ret {
             // SAFETY: `$body` is a safe fn; the block only calls `wide` on a CPU that has its features.
-            unsafe { dispatched!(@pick $body($($arg: $ty),*) -> $ret) }
+            unsafe { dispatched!(@pick [] $body; ($($arg: $ty),*) -> $ret) }
         }
     };
-    ($(#[$doc:meta])* $vis:vis unsafe fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
+    ($(#[$doc:meta])* $vis:vis unsafe fn $name:ident $(<$g:ident: $bound:path>)? ($($arg:ident: $ty:ty),*)
+        -> $ret:ty = $body:expr) => {
         $(#[$doc])*
         #[allow(unused_unsafe)]
-        $vis unsafe fn $name($($arg: $ty),*) -> $ret {
+        $vis unsafe fn $name $(<$g: $bound>)? ($($arg: $ty),*) -> $ret {
             // SAFETY: the caller keeps `$body`'s contract; `wide` only runs on a CPU with its features.
-            unsafe { dispatched!(@pick $body($($arg: $ty),*) -> $ret) }
+            unsafe { dispatched!(@pick [$($g: $bound)?] $body; ($($arg: $ty),*) -> $ret) }
         }
     };
-    (@pick $body:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
+    (@pick [$($g:ident: $bound:path)?] $body:expr; ($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
         #[cfg(target_arch = "x86_64")]
         {
             #[allow(unused_unsafe)]
             #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
-            unsafe fn wide($($arg: $ty),*) -> $ret {
+            unsafe fn wide $(<$g: $bound>)? ($($arg: $ty),*) -> $ret {
                 unsafe { $body($($arg),*) }
             }
             if std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512dq")
             {
-                return wide($($arg),*);
+                return wide $(::<$g>)? ($($arg),*);
             }
         }
         $body($($arg),*)

@@ -192,10 +192,10 @@ impl Tile {
         (self.out() + 2).pow(2)
     }
 
-    /// The input transform of this tile (see [`input_transform_f2`]).
+    /// The input transform of this tile (see [`input_transform`]).
     ///
     /// # Safety
-    /// As [`input_transform_f2`].
+    /// As [`input_transform`].
     unsafe fn input(
         self,
         padded: &[f32],
@@ -206,15 +206,15 @@ impl Tile {
         v: &[SharedMut],
     ) {
         match self {
-            Tile::F2 => input_transform_f2(padded, rows, segments, j_base, shape, v),
-            Tile::F4 => input_transform_f4(padded, rows, segments, j_base, shape, v),
+            Tile::F2 => input_transform::<F2x2>(padded, rows, segments, j_base, shape, v),
+            Tile::F4 => input_transform::<F4x4>(padded, rows, segments, j_base, shape, v),
         }
     }
 
-    /// The output transform of this tile (see [`output_transform_f2`]).
+    /// The output transform of this tile (see [`output_transform`]).
     ///
     /// # Safety
-    /// As [`output_transform_f2`].
+    /// As [`output_transform`].
     #[allow(clippy::too_many_arguments)]
     unsafe fn output(
         self,
@@ -230,10 +230,10 @@ impl Tile {
     ) {
         match self {
             Tile::F2 => {
-                output_transform_f2(m, m_stride, len, rows, segments, j_base, shape, bias, dst)
+                output_transform::<F2x2>(m, m_stride, len, rows, segments, j_base, shape, bias, dst)
             }
             Tile::F4 => {
-                output_transform_f4(m, m_stride, len, rows, segments, j_base, shape, bias, dst)
+                output_transform::<F4x4>(m, m_stride, len, rows, segments, j_base, shape, bias, dst)
             }
         }
     }
@@ -496,205 +496,148 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
-dispatched!(
-    /// F(2×2, 3×3)'s V = Bᵀ d B for the windows of `segments` (columns `j_base + segment offset ..` of each V[ξ]).
-    ///
-    /// # Safety
-    /// `v[ξ]` must point at V[ξ], packed by [`PackedB::reshape`] as c_in × (at least the columns
-    /// written), and no other thread may touch these columns.
-    unsafe fn input_transform_f2(
-        padded: &[f32],
-        rows: &mut Vec<f32>,
-        segments: &[Segment],
-        j_base: usize,
-        shape: (usize, usize, usize),
-        v: &[SharedMut]
-    ) -> () = input_transform_f2_body
-);
+/// One tile's transforms of a run of `count` consecutive windows along a row, written as contiguous
+/// loops over the run (so they vectorise); [`input_transform_body`] and [`output_transform_body`] walk
+/// channels and runs and move the data.
+trait Transforms {
+    /// Side of the output block (and stride between windows).
+    const STEP: usize;
+    /// Points ξ per window.
+    const POINTS: usize;
+    /// Scratch rows (of n floats) the input transform needs besides its POINTS result rows.
+    const INPUT_SCRATCH: usize;
+    /// Scratch rows (of n floats) the output transform needs besides its output line (STEP·n).
+    const OUTPUT_SCRATCH: usize;
 
-/// The body of [`input_transform_f2`]: per input channel and run of `count` windows, the four input rows
-/// are split into even and odd columns (E, O), transformed down (Bᵀ) as whole rows, then across (B):
-/// window k of a transformed row spans E[k], O[k], E[k+1], O[k+1], so every step is a contiguous
-/// loop. Each of the sixteen rows of results is copied into V[ξ] in pieces that stay within a panel.
-#[inline(always)]
-unsafe fn input_transform_f2_body(
-    padded: &[f32],
-    rows: &mut Vec<f32>,
-    segments: &[Segment],
-    j_base: usize,
-    (c_in, plane, wp): (usize, usize, usize),
-    v: &[SharedMut],
-) {
-    const NR: usize = sgemm::NR;
-    let n = segments.iter().map(|s| s.count + 1).max().unwrap_or(0);
-    // Eight rows of n (E and O of the four input rows), then sixteen result rows of n.
-    rows.resize(24 * n, 0.0);
-    let (split, results) = rows.split_at_mut(8 * n);
-    for i in 0..c_in {
-        for &Segment {
-            image: b,
-            row: ty,
-            col: tx,
-            count,
-            offset,
-        } in segments
-        {
-            let base = (b * c_in + i) * plane + 2 * ty * wp + 2 * tx;
-            for y in 0..4 {
-                let src = &padded[base + y * wp..][..2 * count + 2];
-                let (even, odd) = split[2 * y * n..(2 * y + 2) * n].split_at_mut(n);
-                for (x, pair) in src.chunks_exact(2).enumerate() {
-                    even[x] = pair[0];
-                    odd[x] = pair[1];
-                }
+    /// V for the windows whose input rows are `padded[base + y·wp ..]` (`at` = (base, wp), y over the
+    /// window's rows): result row ξ (window k at `results[ξ·n + k]`); `n` ≥ count + 1.
+    fn input_run(
+        padded: &[f32],
+        at: (usize, usize),
+        count: usize,
+        n: usize,
+        scratch: &mut [f32],
+        results: &mut [f32],
+    );
+
+    /// Aᵀ (down) of the run whose M[ξ] values are `m[ξ·m_stride + at ..][..count]` (`place` =
+    /// (m_stride, at)), into `scratch`.
+    fn output_down(m: &[f32], place: (usize, usize), count: usize, n: usize, scratch: &mut [f32]);
+
+    /// A (across) of output row `dy` from `scratch` (as left by [`Transforms::output_down`]), plus the
+    /// bias, into `line` (STEP·count outputs).
+    fn output_across(
+        scratch: &[f32],
+        n: usize,
+        count: usize,
+        dy: usize,
+        bias: f32,
+        line: &mut [f32],
+    );
+}
+
+/// F(2×2, 3×3): Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]],
+/// Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]].
+struct F2x2;
+
+impl Transforms for F2x2 {
+    const STEP: usize = 2;
+    const POINTS: usize = 16;
+    const INPUT_SCRATCH: usize = 8;
+    const OUTPUT_SCRATCH: usize = 8;
+
+    /// The four input rows are split into even and odd columns (E, O), transformed down as whole rows,
+    /// then across: window k of a transformed row spans E[k], O[k], E[k+1], O[k+1].
+    #[inline(always)]
+    fn input_run(
+        padded: &[f32],
+        (base, wp): (usize, usize),
+        count: usize,
+        n: usize,
+        split: &mut [f32],
+        results: &mut [f32],
+    ) {
+        for y in 0..4 {
+            let src = &padded[base + y * wp..][..2 * count + 2];
+            let (even, odd) = split[2 * y * n..(2 * y + 2) * n].split_at_mut(n);
+            for (x, pair) in src.chunks_exact(2).enumerate() {
+                even[x] = pair[0];
+                odd[x] = pair[1];
             }
-            // Down (Bᵀ) per parity: t_a = (d0 − d2, d1 + d2, d2 − d1, d1 − d3), computed into E/O
-            // place (each element is read only by its own position).
-            for parity in 0..2 {
-                let at = |y: usize| (2 * y + parity) * n;
-                for x in 0..=count {
-                    let (d0, d1, d2, d3) = (
-                        split[at(0) + x],
-                        split[at(1) + x],
-                        split[at(2) + x],
-                        split[at(3) + x],
-                    );
-                    split[at(0) + x] = d0 - d2;
-                    split[at(1) + x] = d1 + d2;
-                    split[at(2) + x] = d2 - d1;
-                    split[at(3) + x] = d1 - d3;
-                }
+        }
+        // Down (Bᵀ) per parity: t_a = (d0 − d2, d1 + d2, d2 − d1, d1 − d3), computed in place (each
+        // element is read only by its own position).
+        for parity in 0..2 {
+            let at = |y: usize| (2 * y + parity) * n;
+            for x in 0..=count {
+                let (d0, d1, d2, d3) = (
+                    split[at(0) + x],
+                    split[at(1) + x],
+                    split[at(2) + x],
+                    split[at(3) + x],
+                );
+                split[at(0) + x] = d0 - d2;
+                split[at(1) + x] = d1 + d2;
+                split[at(2) + x] = d2 - d1;
+                split[at(3) + x] = d1 - d3;
             }
-            // Across (B) for each transformed row a: (E[k] − E[k+1], O[k] + E[k+1], E[k+1] − O[k],
-            // O[k] − O[k+1]).
-            for a in 0..4 {
-                let e = &split[2 * a * n..][..count + 1];
-                let o = &split[(2 * a + 1) * n..][..count + 1];
-                let out = &mut results[4 * a * n..][..4 * n];
-                let (r0, rest) = out.split_at_mut(n);
-                let (r1, rest) = rest.split_at_mut(n);
-                let (r2, r3) = rest.split_at_mut(n);
-                for k in 0..count {
-                    r0[k] = e[k] - e[k + 1];
-                    r1[k] = o[k] + e[k + 1];
-                    r2[k] = e[k + 1] - o[k];
-                    r3[k] = o[k] - o[k + 1];
-                }
-            }
-            // Copy out: columns j.. of row i of each V[ξ], a panel (NR columns) at a time.
-            let mut k = 0;
-            while k < count {
-                let j = j_base + offset + k;
-                let piece = (NR - j % NR).min(count - k);
-                let at = sgemm::panel_offset(c_in, i, j);
-                for (xi, vx) in v.iter().enumerate() {
-                    copy_short(&results[xi * n + k..][..piece], vx.at(at));
-                }
-                k += piece;
+        }
+        // Across (B) for each transformed row a: (E[k] − E[k+1], O[k] + E[k+1], E[k+1] − O[k],
+        // O[k] − O[k+1]).
+        for a in 0..4 {
+            let e = &split[2 * a * n..][..count + 1];
+            let o = &split[(2 * a + 1) * n..][..count + 1];
+            let out = &mut results[4 * a * n..][..4 * n];
+            let (r0, rest) = out.split_at_mut(n);
+            let (r1, rest) = rest.split_at_mut(n);
+            let (r2, r3) = rest.split_at_mut(n);
+            for k in 0..count {
+                r0[k] = e[k] - e[k + 1];
+                r1[k] = o[k] + e[k + 1];
+                r2[k] = e[k + 1] - o[k];
+                r3[k] = o[k] - o[k + 1];
             }
         }
     }
-}
 
-dispatched!(
-    /// F(2×2, 3×3)'s Y = Aᵀ M A plus the bias for the windows of `segments` (columns `j_base + segment offset ..` of
-    /// each M[ξ], c_out × `len` at stride `m_stride` between the ξ).
-    ///
-    /// # Safety
-    /// `dst` must point at the (b, c_out, ho, wo) output, and no other thread may write these windows'
-    /// outputs.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn output_transform_f2(
+    /// Row dy, column c of the down pass: dy 0: m0 + m1 + m2, dy 1: m1 − m2 − m3 (rows of M), stored at
+    /// `(4·dy + c)·n`.
+    #[inline(always)]
+    fn output_down(
         m: &[f32],
-        m_stride: usize,
-        len: usize,
-        rows: &mut Vec<f32>,
-        segments: &[Segment],
-        j_base: usize,
-        shape: (usize, usize, usize),
-        bias: &[f32],
-        dst: SharedMut
-    ) -> () = output_transform_f2_body
-);
-
-/// The body of [`output_transform_f2`]: per output channel and run of windows, down (Aᵀ) over whole
-/// rows of M (dy 0: m0 + m1 + m2, dy 1: m1 − m2 − m3 per column c), then across into the even and
-/// odd outputs of the row, interleaved as the row is written out.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn output_transform_f2_body(
-    m: &[f32],
-    m_stride: usize,
-    len: usize,
-    rows: &mut Vec<f32>,
-    segments: &[Segment],
-    j_base: usize,
-    (c_out, ho, wo): (usize, usize, usize),
-    bias: &[f32],
-    dst: SharedMut,
-) {
-    let n = segments.iter().map(|s| s.count).max().unwrap_or(0);
-    rows.resize(6 * n, 0.0);
-    for (o, &bias) in bias.iter().enumerate() {
-        for &Segment {
-            image: b,
-            row: ty,
-            col: tx,
-            count,
-            offset,
-        } in segments
-        {
-            let j0 = j_base + offset;
-            let mv = |xi: usize| &m[xi * m_stride + o * len + j0..][..count];
-            for dy in 0..2 {
-                let y = 2 * ty + dy;
-                if y >= ho {
-                    break;
-                }
-                let (down, line) = rows.split_at_mut(4 * n);
-                for c in 0..4 {
-                    let (top, mid, bottom) = if dy == 0 {
-                        (mv(c), mv(4 + c), mv(8 + c))
-                    } else {
-                        (mv(4 + c), mv(8 + c), mv(12 + c))
-                    };
-                    let sign = if dy == 0 { 1.0 } else { -1.0 };
-                    let out = &mut down[c * n..][..count];
-                    for k in 0..count {
-                        out[k] = top[k] + sign * (mid[k] + bottom[k]);
-                    }
-                }
-                let (s0, rest) = down.split_at(n);
-                let (s1, rest) = rest.split_at(n);
-                let (s2, s3) = rest.split_at(n);
-                let line = &mut line[..2 * count];
+        (m_stride, at): (usize, usize),
+        count: usize,
+        n: usize,
+        down: &mut [f32],
+    ) {
+        let mv = |xi: usize| &m[xi * m_stride + at..][..count];
+        for dy in 0..2 {
+            for c in 0..4 {
+                let (top, mid, bottom) = (mv(4 * dy + c), mv(4 * dy + 4 + c), mv(4 * dy + 8 + c));
+                let sign = if dy == 0 { 1.0 } else { -1.0 };
+                let out = &mut down[(4 * dy + c) * n..][..count];
                 for k in 0..count {
-                    line[2 * k] = s0[k] + s1[k] + s2[k] + bias;
-                    line[2 * k + 1] = s1[k] - s2[k] - s3[k] + bias;
+                    out[k] = top[k] + sign * (mid[k] + bottom[k]);
                 }
-                let x0 = 2 * tx;
-                let width = (2 * count).min(wo - x0);
-                let offset = ((b * c_out + o) * ho + y) * wo + x0;
-                std::ptr::copy_nonoverlapping(line.as_ptr(), dst.at(offset), width);
             }
+        }
+    }
+
+    /// Even outputs s0 + s1 + s2, odd ones s1 − s2 − s3, interleaved.
+    #[inline(always)]
+    fn output_across(down: &[f32], n: usize, count: usize, dy: usize, bias: f32, line: &mut [f32]) {
+        let s = |c: usize| &down[(4 * dy + c) * n..][..count];
+        let (s0, s1, s2, s3) = (s(0), s(1), s(2), s(3));
+        let line = &mut line[..2 * count];
+        for k in 0..count {
+            line[2 * k] = s0[k] + s1[k] + s2[k] + bias;
+            line[2 * k + 1] = s1[k] - s2[k] - s3[k] + bias;
         }
     }
 }
 
-dispatched!(
-    /// F(4×4, 3×3)'s V = Bᵀ d B, as [`input_transform_f2`] for 6×6 windows at stride 4.
-    ///
-    /// # Safety
-    /// As [`input_transform_f2`].
-    unsafe fn input_transform_f4(
-        padded: &[f32],
-        rows: &mut Vec<f32>,
-        segments: &[Segment],
-        j_base: usize,
-        shape: (usize, usize, usize),
-        v: &[SharedMut]
-    ) -> () = input_transform_f4_body
-);
+/// F(4×4, 3×3) (points 0, ±1, ±2, ∞): Bᵀ in [`bt4`], Aᵀ in [`at4`].
+struct F4x4;
 
 /// Bᵀ of F(4×4, 3×3) applied to one column (d0 … d5).
 #[inline(always)]
@@ -709,12 +652,159 @@ fn bt4([d0, d1, d2, d3, d4, d5]: [f32; 6]) -> [f32; 6] {
     ]
 }
 
-/// The body of [`input_transform_f4`]: per input channel and run of `count` windows, the six input rows
-/// are transformed down (Bᵀ) as whole rows, each result row is split into its four column phases
-/// (P_r[k] = row[4k + r]), and transformed across (B): window k spans P0[k] … P3[k], P0[k+1], P1[k+1],
-/// so every step is a contiguous loop. The 36 rows of results are copied into V[ξ] as in F2.
+/// Aᵀ of F(4×4, 3×3) applied to one column (m0 … m5).
 #[inline(always)]
-unsafe fn input_transform_f4_body(
+fn at4([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
+    let (p, q, r, s) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+    [m0 + p + r, q + 2.0 * s, p + 4.0 * r, q + 8.0 * s + m5]
+}
+
+impl Transforms for F4x4 {
+    const STEP: usize = 4;
+    const POINTS: usize = 36;
+    const INPUT_SCRATCH: usize = 28;
+    const OUTPUT_SCRATCH: usize = 24;
+
+    /// The six input rows are transformed down as whole rows (six rows of up to 4n), each result row
+    /// is split into its four column phases (P_r[k] = row[4k + r], four rows of n), and transformed
+    /// across: window k spans P0[k] … P3[k], P0[k+1], P1[k+1].
+    #[inline(always)]
+    fn input_run(
+        padded: &[f32],
+        (base, wp): (usize, usize),
+        count: usize,
+        n: usize,
+        scratch: &mut [f32],
+        results: &mut [f32],
+    ) {
+        let width = 4 * count + 2;
+        let (down, phases) = scratch.split_at_mut(24 * n);
+        {
+            let row = |y: usize| &padded[base + y * wp..][..width];
+            let (d0, d1, d2, d3, d4, d5) = (row(0), row(1), row(2), row(3), row(4), row(5));
+            let (t0, rest) = down.split_at_mut(4 * n);
+            let (t1, rest) = rest.split_at_mut(4 * n);
+            let (t2, rest) = rest.split_at_mut(4 * n);
+            let (t3, rest) = rest.split_at_mut(4 * n);
+            let (t4, t5) = rest.split_at_mut(4 * n);
+            let (t0, t1, t2) = (&mut t0[..width], &mut t1[..width], &mut t2[..width]);
+            let (t3, t4, t5) = (&mut t3[..width], &mut t4[..width], &mut t5[..width]);
+            for x in 0..width {
+                let [r0, r1, r2, r3, r4, r5] = bt4([d0[x], d1[x], d2[x], d3[x], d4[x], d5[x]]);
+                t0[x] = r0;
+                t1[x] = r1;
+                t2[x] = r2;
+                t3[x] = r3;
+                t4[x] = r4;
+                t5[x] = r5;
+            }
+        }
+        for a in 0..6 {
+            let t = &down[a * 4 * n..][..width];
+            let (p0, rest) = phases.split_at_mut(n);
+            let (p1, rest) = rest.split_at_mut(n);
+            let (p2, p3) = rest.split_at_mut(n);
+            for (k, quad) in t.chunks_exact(4).enumerate() {
+                p0[k] = quad[0];
+                p1[k] = quad[1];
+                p2[k] = quad[2];
+                p3[k] = quad[3];
+            }
+            p0[count] = t[4 * count];
+            p1[count] = t[4 * count + 1];
+            let (p0, p1, p2, p3) = (&p0[..=count], &p1[..=count], &p2[..count], &p3[..count]);
+            let (p0_next, p1_next) = (&p0[1..], &p1[1..]);
+            let out = &mut results[6 * a * n..][..6 * n];
+            let (r0, rest) = out.split_at_mut(n);
+            let (r1, rest) = rest.split_at_mut(n);
+            let (r2, rest) = rest.split_at_mut(n);
+            let (r3, rest) = rest.split_at_mut(n);
+            let (r4, r5) = rest.split_at_mut(n);
+            let (r0, r1, r2) = (&mut r0[..count], &mut r1[..count], &mut r2[..count]);
+            let (r3, r4, r5) = (&mut r3[..count], &mut r4[..count], &mut r5[..count]);
+            for k in 0..count {
+                let [e0, e1, e2, e3, e4, e5] =
+                    bt4([p0[k], p1[k], p2[k], p3[k], p0_next[k], p1_next[k]]);
+                r0[k] = e0;
+                r1[k] = e1;
+                r2[k] = e2;
+                r3[k] = e3;
+                r4[k] = e4;
+                r5[k] = e5;
+            }
+        }
+    }
+
+    /// All four rows of the down pass for each window column c, stored at `(4·c + dy)·n`.
+    #[inline(always)]
+    fn output_down(
+        m: &[f32],
+        (m_stride, at): (usize, usize),
+        count: usize,
+        n: usize,
+        down: &mut [f32],
+    ) {
+        let mv = |xi: usize| &m[xi * m_stride + at..][..count];
+        for c in 0..6 {
+            let (m0, m1, m2) = (mv(c), mv(6 + c), mv(12 + c));
+            let (m3, m4, m5) = (mv(18 + c), mv(24 + c), mv(30 + c));
+            let block = &mut down[4 * c * n..][..4 * n];
+            let (d0, rest) = block.split_at_mut(n);
+            let (d1, rest) = rest.split_at_mut(n);
+            let (d2, d3) = rest.split_at_mut(n);
+            let (d0, d1, d2, d3) = (
+                &mut d0[..count],
+                &mut d1[..count],
+                &mut d2[..count],
+                &mut d3[..count],
+            );
+            for k in 0..count {
+                let [y0, y1, y2, y3] = at4([m0[k], m1[k], m2[k], m3[k], m4[k], m5[k]]);
+                d0[k] = y0;
+                d1[k] = y1;
+                d2[k] = y2;
+                d3[k] = y3;
+            }
+        }
+    }
+
+    /// Aᵀ across the six columns of row dy, the four outputs of each window interleaved.
+    #[inline(always)]
+    fn output_across(down: &[f32], n: usize, count: usize, dy: usize, bias: f32, line: &mut [f32]) {
+        let s = |c: usize| &down[(4 * c + dy) * n..][..count];
+        let (s0, s1, s2, s3, s4, s5) = (s(0), s(1), s(2), s(3), s(4), s(5));
+        let line = &mut line[..4 * count];
+        for (k, block) in line.chunks_exact_mut(4).enumerate() {
+            let ys = at4([s0[k], s1[k], s2[k], s3[k], s4[k], s5[k]]);
+            block[0] = ys[0] + bias;
+            block[1] = ys[1] + bias;
+            block[2] = ys[2] + bias;
+            block[3] = ys[3] + bias;
+        }
+    }
+}
+
+dispatched!(
+    /// V = Bᵀ d B of tile `T` for the windows of `segments` (columns `j_base + segment offset ..` of
+    /// each V[ξ]).
+    ///
+    /// # Safety
+    /// `v[ξ]` must point at V[ξ], packed by [`PackedB::reshape`] as c_in × (at least the columns
+    /// written), and no other thread may touch these columns.
+    unsafe fn input_transform<T: Transforms>(
+        padded: &[f32],
+        rows: &mut Vec<f32>,
+        segments: &[Segment],
+        j_base: usize,
+        shape: (usize, usize, usize),
+        v: &[SharedMut]
+    ) -> () = input_transform_body::<T>
+);
+
+/// The body of [`input_transform`]: per input channel and run of windows, [`Transforms::input_run`],
+/// then each result row is copied into V[ξ] in pieces that stay within a panel.
+#[inline(always)]
+unsafe fn input_transform_body<T: Transforms>(
     padded: &[f32],
     rows: &mut Vec<f32>,
     segments: &[Segment],
@@ -724,10 +814,8 @@ unsafe fn input_transform_f4_body(
 ) {
     const NR: usize = sgemm::NR;
     let n = segments.iter().map(|s| s.count + 1).max().unwrap_or(0);
-    // Six transformed rows of 4n, four phases of n, then 36 result rows of n.
-    rows.resize(64 * n, 0.0);
-    let (down, rest) = rows.split_at_mut(24 * n);
-    let (phases, results) = rest.split_at_mut(4 * n);
+    rows.resize((T::INPUT_SCRATCH + T::POINTS) * n, 0.0);
+    let (scratch, results) = rows.split_at_mut(T::INPUT_SCRATCH * n);
     for i in 0..c_in {
         for &Segment {
             image: b,
@@ -737,62 +825,8 @@ unsafe fn input_transform_f4_body(
             offset,
         } in segments
         {
-            let base = (b * c_in + i) * plane + 4 * ty * wp + 4 * tx;
-            let width = 4 * count + 2;
-            {
-                let row = |y: usize| &padded[base + y * wp..][..width];
-                let (d0, d1, d2, d3, d4, d5) = (row(0), row(1), row(2), row(3), row(4), row(5));
-                let (t0, rest) = down.split_at_mut(4 * n);
-                let (t1, rest) = rest.split_at_mut(4 * n);
-                let (t2, rest) = rest.split_at_mut(4 * n);
-                let (t3, rest) = rest.split_at_mut(4 * n);
-                let (t4, t5) = rest.split_at_mut(4 * n);
-                let (t0, t1, t2) = (&mut t0[..width], &mut t1[..width], &mut t2[..width]);
-                let (t3, t4, t5) = (&mut t3[..width], &mut t4[..width], &mut t5[..width]);
-                for x in 0..width {
-                    let [r0, r1, r2, r3, r4, r5] = bt4([d0[x], d1[x], d2[x], d3[x], d4[x], d5[x]]);
-                    t0[x] = r0;
-                    t1[x] = r1;
-                    t2[x] = r2;
-                    t3[x] = r3;
-                    t4[x] = r4;
-                    t5[x] = r5;
-                }
-            }
-            for a in 0..6 {
-                let t = &down[a * 4 * n..][..width];
-                let (p0, rest) = phases.split_at_mut(n);
-                let (p1, rest) = rest.split_at_mut(n);
-                let (p2, p3) = rest.split_at_mut(n);
-                for (k, quad) in t.chunks_exact(4).enumerate() {
-                    p0[k] = quad[0];
-                    p1[k] = quad[1];
-                    p2[k] = quad[2];
-                    p3[k] = quad[3];
-                }
-                p0[count] = t[4 * count];
-                p1[count] = t[4 * count + 1];
-                let (p0, p1, p2, p3) = (&p0[..=count], &p1[..=count], &p2[..count], &p3[..count]);
-                let (p0_next, p1_next) = (&p0[1..], &p1[1..]);
-                let out = &mut results[6 * a * n..][..6 * n];
-                let (r0, rest) = out.split_at_mut(n);
-                let (r1, rest) = rest.split_at_mut(n);
-                let (r2, rest) = rest.split_at_mut(n);
-                let (r3, rest) = rest.split_at_mut(n);
-                let (r4, r5) = rest.split_at_mut(n);
-                let (r0, r1, r2) = (&mut r0[..count], &mut r1[..count], &mut r2[..count]);
-                let (r3, r4, r5) = (&mut r3[..count], &mut r4[..count], &mut r5[..count]);
-                for k in 0..count {
-                    let [e0, e1, e2, e3, e4, e5] =
-                        bt4([p0[k], p1[k], p2[k], p3[k], p0_next[k], p1_next[k]]);
-                    r0[k] = e0;
-                    r1[k] = e1;
-                    r2[k] = e2;
-                    r3[k] = e3;
-                    r4[k] = e4;
-                    r5[k] = e5;
-                }
-            }
+            let base = (b * c_in + i) * plane + T::STEP * (ty * wp + tx);
+            T::input_run(padded, (base, wp), count, n, scratch, results);
             // Copy out: columns j.. of row i of each V[ξ], a panel (NR columns) at a time.
             let mut k = 0;
             while k < count {
@@ -809,12 +843,14 @@ unsafe fn input_transform_f4_body(
 }
 
 dispatched!(
-    /// F(4×4, 3×3)'s Y = Aᵀ M A plus the bias, as [`output_transform_f2`] for 4×4 blocks.
+    /// Y = Aᵀ M A of tile `T` plus the bias for the windows of `segments` (columns `j_base + segment
+    /// offset ..` of each M[ξ], c_out × `len` at stride `m_stride` between the ξ).
     ///
     /// # Safety
-    /// As [`output_transform_f2`].
+    /// `dst` must point at the (b, c_out, ho, wo) output, and no other thread may write these windows'
+    /// outputs.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn output_transform_f4(
+    unsafe fn output_transform<T: Transforms>(
         m: &[f32],
         m_stride: usize,
         len: usize,
@@ -824,22 +860,14 @@ dispatched!(
         shape: (usize, usize, usize),
         bias: &[f32],
         dst: SharedMut
-    ) -> () = output_transform_f4_body
+    ) -> () = output_transform_body::<T>
 );
 
-/// Aᵀ of F(4×4, 3×3) applied to one column (m0 … m5).
-#[inline(always)]
-fn at4([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
-    let (p, q, r, s) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
-    [m0 + p + r, q + 2.0 * s, p + 4.0 * r, q + 8.0 * s + m5]
-}
-
-/// The body of [`output_transform_f4`]: per output channel and run of windows, down (Aᵀ) over whole
-/// rows of M into four rows per window column c (stored per c), then across for each of the four output
-/// rows, the four outputs of each window interleaved as the row is written out.
+/// The body of [`output_transform`]: per output channel and run of windows, the down pass once, then
+/// each output row across and written out.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn output_transform_f4_body(
+unsafe fn output_transform_body<T: Transforms>(
     m: &[f32],
     m_stride: usize,
     len: usize,
@@ -851,7 +879,8 @@ unsafe fn output_transform_f4_body(
     dst: SharedMut,
 ) {
     let n = segments.iter().map(|s| s.count).max().unwrap_or(0);
-    rows.resize(28 * n, 0.0);
+    rows.resize((T::OUTPUT_SCRATCH + T::STEP) * n, 0.0);
+    let (down, line) = rows.split_at_mut(T::OUTPUT_SCRATCH * n);
     for (o, &bias) in bias.iter().enumerate() {
         for &Segment {
             image: b,
@@ -861,49 +890,17 @@ unsafe fn output_transform_f4_body(
             offset,
         } in segments
         {
-            let j0 = j_base + offset;
-            let mv = |xi: usize| &m[xi * m_stride + o * len + j0..][..count];
-            let (down, line) = rows.split_at_mut(24 * n);
-            for c in 0..6 {
-                let (m0, m1, m2) = (mv(c), mv(6 + c), mv(12 + c));
-                let (m3, m4, m5) = (mv(18 + c), mv(24 + c), mv(30 + c));
-                let block = &mut down[4 * c * n..][..4 * n];
-                let (d0, rest) = block.split_at_mut(n);
-                let (d1, rest) = rest.split_at_mut(n);
-                let (d2, d3) = rest.split_at_mut(n);
-                let (d0, d1, d2, d3) = (
-                    &mut d0[..count],
-                    &mut d1[..count],
-                    &mut d2[..count],
-                    &mut d3[..count],
-                );
-                for k in 0..count {
-                    let [y0, y1, y2, y3] = at4([m0[k], m1[k], m2[k], m3[k], m4[k], m5[k]]);
-                    d0[k] = y0;
-                    d1[k] = y1;
-                    d2[k] = y2;
-                    d3[k] = y3;
-                }
-            }
-            let x0 = 4 * tx;
-            let width = (4 * count).min(wo - x0);
-            for dy in 0..4 {
-                let y = 4 * ty + dy;
+            T::output_down(m, (m_stride, o * len + j_base + offset), count, n, down);
+            let x0 = T::STEP * tx;
+            let width = (T::STEP * count).min(wo - x0);
+            for dy in 0..T::STEP {
+                let y = T::STEP * ty + dy;
                 if y >= ho {
                     break;
                 }
-                let s = |c: usize| &down[(4 * c + dy) * n..][..count];
-                let (s0, s1, s2, s3, s4, s5) = (s(0), s(1), s(2), s(3), s(4), s(5));
-                let line = &mut line[..4 * count];
-                for (k, block) in line.chunks_exact_mut(4).enumerate() {
-                    let ys = at4([s0[k], s1[k], s2[k], s3[k], s4[k], s5[k]]);
-                    block[0] = ys[0] + bias;
-                    block[1] = ys[1] + bias;
-                    block[2] = ys[2] + bias;
-                    block[3] = ys[3] + bias;
-                }
-                let offset = ((b * c_out + o) * ho + y) * wo + x0;
-                std::ptr::copy_nonoverlapping(line.as_ptr(), dst.at(offset), width);
+                T::output_across(down, n, count, dy, bias, line);
+                let at = ((b * c_out + o) * ho + y) * wo + x0;
+                std::ptr::copy_nonoverlapping(line.as_ptr(), dst.at(at), width);
             }
         }
     }
