@@ -97,31 +97,21 @@ const G4: [[f32; 3]; 6] = [
 ];
 
 dispatched!(
-    /// Row `o` of every U[ξ] = G g Gᵀ: the kernels `weights` (c_in × 9, one output channel's) are
-    /// transformed and written at `u + ξ · u_stride + row` for ξ in order.
+    /// Row `o` of every U[ξ] = G g Gᵀ of tile `T`: the kernels `weights` (c_in × 9, one output
+    /// channel's) are transformed and written at `u + ξ · u_stride + row` for ξ in order.
     ///
     /// # Safety
     /// `u` must be valid for writes of c_in floats at each of those places, which no other thread
     /// touches.
-    unsafe fn weight_row(
-        tile: Tile,
+    unsafe fn weight_row<T: Transforms>(
         weights: &[f32],
         u: SharedMut,
         u_stride: usize,
         row: usize
-    ) -> () = weight_row_body
+    ) -> () = T::weight_row
 );
 
-/// The body of [`weight_row`].
-#[inline(always)]
-unsafe fn weight_row_body(tile: Tile, weights: &[f32], u: SharedMut, u_stride: usize, row: usize) {
-    match tile {
-        Tile::F2 => weight_row_with(&G2, weights, u, u_stride, row),
-        Tile::F4 => weight_row_with(&G4, weights, u, u_stride, row),
-    }
-}
-
-/// [`weight_row_body`] for a G of `S` rows (a constant, so that the loops unroll): sixteen kernels at
+/// [`weight_row`] for a G of `S` rows (a constant, so that the loops unroll): sixteen kernels at
 /// a time are turned from (kernel, tap) to (tap, kernel) order, transformed with the kernel index
 /// innermost (one vector lane each), and each U[ξ] gets sixteen consecutive values.
 #[inline(always)]
@@ -178,65 +168,6 @@ impl Tile {
             Tile::F2
         }
     }
-
-    /// Side of the block of outputs one window yields.
-    fn out(self) -> usize {
-        match self {
-            Tile::F2 => 2,
-            Tile::F4 => 4,
-        }
-    }
-
-    /// Number of points ξ of a window (its side squared), so of products per call.
-    fn points(self) -> usize {
-        (self.out() + 2).pow(2)
-    }
-
-    /// The input transform of this tile (see [`input_transform`]).
-    ///
-    /// # Safety
-    /// As [`input_transform`].
-    unsafe fn input(
-        self,
-        padded: &[f32],
-        rows: &mut Vec<f32>,
-        segments: &[Segment],
-        j_base: usize,
-        shape: (usize, usize, usize),
-        v: &[SharedMut],
-    ) {
-        match self {
-            Tile::F2 => input_transform::<F2x2>(padded, rows, segments, j_base, shape, v),
-            Tile::F4 => input_transform::<F4x4>(padded, rows, segments, j_base, shape, v),
-        }
-    }
-
-    /// The output transform of this tile (see [`output_transform`]).
-    ///
-    /// # Safety
-    /// As [`output_transform`].
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn output(
-        self,
-        m: &[f32],
-        m_stride: usize,
-        len: usize,
-        rows: &mut Vec<f32>,
-        segments: &[Segment],
-        j_base: usize,
-        shape: (usize, usize, usize),
-        bias: &[f32],
-        dst: SharedMut,
-    ) {
-        match self {
-            Tile::F2 => {
-                output_transform::<F2x2>(m, m_stride, len, rows, segments, j_base, shape, bias, dst)
-            }
-            Tile::F4 => {
-                output_transform::<F4x4>(m, m_stride, len, rows, segments, j_base, shape, bias, dst)
-            }
-        }
-    }
 }
 
 /// The custom op behind [`conv3x3`].
@@ -282,158 +213,175 @@ impl CustomOp3 for Winograd {
         let tile = self
             .tile
             .unwrap_or_else(|| Tile::choose(batch, (ho, wo), c_in, c_out));
-        let (step, points) = (tile.out(), tile.points());
-        let (th, tw) = (ho.div_ceil(step), wo.div_ceil(step));
-        // Padded so that every window is inside: (step·th + 2) × (step·tw + 2) ≥ (h + 2p) × (w + 2p).
-        let (hp, wp) = (step * th + 2, step * tw + 2);
-        let plane = hp * wp;
-
-        SCRATCH.with_borrow_mut(|scratch| {
-            let Scratch { u, v, m } = scratch;
-            // U = G g Gᵀ for every (o, i), stored (points, c_out, c_in).
-            // Each U[ξ] (and M[ξ] below) starts 16 floats further into a 4 KiB page than the one
-            // before: the transforms touch all of them at the same (o, i) or (o, window), and at
-            // page-multiple strides those streams would fall into one L1 set.
-            // Rows of U[ξ] at a stride the product can read in place (see sgemm::row_stride).
-            let ldu = sgemm::row_stride(c_in);
-            let u_stride = c_out * ldu + SKEW;
-            u.resize(points * u_stride, 0.0);
-            let u_ptr = SharedMut(u.as_mut_ptr());
-            (0..c_out).into_par_iter().for_each(|o| {
-                // SAFETY: row o of every U[ξ] is in range (c_in ≤ ldu) and written by this task only.
-                unsafe {
-                    weight_row(
-                        tile,
-                        &weight[o * c_in * 9..][..c_in * 9],
-                        u_ptr,
-                        u_stride,
-                        o * ldu,
-                    )
-                };
-            });
-
-            let padded = pad_planes(xs, (h, w), (hp, wp), p);
-
-            let windows = batch * th * tw;
-            let mut out = vec![0f32; batch * c_out * ho * wo];
-            let dst = SharedMut(out.as_mut_ptr());
-            if points * c_in * c_out <= PIPELINE_U_FLOATS {
-                // Small channel counts: U stays in cache, so each task carries a cache-sized chunk of
-                // windows through all three steps and V and M never leave L2.
-                let chunk = (CHUNK_FLOATS / (points * (c_in + c_out)))
-                    .next_multiple_of(sgemm::NR)
-                    .max(sgemm::NR)
-                    .min(windows.div_ceil(threads()).next_multiple_of(sgemm::NR));
-                let chunks = windows.div_ceil(chunk);
-                let (padded, u) = (&padded, &*u);
-                (0..chunks).into_par_iter().for_each_init(
-                    || {
-                        (
-                            Vec::new(),
-                            Vec::new(),
-                            (0..points).map(|_| PackedB::default()).collect::<Vec<_>>(),
-                        )
-                    },
-                    |(rows, m, v), index| {
-                        let start = index * chunk;
-                        let len = chunk.min(windows - start);
-                        let segments = row_segments(start, len, (th, tw));
-                        for vx in v.iter_mut() {
-                            vx.reshape(c_in, len);
-                        }
-                        let v_ptrs = panel_pointers(v);
-                        let m_stride = c_out * len + SKEW;
-                        m.resize(points * m_stride, 0.0);
-                        // SAFETY: V[ξ] were reshaped to c_in × len; this task's own buffers.
-                        unsafe {
-                            tile.input(padded, rows, &segments, 0, (c_in, plane, wp), &v_ptrs)
-                        };
-                        products(u, (u_stride, ldu), v, m, m_stride, c_out, false);
-                        // SAFETY: this task writes the outputs of its own windows only.
-                        unsafe {
-                            tile.output(
-                                m,
-                                m_stride,
-                                len,
-                                rows,
-                                &segments,
-                                0,
-                                (c_out, ho, wo),
-                                bias,
-                                dst,
-                            )
-                        };
-                    },
-                );
-                return Ok((CpuStorage::F32(out), Shape::from((batch, c_out, ho, wo))));
-            }
-            // Windows per group: V and M of a group take at most GROUP_FLOATS, and a group is a whole
-            // number of sgemm panels wide (transform tasks then write disjoint panels of V).
-            let group = (GROUP_FLOATS / (points * (c_in + c_out)))
-                .max(sgemm::NR)
-                .next_multiple_of(sgemm::NR)
-                .min(windows.next_multiple_of(sgemm::NR));
-            v.resize_with(points, PackedB::default);
-            m.resize(points * (c_out * group + SKEW), 0.0);
-            for g0 in (0..windows).step_by(group) {
-                let glen = group.min(windows - g0);
-                let m_stride = c_out * glen + SKEW;
-                for vx in v.iter_mut() {
-                    vx.reshape(c_in, glen);
-                }
-                // Transform tasks: runs of windows a whole number of panels long, about two per thread.
-                let piece = glen
-                    .div_ceil(2 * threads())
-                    .next_multiple_of(sgemm::NR)
-                    .max(sgemm::NR);
-                let pieces = glen.div_ceil(piece);
-                let v_ptrs = panel_pointers(v);
-                let padded = &padded;
-                (0..pieces)
-                    .into_par_iter()
-                    .for_each_init(Vec::new, |rows, index| {
-                        let j_start = index * piece;
-                        let len = piece.min(glen - j_start);
-                        // SAFETY: this task writes columns j_start..j_start+len of every V[ξ] (reshaped to
-                        // c_in × glen above) and nothing else.
-                        unsafe {
-                            tile.input(
-                                padded,
-                                rows,
-                                &row_segments(g0 + j_start, len, (th, tw)),
-                                j_start,
-                                (c_in, plane, wp),
-                                &v_ptrs,
-                            )
-                        };
-                    });
-                products(u, (u_stride, ldu), v, m, m_stride, c_out, true);
-                let m = &*m;
-                (0..pieces)
-                    .into_par_iter()
-                    .for_each_init(Vec::new, |rows, index| {
-                        let j_start = index * piece;
-                        let len = piece.min(glen - j_start);
-                        // SAFETY: this task writes the outputs of windows g0+j_start.. (len of them) only.
-                        unsafe {
-                            tile.output(
-                                &m[..points * m_stride],
-                                m_stride,
-                                glen,
-                                rows,
-                                &row_segments(g0 + j_start, len, (th, tw)),
-                                j_start,
-                                (c_out, ho, wo),
-                                bias,
-                                dst,
-                            )
-                        };
-                    });
-            }
-            release_large(u);
-            Ok((CpuStorage::F32(out), Shape::from((batch, c_out, ho, wo))))
-        })
+        let shape = (batch, c_in, h, w);
+        let out = match tile {
+            Tile::F2 => convolve::<F2x2>(xs, weight, bias, shape, c_out, p),
+            Tile::F4 => convolve::<F4x4>(xs, weight, bias, shape, c_out, p),
+        };
+        Ok((CpuStorage::F32(out), Shape::from((batch, c_out, ho, wo))))
     }
+}
+
+/// The convolution with tile `T` (see [`Winograd`]); returns the (b, c_out, ho, wo) output.
+fn convolve<T: Transforms>(
+    xs: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    (batch, c_in, h, w): (usize, usize, usize, usize),
+    c_out: usize,
+    p: usize,
+) -> Vec<f32> {
+    let (ho, wo) = (h + 2 * p - 2, w + 2 * p - 2);
+    let (step, points) = (T::STEP, T::POINTS);
+    let (th, tw) = (ho.div_ceil(step), wo.div_ceil(step));
+    // Padded so that every window is inside: (step·th + 2) × (step·tw + 2) ≥ (h + 2p) × (w + 2p).
+    let (hp, wp) = (step * th + 2, step * tw + 2);
+    let plane = hp * wp;
+
+    SCRATCH.with_borrow_mut(|scratch| {
+        let Scratch { u, v, m } = scratch;
+        // U = G g Gᵀ for every (o, i), stored (points, c_out, c_in).
+        // Each U[ξ] (and M[ξ] below) starts 16 floats further into a 4 KiB page than the one
+        // before: the transforms touch all of them at the same (o, i) or (o, window), and at
+        // page-multiple strides those streams would fall into one L1 set.
+        // Rows of U[ξ] at a stride the product can read in place (see sgemm::row_stride).
+        let ldu = sgemm::row_stride(c_in);
+        let u_stride = c_out * ldu + SKEW;
+        u.resize(points * u_stride, 0.0);
+        let u_ptr = SharedMut(u.as_mut_ptr());
+        (0..c_out).into_par_iter().for_each(|o| {
+            // SAFETY: row o of every U[ξ] is in range (c_in ≤ ldu) and written by this task only.
+            unsafe {
+                weight_row::<T>(
+                    &weight[o * c_in * 9..][..c_in * 9],
+                    u_ptr,
+                    u_stride,
+                    o * ldu,
+                )
+            };
+        });
+
+        let padded = pad_planes(xs, (h, w), (hp, wp), p);
+
+        let windows = batch * th * tw;
+        let mut out = vec![0f32; batch * c_out * ho * wo];
+        let dst = SharedMut(out.as_mut_ptr());
+        if points * c_in * c_out <= PIPELINE_U_FLOATS {
+            // Small channel counts: U stays in cache, so each task carries a cache-sized chunk of
+            // windows through all three steps and V and M never leave L2.
+            let chunk = (CHUNK_FLOATS / (points * (c_in + c_out)))
+                .next_multiple_of(sgemm::NR)
+                .max(sgemm::NR)
+                .min(windows.div_ceil(threads()).next_multiple_of(sgemm::NR));
+            let chunks = windows.div_ceil(chunk);
+            let (padded, u) = (&padded, &*u);
+            (0..chunks).into_par_iter().for_each_init(
+                || {
+                    (
+                        Vec::new(),
+                        Vec::new(),
+                        (0..points).map(|_| PackedB::default()).collect::<Vec<_>>(),
+                    )
+                },
+                |(rows, m, v), index| {
+                    let start = index * chunk;
+                    let len = chunk.min(windows - start);
+                    let segments = row_segments(start, len, (th, tw));
+                    for vx in v.iter_mut() {
+                        vx.reshape(c_in, len);
+                    }
+                    let v_ptrs = panel_pointers(v);
+                    let m_stride = c_out * len + SKEW;
+                    m.resize(points * m_stride, 0.0);
+                    // SAFETY: V[ξ] were reshaped to c_in × len; this task's own buffers.
+                    unsafe {
+                        input_transform::<T>(padded, rows, &segments, 0, (c_in, plane, wp), &v_ptrs)
+                    };
+                    products(u, (u_stride, ldu), v, m, m_stride, c_out, false);
+                    // SAFETY: this task writes the outputs of its own windows only.
+                    unsafe {
+                        output_transform::<T>(
+                            m,
+                            m_stride,
+                            len,
+                            rows,
+                            &segments,
+                            0,
+                            (c_out, ho, wo),
+                            bias,
+                            dst,
+                        )
+                    };
+                },
+            );
+            return out;
+        }
+        // Windows per group: V and M of a group take at most GROUP_FLOATS, and a group is a whole
+        // number of sgemm panels wide (transform tasks then write disjoint panels of V).
+        let group = (GROUP_FLOATS / (points * (c_in + c_out)))
+            .max(sgemm::NR)
+            .next_multiple_of(sgemm::NR)
+            .min(windows.next_multiple_of(sgemm::NR));
+        v.resize_with(points, PackedB::default);
+        m.resize(points * (c_out * group + SKEW), 0.0);
+        for g0 in (0..windows).step_by(group) {
+            let glen = group.min(windows - g0);
+            let m_stride = c_out * glen + SKEW;
+            for vx in v.iter_mut() {
+                vx.reshape(c_in, glen);
+            }
+            // Transform tasks: runs of windows a whole number of panels long, about two per thread.
+            let piece = glen
+                .div_ceil(2 * threads())
+                .next_multiple_of(sgemm::NR)
+                .max(sgemm::NR);
+            let pieces = glen.div_ceil(piece);
+            let v_ptrs = panel_pointers(v);
+            let padded = &padded;
+            (0..pieces)
+                .into_par_iter()
+                .for_each_init(Vec::new, |rows, index| {
+                    let j_start = index * piece;
+                    let len = piece.min(glen - j_start);
+                    // SAFETY: this task writes columns j_start..j_start+len of every V[ξ] (reshaped to
+                    // c_in × glen above) and nothing else.
+                    unsafe {
+                        input_transform::<T>(
+                            padded,
+                            rows,
+                            &row_segments(g0 + j_start, len, (th, tw)),
+                            j_start,
+                            (c_in, plane, wp),
+                            &v_ptrs,
+                        )
+                    };
+                });
+            products(u, (u_stride, ldu), v, m, m_stride, c_out, true);
+            let m = &*m;
+            (0..pieces)
+                .into_par_iter()
+                .for_each_init(Vec::new, |rows, index| {
+                    let j_start = index * piece;
+                    let len = piece.min(glen - j_start);
+                    // SAFETY: this task writes the outputs of windows g0+j_start.. (len of them) only.
+                    unsafe {
+                        output_transform::<T>(
+                            &m[..points * m_stride],
+                            m_stride,
+                            glen,
+                            rows,
+                            &row_segments(g0 + j_start, len, (th, tw)),
+                            j_start,
+                            (c_out, ho, wo),
+                            bias,
+                            dst,
+                        )
+                    };
+                });
+        }
+        release_large(u);
+        out
+    })
 }
 
 /// Pointers to the data of each V[ξ], for transform tasks that write disjoint columns of all of them.
@@ -509,6 +457,12 @@ trait Transforms {
     /// Scratch rows (of n floats) the output transform needs besides its output line (STEP·n).
     const OUTPUT_SCRATCH: usize;
 
+    /// The body of [`weight_row`]: this tile's G applied by [`weight_row_with`].
+    ///
+    /// # Safety
+    /// As [`weight_row`].
+    unsafe fn weight_row(weights: &[f32], u: SharedMut, u_stride: usize, row: usize);
+
     /// V for the windows whose input rows are `padded[base + y·wp ..]` (`at` = (base, wp), y over the
     /// window's rows): result row ξ (window k at `results[ξ·n + k]`); `n` ≥ count + 1.
     fn input_run(
@@ -536,7 +490,7 @@ trait Transforms {
     );
 }
 
-/// F(2×2, 3×3): Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]],
+/// F(2×2, 3×3): G in [`G2`], Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]],
 /// Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]].
 struct F2x2;
 
@@ -545,6 +499,11 @@ impl Transforms for F2x2 {
     const POINTS: usize = 16;
     const INPUT_SCRATCH: usize = 8;
     const OUTPUT_SCRATCH: usize = 8;
+
+    #[inline(always)]
+    unsafe fn weight_row(weights: &[f32], u: SharedMut, u_stride: usize, row: usize) {
+        weight_row_with(&G2, weights, u, u_stride, row)
+    }
 
     /// The four input rows are split into even and odd columns (E, O), transformed down as whole rows,
     /// then across: window k of a transformed row spans E[k], O[k], E[k+1], O[k+1].
@@ -636,7 +595,7 @@ impl Transforms for F2x2 {
     }
 }
 
-/// F(4×4, 3×3) (points 0, ±1, ±2, ∞): Bᵀ in [`bt4`], Aᵀ in [`at4`].
+/// F(4×4, 3×3) (points 0, ±1, ±2, ∞): G in [`G4`], Bᵀ in [`bt4`], Aᵀ in [`at4`].
 struct F4x4;
 
 /// Bᵀ of F(4×4, 3×3) applied to one column (d0 … d5).
@@ -664,6 +623,11 @@ impl Transforms for F4x4 {
     const POINTS: usize = 36;
     const INPUT_SCRATCH: usize = 28;
     const OUTPUT_SCRATCH: usize = 24;
+
+    #[inline(always)]
+    unsafe fn weight_row(weights: &[f32], u: SharedMut, u_stride: usize, row: usize) {
+        weight_row_with(&G4, weights, u, u_stride, row)
+    }
 
     /// The six input rows are transformed down as whole rows (six rows of up to 4n), each result row
     /// is split into its four column phases (P_r[k] = row[4k + r], four rows of n), and transformed
