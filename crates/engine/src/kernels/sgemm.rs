@@ -306,15 +306,12 @@ unsafe fn product(
                     if wide {
                         // A panel at most half full (the last of an attention head's 40 or 80 values)
                         // takes the half-width tile: half the multiplications.
-                        if cols <= NR / 2 {
-                            micro_avx512::<1>(
-                                kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add,
-                            );
+                        let micro = if cols <= NR / 2 {
+                            micro_avx512::<1>
                         } else {
-                            micro_avx512::<2>(
-                                kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add,
-                            );
-                        }
+                            micro_avx512::<2>
+                        };
+                        micro(kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add);
                         continue;
                     }
                     micro_plain(kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add);
