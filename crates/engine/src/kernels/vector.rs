@@ -68,15 +68,8 @@ fn bf16_pairs_body(first: &[f32], second: &[f32], dst: &mut [half::bf16]) {
 /// Lanes the reductions below keep side by side (one AVX-512 register of f32).
 const LANES: usize = 16;
 
-#[inline(always)]
-fn softmax_body(row: &mut [f32], scale: f32) {
-    let inv = 1.0 / exp_shifted_body(row, scale);
-    for x in row.iter_mut() {
-        *x *= inv;
-    }
-}
-
-/// Replaces x with e^(scale · (x − max x)) and returns the sum: softmax without the final division.
+/// Replaces x with e^(scale · (x − max x)) and returns the sum: softmax without the final division
+/// (the portable form of [`avx512::exp_shifted`]).
 #[inline(always)]
 fn exp_shifted_body(row: &mut [f32], scale: f32) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
@@ -195,15 +188,23 @@ macro_rules! dispatched {
 }
 pub(super) use dispatched;
 
-dispatched!(
-    /// Replaces a row of scores x with softmax(scale · x), in place (scale > 0).
-    pub fn softmax_scaled(row: &mut [f32], scale: f32) -> () = softmax_body
-);
-dispatched!(
-    /// Replaces a row of scores x with e^(scale · (x − max x)) and returns their sum (softmax before
-    /// its division, for callers that divide a smaller product instead).
-    pub fn exp_shifted(row: &mut [f32], scale: f32) -> f32 = exp_shifted_body
-);
+/// Replaces a row of scores x with softmax(scale · x), in place (scale > 0).
+pub fn softmax_scaled(row: &mut [f32], scale: f32) {
+    let inv = 1.0 / exp_shifted(row, scale);
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+/// Replaces a row of scores x with e^(scale · (x − max x)) and returns their sum (softmax before
+/// its division, for callers that divide a smaller product instead).
+pub fn exp_shifted(row: &mut [f32], scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { avx512::exp_shifted(row, scale) };
+    }
+    exp_shifted_body(row, scale)
+}
 dispatched!(
     /// dst = src · mul + add, followed by SiLU when `silu` is set.
     pub fn normalize(src: &[f32], dst: &mut [f32], mul: f32, add: f32, silu: bool) -> () = normalize_body
@@ -226,6 +227,80 @@ dispatched!(
     pub fn sum_and_squares(xs: &[f32], mean: f32) -> (f32, f32) = sum_and_squares_body
 );
 
+/// The softmax exponentials in AVX-512 intrinsics: the portable [`exp`] compiled for AVX-512 still
+/// multiplies and adds separately (Rust does not contract them into FMAs, and `f32::mul_add` would be a
+/// libm call in the baseline build), and converts and shifts to build 2ⁿ. Here every step is one
+/// instruction: FMAs, `vrndscaleps` for n and `vscalefps` for p · 2ⁿ (which also gives 0 below the
+/// range instead of needing a clamp), about half the instructions per element.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// e^x on 16 lanes, the same reduction and polynomial as [`super::exp`] (about 1 ulp).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn exp16(x: __m512) -> __m512 {
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let y = _mm512_add_ps(
+            _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+            _mm512_set1_ps(1.0),
+        );
+        _mm512_scalef_ps(y, n)
+    }
+
+    /// [`super::exp_shifted`] on AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_shifted(row: &mut [f32], scale: f32) -> f32 {
+        let len = row.len();
+        let ptr = row.as_mut_ptr();
+        let tail = (1u32 << (len % 16)) as u16 - 1;
+        let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i + 16 <= len {
+            max = _mm512_max_ps(max, _mm512_loadu_ps(ptr.add(i)));
+            i += 16;
+        }
+        max = _mm512_mask_max_ps(max, tail, max, _mm512_maskz_loadu_ps(tail, ptr.add(i)));
+        let max = _mm512_reduce_max_ps(max);
+        let (mul, max) = (_mm512_set1_ps(scale), _mm512_set1_ps(max));
+        let mut sums = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= len {
+            let e = exp16(_mm512_mul_ps(
+                _mm512_sub_ps(_mm512_loadu_ps(ptr.add(i)), max),
+                mul,
+            ));
+            _mm512_storeu_ps(ptr.add(i), e);
+            sums = _mm512_add_ps(sums, e);
+            i += 16;
+        }
+        if tail != 0 {
+            let x = _mm512_maskz_loadu_ps(tail, ptr.add(i));
+            let e = exp16(_mm512_mul_ps(_mm512_sub_ps(x, max), mul));
+            _mm512_mask_storeu_ps(ptr.add(i), tail, e);
+            sums = _mm512_mask_add_ps(sums, tail, sums, e);
+        }
+        _mm512_reduce_add_ps(sums)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +317,54 @@ mod tests {
         assert!(worst < 4e-7, "worst relative error {worst}");
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(-1000.0) < 1e-37);
+    }
+
+    #[test]
+    fn avx512_exponentials_equal_the_portable_ones() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !std::arch::is_x86_feature_detected!("avx512f") {
+                eprintln!("no AVX-512 on this machine: skipped");
+                return;
+            }
+            use std::arch::x86_64::*;
+            let mut worst = 0f32;
+            for i in 0..20_000 {
+                let x = -100.0 + i as f32 * (100.0 + 88.0) / 20_000.0;
+                // SAFETY: the CPU has AVX-512F (checked above).
+                let got = unsafe {
+                    let mut lanes = [0f32; 16];
+                    _mm512_storeu_ps(lanes.as_mut_ptr(), avx512::exp16(_mm512_set1_ps(x)));
+                    lanes[7]
+                };
+                let want = (x as f64).exp() as f32;
+                if want > f32::MIN_POSITIVE {
+                    worst = worst.max(((got - want) / want).abs());
+                } else {
+                    assert!(got <= f32::MIN_POSITIVE, "exp({x}) = {got}");
+                }
+            }
+            assert!(worst < 4e-7, "worst relative error {worst}");
+            for len in [1usize, 5, 15, 16, 17, 77, 4096, 4099] {
+                let row: Vec<f32> = (0..len)
+                    .map(|i| ((i * 37) % 101) as f32 * 0.7 - 30.0)
+                    .collect();
+                let (mut fast, mut plain) = (row.clone(), row);
+                // SAFETY: as above.
+                let fast_sum = unsafe { avx512::exp_shifted(&mut fast, 0.3) };
+                let plain_sum = exp_shifted_body(&mut plain, 0.3);
+                assert!(
+                    (fast_sum - plain_sum).abs() <= 1e-6 * plain_sum,
+                    "len {len}: sums"
+                );
+                for (a, b) in fast.iter().zip(&plain) {
+                    assert!(
+                        (a - b).abs() <= 1e-6 * b.abs().max(1e-30),
+                        "len {len}: {a} vs {b}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
