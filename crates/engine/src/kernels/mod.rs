@@ -11,6 +11,7 @@
 //! `models::attention` fall back to the plain candle operation for any other device or dtype, and the
 //! tests in this module check each kernel against that plain operation.
 
+pub mod activation;
 pub mod amx;
 pub mod attention;
 pub mod conv;

@@ -124,6 +124,20 @@ fn geglu_body(value: &[f32], gate: &[f32], dst: &mut [f32]) {
 }
 
 #[inline(always)]
+fn quick_gelu_body(src: &[f32], dst: &mut [f32]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = x / (1.0 + exp(-1.702 * x));
+    }
+}
+
+#[inline(always)]
+fn gelu_body(src: &[f32], dst: &mut [f32]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = x * 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+#[inline(always)]
 fn sum_and_squares_body(xs: &[f32], mean: f32) -> (f32, f32) {
     let mut sums = [0f32; LANES];
     let mut squares = [0f32; LANES];
@@ -220,6 +234,14 @@ dispatched!(
 dispatched!(
     /// dst = value · GELU(gate), GELU in its exact erf form.
     pub fn geglu(value: &[f32], gate: &[f32], dst: &mut [f32]) -> () = geglu_body
+);
+dispatched!(
+    /// dst = src · σ(1.702 · src) (quick GELU).
+    pub fn quick_gelu(src: &[f32], dst: &mut [f32]) -> () = quick_gelu_body
+);
+dispatched!(
+    /// dst = GELU(src), in its exact erf form.
+    pub fn gelu(src: &[f32], dst: &mut [f32]) -> () = gelu_body
 );
 dispatched!(
     /// (Σ (x − mean), Σ (x − mean)²) over `xs`: a shifted sum, so the variance stays exact when the

@@ -8,21 +8,17 @@ use super::layers::Linear;
 use crate::config::ClipTextConfig;
 use crate::kernels;
 
-/// The MLP activation the config names.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Activation {
-    /// x · σ(1.702 x), OpenAI CLIP (SD 1.x).
-    QuickGelu,
-    /// Exact GELU, OpenCLIP (SD 2.x).
-    Gelu,
-}
+/// The MLP activation the config names (quick GELU for OpenAI CLIP, exact GELU for OpenCLIP).
+pub(crate) use kernels::activation::Kind as Activation;
 
-impl Activation {
-    fn apply(self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
-            Activation::Gelu => xs.gelu_erf(),
-        }
+/// Applies `activation` to `xs`: the fused kernel for f32 CPU tensors, candle's ops otherwise.
+fn activate(activation: Activation, xs: &Tensor) -> Result<Tensor> {
+    if kernels::accepts(xs) {
+        return kernels::activation::activation(xs, activation);
+    }
+    match activation {
+        Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+        Activation::Gelu => xs.gelu_erf(),
     }
 }
 
@@ -137,9 +133,10 @@ impl EncoderLayer {
     /// tokens 0..=i), not for the vision tower.
     pub(crate) fn forward(&self, xs: &Tensor, causal: bool) -> Result<Tensor> {
         let xs = (self.attention(&self.layer_norm1.forward(xs)?, causal)? + xs)?;
-        let h = self
-            .activation
-            .apply(&self.fc1.forward(&self.layer_norm2.forward(&xs)?)?)?;
+        let h = activate(
+            self.activation,
+            &self.fc1.forward(&self.layer_norm2.forward(&xs)?)?,
+        )?;
         self.fc2.forward(&h)? + xs
     }
 }
