@@ -71,7 +71,8 @@ pub fn conv2d(
                 weight.dims()
             );
         }
-    } else if (kh, kw, stride) == (3, 3, 1) && super::winograd::worthwhile(b * ho * wo) {
+    } else if (kh, kw, stride) == (3, 3, 1) && super::winograd::worthwhile(b, (ho, wo), c_in, c_out)
+    {
         return super::winograd::conv3x3(xs, weight, bias, padding);
     }
     xs.contiguous()?.apply_op3_no_bwd(

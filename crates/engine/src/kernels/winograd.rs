@@ -27,11 +27,27 @@ use super::sgemm::{self, PackedB, Start};
 use super::vector::dispatched;
 use super::{contiguous_f32, pad_planes, row_segments, threads, Segment, SharedMut};
 
-/// Whether a 3×3 stride-1 convolution over `positions` output positions (batch · h · w) is worth the
-/// weight transform: below this the direct product of [`super::conv`] is as fast.
-pub fn worthwhile(positions: usize) -> bool {
-    positions >= 256
+/// Whether a 3×3 stride-1 convolution of `c_in` → `c_out` channels whose output is `batch` × `ho` × `wo`
+/// is worth the weight transform, or the direct product of [`super::conv`] is as fast: below 256 output
+/// positions it never is, and with F(2×2) (see [`Tile::choose`]) only while U per window stays within
+/// [`F2_MAX_U_PER_WINDOW`] (measured side by side, best of three: at 16² × 2 the direct product took
+/// 91 / 176 / 124 ms where F2 took 144 / 268 / 183 ms for 1280 / 2560 / 1920 → 1280 channels, 205k–410k
+/// U floats per window, but F2 won at 1280 → 640 (30 vs 39 ms, 102k) and on 32² maps).
+pub fn worthwhile(batch: usize, (ho, wo): (usize, usize), c_in: usize, c_out: usize) -> bool {
+    if batch * ho * wo < 256 {
+        return false;
+    }
+    match Tile::choose(batch, (ho, wo), c_in, c_out) {
+        Tile::F4 => true,
+        Tile::F2 => {
+            let windows = batch * ho.div_ceil(2) * wo.div_ceil(2);
+            16 * c_in * c_out <= F2_MAX_U_PER_WINDOW * windows
+        }
+    }
 }
+
+/// With F(2×2), the most floats of U per window for which the weight transform still repays itself.
+const F2_MAX_U_PER_WINDOW: usize = 1 << 17;
 
 /// Convolves `xs` (b, c_in, h, w) with a 3×3 `weight` (c_out, c_in, 3, 3) at stride 1 and zero padding
 /// `padding`, and adds `bias` (c_out); returns (b, c_out, h + 2p − 2, w + 2p − 2).
@@ -159,7 +175,8 @@ const F4_MIN_WINDOWS: usize = 64;
 impl Tile {
     /// The tile for a convolution of `c_in` → `c_out` channels whose output is `batch` × `ho` × `wo`:
     /// the large one when there are enough windows to repay its weight transform and its U stays
-    /// within what is kept between calls (SD's 1280-channel layers, on 8² and 16² maps, stay on F2).
+    /// within what is kept between calls (SD's 1280-channel layers on 32² maps stay on F2; on 16² maps
+    /// most go to the direct product, see [`worthwhile`]).
     fn choose(batch: usize, (ho, wo): (usize, usize), c_in: usize, c_out: usize) -> Tile {
         let windows = batch * ho.div_ceil(4) * wo.div_ceil(4);
         if windows >= F4_MIN_WINDOWS && 36 * c_in * c_out <= KEEP_U_FLOATS {
@@ -944,5 +961,20 @@ mod tests {
         assert_eq!(Tile::choose(2, (16, 16), 1280, 1280), Tile::F2);
         // Few windows: the weight transform is not repaid.
         assert_eq!(Tile::choose(1, (16, 16), 64, 64), Tile::F2);
+    }
+
+    #[test]
+    fn winograd_only_where_it_repays_its_weight_transform() {
+        // Fewer than 256 output positions: the direct product.
+        assert!(!worthwhile(2, (8, 8), 1280, 1280));
+        // F4 layers (the VAE, the UNet's 320 and 640 channels on large maps).
+        assert!(worthwhile(2, (64, 64), 320, 320));
+        assert!(worthwhile(1, (512, 512), 128, 128));
+        // F2 with 205k U floats per window (1280 channels on 16² maps): the direct product.
+        assert!(!worthwhile(2, (16, 16), 1280, 1280));
+        assert!(!worthwhile(2, (16, 16), 2560, 1280));
+        // F2 with 102k (1280 → 640 on 16²) and 51k (1280 channels on 32²): Winograd.
+        assert!(worthwhile(2, (16, 16), 1280, 640));
+        assert!(worthwhile(2, (32, 32), 1280, 1280));
     }
 }
