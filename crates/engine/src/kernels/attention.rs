@@ -180,17 +180,6 @@ fn f32_attention(
         );
 }
 
-/// softmax(scale · row) for query `index`; causal rows see only keys 0..=index, the rest become zero.
-fn softmax_row(row: &mut [f32], index: usize, causal: bool, scale: f32) {
-    if causal && index + 1 < row.len() {
-        let (seen, hidden) = row.split_at_mut(index + 1);
-        vector::softmax_scaled(seen, scale);
-        hidden.fill(0.0);
-    } else {
-        vector::softmax_scaled(row, scale);
-    }
-}
-
 /// The bf16 path of [`BlockedAttention`]: the same blocks, with both products on AMX. K and V of every
 /// (image, head) are packed once; each task packs its query rows and its probabilities.
 #[allow(clippy::too_many_arguments)]
@@ -228,9 +217,10 @@ fn amx_attention(
                     vec![0f32; QUERY_BLOCK * mp],
                     Vec::new(),
                     vec![0f32; QUERY_BLOCK * dp],
+                    vec![0f32; QUERY_BLOCK],
                 )
             },
-            |(q_block, scores, probs, product), task| {
+            |(q_block, scores, probs, product, sums), task| {
                 let block = task % blocks_per_head;
                 let bh = task / blocks_per_head;
                 let (batch, head) = (bh / heads, bh % heads);
@@ -254,10 +244,23 @@ fn amx_attention(
                         false,
                     )
                 };
-                for (r, row) in scores.chunks_exact_mut(mp).take(rows).enumerate() {
-                    softmax_row(&mut row[..m], row0 + r, causal, scale);
+                // Unnormalised probabilities straight into AMX's A layout (rows_p × mp, bf16, zero
+                // past each row's keys and below the block's rows); each output row is divided by its
+                // sum after the product.
+                probs.resize(rows_p * mp, bf16::ZERO);
+                for (r, dst) in probs.chunks_exact_mut(mp).enumerate() {
+                    if r >= rows {
+                        dst.fill(bf16::ZERO);
+                        continue;
+                    }
+                    let seen = if causal { (row0 + r + 1).min(m) } else { m };
+                    sums[r] = vector::exp_shifted_bf16(
+                        &scores[r * mp..][..seen],
+                        scale,
+                        &mut dst[..seen],
+                    );
+                    dst[seen..].fill(bf16::ZERO);
                 }
-                amx::pack_a_rows(probs, scores, rows, m, mp);
                 // SAFETY: probs is rows_p × mp, values mp × dp, product rows_p × dp.
                 unsafe {
                     amx::matmul(
@@ -275,7 +278,10 @@ fn amx_attention(
                     let offset = (batch * n + row0 + r) * inner + head * d;
                     // SAFETY: this task alone writes its rows' columns of this head.
                     let out = unsafe { std::slice::from_raw_parts_mut(dst.at(offset), d) };
-                    out.copy_from_slice(&row[..d]);
+                    let inv = 1.0 / sums[r];
+                    for (o, &v) in out.iter_mut().zip(&row[..d]) {
+                        *o = v * inv;
+                    }
                 }
             },
         );
@@ -381,24 +387,27 @@ mod tests {
             let q = Tensor::randn(0f32, 1.0, (b, n, heads * d), &device)?;
             let k = Tensor::randn(0f32, 1.0, (b, m, heads * d), &device)?;
             let v = Tensor::randn(0f32, 1.0, (b, m, heads * d), &device)?;
-            let plain = reference(&q, &k, &v, heads)?;
-            let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-            let mut out = vec![0f32; b * n * heads * d];
-            amx_attention(
-                &flat(&q)?,
-                &flat(&k)?,
-                &flat(&v)?,
-                &mut out,
-                (b, n, m, heads * d, heads),
-                false,
-            );
-            let fast = Tensor::from_vec(out, (b, n, heads * d), &device)?;
-            let diff = super::super::max_abs_diff(&fast, &plain)?;
-            // bf16 inputs (8-bit mantissa) for scores and probabilities, f32 sums.
-            assert!(
-                diff < 0.05,
-                "{b}x{n}x{m}, {heads} heads of {d}: max |Δ| {diff}"
-            );
+            // Causal where queries and keys have the same length.
+            for causal in [false, n == m] {
+                let plain = reference_masked(&q, &k, &v, heads, causal)?;
+                let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+                let mut out = vec![0f32; b * n * heads * d];
+                amx_attention(
+                    &flat(&q)?,
+                    &flat(&k)?,
+                    &flat(&v)?,
+                    &mut out,
+                    (b, n, m, heads * d, heads),
+                    causal,
+                );
+                let fast = Tensor::from_vec(out, (b, n, heads * d), &device)?;
+                let diff = super::super::max_abs_diff(&fast, &plain)?;
+                // bf16 inputs (8-bit mantissa) for scores and probabilities, f32 sums.
+                assert!(
+                    diff < 0.05,
+                    "{b}x{n}x{m}, {heads} heads of {d}, causal {causal}: max |Δ| {diff}"
+                );
+            }
         }
         Ok(())
     }

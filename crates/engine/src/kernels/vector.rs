@@ -202,13 +202,22 @@ macro_rules! dispatched {
 }
 pub(super) use dispatched;
 
-/// Replaces a row of scores x with softmax(scale · x), in place (scale > 0).
-pub fn softmax_scaled(row: &mut [f32], scale: f32) {
-    let inv = 1.0 / exp_shifted(row, scale);
-    for x in row.iter_mut() {
-        *x *= inv;
+/// Writes e^(scale · (x − max x)) of a row of scores x to `dst` (as long as the row) in bf16 and returns
+/// the sum of the f32 values: the bf16 attention's probabilities before their division, in one pass
+/// instead of an exponential pass and a conversion pass.
+pub fn exp_shifted_bf16(row: &[f32], scale: f32, dst: &mut [half::bf16]) -> f32 {
+    assert_eq!(row.len(), dst.len(), "exp_shifted_bf16: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; the lengths are equal.
+        return unsafe { avx512::exp_shifted_bf16(row, scale, dst) };
     }
+    let mut exps = row.to_vec();
+    let sum = exp_shifted_body(&mut exps, scale);
+    bf16_row(&exps, dst);
+    sum
 }
+
 /// Replaces a row of scores x with e^(scale · (x − max x)) and returns their sum (softmax before
 /// its division, for callers that divide a smaller product instead).
 pub fn exp_shifted(row: &mut [f32], scale: f32) -> f32 {
@@ -284,14 +293,13 @@ mod avx512 {
         _mm512_scalef_ps(y, n)
     }
 
-    /// [`super::exp_shifted`] on AVX-512.
+    /// The largest of `len` floats from `ptr`, and the mask of the last `len % 16` lanes.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F.
+    /// The CPU must have AVX-512F; `ptr` must be valid for `len` reads.
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn exp_shifted(row: &mut [f32], scale: f32) -> f32 {
-        let len = row.len();
-        let ptr = row.as_mut_ptr();
+    unsafe fn row_max(ptr: *const f32, len: usize) -> (f32, __mmask16) {
         let tail = (1u32 << (len % 16)) as u16 - 1;
         let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut i = 0;
@@ -300,7 +308,58 @@ mod avx512 {
             i += 16;
         }
         max = _mm512_mask_max_ps(max, tail, max, _mm512_maskz_loadu_ps(tail, ptr.add(i)));
-        let max = _mm512_reduce_max_ps(max);
+        (_mm512_reduce_max_ps(max), tail)
+    }
+
+    /// f32 → bf16 of 16 lanes, rounding to nearest even (as [`super::to_bf16`]): the bf16 bits in the
+    /// low half of each 32-bit lane, for `vpmovdw` to narrow and store.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn bf16_lanes(x: __m512) -> __m512i {
+        let bits = _mm512_castps_si512(x);
+        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+        let rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+        _mm512_srli_epi32::<16>(rounded)
+    }
+
+    /// [`super::exp_shifted_bf16`] on AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, and `dst` must be as long as `row`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_shifted_bf16(row: &[f32], scale: f32, dst: &mut [half::bf16]) -> f32 {
+        let (len, src, out) = (row.len(), row.as_ptr(), dst.as_mut_ptr().cast::<i16>());
+        let (max, tail) = row_max(src, len);
+        let (mul, max) = (_mm512_set1_ps(scale), _mm512_set1_ps(max));
+        let mut sums = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= len {
+            let e = exp16(_mm512_mul_ps(
+                _mm512_sub_ps(_mm512_loadu_ps(src.add(i)), max),
+                mul,
+            ));
+            _mm256_storeu_si256(out.add(i).cast(), _mm512_cvtepi32_epi16(bf16_lanes(e)));
+            sums = _mm512_add_ps(sums, e);
+            i += 16;
+        }
+        if tail != 0 {
+            let x = _mm512_maskz_loadu_ps(tail, src.add(i));
+            let e = exp16(_mm512_mul_ps(_mm512_sub_ps(x, max), mul));
+            _mm512_mask_cvtepi32_storeu_epi16(out.add(i), tail, bf16_lanes(e));
+            sums = _mm512_mask_add_ps(sums, tail, sums, e);
+        }
+        _mm512_reduce_add_ps(sums)
+    }
+
+    /// [`super::exp_shifted`] on AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_shifted(row: &mut [f32], scale: f32) -> f32 {
+        let len = row.len();
+        let ptr = row.as_mut_ptr();
+        let (max, tail) = row_max(ptr, len);
         let (mul, max) = (_mm512_set1_ps(scale), _mm512_set1_ps(max));
         let mut sums = _mm512_setzero_ps();
         let mut i = 0;
@@ -390,6 +449,23 @@ mod tests {
     }
 
     #[test]
+    fn bf16_exponentials_equal_the_f32_ones_rounded() {
+        for len in [1usize, 5, 16, 17, 77, 4096, 4099] {
+            let row: Vec<f32> = (0..len)
+                .map(|i| ((i * 37) % 101) as f32 * 0.7 - 30.0)
+                .collect();
+            let mut exps = row.clone();
+            let want_sum = exp_shifted(&mut exps, 0.3);
+            let mut dst = vec![half::bf16::ZERO; len];
+            let sum = exp_shifted_bf16(&row, 0.3, &mut dst);
+            assert!((sum - want_sum).abs() <= 1e-6 * want_sum, "len {len}: sums");
+            for (got, &e) in dst.iter().zip(&exps) {
+                assert_eq!(*got, to_bf16(e), "len {len}");
+            }
+        }
+    }
+
+    #[test]
     fn erf_matches_the_series_closely() {
         // erf by its Taylor series in f64 (converges quickly for |x| ≤ 3; erf(±3) is 1 to 2e-5).
         let series = |x: f64| {
@@ -411,11 +487,12 @@ mod tests {
     }
 
     #[test]
-    fn softmax_sums_to_one_and_keeps_order() {
+    fn shifted_exponentials_over_their_sum_are_the_softmax() {
         for len in [1usize, 7, 16, 77, 4097] {
             let mut row: Vec<f32> = (0..len).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
             let original = row.clone();
-            softmax_scaled(&mut row, 1.0);
+            let inv = 1.0 / exp_shifted(&mut row, 1.0);
+            row.iter_mut().for_each(|p| *p *= inv);
             let max = original.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let total: f32 = original.iter().map(|x| (x - max).exp()).sum();
             for (p, x) in row.iter().zip(&original) {
