@@ -88,12 +88,28 @@ pub fn pack_b(rows: usize, cols: usize, at: impl Fn(usize, usize) -> f32 + Sync)
 /// with zeros to (pad(rows, 32) × pad(cols, 32)).
 pub fn pack_a_rows(dst: &mut Vec<bf16>, src: &[f32], rows: usize, cols: usize, ld: usize) {
     let (m, k) = (pad(rows, BLOCK), pad(cols, DEPTH));
+    // Every element is written once (values, then the zero padding), not zeroed first.
     dst.clear();
-    dst.resize(m * k, bf16::ZERO);
-    dst.par_chunks_mut(k)
-        .take(rows)
-        .enumerate()
-        .for_each(|(r, row)| vector::bf16_row(&src[r * ld..][..cols], &mut row[..cols]));
+    dst.reserve(m * k);
+    let spare = &mut dst.spare_capacity_mut()[..m * k];
+    // SAFETY: MaybeUninit<bf16> has bf16's layout; the slice is only written before `set_len`.
+    let out = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<bf16>(), m * k) };
+    let fill = |(r, row): (usize, &mut [bf16])| {
+        if r < rows {
+            vector::bf16_row(&src[r * ld..][..cols], &mut row[..cols]);
+            row[cols..].fill(bf16::ZERO);
+        } else {
+            row.fill(bf16::ZERO);
+        }
+    };
+    // Few rows (an attention block's queries): on the calling thread.
+    if rows * cols < 1 << 16 {
+        out.chunks_exact_mut(k).enumerate().for_each(fill);
+    } else {
+        out.par_chunks_mut(k).enumerate().for_each(fill);
+    }
+    // SAFETY: all m · k elements were written above.
+    unsafe { dst.set_len(m * k) };
 }
 
 /// Packs a row-major f32 matrix (rows = k × cols = n, row stride `ld`) into `dst` as B (see

@@ -5,6 +5,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use half::bf16;
+use rayon::prelude::*;
 
 use super::sgemm::{self, PackedB, Start};
 use super::{amx, contiguous_f32};
@@ -112,12 +113,23 @@ pub fn pack_weight(weight: &Tensor) -> Result<Vec<bf16>> {
     Ok(amx::pack_b(k, n, |row, col| data[col * k + row]))
 }
 
-/// `xs (…, k) · Wᵀ` for weights packed by [`pack_weight`] from an (`out_features`, k) matrix; AMX must be
-/// available.
-pub fn linear(xs: &Tensor, packed: &[bf16], out_features: usize) -> Result<Tensor> {
+/// `xs (…, k) · Wᵀ (+ bias)` for weights packed by [`pack_weight`] from an (`out_features`, k) matrix
+/// and an optional f32 bias (`out_features`); AMX must be available.
+pub fn linear(
+    xs: &Tensor,
+    packed: &[bf16],
+    out_features: usize,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     if !amx::available() {
         candle_core::bail!("bf16 linear: this CPU has no AMX");
     }
+    if bias.is_some_and(|b| b.dims() != [out_features]) {
+        candle_core::bail!("bf16 linear: bias does not fit {out_features} outputs");
+    }
+    let bias = bias
+        .map(|b| b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>())
+        .transpose()?;
     let k = xs.dims().last().copied().unwrap_or(0);
     if packed.len() != amx::pad(k, amx::DEPTH) * amx::pad(out_features, amx::BLOCK) {
         candle_core::bail!(
@@ -128,6 +140,7 @@ pub fn linear(xs: &Tensor, packed: &[bf16], out_features: usize) -> Result<Tenso
     xs.contiguous()?.apply_op1_no_bwd(&AmxLinear {
         packed,
         out_features,
+        bias,
     })
 }
 
@@ -135,6 +148,7 @@ pub fn linear(xs: &Tensor, packed: &[bf16], out_features: usize) -> Result<Tenso
 struct AmxLinear<'a> {
     packed: &'a [bf16],
     out_features: usize,
+    bias: Option<Vec<f32>>,
 }
 
 impl CustomOp1 for AmxLinear<'_> {
@@ -155,9 +169,20 @@ impl CustomOp1 for AmxLinear<'_> {
             amx::pad(n, amx::BLOCK),
             amx::pad(k, amx::DEPTH),
         );
-        let mut c = vec![0f32; mp * np];
-        // SAFETY: AMX is available (checked by `linear`); a is mp × kp, packed is kp × np, c mp × np.
-        unsafe { amx::matmul(mp, np, kp, &a, self.packed, c.as_mut_ptr(), np, true) };
+        let mut c: Vec<f32> = Vec::with_capacity(mp * np);
+        // SAFETY: AMX is available (checked by `linear`); a is mp × kp, packed is kp × np, c has room
+        // for mp × np, every element of which the product stores (so `c` needs no zeroing first).
+        unsafe {
+            amx::matmul(mp, np, kp, &a, self.packed, c.as_mut_ptr(), np, true);
+            c.set_len(mp * np);
+        }
+        if let Some(bias) = &self.bias {
+            c.par_chunks_mut(np).take(m).for_each(|row| {
+                for (v, &b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            });
+        }
         let out = if np == n {
             c.truncate(m * n);
             c
@@ -225,8 +250,9 @@ mod tests {
             let xs = Tensor::randn(0f32, 1.0, shape.as_slice(), &device)?;
             let weight = Tensor::randn(0f32, 1.0 / (k as f32).sqrt(), (n, k), &device)?;
             let packed = pack_weight(&weight)?;
-            let fast = linear(&xs, &packed, n)?;
-            let plain = candle_nn::Linear::new(weight, None).forward(&xs)?;
+            let bias = Tensor::randn(0f32, 1.0, n, &device)?;
+            let fast = linear(&xs, &packed, n, Some(&bias))?;
+            let plain = candle_nn::Linear::new(weight, Some(bias)).forward(&xs)?;
             assert_eq!(fast.dims(), plain.dims());
             // bf16 keeps 8 bits of mantissa: relative error per product ~2^-9, averaging out in the sum.
             let diff = super::super::max_abs_diff(&fast, &plain)?;

@@ -222,11 +222,7 @@ impl Module for Linear {
             let packed = self
                 .packed
                 .get_or_pack(|| kernels::linear::pack_weight(weight))?;
-            let out = kernels::linear::linear(xs, packed, weight.dim(0)?)?;
-            return match self.plain.bias() {
-                Some(bias) => out.broadcast_add(bias),
-                None => Ok(out),
-            };
+            return kernels::linear::linear(xs, packed, weight.dim(0)?, self.plain.bias());
         }
         if kernels::accepts(xs) && kernels::accepts(weight) {
             if self.packed_once {
