@@ -322,13 +322,20 @@ mod avx512 {
         _mm512_srli_epi32::<16>(rounded)
     }
 
-    /// [`super::exp_shifted_bf16`] on AVX-512.
+    /// The two passes both forms share: the row's maximum, then e^(scale · (x − max)) of every element,
+    /// handed to `store(i, e, lanes)` for elements i.. (`lanes`: which of the 16 belong to the row);
+    /// returns the sum of the exponentials.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F, and `dst` must be as long as `row`.
+    /// The CPU must have AVX-512F; `src` must be valid for `len` reads.
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn exp_shifted_bf16(row: &[f32], scale: f32, dst: &mut [half::bf16]) -> f32 {
-        let (len, src, out) = (row.len(), row.as_ptr(), dst.as_mut_ptr().cast::<i16>());
+    unsafe fn exp_pass(
+        src: *const f32,
+        len: usize,
+        scale: f32,
+        mut store: impl FnMut(usize, __m512, __mmask16),
+    ) -> f32 {
         let (max, tail) = row_max(src, len);
         let (mul, max) = (_mm512_set1_ps(scale), _mm512_set1_ps(max));
         let mut sums = _mm512_setzero_ps();
@@ -338,17 +345,30 @@ mod avx512 {
                 _mm512_sub_ps(_mm512_loadu_ps(src.add(i)), max),
                 mul,
             ));
-            _mm256_storeu_si256(out.add(i).cast(), _mm512_cvtepi32_epi16(bf16_lanes(e)));
+            store(i, e, 0xffff);
             sums = _mm512_add_ps(sums, e);
             i += 16;
         }
         if tail != 0 {
             let x = _mm512_maskz_loadu_ps(tail, src.add(i));
             let e = exp16(_mm512_mul_ps(_mm512_sub_ps(x, max), mul));
-            _mm512_mask_cvtepi32_storeu_epi16(out.add(i), tail, bf16_lanes(e));
+            store(i, e, tail);
             sums = _mm512_mask_add_ps(sums, tail, sums, e);
         }
         _mm512_reduce_add_ps(sums)
+    }
+
+    /// [`super::exp_shifted_bf16`] on AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, and `dst` must be as long as `row`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_shifted_bf16(row: &[f32], scale: f32, dst: &mut [half::bf16]) -> f32 {
+        let out = dst.as_mut_ptr().cast::<i16>();
+        exp_pass(row.as_ptr(), row.len(), scale, |i, e, lanes| {
+            // SAFETY: elements i.. of the selected lanes lie inside `dst`, as long as the row.
+            unsafe { _mm512_mask_cvtepi32_storeu_epi16(out.add(i), lanes, bf16_lanes(e)) }
+        })
     }
 
     /// [`super::exp_shifted`] on AVX-512.
@@ -357,28 +377,11 @@ mod avx512 {
     /// The CPU must have AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn exp_shifted(row: &mut [f32], scale: f32) -> f32 {
-        let len = row.len();
         let ptr = row.as_mut_ptr();
-        let (max, tail) = row_max(ptr, len);
-        let (mul, max) = (_mm512_set1_ps(scale), _mm512_set1_ps(max));
-        let mut sums = _mm512_setzero_ps();
-        let mut i = 0;
-        while i + 16 <= len {
-            let e = exp16(_mm512_mul_ps(
-                _mm512_sub_ps(_mm512_loadu_ps(ptr.add(i)), max),
-                mul,
-            ));
-            _mm512_storeu_ps(ptr.add(i), e);
-            sums = _mm512_add_ps(sums, e);
-            i += 16;
-        }
-        if tail != 0 {
-            let x = _mm512_maskz_loadu_ps(tail, ptr.add(i));
-            let e = exp16(_mm512_mul_ps(_mm512_sub_ps(x, max), mul));
-            _mm512_mask_storeu_ps(ptr.add(i), tail, e);
-            sums = _mm512_mask_add_ps(sums, tail, sums, e);
-        }
-        _mm512_reduce_add_ps(sums)
+        exp_pass(ptr, row.len(), scale, |i, e, lanes| {
+            // SAFETY: elements i.. of the selected lanes lie inside the row, already read.
+            unsafe { _mm512_mask_storeu_ps(ptr.add(i), lanes, e) }
+        })
     }
 }
 
