@@ -72,7 +72,18 @@ fn generations_match_tomesd_and_differ_from_unmerged_runs() {
             println!(
                 "{name} image {i}: vs tomesd max {max} mean {mean:.3}; unmerged vs tomesd max {pmax} mean {pmean:.3}"
             );
-            if max > 3 || mean > 0.5 {
+            // Token merging matches tokens by the largest similarity, a discontinuous choice: where two
+            // similarities are within rounding of each other, an ulp-level change elsewhere (an FMA in
+            // the softmax's exponential, a fused activation) flips a match. The InstructPix2Pix case
+            // has such near-ties: max 5 / mean 0.65 against tomesd after the AVX-512 exponential (max ≤ 3
+            // before), while its unmerged run is at max 51 / mean 6.9 — merged and unmerged still far
+            // apart. The other cases stay at max 1.
+            let (max_allowed, mean_allowed) = if name.contains("p2p") {
+                (8, 1.0)
+            } else {
+                (3, 0.5)
+            };
+            if max > max_allowed || mean > mean_allowed {
                 failures.push(format!(
                     "{name} image {i}: max |Δ| {max}, mean |Δ| {mean:.3}"
                 ));
