@@ -1,6 +1,7 @@
-//! softmax(q kᵀ · scale) v, computed a block of query rows at a time: each task holds the scores of at
-//! most [`QUERY_BLOCK`] (f32: 72) rows against all keys (about 1 MiB at SD's largest 4096-token level),
-//! never the full (tokens × tokens) matrix, and reads q and writes the output in their
+//! softmax(q kᵀ · scale) v, computed a block of query rows at a time: each f32 task holds the scores of
+//! 72 rows against all keys (about 1 MiB at SD's largest 4096-token level), each bf16 task those of
+//! [`QUERY_BLOCK`] rows against [`KEY_CHUNK`] keys at a time (an online softmax), never the full
+//! (tokens × tokens) matrix; both read q and write the output in their
 //! (b, tokens, heads·d) layout, so the heads are never split out or transposed. Keys and values are
 //! packed once per (image, head) for the products (f32: [`super::sgemm`]; bf16: AMX); the softmax is
 //! left undivided and each output row is divided by its sum after the second product (d values per
@@ -14,8 +15,12 @@ use half::bf16;
 use super::sgemm::{self, PackedB, Start};
 use super::{amx, contiguous_f32, vector, SharedMut};
 
-/// Query rows per task of the bf16 path (a whole number of AMX tiles).
-pub const QUERY_BLOCK: usize = 64;
+/// Query rows per task of the bf16 path (one AMX block of rows).
+pub const QUERY_BLOCK: usize = amx::BLOCK;
+
+/// Keys per step of the bf16 path's online softmax (a whole number of AMX blocks): a block's scores for
+/// one chunk (128 KiB) and its probabilities stay in L2.
+pub const KEY_CHUNK: usize = 1024;
 
 /// Multi-head attention over f32 CPU tensors q (b, n, heads·d), k and v (b, m, heads·d); returns
 /// (b, n, heads·d). Inputs that are not contiguous are made so first.
@@ -180,9 +185,12 @@ fn f32_attention(
         );
 }
 
-/// The bf16 path of [`BlockedAttention`]: the same blocks, with both products on AMX. K and V of every
-/// (image, head) are packed once; each task packs its query rows and its probabilities.
-#[allow(clippy::too_many_arguments)]
+/// The bf16 path of [`BlockedAttention`] on AMX: Kᵀ and V of every (image, head) packed once, then per
+/// block of [`QUERY_BLOCK`] query rows, per chunk of [`KEY_CHUNK`] keys: scores = q · Kᵀ, their
+/// exponentials against the running row maximum (rounded to bf16 for the second product), and
+/// out += probabilities · V, the earlier sums and outputs rescaled whenever a row's maximum grows
+/// (the online softmax). Scores and probabilities of one chunk stay in L1/L2 instead of a whole block of
+/// rows against all keys passing through memory.
 fn amx_attention(
     q: &[f32],
     k: &[f32],
@@ -194,33 +202,41 @@ fn amx_attention(
     let d = inner / heads;
     let scale = 1.0 / (d as f32).sqrt();
     let (dp, mp) = (amx::pad(d, amx::BLOCK), amx::pad(m, amx::BLOCK));
-    // Kᵀ (d × m) and V (m × d) of each (image, head), in AMX's B order.
+    // Kᵀ (d × m) of each (image, head) in AMX's B order (a chunk of keys is a contiguous run of it), and
+    // V (m × d) as one B operand per chunk of keys, the chunks one after another.
     let packed: Vec<(Vec<bf16>, Vec<bf16>)> = (0..b * heads)
         .into_par_iter()
         .map(|bh| {
             let (batch, head) = (bh / heads, bh % heads);
             let base = batch * m * inner + head * d;
             let keys = amx::pack_b(d, m, |r, c| k[base + c * inner + r]);
-            let mut values = Vec::new();
-            amx::pack_b_rows(&mut values, &v[base..], m, d, inner);
+            let mut values = Vec::with_capacity(mp * dp);
+            let mut chunk = Vec::new();
+            for c0 in (0..m).step_by(KEY_CHUNK) {
+                let rows = KEY_CHUNK.min(m - c0);
+                amx::pack_b_rows(&mut chunk, &v[base + c0 * inner..], rows, d, inner);
+                values.extend_from_slice(&chunk);
+            }
             (keys, values)
         })
         .collect();
     let dst = SharedMut(out.as_mut_ptr());
     let blocks_per_head = n.div_ceil(QUERY_BLOCK);
+    let rows_p = QUERY_BLOCK;
     (0..b * heads * blocks_per_head)
         .into_par_iter()
         .for_each_init(
             || {
                 (
                     Vec::new(),
-                    vec![0f32; QUERY_BLOCK * mp],
-                    Vec::new(),
-                    vec![0f32; QUERY_BLOCK * dp],
-                    vec![0f32; QUERY_BLOCK],
+                    vec![0f32; rows_p * KEY_CHUNK],
+                    vec![bf16::ZERO; rows_p * KEY_CHUNK],
+                    vec![0f32; rows_p * dp],
+                    vec![0f32; rows_p * dp],
+                    vec![(f32::NEG_INFINITY, 0f32); rows_p],
                 )
             },
-            |(q_block, scores, probs, product, sums), task| {
+            |(q_block, scores, probs, product, acc, stats), task| {
                 let block = task % blocks_per_head;
                 let bh = task / blocks_per_head;
                 let (batch, head) = (bh / heads, bh % heads);
@@ -229,56 +245,76 @@ fn amx_attention(
                 let (keys, values) = &packed[bh];
                 let q_start = (batch * n + row0) * inner + head * d;
                 amx::pack_a_rows(q_block, &q[q_start..], rows, d, inner);
-                let rows_p = amx::pad(rows, amx::BLOCK);
-                // SAFETY: AMX is available (the caller checked); q_block is rows_p × dp, keys dp × mp,
-                // scores rows_p × mp.
-                unsafe {
-                    amx::matmul(
-                        rows_p,
-                        mp,
-                        dp,
-                        q_block,
-                        keys,
-                        scores.as_mut_ptr(),
-                        mp,
-                        false,
-                    )
-                };
-                // Unnormalised probabilities straight into AMX's A layout (rows_p × mp, bf16, zero
-                // past each row's keys and below the block's rows); each output row is divided by its
-                // sum after the product.
-                probs.resize(rows_p * mp, bf16::ZERO);
-                for (r, dst) in probs.chunks_exact_mut(mp).enumerate() {
-                    if r >= rows {
-                        dst.fill(bf16::ZERO);
-                        continue;
+                q_block.resize(rows_p * dp, bf16::ZERO);
+                acc.fill(0.0);
+                stats.fill((f32::NEG_INFINITY, 0.0));
+                // Causal: no row of this block sees keys past its last row.
+                let keys_seen = if causal { (row0 + rows).min(m) } else { m };
+                for c0 in (0..keys_seen).step_by(KEY_CHUNK) {
+                    let width = KEY_CHUNK.min(mp - c0);
+                    // SAFETY: AMX is available (the caller checked); q_block is rows_p × dp, the keys'
+                    // chunk dp × width (columns c0.. of the packed Kᵀ), scores rows_p × width.
+                    unsafe {
+                        amx::matmul(
+                            rows_p,
+                            width,
+                            dp,
+                            q_block,
+                            &keys[c0 * dp..][..width * dp],
+                            scores.as_mut_ptr(),
+                            width,
+                            false,
+                        )
+                    };
+                    let probs = &mut probs[..rows_p * width];
+                    for (r, dst) in probs.chunks_exact_mut(width).enumerate() {
+                        let seen = if causal { (row0 + r + 1).min(m) } else { m };
+                        let valid = if r < rows {
+                            seen.saturating_sub(c0).min(width)
+                        } else {
+                            0
+                        };
+                        if valid == 0 {
+                            dst.fill(bf16::ZERO);
+                            continue;
+                        }
+                        let row = &scores[r * width..][..valid];
+                        let (max, sum) = &mut stats[r];
+                        let chunk_max = vector::row_max(row);
+                        if chunk_max > *max {
+                            // What was summed and multiplied so far was relative to the old maximum.
+                            if *sum > 0.0 {
+                                let shrink = vector::exp(scale * (*max - chunk_max));
+                                *sum *= shrink;
+                                acc[r * dp..][..d].iter_mut().for_each(|o| *o *= shrink);
+                            }
+                            *max = chunk_max;
+                        }
+                        *sum += vector::exp_below_bf16(row, scale, *max, &mut dst[..valid]);
+                        dst[valid..].fill(bf16::ZERO);
                     }
-                    let seen = if causal { (row0 + r + 1).min(m) } else { m };
-                    sums[r] = vector::exp_shifted_bf16(
-                        &scores[r * mp..][..seen],
-                        scale,
-                        &mut dst[..seen],
-                    );
-                    dst[seen..].fill(bf16::ZERO);
+                    // SAFETY: probs is rows_p × width, the values' chunk width × dp, product rows_p × dp.
+                    unsafe {
+                        amx::matmul(
+                            rows_p,
+                            dp,
+                            width,
+                            probs,
+                            &values[c0 * dp..][..width * dp],
+                            product.as_mut_ptr(),
+                            dp,
+                            false,
+                        )
+                    };
+                    for (a, p) in acc.iter_mut().zip(product.iter()).take(rows * dp) {
+                        *a += p;
+                    }
                 }
-                // SAFETY: probs is rows_p × mp, values mp × dp, product rows_p × dp.
-                unsafe {
-                    amx::matmul(
-                        rows_p,
-                        dp,
-                        mp,
-                        probs,
-                        values,
-                        product.as_mut_ptr(),
-                        dp,
-                        false,
-                    )
-                };
-                for (r, row) in product.chunks_exact(dp).take(rows).enumerate() {
+                for (r, row) in acc.chunks_exact(dp).take(rows).enumerate() {
                     let offset = (batch * n + row0 + r) * inner + head * d;
                     // SAFETY: this task alone writes its rows' columns of this head.
                     let out = unsafe { std::slice::from_raw_parts_mut(dst.at(offset), d) };
-                    let inv = 1.0 / sums[r];
+                    let inv = 1.0 / stats[r].1;
                     for (o, &v) in out.iter_mut().zip(&row[..d]) {
                         *o = v * inv;
                     }
@@ -383,6 +419,9 @@ mod tests {
             (2, 130, 77, 8, 40),
             (8, 33, 19, 2, 7),
             (1, 200, 200, 1, 64),
+            // More keys than one chunk: the online softmax rescales what earlier chunks summed.
+            (1, 1100, 1100, 1, 8),
+            (2, 37, 2500, 2, 40),
         ] {
             let q = Tensor::randn(0f32, 1.0, (b, n, heads * d), &device)?;
             let k = Tensor::randn(0f32, 1.0, (b, m, heads * d), &device)?;

@@ -202,19 +202,34 @@ macro_rules! dispatched {
 }
 pub(super) use dispatched;
 
-/// Writes e^(scale · (x − max x)) of a row of scores x to `dst` (as long as the row) in bf16 and returns
-/// the sum of the f32 values: the bf16 attention's probabilities before their division, in one pass
-/// instead of an exponential pass and a conversion pass.
-pub fn exp_shifted_bf16(row: &[f32], scale: f32, dst: &mut [half::bf16]) -> f32 {
-    assert_eq!(row.len(), dst.len(), "exp_shifted_bf16: lengths differ");
+/// The largest value of a row (−∞ for an empty row).
+pub fn row_max(row: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; the pointer is valid for the row's length.
+        return unsafe { avx512::row_max(row.as_ptr(), row.len()).0 };
+    }
+    row.iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
+/// e^(scale · (x − max)) of every score x, rounded to bf16 into `dst`; returns the sum of the unrounded
+/// exponentials. For probabilities that are rounded to bf16 anyway (the bf16 attention): 2^f on the
+/// reduced range comes from a degree-4 polynomial, relative error below 5·10⁻⁵, nearly eighty times finer
+/// than bf16's half step (2⁻⁸), at about half the work of the full-precision [`exp`].
+pub fn exp_below_bf16(row: &[f32], scale: f32, max: f32, dst: &mut [half::bf16]) -> f32 {
+    assert_eq!(row.len(), dst.len(), "exp_below_bf16: lengths differ");
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F; the lengths are equal.
-        return unsafe { avx512::exp_shifted_bf16(row, scale, dst) };
+        return unsafe { avx512::exp_below_bf16(row, scale, max, dst) };
     }
-    let mut exps = row.to_vec();
-    let sum = exp_shifted_body(&mut exps, scale);
-    bf16_row(&exps, dst);
+    let mut sum = 0.0;
+    for (&x, out) in row.iter().zip(dst) {
+        let e = exp(scale * (x - max));
+        sum += e;
+        *out = to_bf16(e);
+    }
     sum
 }
 
@@ -299,7 +314,7 @@ mod avx512 {
     /// The CPU must have AVX-512F; `ptr` must be valid for `len` reads.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn row_max(ptr: *const f32, len: usize) -> (f32, __mmask16) {
+    pub unsafe fn row_max(ptr: *const f32, len: usize) -> (f32, __mmask16) {
         let tail = (1u32 << (len % 16)) as u16 - 1;
         let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut i = 0;
@@ -322,7 +337,7 @@ mod avx512 {
         _mm512_srli_epi32::<16>(rounded)
     }
 
-    /// The two passes both forms share: the row's maximum, then e^(scale · (x − max)) of every element,
+    /// The row's maximum, then e^(scale · (x − max)) of every element (full precision),
     /// handed to `store(i, e, lanes)` for elements i.. (`lanes`: which of the 16 belong to the row);
     /// returns the sum of the exponentials.
     ///
@@ -358,17 +373,50 @@ mod avx512 {
         _mm512_reduce_add_ps(sums)
     }
 
-    /// [`super::exp_shifted_bf16`] on AVX-512.
+    /// The coefficients of 2^f ≈ 1 + c₁f + c₂f² + c₃f³ + c₄f⁴ for |f| ≤ ½ (Taylor's: (ln 2)ⁱ / i!).
+    const EXP2_DEGREE4: [f32; 4] = [
+        std::f32::consts::LN_2,
+        0.240_226_5,
+        0.055_504_11,
+        0.009_618_129,
+    ];
+
+    /// [`super::exp_below_bf16`] on AVX-512: t = scale · log₂e · (x − max) in one FMA, 2^t as
+    /// 2^round(t) (by `vscalefps`) times the polynomial of the remainder.
     ///
     /// # Safety
     /// The CPU must have AVX-512F, and `dst` must be as long as `row`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn exp_shifted_bf16(row: &[f32], scale: f32, dst: &mut [half::bf16]) -> f32 {
-        let out = dst.as_mut_ptr().cast::<i16>();
-        exp_pass(row.as_ptr(), row.len(), scale, |i, e, lanes| {
-            // SAFETY: elements i.. of the selected lanes lie inside `dst`, as long as the row.
-            unsafe { _mm512_mask_cvtepi32_storeu_epi16(out.add(i), lanes, bf16_lanes(e)) }
-        })
+    pub unsafe fn exp_below_bf16(row: &[f32], scale: f32, max: f32, dst: &mut [half::bf16]) -> f32 {
+        let k = scale * std::f32::consts::LOG2_E;
+        let (kv, offset) = (_mm512_set1_ps(k), _mm512_set1_ps(-max * k));
+        let [c1, c2, c3, c4] = EXP2_DEGREE4.map(|c| _mm512_set1_ps(c));
+        let one = _mm512_set1_ps(1.0);
+        let exp2 = |x: __m512| {
+            let t = _mm512_fmadd_ps(x, kv, offset);
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+            let f = _mm512_sub_ps(t, n);
+            let p = _mm512_fmadd_ps(c4, f, c3);
+            let p = _mm512_fmadd_ps(p, f, c2);
+            let p = _mm512_fmadd_ps(p, f, c1);
+            _mm512_scalef_ps(_mm512_fmadd_ps(p, f, one), n)
+        };
+        let (src, out, len) = (row.as_ptr(), dst.as_mut_ptr().cast::<i16>(), row.len());
+        let mut sums = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= len {
+            let e = exp2(_mm512_loadu_ps(src.add(i)));
+            _mm512_mask_cvtepi32_storeu_epi16(out.add(i), 0xffff, bf16_lanes(e));
+            sums = _mm512_add_ps(sums, e);
+            i += 16;
+        }
+        if i < len {
+            let lanes = (1u32 << (len - i)) as u16 - 1;
+            let e = exp2(_mm512_maskz_loadu_ps(lanes, src.add(i)));
+            _mm512_mask_cvtepi32_storeu_epi16(out.add(i), lanes, bf16_lanes(e));
+            sums = _mm512_mask_add_ps(sums, lanes, sums, e);
+        }
+        _mm512_reduce_add_ps(sums)
     }
 
     /// [`super::exp_shifted`] on AVX-512.
@@ -401,6 +449,35 @@ mod tests {
         assert!(worst < 4e-7, "worst relative error {worst}");
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(-1000.0) < 1e-37);
+    }
+
+    #[test]
+    fn bf16_probabilities_are_the_exponentials_rounded_to_bf16() {
+        // Lengths around the 16-lane width (tails), scores spread over the softmax's whole range.
+        for len in [1usize, 15, 16, 17, 100, 1024] {
+            let row: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919) % 997) as f32 * 0.37 - 180.0)
+                .collect();
+            let (scale, max) = (0.158, row_max(&row));
+            assert_eq!(max, row.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+            let mut dst = vec![half::bf16::ZERO; len];
+            let sum = exp_below_bf16(&row, scale, max, &mut dst);
+            let mut want_sum = 0f64;
+            for (&x, got) in row.iter().zip(&dst) {
+                let want = (f64::from(scale) * f64::from(x - max)).exp();
+                want_sum += want;
+                // bf16 keeps 8 significant bits: within half a step (2⁻⁸ relative) plus the
+                // polynomial's error.
+                let err = (f64::from(got.to_f32()) - want).abs();
+                assert!(
+                    err <= want * 3.95e-3 + 1e-30,
+                    "len {len}: e^{x} gave {got} for {want}"
+                );
+            }
+            let rel = (f64::from(sum) - want_sum).abs() / want_sum;
+            assert!(rel < 1e-4, "len {len}: sum {sum} for {want_sum}");
+        }
+        assert_eq!(row_max(&[]), f32::NEG_INFINITY);
     }
 
     #[test]
@@ -447,23 +524,6 @@ mod tests {
                         "len {len}: {a} vs {b}"
                     );
                 }
-            }
-        }
-    }
-
-    #[test]
-    fn bf16_exponentials_equal_the_f32_ones_rounded() {
-        for len in [1usize, 5, 16, 17, 77, 4096, 4099] {
-            let row: Vec<f32> = (0..len)
-                .map(|i| ((i * 37) % 101) as f32 * 0.7 - 30.0)
-                .collect();
-            let mut exps = row.clone();
-            let want_sum = exp_shifted(&mut exps, 0.3);
-            let mut dst = vec![half::bf16::ZERO; len];
-            let sum = exp_shifted_bf16(&row, 0.3, &mut dst);
-            assert!((sum - want_sum).abs() <= 1e-6 * want_sum, "len {len}: sums");
-            for (got, &e) in dst.iter().zip(&exps) {
-                assert_eq!(*got, to_bf16(e), "len {len}");
             }
         }
     }
