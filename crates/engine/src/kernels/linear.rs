@@ -43,9 +43,7 @@ pub fn linear_f32(
             bias.map(|b| b.dims().to_vec())
         );
     }
-    let bias = bias
-        .map(|b| b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>())
-        .transpose()?;
+    let bias = bias_values(bias)?;
     if packed.is_some_and(|p| (p.n(), p.k()) != (n, k)) {
         candle_core::bail!("linear: packed weights do not match {:?}", weight.dims());
     }
@@ -100,6 +98,12 @@ impl CustomOp2 for F32Linear<'_> {
     }
 }
 
+/// A layer's optional bias as plain f32 values, for the products to add.
+fn bias_values(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
+    bias.map(|b| b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>())
+        .transpose()
+}
+
 thread_local! {
     /// The calling thread's packed copy of the last weight it multiplied by: repacked per call, the
     /// allocation kept so large weights do not fault in fresh pages every time.
@@ -127,9 +131,7 @@ pub fn linear(
     if bias.is_some_and(|b| b.dims() != [out_features]) {
         candle_core::bail!("bf16 linear: bias does not fit {out_features} outputs");
     }
-    let bias = bias
-        .map(|b| b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>())
-        .transpose()?;
+    let bias = bias_values(bias)?;
     let k = xs.dims().last().copied().unwrap_or(0);
     if packed.len() != amx::pad(k, amx::DEPTH) * amx::pad(out_features, amx::BLOCK) {
         candle_core::bail!(

@@ -352,53 +352,62 @@ fn convolve<T: Transforms>(
                 .div_ceil(2 * threads())
                 .next_multiple_of(sgemm::NR)
                 .max(sgemm::NR);
-            let pieces = glen.div_ceil(piece);
             let v_ptrs = panel_pointers(v);
             let padded = &padded;
-            (0..pieces)
-                .into_par_iter()
-                .for_each_init(Vec::new, |rows, index| {
-                    let j_start = index * piece;
-                    let len = piece.min(glen - j_start);
-                    // SAFETY: this task writes columns j_start..j_start+len of every V[ξ] (reshaped to
-                    // c_in × glen above) and nothing else.
-                    unsafe {
-                        input_transform::<T>(
-                            padded,
-                            rows,
-                            &row_segments(g0 + j_start, len, (th, tw)),
-                            j_start,
-                            (c_in, plane, wp),
-                            &v_ptrs,
-                        )
-                    };
-                });
+            for_each_piece((g0, glen), piece, (th, tw), |rows, j_start, segments| {
+                // SAFETY: this task writes the columns of its windows in every V[ξ] (reshaped to
+                // c_in × glen above) and nothing else.
+                unsafe {
+                    input_transform::<T>(
+                        padded,
+                        rows,
+                        segments,
+                        j_start,
+                        (c_in, plane, wp),
+                        &v_ptrs,
+                    )
+                };
+            });
             products(u, (u_stride, ldu), v, m, m_stride, c_out, true);
             let m = &*m;
-            (0..pieces)
-                .into_par_iter()
-                .for_each_init(Vec::new, |rows, index| {
-                    let j_start = index * piece;
-                    let len = piece.min(glen - j_start);
-                    // SAFETY: this task writes the outputs of windows g0+j_start.. (len of them) only.
-                    unsafe {
-                        output_transform::<T>(
-                            &m[..points * m_stride],
-                            m_stride,
-                            glen,
-                            rows,
-                            &row_segments(g0 + j_start, len, (th, tw)),
-                            j_start,
-                            (c_out, ho, wo),
-                            bias,
-                            dst,
-                        )
-                    };
-                });
+            for_each_piece((g0, glen), piece, (th, tw), |rows, j_start, segments| {
+                // SAFETY: this task writes the outputs of its windows only.
+                unsafe {
+                    output_transform::<T>(
+                        &m[..points * m_stride],
+                        m_stride,
+                        glen,
+                        rows,
+                        segments,
+                        j_start,
+                        (c_out, ho, wo),
+                        bias,
+                        dst,
+                    )
+                };
+            });
         }
         release_large(u);
         out
     })
+}
+
+/// Runs `work(rows, j_start, segments)` over the group of `glen` windows from window `g0` in runs of
+/// `piece` windows spread over the pool: `j_start` is the run's first window within the group,
+/// `segments` its windows row by row (of a `tiles` grid), `rows` a per-thread scratch buffer.
+fn for_each_piece(
+    (g0, glen): (usize, usize),
+    piece: usize,
+    tiles: (usize, usize),
+    work: impl Fn(&mut Vec<f32>, usize, &[Segment]) + Sync + Send,
+) {
+    (0..glen.div_ceil(piece))
+        .into_par_iter()
+        .for_each_init(Vec::new, |rows, index| {
+            let j_start = index * piece;
+            let len = piece.min(glen - j_start);
+            work(rows, j_start, &row_segments(g0 + j_start, len, tiles));
+        });
 }
 
 /// Pointers to the data of each V[ξ], for transform tasks that write disjoint columns of all of them.
