@@ -113,30 +113,43 @@ pub fn pack_a_rows(dst: &mut Vec<bf16>, src: &[f32], rows: usize, cols: usize, l
 }
 
 /// Packs a row-major f32 matrix (rows = k × cols = n, row stride `ld`) into `dst` as B (see
-/// [`pack_b`]); the per-call path for convolution columns. Runs on the calling thread.
+/// [`pack_b`]); the per-call path for convolution columns. Runs on the calling thread. Every element is
+/// written once (values, then the zero padding), not zeroed first.
 pub fn pack_b_rows(dst: &mut Vec<bf16>, src: &[f32], rows: usize, cols: usize, ld: usize) {
     let (k, n) = (pad(rows, DEPTH), pad(cols, BLOCK));
     dst.clear();
-    dst.resize(k * n, bf16::ZERO);
-    for (block, chunk) in dst.chunks_exact_mut(k * 16).enumerate() {
+    dst.reserve(k * n);
+    let spare = &mut dst.spare_capacity_mut()[..k * n];
+    // SAFETY: MaybeUninit<bf16> has bf16's layout; the slice is only written before `set_len`.
+    let all = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<bf16>(), k * n) };
+    for (block, chunk) in all.chunks_exact_mut(k * 16).enumerate() {
         let c0 = block * 16;
         if c0 >= cols {
-            break;
+            chunk.fill(bf16::ZERO);
+            continue;
         }
         let width = 16.min(cols - c0);
-        for pair in 0..rows.div_ceil(2) {
-            let out = &mut chunk[pair * 32..][..2 * width];
-            let first = &src[2 * pair * ld + c0..][..width];
-            if 2 * pair + 1 < rows {
-                let second = &src[(2 * pair + 1) * ld + c0..][..width];
-                vector::bf16_pairs(first, second, out);
-            } else {
-                for (j, &value) in first.iter().enumerate() {
-                    out[2 * j] = vector::to_bf16(value);
+        for (pair, out) in chunk.chunks_exact_mut(32).enumerate() {
+            let (values, padding) = out.split_at_mut(2 * width);
+            padding.fill(bf16::ZERO);
+            let (r0, r1) = (2 * pair, 2 * pair + 1);
+            if r1 < rows {
+                let first = &src[r0 * ld + c0..][..width];
+                let second = &src[r1 * ld + c0..][..width];
+                vector::bf16_pairs(first, second, values);
+            } else if r0 < rows {
+                let first = &src[r0 * ld + c0..][..width];
+                for (slot, &value) in values.chunks_exact_mut(2).zip(first) {
+                    slot[0] = vector::to_bf16(value);
+                    slot[1] = bf16::ZERO;
                 }
+            } else {
+                values.fill(bf16::ZERO);
             }
         }
     }
+    // SAFETY: all k · n elements were written above.
+    unsafe { dst.set_len(k * n) };
 }
 
 /// The 64-byte tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
@@ -302,8 +315,10 @@ mod tests {
                 .collect();
             let pa = pack_a(m, k, |r, c| a[r * k + c]);
             let pb = pack_b(k, n, |r, c| b[r * n + c]);
-            // The per-call packers give the same bits.
-            let (mut fast_a, mut fast_b) = (Vec::new(), Vec::new());
+            // The per-call packers give the same bits, into buffers that held other values (they
+            // write every element, padding included, without zeroing first).
+            let stale = vec![bf16::from_f32(7.0); 1 << 16];
+            let (mut fast_a, mut fast_b) = (stale.clone(), stale);
             pack_a_rows(&mut fast_a, &a, m, k, k);
             pack_b_rows(&mut fast_b, &b, k, n, n);
             assert!(fast_a == pa && fast_b == pb, "{m}x{n}x{k}: packers differ");
