@@ -207,7 +207,7 @@ pub fn row_max(row: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F; the pointer is valid for the row's length.
-        return unsafe { avx512::row_max(row.as_ptr(), row.len()).0 };
+        return unsafe { avx512::row_max(row.as_ptr(), row.len()) };
     }
     row.iter()
         .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
@@ -308,13 +308,13 @@ mod avx512 {
         _mm512_scalef_ps(y, n)
     }
 
-    /// The largest of `len` floats from `ptr`, and the mask of the last `len % 16` lanes.
+    /// The largest of `len` floats from `ptr` (−∞ for none).
     ///
     /// # Safety
     /// The CPU must have AVX-512F; `ptr` must be valid for `len` reads.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn row_max(ptr: *const f32, len: usize) -> (f32, __mmask16) {
+    pub unsafe fn row_max(ptr: *const f32, len: usize) -> f32 {
         let tail = (1u32 << (len % 16)) as u16 - 1;
         let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut i = 0;
@@ -323,7 +323,7 @@ mod avx512 {
             i += 16;
         }
         max = _mm512_mask_max_ps(max, tail, max, _mm512_maskz_loadu_ps(tail, ptr.add(i)));
-        (_mm512_reduce_max_ps(max), tail)
+        _mm512_reduce_max_ps(max)
     }
 
     /// f32 → bf16 of 16 lanes, rounding to nearest even (as [`super::to_bf16`]): the bf16 bits in the
@@ -337,9 +337,9 @@ mod avx512 {
         _mm512_srli_epi32::<16>(rounded)
     }
 
-    /// The row's maximum, then e^(scale · (x − max)) of every element (full precision),
-    /// handed to `store(i, e, lanes)` for elements i.. (`lanes`: which of the 16 belong to the row);
-    /// returns the sum of the exponentials.
+    /// `exp(x)` of every one of `len` floats from `src`, handed to `store(i, e, lanes)` for elements i..
+    /// (`lanes`: which of the 16 belong to the row); returns the sum of the results. The loop both
+    /// softmax forms share, each with its own exponential.
     ///
     /// # Safety
     /// The CPU must have AVX-512F; `src` must be valid for `len` reads.
@@ -348,25 +348,20 @@ mod avx512 {
     unsafe fn exp_pass(
         src: *const f32,
         len: usize,
-        scale: f32,
+        exp: impl Fn(__m512) -> __m512,
         mut store: impl FnMut(usize, __m512, __mmask16),
     ) -> f32 {
-        let (max, tail) = row_max(src, len);
-        let (mul, max) = (_mm512_set1_ps(scale), _mm512_set1_ps(max));
         let mut sums = _mm512_setzero_ps();
         let mut i = 0;
         while i + 16 <= len {
-            let e = exp16(_mm512_mul_ps(
-                _mm512_sub_ps(_mm512_loadu_ps(src.add(i)), max),
-                mul,
-            ));
+            let e = exp(_mm512_loadu_ps(src.add(i)));
             store(i, e, 0xffff);
             sums = _mm512_add_ps(sums, e);
             i += 16;
         }
-        if tail != 0 {
-            let x = _mm512_maskz_loadu_ps(tail, src.add(i));
-            let e = exp16(_mm512_mul_ps(_mm512_sub_ps(x, max), mul));
+        if i < len {
+            let tail = (1u32 << (len - i)) as u16 - 1;
+            let e = exp(_mm512_maskz_loadu_ps(tail, src.add(i)));
             store(i, e, tail);
             sums = _mm512_mask_add_ps(sums, tail, sums, e);
         }
@@ -401,22 +396,11 @@ mod avx512 {
             let p = _mm512_fmadd_ps(p, f, c1);
             _mm512_scalef_ps(_mm512_fmadd_ps(p, f, one), n)
         };
-        let (src, out, len) = (row.as_ptr(), dst.as_mut_ptr().cast::<i16>(), row.len());
-        let mut sums = _mm512_setzero_ps();
-        let mut i = 0;
-        while i + 16 <= len {
-            let e = exp2(_mm512_loadu_ps(src.add(i)));
-            _mm512_mask_cvtepi32_storeu_epi16(out.add(i), 0xffff, bf16_lanes(e));
-            sums = _mm512_add_ps(sums, e);
-            i += 16;
-        }
-        if i < len {
-            let lanes = (1u32 << (len - i)) as u16 - 1;
-            let e = exp2(_mm512_maskz_loadu_ps(lanes, src.add(i)));
-            _mm512_mask_cvtepi32_storeu_epi16(out.add(i), lanes, bf16_lanes(e));
-            sums = _mm512_mask_add_ps(sums, lanes, sums, e);
-        }
-        _mm512_reduce_add_ps(sums)
+        let out = dst.as_mut_ptr().cast::<i16>();
+        exp_pass(row.as_ptr(), row.len(), exp2, |i, e, lanes| {
+            // SAFETY: elements i.. of the selected lanes lie inside `dst`, as long as the row.
+            unsafe { _mm512_mask_cvtepi32_storeu_epi16(out.add(i), lanes, bf16_lanes(e)) }
+        })
     }
 
     /// [`super::exp_shifted`] on AVX-512.
@@ -426,7 +410,10 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn exp_shifted(row: &mut [f32], scale: f32) -> f32 {
         let ptr = row.as_mut_ptr();
-        exp_pass(ptr, row.len(), scale, |i, e, lanes| {
+        let max = _mm512_set1_ps(row_max(ptr, row.len()));
+        let mul = _mm512_set1_ps(scale);
+        let exp = |x: __m512| exp16(_mm512_mul_ps(_mm512_sub_ps(x, max), mul));
+        exp_pass(ptr, row.len(), exp, |i, e, lanes| {
             // SAFETY: elements i.. of the selected lanes lie inside the row, already read.
             unsafe { _mm512_mask_storeu_ps(ptr.add(i), lanes, e) }
         })
