@@ -168,6 +168,30 @@ impl TileConfig {
     }
 }
 
+/// The tile registers configured on this thread (eight tiles of 16 rows × 64 bytes) for as long as the
+/// guard lives; dropping it releases them.
+pub struct Tiles(());
+
+impl Tiles {
+    /// Configures the tiles.
+    ///
+    /// # Safety
+    /// [`available`] must be true.
+    pub unsafe fn configure() -> Self {
+        let cfg = TileConfig::new();
+        // SAFETY: AMX is available (caller's contract); the configuration is valid.
+        unsafe { std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
+        Tiles(())
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: releases the tile state `configure` set up on this thread.
+        unsafe { std::arch::asm!("tilerelease", options(nostack)) };
+    }
+}
+
 /// C (m × n, row stride `ldc`) = A (m × k, packed by [`pack_a_rows`]) · B (k × n, packed by [`pack_b`]), for
 /// padded m, n, k; the blocks of C are spread over the threads when `parallel` is set.
 ///
@@ -189,16 +213,13 @@ pub unsafe fn matmul(
     let c = SharedMut(c);
     let blocks = (m / BLOCK) * (n / BLOCK);
     let run = |range: std::ops::Range<usize>| {
-        let cfg = TileConfig::new();
-        // SAFETY: AMX is available (caller's contract); the configuration is valid.
-        unsafe { std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
+        // SAFETY: AMX is available (caller's contract).
+        let _tiles = unsafe { Tiles::configure() };
         for block in range {
             let (mb, nb) = (block / (n / BLOCK), block % (n / BLOCK));
             // SAFETY: the block lies inside A, B and C by the caller's contract.
             unsafe { block_product(mb, nb, k, a, b, c, ldc) };
         }
-        // SAFETY: releases the tile state this thread configured.
-        unsafe { std::arch::asm!("tilerelease", options(nostack)) };
     };
     if parallel && blocks > 1 {
         let per_task = blocks.div_ceil(4 * super::threads()).max(1);
@@ -212,7 +233,7 @@ pub unsafe fn matmul(
     }
 }
 
-/// One 32 × 32 block of C: tiles 0–3 accumulate, 4–5 hold A's two row halves, 6–7 B's two column halves.
+/// One 32 × 32 block of C (see [`accumulate_block`]) over the whole depth of packed A and B.
 #[inline(always)]
 unsafe fn block_product(
     mb: usize,
@@ -223,12 +244,32 @@ unsafe fn block_product(
     c: SharedMut,
     ldc: usize,
 ) {
-    let a_stride = (k * 2) as isize; // bytes per A row
-    let b_stride = 64isize; // bytes per VNNI row (16 column pairs)
     let a0 = a.as_ptr().add(mb * BLOCK * k);
     let a1 = a0.add(16 * k);
     let b0 = b.as_ptr().add(nb * 2 * 16 * k);
     let b1 = b0.add(16 * k);
+    zero_block();
+    let mut s = 0;
+    while s < k {
+        // A: columns s..s+32 of 16 rows. B: rows s..s+32 = pairs s/2..s/2+16, 16 columns each.
+        accumulate_block(
+            [a0.add(s), a1.add(s)],
+            k * 2,
+            [b0.add(s * 16), b1.add(s * 16)],
+            64,
+        );
+        s += DEPTH;
+    }
+    store_block(c.at(mb * BLOCK * ldc + nb * BLOCK), ldc);
+}
+
+/// Zeroes the accumulators of a 32 × 32 C block: tiles 0–3 (rows 0–15 and 16–31 by columns 0–15 and
+/// 16–31).
+///
+/// # Safety
+/// The tiles must be configured ([`Tiles`]).
+#[inline(always)]
+pub unsafe fn zero_block() {
     std::arch::asm!(
         "tilezero tmm0",
         "tilezero tmm1",
@@ -236,29 +277,47 @@ unsafe fn block_product(
         "tilezero tmm3",
         options(nostack)
     );
-    let mut s = 0;
-    while s < k {
-        // A: columns s..s+32 of 16 rows. B: rows s..s+32 = pairs s/2..s/2+16, 16 columns each.
-        std::arch::asm!(
-            "tileloadd tmm4, [{a0} + {sa}*1]",
-            "tileloadd tmm5, [{a1} + {sa}*1]",
-            "tileloadd tmm6, [{b0} + {sb}*1]",
-            "tileloadd tmm7, [{b1} + {sb}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            a0 = in(reg) a0.add(s),
-            a1 = in(reg) a1.add(s),
-            b0 = in(reg) b0.add(s * 16),
-            b1 = in(reg) b1.add(s * 16),
-            sa = in(reg) a_stride,
-            sb = in(reg) b_stride,
-            options(nostack)
-        );
-        s += DEPTH;
-    }
-    let c00 = c.at(mb * BLOCK * ldc + nb * BLOCK);
+}
+
+/// Adds one depth step of 32 to the accumulators: `a` are two bf16 tiles of 16 rows × 32 (C's rows 0–15
+/// and 16–31; `a_stride` bytes between rows), `b` two VNNI tiles of 16 pairs of rows × 16 columns (C's
+/// columns 0–15 and 16–31; `b_stride` bytes between pairs). Tiles 4–5 hold A, 6–7 B.
+///
+/// # Safety
+/// The tiles must be configured ([`Tiles`]) and the 16 rows of 64 bytes behind each pointer readable.
+#[inline(always)]
+pub unsafe fn accumulate_block(
+    a: [*const bf16; 2],
+    a_stride: usize,
+    b: [*const bf16; 2],
+    b_stride: usize,
+) {
+    std::arch::asm!(
+        "tileloadd tmm4, [{a0} + {sa}*1]",
+        "tileloadd tmm5, [{a1} + {sa}*1]",
+        "tileloadd tmm6, [{b0} + {sb}*1]",
+        "tileloadd tmm7, [{b1} + {sb}*1]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        a0 = in(reg) a[0],
+        a1 = in(reg) a[1],
+        b0 = in(reg) b[0],
+        b1 = in(reg) b[1],
+        sa = in(reg) a_stride,
+        sb = in(reg) b_stride,
+        options(nostack)
+    );
+}
+
+/// Stores the accumulators as a 32 × 32 f32 block at `c` with `ldc` floats between rows.
+///
+/// # Safety
+/// The tiles must be configured ([`Tiles`]) and the block writable.
+#[inline(always)]
+pub unsafe fn store_block(c: *mut f32, ldc: usize) {
+    let c00 = c;
     let c01 = c00.add(16);
     let c10 = c00.add(16 * ldc);
     let c11 = c10.add(16);
@@ -271,7 +330,7 @@ unsafe fn block_product(
         c01 = in(reg) c01,
         c10 = in(reg) c10,
         c11 = in(reg) c11,
-        sc = in(reg) (ldc * 4) as isize,
+        sc = in(reg) ldc * 4,
         options(nostack)
     );
 }

@@ -1,5 +1,7 @@
-//! 2-D convolution (3×3 stride-1 ones over large maps go to [`super::winograd`]) as one matrix product per tile of output positions, the tile's im2col matrix built
-//! from row copies of a zero-padded input (no whole-image im2col buffer, no layout change).
+//! 2-D convolution as one matrix product per tile of output positions, the tile's im2col matrix built
+//! from row copies of a zero-padded input (no whole-image im2col buffer, no layout change). In f32,
+//! 3×3 stride-1 convolutions over large maps go to [`super::winograd`] instead; in bf16, stride-1 ones
+//! over multiples of 32 input channels go to [`super::amx_conv`], which needs no im2col matrix at all.
 //!
 //! The input is copied once into a zero-padded (c_in, h + 2p, w + 2p) image (not at all without
 //! padding). A tile is a run of output positions over all images of the batch, taken row segment by row
@@ -20,13 +22,18 @@ const COLUMN_FLOATS: usize = 1 << 20;
 const MIN_TILE: usize = 96;
 const MAX_TILE: usize = 2048;
 
-/// Packs f32 weights (c_out, c_in, kh, kw) as the bf16 A operand of the AMX product (see `amx`).
+/// Packs f32 weights (c_out, c_in, kh, kw) as the bf16 A operand of the AMX products (see `amx`), with
+/// the depth in (tap, input channel) order: c_out rows of kh·kw runs of c_in values, the layout both
+/// the tiled product (its columns are built in that order) and [`super::amx_conv`] read.
 pub fn pack_weight(weight: &Tensor) -> Result<Vec<bf16>> {
     let (c_out, c_in, kh, kw) = weight.dims4()?;
     let depth = c_in * kh * kw;
-    let data = weight.flatten_all()?.to_vec1::<f32>()?;
+    let by_tap = weight
+        .permute((0, 2, 3, 1))?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let mut packed = Vec::new();
-    amx::pack_a_rows(&mut packed, &data, c_out, depth, depth);
+    amx::pack_a_rows(&mut packed, &by_tap, c_out, depth, depth);
     Ok(packed)
 }
 
@@ -69,6 +76,13 @@ pub fn conv2d(
             candle_core::bail!(
                 "conv2d: bf16 weights do not fit {:?} or this CPU has no AMX",
                 weight.dims()
+            );
+        }
+        if super::amx_conv::fits(c_in, stride) {
+            return xs.contiguous()?.apply_op3_no_bwd(
+                weight,
+                &bias.contiguous()?,
+                &super::amx_conv::DirectConv { padding, packed },
             );
         }
     } else if (kh, kw, stride) == (3, 3, 1) && super::winograd::worthwhile(b, (ho, wo), c_in, c_out)
@@ -156,7 +170,13 @@ impl CustomOp3 for TiledConv<'_> {
             for i in 0..c_in {
                 for t in 0..taps {
                     let (ky, kx) = (t / kw, t % kw);
-                    let row = &mut columns[(i * taps + t) * len..][..len];
+                    // The depth in the weights' order: (input channel, tap) for the f32 product,
+                    // (tap, input channel) for the packed bf16 weights.
+                    let column = match self.amx {
+                        Some(_) => t * c_in + i,
+                        None => i * taps + t,
+                    };
+                    let row = &mut columns[column * len..][..len];
                     for seg in &segments {
                         let src = (seg.image * c_in + i) * plane
                             + (seg.row * s + ky) * wp
@@ -329,6 +349,64 @@ mod tests {
             assert!(
                 diff < 0.02 * scale,
                 "{b}x{c_in}x{h}x{w} → {c_out}: {diff} of {scale}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn direct_bf16_conv_equals_the_tiled_bf16_product_and_candle() -> Result<()> {
+        if !amx::available() {
+            eprintln!("no AMX on this machine: skipped");
+            return Ok(());
+        }
+        let device = Device::Cpu;
+        // (batch, c_in, c_out, h, w, kernel, padding): channel counts the direct kernel takes (multiples
+        // of 32) with odd output channels, non-square maps narrower and wider than a block of 32
+        // positions, one-pixel and one-row images, 1×1 and 3×3 kernels with and without padding, a
+        // 3×3 kernel over a map it just covers, batch 1 and 8.
+        for &(b, c_in, c_out, h, w, k, p) in &[
+            (1, 32, 5, 7, 9, 3, 1),
+            (8, 64, 33, 5, 3, 3, 1),
+            (2, 32, 70, 33, 17, 3, 1),
+            (1, 96, 16, 1, 1, 3, 1),
+            (2, 64, 47, 1, 40, 3, 1),
+            (2, 32, 9, 9, 12, 1, 0),
+            (1, 64, 31, 6, 7, 3, 0),
+            (1, 32, 3, 3, 3, 3, 0),
+            (2, 320, 64, 8, 8, 3, 1),
+            (1, 32, 32, 64, 64, 3, 1),
+        ] {
+            assert!(super::super::amx_conv::fits(c_in, 1));
+            let xs = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &device)?;
+            let weight = Tensor::randn(0f32, 0.3, (c_out, c_in, k, k), &device)?;
+            let bias = Tensor::randn(0f32, 1.0, c_out, &device)?;
+            let packed = pack_weight(&weight)?;
+            let direct = conv2d(&xs, &weight, &bias, p, 1, Some(&packed))?;
+            let tiled = xs.apply_op3_no_bwd(
+                &weight,
+                &bias,
+                &TiledConv {
+                    padding: p,
+                    stride: 1,
+                    amx: Some(&packed),
+                },
+            )?;
+            let plain = xs
+                .conv2d(&weight, p, 1, 1, 1)?
+                .broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?;
+            assert_eq!(direct.dims(), plain.dims());
+            let scale = plain.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            // The same bf16 inputs and weights, summed in f32 in another order: near equal.
+            let same = super::super::max_abs_diff(&direct, &tiled)?;
+            assert!(
+                same < 1e-4 * scale,
+                "{b}x{c_in}x{h}x{w} → {c_out}, {k}×{k} pad {p}: {same} from the tiled product"
+            );
+            let diff = super::super::max_abs_diff(&direct, &plain)?;
+            assert!(
+                diff < 0.02 * scale,
+                "{b}x{c_in}x{h}x{w} → {c_out}, {k}×{k} pad {p}: {diff} of {scale}"
             );
         }
         Ok(())

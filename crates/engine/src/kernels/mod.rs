@@ -13,6 +13,7 @@
 
 pub mod activation;
 pub mod amx;
+pub mod amx_conv;
 pub mod attention;
 pub mod conv;
 pub mod geglu;

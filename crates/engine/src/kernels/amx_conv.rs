@@ -1,0 +1,238 @@
+//! Stride-1 convolutions in bf16 on AMX with no im2col matrix, for input channels in multiples of 32
+//! (every convolution of SD's UNet and VAE but the first): each kernel tap is a product of the weights
+//! with the input shifted by that tap, and the tile loads read the shifted input straight out of one
+//! bf16 copy of it.
+//!
+//! The input is copied once into zero-padded planes of channel pairs, (batch, c_in / 2, h + 2p, w + 2p,
+//! 2) in bf16, so that 16 positions of one pair of channels are 64 contiguous bytes: one row of an AMX B
+//! tile, whose 16 rows are 16 pairs of channels a plane apart. Output positions are numbered along the
+//! padded width (q = y · (w + 2p) + x), so a run of 32 of them reads one contiguous run of the input at
+//! every tap, shifted by ky · (w + 2p) + kx; the positions past the output's width that this computes
+//! on the way are dropped when a block is copied out. Each 32 × 32 block of (output channels ×
+//! positions) accumulates in the tiles over every tap and channel block, then goes out with its bias.
+//!
+//! Against the tiled product of [`super::conv`] (an f32 im2col matrix of the tile, nine times the input,
+//! then packed to bf16 per call) this reads the input once per tap from cache and writes nothing but
+//! the output.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
+use half::bf16;
+use rayon::prelude::*;
+
+use super::amx::{self, BLOCK, DEPTH};
+use super::{contiguous_f32, threads, vector, SharedMut};
+
+/// Whether [`DirectConv`] takes a convolution of `c_in` input channels at `stride`.
+pub fn fits(c_in: usize, stride: usize) -> bool {
+    stride == 1 && c_in > 0 && c_in.is_multiple_of(DEPTH)
+}
+
+/// A stride-1 convolution with zero padding `padding` and the weights packed by
+/// [`super::conv::pack_weight`], as a candle custom op over (input, weight, bias); the caller checks
+/// [`fits`], that AMX is available and that `packed` fits the weight.
+pub struct DirectConv<'a> {
+    /// Zero padding on every side.
+    pub padding: usize,
+    /// The weights, (pad(c_out, 32) rows × kh·kw·c_in) in bf16, taps outermost.
+    pub packed: &'a [bf16],
+}
+
+impl CustomOp3 for DirectConv<'_> {
+    fn name(&self) -> &'static str {
+        "pictor-amx-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x_storage: &CpuStorage,
+        x_layout: &Layout,
+        _w_storage: &CpuStorage,
+        w_layout: &Layout,
+        b_storage: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xs = contiguous_f32(x_storage, x_layout, self.name())?;
+        let bias = contiguous_f32(b_storage, b_layout, self.name())?;
+        let (batch, c_in, h, w) = x_layout.shape().dims4()?;
+        let (c_out, w_in, kh, kw) = w_layout.shape().dims4()?;
+        let p = self.padding;
+        if !amx::available()
+            || !fits(c_in, 1)
+            || w_in != c_in
+            || bias.len() != c_out
+            || h + 2 * p < kh
+            || w + 2 * p < kw
+            || self.packed.len() != amx::pad(c_out, BLOCK) * kh * kw * c_in
+        {
+            candle_core::bail!(
+                "{}: input {:?}, weight {:?} do not fit this kernel",
+                self.name(),
+                x_layout.dims(),
+                w_layout.dims()
+            );
+        }
+        let shape = Shape4 {
+            batch,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh,
+            kw,
+            p,
+        };
+        let out = convolve(xs, &shape, self.packed, bias);
+        let (ho, wo) = shape.output();
+        Ok((CpuStorage::F32(out), Shape::from((batch, c_out, ho, wo))))
+    }
+}
+
+/// The sizes of one convolution.
+struct Shape4 {
+    batch: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    kh: usize,
+    kw: usize,
+    /// Zero padding on every side.
+    p: usize,
+}
+
+impl Shape4 {
+    /// The padded input's height and width.
+    fn padded(&self) -> (usize, usize) {
+        (self.h + 2 * self.p, self.w + 2 * self.p)
+    }
+
+    /// The output's height and width.
+    fn output(&self) -> (usize, usize) {
+        let (hp, wp) = self.padded();
+        (hp - self.kh + 1, wp - self.kw + 1)
+    }
+}
+
+/// Copies `xs` (batch, c_in, h, w) into zero-padded bf16 planes of channel pairs, (batch, c_in / 2,
+/// hp, wp, 2), followed by enough zeros that a block of positions at the end of the last plane can read
+/// past it at every tap.
+fn channel_pairs(xs: &[f32], s: &Shape4) -> Vec<bf16> {
+    let (hp, wp) = s.padded();
+    let (plane, pairs, p) = (hp * wp, s.c_in / 2, s.p);
+    let body = s.batch * pairs * plane * 2;
+    let len = body + 2 * (BLOCK + s.kw);
+    let mut buffer: Vec<bf16> = Vec::with_capacity(len);
+    let spare = &mut buffer.spare_capacity_mut()[..len];
+    // SAFETY: MaybeUninit<bf16> has bf16's layout; the slice is only written before `set_len`.
+    let all = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<bf16>(), len) };
+    let (planes, tail) = all.split_at_mut(body);
+    tail.fill(bf16::ZERO);
+    let area = s.h * s.w;
+    planes
+        .par_chunks_mut(plane * 2)
+        .enumerate()
+        .for_each(|(index, dst)| {
+            let (image, pair) = (index / pairs, index % pairs);
+            let first = &xs[(image * s.c_in + 2 * pair) * area..][..area];
+            let second = &xs[(image * s.c_in + 2 * pair + 1) * area..][..area];
+            for (y, row) in dst.chunks_exact_mut(wp * 2).enumerate() {
+                if y < p || y >= p + s.h {
+                    row.fill(bf16::ZERO);
+                    continue;
+                }
+                let (left, rest) = row.split_at_mut(2 * p);
+                let (values, right) = rest.split_at_mut(2 * s.w);
+                left.fill(bf16::ZERO);
+                right.fill(bf16::ZERO);
+                let from = (y - p) * s.w;
+                vector::bf16_pairs(&first[from..][..s.w], &second[from..][..s.w], values);
+            }
+        });
+    // SAFETY: all `len` elements were written above.
+    unsafe { buffer.set_len(len) };
+    buffer
+}
+
+/// One 32 × 32 f32 block of C, aligned for the tile store.
+#[repr(C, align(64))]
+struct Block([f32; BLOCK * BLOCK]);
+
+/// The convolution: (batch, c_out, ho, wo) from `xs` (batch, c_in, h, w).
+fn convolve(xs: &[f32], s: &Shape4, packed: &[bf16], bias: &[f32]) -> Vec<f32> {
+    let input = channel_pairs(xs, s);
+    let (hp, wp) = s.padded();
+    let (ho, wo) = s.output();
+    let (plane, pairs, taps) = (hp * wp, s.c_in / 2, s.kh * s.kw);
+    let depth = taps * s.c_in;
+    // Positions of one image along the padded width, in blocks of 32.
+    let span = ho * wp;
+    let per_image = span.div_ceil(BLOCK);
+    let position_blocks = s.batch * per_image;
+    let channel_blocks = amx::pad(s.c_out, BLOCK) / BLOCK;
+    // A task is one block of output channels (its weights stay in L2) over a run of position blocks;
+    // enough runs that every thread has about four tasks.
+    let runs = (4 * threads())
+        .div_ceil(channel_blocks)
+        .clamp(1, position_blocks);
+    let per_run = position_blocks.div_ceil(runs);
+    let runs = position_blocks.div_ceil(per_run);
+    let mut out = vec![0f32; s.batch * s.c_out * ho * wo];
+    let dst = SharedMut(out.as_mut_ptr());
+    (0..channel_blocks * runs).into_par_iter().for_each(|task| {
+        let (run, cb) = (task / channel_blocks, task % channel_blocks);
+        let mut block = Block([0f32; BLOCK * BLOCK]);
+        // SAFETY: `DirectConv` checked that AMX is available.
+        let _tiles = unsafe { amx::Tiles::configure() };
+        let a0 = packed[cb * BLOCK * depth..].as_ptr();
+        // SAFETY: the packed weights have pad(c_out, 32) rows of `depth`.
+        let a1 = unsafe { a0.add(16 * depth) };
+        for pb in run * per_run..((run + 1) * per_run).min(position_blocks) {
+            let (image, q0) = (pb / per_image, pb % per_image * BLOCK);
+            let base = input[(image * pairs * plane + q0) * 2..].as_ptr();
+            // SAFETY: the tiles are configured; every A tile lies in this block's 32 rows of weights,
+            // and every B tile in `input`: its 16 pairs of channels are planes of this image, and its
+            // 32 positions at the largest shift end at most BLOCK + kw positions past the last plane,
+            // which `channel_pairs` padded with zeros. The block is 32 × 32 floats.
+            unsafe {
+                amx::zero_block();
+                for t in 0..taps {
+                    let shift = (t / s.kw) * wp + t % s.kw;
+                    for kb in 0..s.c_in / DEPTH {
+                        let column = t * s.c_in + kb * DEPTH;
+                        let b0 = base.add((kb * 16 * plane + shift) * 2);
+                        amx::accumulate_block(
+                            [a0.add(column), a1.add(column)],
+                            depth * 2,
+                            [b0, b0.add(32)],
+                            plane * 4,
+                        );
+                    }
+                }
+                amx::store_block(block.0.as_mut_ptr(), BLOCK);
+            }
+            // Copy the positions that exist (x < wo, q < span) out, row piece by row piece.
+            let channels = (s.c_out - cb * BLOCK).min(BLOCK);
+            let mut j = 0;
+            while j < BLOCK && q0 + j < span {
+                let q = q0 + j;
+                let (y, x) = (q / wp, q % wp);
+                let piece = (wp - x).min(BLOCK - j).min(span - q);
+                if x < wo {
+                    let count = piece.min(wo - x);
+                    for o in 0..channels {
+                        let channel = cb * BLOCK + o;
+                        let src = &block.0[o * BLOCK + j..][..count];
+                        let at = ((image * s.c_out + channel) * ho + y) * wo + x;
+                        // SAFETY: these output positions of this channel belong to this task only.
+                        let out = unsafe { std::slice::from_raw_parts_mut(dst.at(at), count) };
+                        for (d, &v) in out.iter_mut().zip(src) {
+                            *d = v + bias[channel];
+                        }
+                    }
+                }
+                j += piece;
+            }
+        }
+    });
+    out
+}
