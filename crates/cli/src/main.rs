@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod engine_backend;
 mod generate;
+mod huge_pages;
 mod init_image;
 mod serve;
 
@@ -13,6 +14,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use args::{Cli, Command, ModelsCommand};
+
+#[global_allocator]
+static ALLOCATOR: huge_pages::HugePages = huge_pages::HugePages;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
