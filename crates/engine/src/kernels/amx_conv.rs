@@ -153,6 +153,10 @@ fn channel_pairs(xs: &[f32], s: &Shape4) -> Vec<bf16> {
     buffer
 }
 
+/// Packed weights up to this many bytes are read from L2 by every block of positions (half of L2 on
+/// the Xeons with AMX, 2 MiB per core).
+const SMALL_WEIGHTS: usize = 1 << 20;
+
 /// One 32 × 32 f32 block of C, aligned for the tile store.
 #[repr(C, align(64))]
 struct Block([f32; BLOCK * BLOCK]);
@@ -169,70 +173,91 @@ fn convolve(xs: &[f32], s: &Shape4, packed: &[bf16], bias: &[f32]) -> Vec<f32> {
     let per_image = span.div_ceil(BLOCK);
     let position_blocks = s.batch * per_image;
     let channel_blocks = amx::pad(s.c_out, BLOCK) / BLOCK;
-    // A task is one block of output channels (its weights stay in L2) over a run of position blocks;
-    // enough runs that every thread has about four tasks.
-    let runs = (4 * threads())
-        .div_ceil(channel_blocks)
-        .clamp(1, position_blocks);
-    let per_run = position_blocks.div_ceil(runs);
-    let runs = position_blocks.div_ceil(per_run);
     let mut out = vec![0f32; s.batch * s.c_out * ho * wo];
     let dst = SharedMut(out.as_mut_ptr());
-    (0..channel_blocks * runs).into_par_iter().for_each(|task| {
-        let (run, cb) = (task / channel_blocks, task % channel_blocks);
-        let mut block = Block([0f32; BLOCK * BLOCK]);
-        // SAFETY: `DirectConv` checked that AMX is available.
-        let _tiles = unsafe { amx::Tiles::configure() };
+    // One 32 × 32 block of the output: channels cb·32.., positions pb·32.. of one image.
+    let compute = |cb: usize, pb: usize, block: &mut Block| {
         let a0 = packed[cb * BLOCK * depth..].as_ptr();
-        // SAFETY: the packed weights have pad(c_out, 32) rows of `depth`.
-        let a1 = unsafe { a0.add(16 * depth) };
-        for pb in run * per_run..((run + 1) * per_run).min(position_blocks) {
-            let (image, q0) = (pb / per_image, pb % per_image * BLOCK);
-            let base = input[(image * pairs * plane + q0) * 2..].as_ptr();
-            // SAFETY: the tiles are configured; every A tile lies in this block's 32 rows of weights,
-            // and every B tile in `input`: its 16 pairs of channels are planes of this image, and its
-            // 32 positions at the largest shift end at most BLOCK + kw positions past the last plane,
-            // which `channel_pairs` padded with zeros. The block is 32 × 32 floats.
-            unsafe {
-                amx::zero_block();
-                for t in 0..taps {
-                    let shift = (t / s.kw) * wp + t % s.kw;
-                    for kb in 0..s.c_in / DEPTH {
-                        let column = t * s.c_in + kb * DEPTH;
-                        let b0 = base.add((kb * 16 * plane + shift) * 2);
-                        amx::accumulate_block(
-                            [a0.add(column), a1.add(column)],
-                            depth * 2,
-                            [b0, b0.add(32)],
-                            plane * 4,
-                        );
-                    }
+        let (image, q0) = (pb / per_image, pb % per_image * BLOCK);
+        let base = input[(image * pairs * plane + q0) * 2..].as_ptr();
+        // SAFETY: the caller configured the tiles; every A tile lies in this block's 32 rows of
+        // weights (the packed weights have pad(c_out, 32) rows of `depth`), and every B tile in
+        // `input`: its 16 pairs of channels are planes of this image, and its 32 positions at the
+        // largest shift end at most BLOCK + kw positions past the last plane, which `channel_pairs`
+        // padded with zeros. The block is 32 × 32 floats.
+        unsafe {
+            let a1 = a0.add(16 * depth);
+            amx::zero_block();
+            for t in 0..taps {
+                let shift = (t / s.kw) * wp + t % s.kw;
+                for kb in 0..s.c_in / DEPTH {
+                    let column = t * s.c_in + kb * DEPTH;
+                    let b0 = base.add((kb * 16 * plane + shift) * 2);
+                    amx::accumulate_block(
+                        [a0.add(column), a1.add(column)],
+                        depth * 2,
+                        [b0, b0.add(32)],
+                        plane * 4,
+                    );
                 }
-                amx::store_block(block.0.as_mut_ptr(), BLOCK);
             }
-            // Copy the positions that exist (x < wo, q < span) out, row piece by row piece.
-            let channels = (s.c_out - cb * BLOCK).min(BLOCK);
-            let mut j = 0;
-            while j < BLOCK && q0 + j < span {
-                let q = q0 + j;
-                let (y, x) = (q / wp, q % wp);
-                let piece = (wp - x).min(BLOCK - j).min(span - q);
-                if x < wo {
-                    let count = piece.min(wo - x);
-                    for o in 0..channels {
-                        let channel = cb * BLOCK + o;
-                        let src = &block.0[o * BLOCK + j..][..count];
-                        let at = ((image * s.c_out + channel) * ho + y) * wo + x;
-                        // SAFETY: these output positions of this channel belong to this task only.
-                        let out = unsafe { std::slice::from_raw_parts_mut(dst.at(at), count) };
-                        for (d, &v) in out.iter_mut().zip(src) {
-                            *d = v + bias[channel];
-                        }
-                    }
-                }
-                j += piece;
-            }
+            amx::store_block(block.0.as_mut_ptr(), BLOCK);
         }
-    });
+        // Copy the positions that exist (x < wo, q < span) out, row piece by row piece.
+        let channels = (s.c_out - cb * BLOCK).min(BLOCK);
+        let mut j = 0;
+        while j < BLOCK && q0 + j < span {
+            let q = q0 + j;
+            let (y, x) = (q / wp, q % wp);
+            let piece = (wp - x).min(BLOCK - j).min(span - q);
+            if x < wo {
+                let count = piece.min(wo - x);
+                for o in 0..channels {
+                    let channel = cb * BLOCK + o;
+                    let src = &block.0[o * BLOCK + j..][..count];
+                    let at = ((image * s.c_out + channel) * ho + y) * wo + x;
+                    // SAFETY: these output positions of this channel belong to this block only.
+                    let out = unsafe { std::slice::from_raw_parts_mut(dst.at(at), count) };
+                    for (d, &v) in out.iter_mut().zip(src) {
+                        *d = v + bias[channel];
+                    }
+                }
+            }
+            j += piece;
+        }
+    };
+    // Small weights (1×1 and narrow convolutions) all stay in L2: a task is a run of position blocks,
+    // each read once and multiplied by every block of channels while it is in cache. Large weights:
+    // a task is one block of channels (its weights stay in L2) over a run of position blocks. Either
+    // way, about four tasks per thread.
+    let tasks = 4 * threads();
+    if packed.len() * 2 <= SMALL_WEIGHTS {
+        let per_run = position_blocks.div_ceil(tasks.min(position_blocks));
+        (0..position_blocks.div_ceil(per_run))
+            .into_par_iter()
+            .for_each(|run| {
+                let mut block = Block([0f32; BLOCK * BLOCK]);
+                // SAFETY: `DirectConv` checked that AMX is available.
+                let _tiles = unsafe { amx::Tiles::configure() };
+                for pb in run * per_run..((run + 1) * per_run).min(position_blocks) {
+                    for cb in 0..channel_blocks {
+                        compute(cb, pb, &mut block);
+                    }
+                }
+            });
+    } else {
+        let runs = tasks.div_ceil(channel_blocks).clamp(1, position_blocks);
+        let per_run = position_blocks.div_ceil(runs);
+        let runs = position_blocks.div_ceil(per_run);
+        (0..channel_blocks * runs).into_par_iter().for_each(|task| {
+            let (run, cb) = (task / channel_blocks, task % channel_blocks);
+            let mut block = Block([0f32; BLOCK * BLOCK]);
+            // SAFETY: `DirectConv` checked that AMX is available.
+            let _tiles = unsafe { amx::Tiles::configure() };
+            for pb in run * per_run..((run + 1) * per_run).min(position_blocks) {
+                compute(cb, pb, &mut block);
+            }
+        });
+    }
     out
 }

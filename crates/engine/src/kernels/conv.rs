@@ -364,7 +364,8 @@ mod tests {
         // (batch, c_in, c_out, h, w, kernel, padding): channel counts the direct kernel takes (multiples
         // of 32) with odd output channels, non-square maps narrower and wider than a block of 32
         // positions, one-pixel and one-row images, 1×1 and 3×3 kernels with and without padding, a
-        // 3×3 kernel over a map it just covers, batch 1 and 8.
+        // 3×3 kernel over a map it just covers, batch 1 and 8; weights small enough to be taken
+        // position block by position block, and one set too large for that.
         for &(b, c_in, c_out, h, w, k, p) in &[
             (1, 32, 5, 7, 9, 3, 1),
             (8, 64, 33, 5, 3, 3, 1),
@@ -376,6 +377,8 @@ mod tests {
             (1, 32, 3, 3, 3, 3, 0),
             (2, 320, 64, 8, 8, 3, 1),
             (1, 32, 32, 64, 64, 3, 1),
+            // Weights over 1 MiB in bf16, taken block of channels by block of channels.
+            (2, 640, 97, 5, 6, 3, 1),
         ] {
             assert!(super::super::amx_conv::fits(c_in, 1));
             let xs = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &device)?;
