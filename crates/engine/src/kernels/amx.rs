@@ -169,8 +169,8 @@ impl TileConfig {
 }
 
 /// The tile registers configured on this thread (eight tiles of 16 rows × 64 bytes) for as long as the
-/// guard lives; dropping it releases them.
-pub struct Tiles(());
+/// guard lives; dropping it releases them. Not `Send`: the configuration belongs to the thread.
+pub struct Tiles(std::marker::PhantomData<*const ()>);
 
 impl Tiles {
     /// Configures the tiles.
@@ -181,7 +181,7 @@ impl Tiles {
         let cfg = TileConfig::new();
         // SAFETY: AMX is available (caller's contract); the configuration is valid.
         unsafe { std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
-        Tiles(())
+        Tiles(std::marker::PhantomData)
     }
 }
 
