@@ -20,7 +20,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::amx::{self, BLOCK, DEPTH};
-use super::{contiguous_f32, threads, vector, SharedMut};
+use super::{contiguous_f32, row_segments, threads, vector, SharedMut};
 
 /// Whether [`DirectConv`] takes a convolution of `c_in` input channels at `stride`.
 pub fn fits(c_in: usize, stride: usize) -> bool {
@@ -203,61 +203,48 @@ fn convolve(xs: &[f32], s: &Shape4, packed: &[bf16], bias: &[f32]) -> Vec<f32> {
             }
             amx::store_block(block.0.as_mut_ptr(), BLOCK);
         }
-        // Copy the positions that exist (x < wo, q < span) out, row piece by row piece.
+        // Copy the positions that exist (x < wo; q < span) out, row piece by row piece.
         let channels = (s.c_out - cb * BLOCK).min(BLOCK);
-        let mut j = 0;
-        while j < BLOCK && q0 + j < span {
-            let q = q0 + j;
-            let (y, x) = (q / wp, q % wp);
-            let piece = (wp - x).min(BLOCK - j).min(span - q);
-            if x < wo {
-                let count = piece.min(wo - x);
-                for o in 0..channels {
-                    let channel = cb * BLOCK + o;
-                    let src = &block.0[o * BLOCK + j..][..count];
-                    let at = ((image * s.c_out + channel) * ho + y) * wo + x;
-                    // SAFETY: these output positions of this channel belong to this block only.
-                    let out = unsafe { std::slice::from_raw_parts_mut(dst.at(at), count) };
-                    for (d, &v) in out.iter_mut().zip(src) {
-                        *d = v + bias[channel];
-                    }
+        for piece in row_segments(q0, BLOCK.min(span - q0), (ho, wp)) {
+            if piece.col >= wo {
+                continue;
+            }
+            let count = piece.count.min(wo - piece.col);
+            for o in 0..channels {
+                let channel = cb * BLOCK + o;
+                let src = &block.0[o * BLOCK + piece.offset..][..count];
+                let at = ((image * s.c_out + channel) * ho + piece.row) * wo + piece.col;
+                // SAFETY: these output positions of this channel belong to this block only.
+                let out = unsafe { std::slice::from_raw_parts_mut(dst.at(at), count) };
+                for (d, &v) in out.iter_mut().zip(src) {
+                    *d = v + bias[channel];
                 }
             }
-            j += piece;
         }
     };
     // Small weights (1×1 and narrow convolutions) all stay in L2: a task is a run of position blocks,
     // each read once and multiplied by every block of channels while it is in cache. Large weights:
     // a task is one block of channels (its weights stay in L2) over a run of position blocks. Either
     // way, about four tasks per thread.
-    let tasks = 4 * threads();
-    if packed.len() * 2 <= SMALL_WEIGHTS {
-        let per_run = position_blocks.div_ceil(tasks.min(position_blocks));
-        (0..position_blocks.div_ceil(per_run))
-            .into_par_iter()
-            .for_each(|run| {
-                let mut block = Block([0f32; BLOCK * BLOCK]);
-                // SAFETY: `DirectConv` checked that AMX is available.
-                let _tiles = unsafe { amx::Tiles::configure() };
-                for pb in run * per_run..((run + 1) * per_run).min(position_blocks) {
-                    for cb in 0..channel_blocks {
-                        compute(cb, pb, &mut block);
-                    }
-                }
-            });
+    let group = if packed.len() * 2 <= SMALL_WEIGHTS {
+        channel_blocks
     } else {
-        let runs = tasks.div_ceil(channel_blocks).clamp(1, position_blocks);
-        let per_run = position_blocks.div_ceil(runs);
-        let runs = position_blocks.div_ceil(per_run);
-        (0..channel_blocks * runs).into_par_iter().for_each(|task| {
-            let (run, cb) = (task / channel_blocks, task % channel_blocks);
-            let mut block = Block([0f32; BLOCK * BLOCK]);
-            // SAFETY: `DirectConv` checked that AMX is available.
-            let _tiles = unsafe { amx::Tiles::configure() };
-            for pb in run * per_run..((run + 1) * per_run).min(position_blocks) {
+        1
+    };
+    let groups = channel_blocks / group;
+    let runs = (4 * threads()).div_ceil(groups).clamp(1, position_blocks);
+    let per_run = position_blocks.div_ceil(runs);
+    let runs = position_blocks.div_ceil(per_run);
+    (0..groups * runs).into_par_iter().for_each(|task| {
+        let (run, g) = (task / groups, task % groups);
+        let mut block = Block([0f32; BLOCK * BLOCK]);
+        // SAFETY: `DirectConv` checked that AMX is available.
+        let _tiles = unsafe { amx::Tiles::configure() };
+        for pb in run * per_run..((run + 1) * per_run).min(position_blocks) {
+            for cb in g * group..(g + 1) * group {
                 compute(cb, pb, &mut block);
             }
-        });
-    }
+        }
+    });
     out
 }
