@@ -3,8 +3,9 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{DType, Device, Shape, Tensor, D};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
 use image::RgbImage;
 use serde::Serialize;
 use serde_json::json;
@@ -54,34 +55,59 @@ pub fn clip_l_config() -> ClipTextConfig {
 }
 
 /// Builds a network over random weights: matrices and kernels N(0, 1/fan-in), embeddings N(0, 0.25),
-/// biases zero, norm scales one. (The weights are filled in place after the build; the network holds the
-/// same storage.)
+/// biases zero, norm scales one. Each tensor is made as the network asks for it (see [`RandomWeights`]),
+/// so a layer that keeps only a bf16 copy of its weights gets random ones to pack and nothing else
+/// holds the f32 values.
 fn random_network<T>(
     dtype: DType,
     device: &Device,
     build: impl FnOnce(VarBuilder) -> candle_core::Result<T>,
 ) -> Result<T> {
-    let varmap = VarMap::new();
-    let network = build(VarBuilder::from_varmap(&varmap, dtype, device))?;
-    let data = varmap.data().lock().expect("varmap lock");
-    for (name, var) in data.iter() {
-        let dims = var.dims().to_vec();
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
+    Ok(build(vb)?)
+}
+
+/// A candle backend that makes up every tensor asked of it (see [`random_network`]).
+struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _hints: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let dims = shape.dims();
         let value = if dims.len() >= 2 {
             let fan_in: usize = dims[1..].iter().product();
             let std = if name.contains("embedding") {
                 0.5
             } else {
-                1.0 / (fan_in as f64).sqrt()
+                1.0 / (fan_in.max(1) as f64).sqrt()
             };
-            Tensor::randn(0f32, std as f32, dims.as_slice(), device)?
+            Tensor::randn(0f32, std as f32, dims, device)?
         } else if name.ends_with("bias") {
-            Tensor::zeros(dims.as_slice(), DType::F32, device)?
+            Tensor::zeros(dims, DType::F32, device)?
         } else {
-            Tensor::ones(dims.as_slice(), DType::F32, device)?
+            Tensor::ones(dims, DType::F32, device)?
         };
-        var.set(&value.to_dtype(dtype)?)?;
+        value.to_dtype(dtype)
     }
-    Ok(network)
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights: {name} has no known shape")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        false
+    }
 }
 
 /// Arithmetic precision of a benchmark. Weights and activations are f32 either way.

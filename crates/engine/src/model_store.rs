@@ -487,7 +487,7 @@ fn load_diffusers(dir: &Path, id: &str, device: &Device, dtype: DType) -> Result
     let text_encoder =
         ClipTextModel::new(&text_cfg, text_vb).map_err(component_error(id, "text_encoder"))?;
     let (unet_vb, unet_record) =
-        Recorder::wrap(component_weights(id, &dir.join("unet"), dtype, device)?);
+        Recorder::wrap_for_bf16_layers(component_weights(id, &dir.join("unet"), dtype, device)?);
     let unet = UNet::new(&unet_cfg, unet_vb).map_err(component_error(id, "unet"))?;
     let vae = AutoencoderKl::new(
         &vae_cfg,
@@ -551,7 +551,7 @@ fn load_single_file(
     let (text_vb, text_record) = Recorder::wrap(ck.text_encoder_vb(DType::F32, device)?);
     let text_encoder =
         ClipTextModel::new(&ck.text, text_vb).map_err(component_error(id, "text encoder"))?;
-    let (unet_vb, unet_record) = Recorder::wrap(ck.unet_vb(dtype, device)?);
+    let (unet_vb, unet_record) = Recorder::wrap_for_bf16_layers(ck.unet_vb(dtype, device)?);
     let unet = UNet::new(&ck.unet, unet_vb).map_err(component_error(id, "unet"))?;
     let vae = AutoencoderKl::new(&ck.vae, ck.vae_vb(dtype, device)?)
         .map_err(component_error(id, "vae"))?;

@@ -58,18 +58,39 @@ impl NamedWeights {
 pub struct Recorder {
     source: VarBuilder<'static>,
     seen: Arc<Mutex<HashMap<String, Tensor>>>,
+    /// Remember f32 CPU matrices (rank ≥ 2) as bf16 (see [`Recorder::wrap_for_bf16_layers`]).
+    matrices_in_bf16: bool,
 }
 
 impl Recorder {
     /// Wraps `source`; returns the recording builder and a handle to read what it saw once the network is
     /// built (see [`RecordHandle::take`]).
     pub fn wrap(source: VarBuilder<'static>) -> (VarBuilder<'static>, RecordHandle) {
+        Recorder::wrap_with(source, false)
+    }
+
+    /// Like [`Recorder::wrap`], for a network whose convolutions and linear layers keep only a bf16
+    /// copy of their weights when bf16 products are on (the UNet): then f32 CPU matrices and kernels
+    /// (rank ≥ 2) are remembered in bf16, half the memory, and the f32 values are not kept at all. A
+    /// variant built from them packs the same bf16 weights again; a LoRA merged into them is rounded
+    /// to bf16 twice instead of once. Vectors (biases, norms) are remembered as they are.
+    pub fn wrap_for_bf16_layers(
+        source: VarBuilder<'static>,
+    ) -> (VarBuilder<'static>, RecordHandle) {
+        Recorder::wrap_with(source, crate::kernels::bf16_products())
+    }
+
+    fn wrap_with(
+        source: VarBuilder<'static>,
+        matrices_in_bf16: bool,
+    ) -> (VarBuilder<'static>, RecordHandle) {
         let seen = Arc::new(Mutex::new(HashMap::new()));
         let dtype = source.dtype();
         let device = source.device().clone();
         let recorder = Recorder {
             source,
             seen: seen.clone(),
+            matrices_in_bf16,
         };
         (
             VarBuilder::from_backend(Box::new(recorder), dtype, device),
@@ -77,9 +98,16 @@ impl Recorder {
         )
     }
 
-    fn remember(&self, name: &str, tensor: &Tensor) {
+    fn remember(&self, name: &str, tensor: &Tensor) -> candle_core::Result<()> {
+        let kept = if self.matrices_in_bf16 && tensor.rank() >= 2 && crate::kernels::accepts(tensor)
+        {
+            tensor.to_dtype(DType::BF16)?
+        } else {
+            tensor.clone()
+        };
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.insert(name.to_string(), tensor.clone());
+        seen.insert(name.to_string(), kept);
+        Ok(())
     }
 }
 
@@ -108,7 +136,7 @@ impl SimpleBackend for Recorder {
         let t = self
             .source
             .get_with_hints_dtype(shape, name, hints, dtype)?;
-        self.remember(name, &t);
+        self.remember(name, &t)?;
         Ok(t)
     }
 
@@ -119,7 +147,7 @@ impl SimpleBackend for Recorder {
         _device: &Device,
     ) -> candle_core::Result<Tensor> {
         let t = self.source.get_unchecked_dtype(name, dtype)?;
-        self.remember(name, &t);
+        self.remember(name, &t)?;
         Ok(t)
     }
 

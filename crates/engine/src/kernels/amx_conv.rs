@@ -15,11 +15,12 @@
 //! then packed to bf16 per call) this reads the input once per tap from cache and writes nothing but
 //! the output.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape};
 use half::bf16;
 use rayon::prelude::*;
 
 use super::amx::{self, BLOCK, DEPTH};
+use super::conv::Bf16ConvWeights;
 use super::{contiguous_f32, row_segments, threads, vector, SharedMut};
 
 /// Whether [`DirectConv`] takes a convolution of `c_in` input channels at `stride`.
@@ -27,17 +28,16 @@ pub fn fits(c_in: usize, stride: usize) -> bool {
     stride == 1 && c_in > 0 && c_in.is_multiple_of(DEPTH)
 }
 
-/// A stride-1 convolution with zero padding `padding` and the weights packed by
-/// [`super::conv::pack_weight`], as a candle custom op over (input, weight, bias); the caller checks
-/// [`fits`], that AMX is available and that `packed` fits the weight.
+/// A stride-1 convolution with zero padding `padding` and bf16 weights, as a candle custom op over
+/// (input, bias); the caller checks [`fits`] and that AMX is available.
 pub struct DirectConv<'a> {
     /// Zero padding on every side.
     pub padding: usize,
-    /// The weights, (pad(c_out, 32) rows × kh·kw·c_in) in bf16, taps outermost.
-    pub packed: &'a [bf16],
+    /// The weights (taps outermost in the depth).
+    pub weights: &'a Bf16ConvWeights,
 }
 
-impl CustomOp3 for DirectConv<'_> {
+impl CustomOp2 for DirectConv<'_> {
     fn name(&self) -> &'static str {
         "pictor-amx-conv2d"
     }
@@ -46,15 +46,13 @@ impl CustomOp3 for DirectConv<'_> {
         &self,
         x_storage: &CpuStorage,
         x_layout: &Layout,
-        _w_storage: &CpuStorage,
-        w_layout: &Layout,
         b_storage: &CpuStorage,
         b_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let xs = contiguous_f32(x_storage, x_layout, self.name())?;
         let bias = contiguous_f32(b_storage, b_layout, self.name())?;
         let (batch, c_in, h, w) = x_layout.shape().dims4()?;
-        let (c_out, w_in, kh, kw) = w_layout.shape().dims4()?;
+        let (c_out, w_in, kh, kw) = self.weights.dims();
         let p = self.padding;
         if !amx::available()
             || !fits(c_in, 1)
@@ -62,13 +60,12 @@ impl CustomOp3 for DirectConv<'_> {
             || bias.len() != c_out
             || h + 2 * p < kh
             || w + 2 * p < kw
-            || self.packed.len() != amx::pad(c_out, BLOCK) * kh * kw * c_in
         {
             candle_core::bail!(
                 "{}: input {:?}, weight {:?} do not fit this kernel",
                 self.name(),
                 x_layout.dims(),
-                w_layout.dims()
+                self.weights.dims()
             );
         }
         let shape = Shape4 {
@@ -81,7 +78,7 @@ impl CustomOp3 for DirectConv<'_> {
             kw,
             p,
         };
-        let out = convolve(xs, &shape, self.packed, bias);
+        let out = convolve(xs, &shape, self.weights.packed(), bias);
         let (ho, wo) = shape.output();
         Ok((CpuStorage::F32(out), Shape::from((batch, c_out, ho, wo))))
     }

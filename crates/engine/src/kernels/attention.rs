@@ -3,7 +3,7 @@
 //! [`QUERY_BLOCK`] rows against [`KEY_CHUNK`] keys at a time (an online softmax), never the full
 //! (tokens × tokens) matrix; both read q and write the output in their
 //! (b, tokens, heads·d) layout, so the heads are never split out or transposed. Keys and values are
-//! packed once per (image, head) for the products (f32: [`super::sgemm`]; bf16: AMX); the softmax is
+//! packed once per (image, head) for the products (f32: [`super::sgemm`]; bf16: AMX's operand order); the softmax is
 //! left undivided and each output row is divided by its sum after the second product (d values per
 //! row instead of one per key).
 
@@ -94,8 +94,8 @@ impl CustomOp3 for BlockedAttention {
         let heads = self.heads;
 
         let mut out = vec![0f32; b * n * inner];
-        if super::bf16_products() && amx::available() {
-            amx_attention(q, k, v, &mut out, (b, n, m, inner, heads), self.causal);
+        if super::bf16_products() && super::bf16_available() {
+            bf16_attention(q, k, v, &mut out, (b, n, m, inner, heads), self.causal);
             return Ok((CpuStorage::F32(out), Shape::from((b, n, inner))));
         }
         f32_attention(q, k, v, &mut out, (b, n, m, inner, heads), self.causal);
@@ -185,13 +185,13 @@ fn f32_attention(
         );
 }
 
-/// The bf16 path of [`BlockedAttention`] on AMX: Kᵀ and V of every (image, head) packed once, then per
+/// The bf16 path of [`BlockedAttention`] (on AMX or AVX-512 BF16, see [`super::bf16_matmul`]): Kᵀ and V of every (image, head) packed once, then per
 /// block of [`QUERY_BLOCK`] query rows, per chunk of [`KEY_CHUNK`] keys: scores = q · Kᵀ, their
 /// exponentials against the running row maximum (rounded to bf16 for the second product), and
 /// out += probabilities · V, the earlier sums and outputs rescaled whenever a row's maximum grows
 /// (the online softmax). Scores and probabilities of one chunk stay in L1/L2 instead of a whole block of
 /// rows against all keys passing through memory.
-fn amx_attention(
+fn bf16_attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -252,10 +252,10 @@ fn amx_attention(
                 let keys_seen = if causal { (row0 + rows).min(m) } else { m };
                 for c0 in (0..keys_seen).step_by(KEY_CHUNK) {
                     let width = KEY_CHUNK.min(mp - c0);
-                    // SAFETY: AMX is available (the caller checked); q_block is rows_p × dp, the keys'
+                    // SAFETY: bf16 products are available (the caller checked); q_block is rows_p × dp, the keys'
                     // chunk dp × width (columns c0.. of the packed Kᵀ), scores rows_p × width.
                     unsafe {
-                        amx::matmul(
+                        super::bf16_matmul(
                             rows_p,
                             width,
                             dp,
@@ -295,7 +295,7 @@ fn amx_attention(
                     }
                     // SAFETY: probs is rows_p × width, the values' chunk width × dp, product rows_p × dp.
                     unsafe {
-                        amx::matmul(
+                        super::bf16_matmul(
                             rows_p,
                             dp,
                             width,
@@ -407,9 +407,9 @@ mod tests {
     }
 
     #[test]
-    fn amx_attention_is_close_to_the_plain_candle_attention() -> Result<()> {
-        if !amx::available() {
-            eprintln!("no AMX on this machine: skipped");
+    fn bf16_attention_is_close_to_the_plain_candle_attention() -> Result<()> {
+        if !super::super::bf16_available() {
+            eprintln!("no bf16 products on this machine: skipped");
             return Ok(());
         }
         let device = Device::Cpu;
@@ -431,7 +431,7 @@ mod tests {
                 let plain = reference_masked(&q, &k, &v, heads, causal)?;
                 let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
                 let mut out = vec![0f32; b * n * heads * d];
-                amx_attention(
+                bf16_attention(
                     &flat(&q)?,
                     &flat(&k)?,
                     &flat(&v)?,

@@ -10,7 +10,7 @@
 //! one `gemm` per tile writes a scratch tile that is copied out with the bias. Small feature maps of a
 //! whole batch fit in one tile, so the low-resolution levels of the UNet still make one wide product.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
 use half::bf16;
@@ -22,35 +22,68 @@ const COLUMN_FLOATS: usize = 1 << 20;
 const MIN_TILE: usize = 96;
 const MAX_TILE: usize = 2048;
 
-/// Packs f32 weights (c_out, c_in, kh, kw) as the bf16 A operand of the AMX products (see `amx`), with
-/// the depth in (tap, input channel) order: c_out rows of kh·kw runs of c_in values, the layout both
-/// the tiled product (its columns are built in that order) and [`super::amx_conv`] read.
-pub fn pack_weight(weight: &Tensor) -> Result<Vec<bf16>> {
-    let (c_out, c_in, kh, kw) = weight.dims4()?;
-    let depth = c_in * kh * kw;
-    let by_tap = weight
-        .permute((0, 2, 3, 1))?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let mut packed = Vec::new();
-    amx::pack_a_rows(&mut packed, &by_tap, c_out, depth, depth);
-    Ok(packed)
+/// A convolution's weights packed once as the bf16 A operand of the AMX products (see `amx`), with the
+/// depth in (tap, input channel) order: c_out rows of kh·kw runs of c_in values, the layout both the
+/// tiled product (its columns are built in that order) and [`super::amx_conv`] read. Holds the
+/// (c_out, c_in, kh, kw) it came from, so the f32 weights need not be kept beside it.
+#[derive(Debug)]
+pub struct Bf16ConvWeights {
+    packed: Vec<bf16>,
+    dims: (usize, usize, usize, usize),
 }
 
-/// Convolves `xs` (b, c_in, h, w) with `weight` (c_out, c_in, kh, kw) at `stride` with zero padding
+impl Bf16ConvWeights {
+    /// Packs f32 weights (c_out, c_in, kh, kw).
+    pub fn pack(weight: &Tensor) -> Result<Self> {
+        let dims = weight.dims4()?;
+        let (c_out, c_in, kh, kw) = dims;
+        let depth = c_in * kh * kw;
+        let by_tap = weight
+            .permute((0, 2, 3, 1))?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut packed = Vec::new();
+        amx::pack_a_rows(&mut packed, &by_tap, c_out, depth, depth);
+        Ok(Bf16ConvWeights { packed, dims })
+    }
+
+    /// The (c_out, c_in, kh, kw) of the weights.
+    pub fn dims(&self) -> (usize, usize, usize, usize) {
+        self.dims
+    }
+
+    /// The packed values: pad(c_out, 32) rows of pad(kh·kw·c_in, 32).
+    pub fn packed(&self) -> &[bf16] {
+        &self.packed
+    }
+}
+
+/// The weights a convolution multiplies by: f32 (c_out, c_in, kh, kw), or packed for the bf16
+/// products on AMX.
+#[derive(Debug, Clone, Copy)]
+pub enum ConvWeights<'a> {
+    /// f32 weights, multiplied in f32.
+    F32(&'a Tensor),
+    /// bf16 weights, multiplied on AMX.
+    Bf16(&'a Bf16ConvWeights),
+}
+
+/// Convolves `xs` (b, c_in, h, w) with `weights` (c_out, c_in, kh, kw) at `stride` with zero padding
 /// `padding` on every side and adds `bias` (c_out); returns (b, c_out, ho, wo) with
-/// ho = (h + 2p − kh) / stride + 1 (wo likewise). With `amx` (the weights packed by [`pack_weight`])
-/// the products run in bf16 on AMX.
+/// ho = (h + 2p − kh) / stride + 1 (wo likewise). With [`ConvWeights::Bf16`] the products run in bf16
+/// on AMX.
 pub fn conv2d(
     xs: &Tensor,
-    weight: &Tensor,
+    weights: ConvWeights<'_>,
     bias: &Tensor,
     padding: usize,
     stride: usize,
-    amx: Option<&[bf16]>,
 ) -> Result<Tensor> {
     let (_, c_in, h, w) = xs.dims4()?;
-    let (c_out, w_in, kh, kw) = weight.dims4()?;
+    let (c_out, w_in, kh, kw) = match weights {
+        ConvWeights::F32(weight) => weight.dims4()?,
+        ConvWeights::Bf16(packed) => packed.dims(),
+    };
     if w_in != c_in
         || bias.dims() != [c_out]
         || stride == 0
@@ -60,7 +93,7 @@ pub fn conv2d(
         candle_core::bail!(
             "conv2d: input {:?}, weight {:?}, bias {:?} with padding {padding}, stride {stride} do not fit",
             xs.dims(),
-            weight.dims(),
+            (c_out, w_in, kh, kw),
             bias.dims()
         );
     }
@@ -69,42 +102,67 @@ pub fn conv2d(
         (h + 2 * padding - kh) / stride + 1,
         (w + 2 * padding - kw) / stride + 1,
     );
-    if let Some(packed) = amx {
-        if !amx::available()
-            || packed.len() != amx::pad(c_out, amx::BLOCK) * amx::pad(c_in * kh * kw, amx::DEPTH)
-        {
-            candle_core::bail!(
-                "conv2d: bf16 weights do not fit {:?} or this CPU has no AMX",
-                weight.dims()
-            );
+    let (xs, bias) = (xs.contiguous()?, bias.contiguous()?);
+    match weights {
+        ConvWeights::Bf16(packed) => {
+            if !super::bf16_available() {
+                candle_core::bail!(
+                    "conv2d: bf16 weights, but this CPU has neither AMX nor AVX-512 BF16"
+                );
+            }
+            if amx::available() && super::amx_conv::fits(c_in, stride) {
+                xs.apply_op2_no_bwd(
+                    &bias,
+                    &super::amx_conv::DirectConv {
+                        padding,
+                        weights: packed,
+                    },
+                )
+            } else {
+                xs.apply_op2_no_bwd(
+                    &bias,
+                    &TiledConv {
+                        padding,
+                        stride,
+                        bf16: Some(packed),
+                    },
+                )
+            }
         }
-        if super::amx_conv::fits(c_in, stride) {
-            return xs.contiguous()?.apply_op3_no_bwd(
-                weight,
-                &bias.contiguous()?,
-                &super::amx_conv::DirectConv { padding, packed },
-            );
+        ConvWeights::F32(weight) => {
+            if (kh, kw, stride) == (3, 3, 1)
+                && super::winograd::worthwhile(b, (ho, wo), c_in, c_out)
+            {
+                return super::winograd::conv3x3(&xs, weight, &bias, padding);
+            }
+            xs.apply_op3_no_bwd(
+                &weight.contiguous()?,
+                &bias,
+                &TiledConv {
+                    padding,
+                    stride,
+                    bf16: None,
+                },
+            )
         }
-    } else if (kh, kw, stride) == (3, 3, 1) && super::winograd::worthwhile(b, (ho, wo), c_in, c_out)
-    {
-        return super::winograd::conv3x3(xs, weight, bias, padding);
     }
-    xs.contiguous()?.apply_op3_no_bwd(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        &TiledConv {
-            padding,
-            stride,
-            amx,
-        },
-    )
 }
 
-/// The custom op behind [`conv2d`].
+/// The custom op behind [`conv2d`] where neither Winograd nor the direct bf16 convolution applies: over
+/// (input, weight, bias) with f32 weights, over (input, bias) with `bf16` weights.
 struct TiledConv<'a> {
     padding: usize,
     stride: usize,
-    amx: Option<&'a [bf16]>,
+    bf16: Option<&'a Bf16ConvWeights>,
+}
+
+/// The weights of one [`TiledConv`] call.
+#[derive(Clone, Copy)]
+enum TiledWeights<'a> {
+    /// (c_out, c_in·kh·kw) row-major.
+    F32(&'a [f32]),
+    /// Packed by [`Bf16ConvWeights::pack`].
+    Bf16(&'a [bf16]),
 }
 
 impl CustomOp3 for TiledConv<'_> {
@@ -121,17 +179,57 @@ impl CustomOp3 for TiledConv<'_> {
         b_storage: &CpuStorage,
         b_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let xs = contiguous_f32(x_storage, x_layout, self.name())?;
-        let weight = contiguous_f32(w_storage, w_layout, self.name())?;
-        let bias = contiguous_f32(b_storage, b_layout, self.name())?;
-        let (batch, c_in, h, w) = x_layout.shape().dims4()?;
-        let (c_out, _, kh, kw) = w_layout.shape().dims4()?;
+        let weight = contiguous_f32(w_storage, w_layout, CustomOp3::name(self))?;
+        self.run(
+            contiguous_f32(x_storage, x_layout, CustomOp3::name(self))?,
+            x_layout.shape().dims4()?,
+            TiledWeights::F32(weight),
+            w_layout.shape().dims4()?,
+            contiguous_f32(b_storage, b_layout, CustomOp3::name(self))?,
+        )
+    }
+}
+
+impl CustomOp2 for TiledConv<'_> {
+    fn name(&self) -> &'static str {
+        "pictor-tiled-conv2d-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x_storage: &CpuStorage,
+        x_layout: &Layout,
+        b_storage: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Some(weights) = self.bf16 else {
+            candle_core::bail!("{}: no bf16 weights", CustomOp2::name(self));
+        };
+        self.run(
+            contiguous_f32(x_storage, x_layout, CustomOp2::name(self))?,
+            x_layout.shape().dims4()?,
+            TiledWeights::Bf16(weights.packed()),
+            weights.dims(),
+            contiguous_f32(b_storage, b_layout, CustomOp2::name(self))?,
+        )
+    }
+}
+
+impl TiledConv<'_> {
+    /// The convolution of `xs` (`x_dims`) by `weights` (`w_dims`), plus `bias`.
+    fn run(
+        &self,
+        xs: &[f32],
+        (batch, c_in, h, w): (usize, usize, usize, usize),
+        weights: TiledWeights<'_>,
+        (c_out, _, kh, kw): (usize, usize, usize, usize),
+        bias: &[f32],
+    ) -> Result<(CpuStorage, Shape)> {
+        let taps = kh * kw;
+        let depth = c_in * taps;
         let (p, s) = (self.padding, self.stride);
         let (hp, wp) = (h + 2 * p, w + 2 * p);
         let (ho, wo) = ((hp - kh) / s + 1, (wp - kw) / s + 1);
-        let taps = kh * kw;
-        let depth = c_in * taps;
-
         let plane = hp * wp;
         let padded_storage;
         let padded: &[f32] = if p == 0 {
@@ -172,9 +270,9 @@ impl CustomOp3 for TiledConv<'_> {
                     let (ky, kx) = (t / kw, t % kw);
                     // The depth in the weights' order: (input channel, tap) for the f32 product,
                     // (tap, input channel) for the packed bf16 weights.
-                    let column = match self.amx {
-                        Some(_) => t * c_in + i,
-                        None => i * taps + t,
+                    let column = match weights {
+                        TiledWeights::Bf16(_) => t * c_in + i,
+                        TiledWeights::F32(_) => i * taps + t,
                     };
                     let row = &mut columns[column * len..][..len];
                     for seg in &segments {
@@ -193,8 +291,8 @@ impl CustomOp3 for TiledConv<'_> {
                     }
                 }
             }
-            let ldc = match self.amx {
-                Some(packed) => {
+            let ldc = match weights {
+                TiledWeights::Bf16(packed) => {
                     let (mp, np, kp) = (
                         amx::pad(c_out, amx::BLOCK),
                         amx::pad(len, amx::BLOCK),
@@ -203,9 +301,10 @@ impl CustomOp3 for TiledConv<'_> {
                     amx::pack_b_rows(packed_columns, columns, depth, len, len);
                     scratch.resize(mp * np, 0.0);
                     let parallel = matches!(parallelism, Parallelism::Rayon(_));
-                    // SAFETY: AMX is available (checked by `conv2d`); packed is mp × kp, b kp × np.
+                    // SAFETY: bf16 products are available (checked by `conv2d`); packed is mp × kp, b
+                    // kp × np.
                     unsafe {
-                        amx::matmul(
+                        super::bf16_matmul(
                             mp,
                             np,
                             kp,
@@ -218,7 +317,7 @@ impl CustomOp3 for TiledConv<'_> {
                     };
                     np
                 }
-                None => {
+                TiledWeights::F32(weight) => {
                     scratch.resize(c_out * len, 0.0);
                     // SAFETY: scratch is (c_out × len), weight (c_out × depth), columns (depth × len),
                     // all row-major and in bounds.
@@ -303,10 +402,10 @@ mod tests {
                 &TiledConv {
                     padding: p,
                     stride: s,
-                    amx: None,
+                    bf16: None,
                 },
             )?;
-            for fast in [conv2d(&xs, &weight, &bias, p, s, None)?, tiled] {
+            for fast in [conv2d(&xs, ConvWeights::F32(&weight), &bias, p, s)?, tiled] {
                 assert_eq!(fast.dims(), plain.dims());
                 let diff = super::super::max_abs_diff(&fast, &plain)?;
                 assert!(
@@ -318,14 +417,14 @@ mod tests {
         let xs = Tensor::zeros((1, 2, 3, 3), candle_core::DType::F32, &device)?;
         let weight = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, &device)?;
         let bias = Tensor::zeros(4, candle_core::DType::F32, &device)?;
-        assert!(conv2d(&xs, &weight, &bias, 1, 1, None).is_err());
+        assert!(conv2d(&xs, ConvWeights::F32(&weight), &bias, 1, 1).is_err());
         Ok(())
     }
 
     #[test]
-    fn bf16_conv_on_amx_is_close_to_candle_conv2d() -> Result<()> {
-        if !amx::available() {
-            eprintln!("no AMX on this machine: skipped");
+    fn bf16_conv_is_close_to_candle_conv2d() -> Result<()> {
+        if !super::super::bf16_available() {
+            eprintln!("no bf16 products on this machine: skipped");
             return Ok(());
         }
         let device = Device::Cpu;
@@ -339,8 +438,8 @@ mod tests {
             let xs = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &device)?;
             let weight = Tensor::randn(0f32, 0.3, (c_out, c_in, k, k), &device)?;
             let bias = Tensor::randn(0f32, 1.0, c_out, &device)?;
-            let packed = pack_weight(&weight)?;
-            let fast = conv2d(&xs, &weight, &bias, p, s, Some(&packed))?;
+            let packed = Bf16ConvWeights::pack(&weight)?;
+            let fast = conv2d(&xs, ConvWeights::Bf16(&packed), &bias, p, s)?;
             let plain = xs
                 .conv2d(&weight, p, s, 1, 1)?
                 .broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?;
@@ -384,15 +483,14 @@ mod tests {
             let xs = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &device)?;
             let weight = Tensor::randn(0f32, 0.3, (c_out, c_in, k, k), &device)?;
             let bias = Tensor::randn(0f32, 1.0, c_out, &device)?;
-            let packed = pack_weight(&weight)?;
-            let direct = conv2d(&xs, &weight, &bias, p, 1, Some(&packed))?;
-            let tiled = xs.apply_op3_no_bwd(
-                &weight,
+            let packed = Bf16ConvWeights::pack(&weight)?;
+            let direct = conv2d(&xs, ConvWeights::Bf16(&packed), &bias, p, 1)?;
+            let tiled = xs.apply_op2_no_bwd(
                 &bias,
                 &TiledConv {
                     padding: p,
                     stride: 1,
-                    amx: Some(&packed),
+                    bf16: Some(&packed),
                 },
             )?;
             let plain = xs

@@ -118,15 +118,15 @@ pub fn pack_weight(weight: &Tensor) -> Result<Vec<bf16>> {
 }
 
 /// `xs (…, k) · Wᵀ (+ bias)` for weights packed by [`pack_weight`] from an (`out_features`, k) matrix
-/// and an optional f32 bias (`out_features`); AMX must be available.
+/// and an optional f32 bias (`out_features`), on AMX or AVX-512 BF16 (see [`super::bf16_matmul`]).
 pub fn linear(
     xs: &Tensor,
     packed: &[bf16],
     out_features: usize,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if !amx::available() {
-        candle_core::bail!("bf16 linear: this CPU has no AMX");
+    if !super::bf16_available() {
+        candle_core::bail!("bf16 linear: this CPU has neither AMX nor AVX-512 BF16");
     }
     if bias.is_some_and(|b| b.dims() != [out_features]) {
         candle_core::bail!("bf16 linear: bias does not fit {out_features} outputs");
@@ -172,10 +172,11 @@ impl CustomOp1 for AmxLinear<'_> {
             amx::pad(k, amx::DEPTH),
         );
         let mut c: Vec<f32> = Vec::with_capacity(mp * np);
-        // SAFETY: AMX is available (checked by `linear`); a is mp × kp, packed is kp × np, c has room
-        // for mp × np, every element of which the product stores (so `c` needs no zeroing first).
+        // SAFETY: bf16 products are available (checked by `linear`); a is mp × kp, packed is kp × np,
+        // c has room for mp × np, every element of which the product stores (so `c` needs no zeroing
+        // first).
         unsafe {
-            amx::matmul(mp, np, kp, &a, self.packed, c.as_mut_ptr(), np, true);
+            super::bf16_matmul(mp, np, kp, &a, self.packed, c.as_mut_ptr(), np, true);
             c.set_len(mp * np);
         }
         if let Some(bias) = &self.bias {
@@ -236,8 +237,8 @@ mod tests {
 
     #[test]
     fn bf16_linear_is_close_to_the_f32_linear() -> Result<()> {
-        if !amx::available() {
-            eprintln!("no AMX on this machine: skipped");
+        if !super::super::bf16_available() {
+            eprintln!("no bf16 products on this machine: skipped");
             return Ok(());
         }
         let device = Device::Cpu;

@@ -16,6 +16,7 @@ pub mod amx;
 pub mod amx_conv;
 pub mod attention;
 pub mod conv;
+pub mod dot_bf16;
 pub mod geglu;
 pub mod group_norm;
 pub mod linear;
@@ -67,17 +68,51 @@ impl SharedMut {
 static BF16_PRODUCTS: AtomicBool = AtomicBool::new(false);
 
 /// Turns bf16 products on or off for this process (a server or one command). Turning them on fails,
-/// with the reason, on a CPU without AMX.
+/// with the reason, on a CPU that can multiply bf16 neither on AMX nor with AVX-512 BF16.
 pub fn set_bf16_products(on: bool) -> std::result::Result<(), String> {
-    if on && !amx::available() {
+    if on && !bf16_available() {
         return Err(
-            "--precision bf16 needs a CPU with AMX-BF16 (Intel Xeon Sapphire Rapids or later) \
-                    and a Linux kernel that grants it; this machine has none, use fp32"
+            "--precision bf16 needs a CPU with AMX-BF16 (Intel Xeon Sapphire Rapids or later, and a \
+             Linux kernel that grants it) or AVX-512 BF16 (AMD Zen 4 or later); this machine has \
+             neither, use fp32"
                 .to_string(),
         );
     }
     BF16_PRODUCTS.store(on, Ordering::Relaxed);
     Ok(())
+}
+
+/// Whether this CPU multiplies bf16 matrices, on AMX or with AVX-512 BF16 (see [`bf16_matmul`]).
+pub fn bf16_available() -> bool {
+    amx::available() || dot_bf16::available()
+}
+
+/// C (m × n, f32, row stride `ldc`) = A · B for operands packed by [`amx`]'s packers, on AMX where the
+/// CPU has it, else with AVX-512 BF16 ([`dot_bf16`]); split over the thread pool when `parallel`.
+///
+/// # Safety
+/// [`bf16_available`] must be true; m and n multiples of [`amx::BLOCK`], k of [`amx::DEPTH`]; `a` and
+/// `b` hold m·k and k·n values; `c` is valid for writes of m rows of n values at stride `ldc`, used by
+/// no one else meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn bf16_matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[half::bf16],
+    b: &[half::bf16],
+    c: *mut f32,
+    ldc: usize,
+    parallel: bool,
+) {
+    // SAFETY: the caller's contract, which both kernels share.
+    unsafe {
+        if amx::available() {
+            amx::matmul(m, n, k, a, b, c, ldc, parallel)
+        } else {
+            dot_bf16::matmul(m, n, k, a, b, c, ldc, parallel)
+        }
+    }
 }
 
 /// Whether bf16 products are on (see [`set_bf16_products`]).

@@ -22,10 +22,10 @@ fn activate(activation: Activation, xs: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// A linear layer with a bias, always in f32 (see [`Linear::always_f32`]), its weights packed once
+/// A linear layer with a bias, always in f32 (see [`super::layers::linear_f32`]), its weights packed once
 /// when `pack_once` (see [`Linear::packed_once`]).
 fn f32_linear(in_dim: usize, out_dim: usize, pack_once: bool, vb: VarBuilder) -> Result<Linear> {
-    let layer = super::layers::linear(in_dim, out_dim, vb)?.always_f32();
+    let layer = super::layers::linear_f32(in_dim, out_dim, vb)?;
     Ok(if pack_once {
         layer.packed_once()
     } else {

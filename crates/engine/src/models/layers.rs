@@ -11,8 +11,14 @@ use crate::kernels;
 /// A copy of a layer's weights in the order a product reads them (bf16 for AMX, or f32 panels for
 /// [`kernels::sgemm`]), made on first use (so runs that never take that path never pay for it) and
 /// shared by clones of the layer.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct PackedWeights<T>(Arc<OnceLock<T>>);
+
+impl<T> Clone for PackedWeights<T> {
+    fn clone(&self) -> Self {
+        PackedWeights(self.0.clone())
+    }
+}
 
 impl<T> Default for PackedWeights<T> {
     fn default() -> Self {
@@ -30,45 +36,101 @@ impl<T> PackedWeights<T> {
     }
 }
 
+/// The weights of a convolution or linear layer: f32 (with a bf16 copy packed on first use if bf16
+/// products are on by then), or, for a layer built while bf16 products were on, the bf16 copy alone:
+/// such a layer always multiplies in bf16 and the f32 weights are not kept (half the memory of the
+/// bf16 copy beside them; see [`bf16_only`]).
+#[derive(Debug)]
+enum Weights<P> {
+    F32 {
+        weight: Tensor,
+        bf16: PackedWeights<P>,
+    },
+    Bf16(Arc<P>),
+}
+
+impl<P> Clone for Weights<P> {
+    fn clone(&self) -> Self {
+        match self {
+            Weights::F32 { weight, bf16 } => Weights::F32 {
+                weight: weight.clone(),
+                bf16: bf16.clone(),
+            },
+            Weights::Bf16(packed) => Weights::Bf16(packed.clone()),
+        }
+    }
+}
+
+/// Whether a layer with these f32 `weight`s, built now, keeps only their bf16 copy: bf16 products are
+/// on (`--precision bf16`, set per process before models load) and the weights are f32 on the CPU.
+fn bf16_only(weight: &Tensor) -> bool {
+    kernels::bf16_products() && kernels::accepts(weight)
+}
+
 /// A 2-D convolution with a bias. Convolutions of f32 CPU tensors run through
 /// [`kernels::conv::conv2d`] (in bf16 on AMX when bf16 products are on); everything else through
 /// candle's own convolution.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    plain: candle_nn::Conv2d,
-    packed: PackedWeights<Vec<bf16>>,
+    weights: Weights<kernels::conv::Bf16ConvWeights>,
+    bias: Tensor,
+    config: Conv2dConfig,
 }
 
 impl Conv2d {
-    /// The kernel weights, (c_out, c_in, kh, kw).
-    pub fn weight(&self) -> &Tensor {
-        self.plain.weight()
+    /// A convolution with f32 `weight` (c_out, c_in, kh, kw) and `bias` (c_out), as it is to run in
+    /// this process (keeping only a bf16 copy of the weights when bf16 products are on).
+    fn new(weight: Tensor, bias: Tensor, config: Conv2dConfig) -> Result<Self> {
+        let weights = if bf16_only(&weight) && config.dilation == 1 && config.groups == 1 {
+            Weights::Bf16(Arc::new(kernels::conv::Bf16ConvWeights::pack(&weight)?))
+        } else {
+            Weights::F32 {
+                weight,
+                bf16: PackedWeights::default(),
+            }
+        };
+        Ok(Conv2d {
+            weights,
+            bias,
+            config,
+        })
+    }
+
+    /// The type of the activations this layer takes (f32 for a layer keeping only bf16 weights: those
+    /// run f32 activations through bf16 products).
+    pub fn dtype(&self) -> candle_core::DType {
+        match &self.weights {
+            Weights::F32 { weight, .. } => weight.dtype(),
+            Weights::Bf16(_) => candle_core::DType::F32,
+        }
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let cfg = self.plain.config();
-        match self.plain.bias() {
-            Some(bias)
+        let cfg = &self.config;
+        let weights = match &self.weights {
+            Weights::Bf16(packed) => kernels::conv::ConvWeights::Bf16(packed),
+            Weights::F32 { weight, bf16 }
                 if cfg.dilation == 1
                     && cfg.groups == 1
                     && kernels::accepts(xs)
-                    && kernels::accepts(self.weight()) =>
+                    && kernels::accepts(weight) =>
             {
-                let amx = if kernels::bf16_products() {
-                    Some(
-                        self.packed
-                            .get_or_pack(|| kernels::conv::pack_weight(self.weight()))?
-                            .as_slice(),
+                if kernels::bf16_products() {
+                    kernels::conv::ConvWeights::Bf16(
+                        bf16.get_or_pack(|| kernels::conv::Bf16ConvWeights::pack(weight))?,
                     )
                 } else {
-                    None
-                };
-                kernels::conv::conv2d(xs, self.weight(), bias, cfg.padding, cfg.stride, amx)
+                    kernels::conv::ConvWeights::F32(weight)
+                }
             }
-            _ => self.plain.forward(xs),
-        }
+            Weights::F32 { weight, .. } => {
+                return candle_nn::Conv2d::new(weight.clone(), Some(self.bias.clone()), *cfg)
+                    .forward(xs)
+            }
+        };
+        kernels::conv::conv2d(xs, weights, &self.bias, cfg.padding, cfg.stride)
     }
 }
 
@@ -86,10 +148,9 @@ pub fn conv2d(
         stride,
         ..Default::default()
     };
-    Ok(Conv2d {
-        plain: candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?,
-        packed: PackedWeights::default(),
-    })
+    let plain = candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?;
+    let bias = plain.bias().expect("candle_nn::conv2d has a bias").clone();
+    Conv2d::new(plain.weight().clone(), bias, cfg)
 }
 
 /// A group norm with affine weights. f32 CPU tensors go through the fused
@@ -157,34 +218,43 @@ pub fn group_norm_silu(norm: &GroupNorm, xs: &Tensor) -> Result<Tensor> {
 }
 
 /// A linear layer (`x · Wᵀ + b`). f32 CPU inputs multiply through [`kernels::linear`]: in bf16 on AMX
-/// when bf16 products are on (unless [`Linear::always_f32`]), otherwise in f32 with the bias added in
+/// when bf16 products are on (unless built by [`linear_f32`]), otherwise in f32 with the bias added in
 /// the product, from weights repacked per call or [`Linear::packed_once`]; other devices and dtypes use
 /// candle's product.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    plain: candle_nn::Linear,
-    packed: PackedWeights<Vec<bf16>>,
+    weights: Weights<Vec<bf16>>,
+    bias: Option<Tensor>,
+    out_features: usize,
     /// The f32 weights packed once, for [`Linear::packed_once`] layers.
     packed_f32: PackedWeights<kernels::sgemm::PackedB>,
-    /// Set by [`Linear::always_f32`].
+    /// Set by [`linear_f32`].
     always_f32: bool,
     /// Set by [`Linear::packed_once`].
     packed_once: bool,
 }
 
 impl Linear {
-    /// A layer from its (out, in) weight and optional bias.
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear::from(candle_nn::Linear::new(weight, bias))
-    }
-
-    /// This layer, always multiplied in f32, even with bf16 products on (the CLIP encoders: the text
-    /// encoder's output conditions every step, the safety checker's decides what is shown).
-    pub fn always_f32(self) -> Self {
-        Linear {
-            always_f32: true,
-            ..self
-        }
+    /// A layer from its (out, in) weight and optional bias, as it is to run in this process (keeping
+    /// only a bf16 copy of the weights when bf16 products are on).
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let out_features = weight.dim(0)?;
+        let weights = if bf16_only(&weight) {
+            Weights::Bf16(Arc::new(kernels::linear::pack_weight(&weight)?))
+        } else {
+            Weights::F32 {
+                weight,
+                bf16: PackedWeights::default(),
+            }
+        };
+        Ok(Linear {
+            weights,
+            bias,
+            out_features,
+            packed_f32: PackedWeights::default(),
+            always_f32: false,
+            packed_once: false,
+        })
     }
 
     /// This layer with its f32 weights packed once, on first use, instead of per call: for layers whose
@@ -199,57 +269,75 @@ impl Linear {
     }
 }
 
-impl From<candle_nn::Linear> for Linear {
-    fn from(plain: candle_nn::Linear) -> Self {
-        Linear {
-            plain,
-            packed: PackedWeights::default(),
-            packed_f32: PackedWeights::default(),
-            always_f32: false,
-            packed_once: false,
-        }
-    }
-}
-
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let weight = self.plain.weight();
-        if !self.always_f32
-            && kernels::bf16_products()
-            && kernels::accepts(xs)
-            && kernels::accepts(weight)
-        {
-            let packed = self
-                .packed
-                .get_or_pack(|| kernels::linear::pack_weight(weight))?;
-            return kernels::linear::linear(xs, packed, weight.dim(0)?, self.plain.bias());
-        }
+        let weight = match &self.weights {
+            Weights::Bf16(packed) => {
+                return kernels::linear::linear(xs, packed, self.out_features, self.bias.as_ref())
+            }
+            Weights::F32 { weight, bf16 } => {
+                if !self.always_f32
+                    && kernels::bf16_products()
+                    && kernels::accepts(xs)
+                    && kernels::accepts(weight)
+                {
+                    let packed = bf16.get_or_pack(|| kernels::linear::pack_weight(weight))?;
+                    return kernels::linear::linear(
+                        xs,
+                        packed,
+                        self.out_features,
+                        self.bias.as_ref(),
+                    );
+                }
+                weight
+            }
+        };
         if kernels::accepts(xs) && kernels::accepts(weight) {
             if self.packed_once {
                 let packed = self
                     .packed_f32
                     .get_or_pack(|| kernels::linear::pack_f32(weight))?;
-                return kernels::linear::linear_f32(xs, weight, self.plain.bias(), Some(packed));
+                return kernels::linear::linear_f32(xs, weight, self.bias.as_ref(), Some(packed));
             }
             // Few rows: repacking the weights per call would cost more than the `gemm` crate's own
             // packing inside candle's product (measured), so those go there.
             let rows = xs.elem_count() / weight.dim(1)?.max(1);
             if rows >= kernels::linear::REPACK_ROWS {
-                return kernels::linear::linear_f32(xs, weight, self.plain.bias(), None);
+                return kernels::linear::linear_f32(xs, weight, self.bias.as_ref(), None);
             }
         }
-        self.plain.forward(xs)
+        candle_nn::Linear::new(weight.clone(), self.bias.clone()).forward(xs)
     }
 }
 
 /// A linear layer from `in_dim` to `out_dim` features with a bias.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear(in_dim, out_dim, vb).map(Linear::from)
+    let plain = candle_nn::linear(in_dim, out_dim, vb)?;
+    Linear::new(plain.weight().clone(), plain.bias().cloned())
 }
 
 /// A linear layer from `in_dim` to `out_dim` features without a bias.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear_no_bias(in_dim, out_dim, vb).map(Linear::from)
+    let plain = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
+    Linear::new(plain.weight().clone(), None)
+}
+
+/// A linear layer from `in_dim` to `out_dim` features with a bias that always multiplies in f32, even
+/// with bf16 products on (the CLIP encoders: the text encoder's output conditions every step, the
+/// safety checker's decides what is shown).
+pub fn linear_f32(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let plain = candle_nn::linear(in_dim, out_dim, vb)?;
+    Ok(Linear {
+        out_features: out_dim,
+        weights: Weights::F32 {
+            weight: plain.weight().clone(),
+            bf16: PackedWeights::default(),
+        },
+        bias: plain.bias().cloned(),
+        packed_f32: PackedWeights::default(),
+        always_f32: true,
+        packed_once: false,
+    })
 }
 
 /// A linear layer whose weight may be stored as a 1×1 convolution kernel (old VAE attention checkpoints).
@@ -281,5 +369,5 @@ pub fn linear_maybe_conv(
     } else {
         None
     };
-    Ok(Linear::new(weight, bias))
+    Linear::new(weight, bias)
 }

@@ -306,6 +306,6 @@ impl UNet {
 
     /// The dtype the weights were loaded in.
     pub fn dtype(&self) -> DType {
-        self.conv_in.weight().dtype()
+        self.conv_in.dtype()
     }
 }

@@ -1,0 +1,189 @@
+//! bf16 matrix products with f32 sums on AVX-512 BF16 (`vdpbf16ps`), for `--precision bf16` on CPUs
+//! that have it but no AMX (AMD Zen 4 and 5). They read the operands exactly as [`super::amx`] packs
+//! them, so every bf16 path packs once and runs on either unit.
+//!
+//! `vdpbf16ps` adds, in each of 16 f32 lanes, the products of one pair of bf16 values from each source:
+//! with a vector of B (16 columns × one pair of rows, the VNNI order `amx::pack_b` writes) and one pair
+//! of A's values broadcast to every lane, one instruction is 32 multiply-adds (an f32 FMA is 16). A
+//! register tile is [`ROWS`] rows × 32 columns (two vectors per row, 2·ROWS sums held in registers over
+//! the whole depth); a 32 × 32 block of C is four such tiles. No crate offers this product over these
+//! layouts; the intrinsics are `core::arch`'s.
+
+use std::sync::OnceLock;
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::amx::{BLOCK, DEPTH};
+use super::SharedMut;
+
+/// Rows of one register tile (a divisor of [`BLOCK`]).
+const ROWS: usize = 8;
+
+/// Whether this CPU has AVX-512 BF16.
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// C (m × n, f32, row stride `ldc`) = A · B, with A (m × k) and B (k × n) packed by `amx`'s packers
+/// (m, n multiples of [`BLOCK`], k of [`DEPTH`]); split over the thread pool when `parallel`.
+///
+/// # Safety
+/// [`available`] must be true, `a` and `b` must hold m·k and k·n values, and `c` must be valid for
+/// writes of m rows of n values at stride `ldc`, not read or written by anyone else meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[bf16],
+    b: &[bf16],
+    c: *mut f32,
+    ldc: usize,
+    parallel: bool,
+) {
+    debug_assert!(m.is_multiple_of(BLOCK) && n.is_multiple_of(BLOCK) && k.is_multiple_of(DEPTH));
+    debug_assert!(a.len() >= m * k && b.len() >= k * n);
+    let c = SharedMut(c);
+    let blocks = (m / BLOCK) * (n / BLOCK);
+    let run = |range: std::ops::Range<usize>| {
+        for block in range {
+            let (mb, nb) = (block / (n / BLOCK), block % (n / BLOCK));
+            for rows in (0..BLOCK).step_by(ROWS) {
+                let row = mb * BLOCK + rows;
+                // SAFETY: the caller's contract; the tile lies inside A, B and C.
+                unsafe {
+                    block_tile(
+                        a.as_ptr().add(row * k),
+                        k,
+                        b.as_ptr().add(nb * BLOCK * k),
+                        c.at(row * ldc + nb * BLOCK),
+                        ldc,
+                    )
+                };
+            }
+        }
+    };
+    if parallel && blocks > 1 {
+        let per_task = blocks.div_ceil(4 * super::threads()).max(1);
+        (0..blocks.div_ceil(per_task))
+            .into_par_iter()
+            .for_each(|task| run(task * per_task..((task + 1) * per_task).min(blocks)));
+    } else {
+        run(0..blocks);
+    }
+}
+
+/// One register tile: rows `a` (ROWS rows of `k` values) times the 32 columns of B starting at `b`
+/// (two VNNI column blocks of 16, each k/2 pairs × 16 × 2), written to `c`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn block_tile(a: *const bf16, k: usize, b: *const bf16, c: *mut f32, ldc: usize) {
+    use std::arch::x86_64::*;
+    let pairs = k / 2;
+    // A's values as pairs: row r's pair p is the u32 at r·pairs + p.
+    let a = a.cast::<u32>();
+    let (b0, b1) = (b.cast::<u32>(), b.add(16 * k).cast::<u32>());
+    let mut sums = [[_mm512_setzero_ps(); 2]; ROWS];
+    for p in 0..pairs {
+        // SAFETY: p < k / 2 pairs of every row of A and of both column blocks of B.
+        let (v0, v1) = unsafe {
+            (
+                _mm512_loadu_si512(b0.add(16 * p).cast()),
+                _mm512_loadu_si512(b1.add(16 * p).cast()),
+            )
+        };
+        let (v0, v1) = (as_bf16(v0), as_bf16(v1));
+        for (r, row) in sums.iter_mut().enumerate() {
+            // SAFETY: as above.
+            let pair = unsafe { a.add(r * pairs + p).read_unaligned() };
+            let broadcast = as_bf16(_mm512_set1_epi32(pair as i32));
+            row[0] = _mm512_dpbf16_ps(row[0], v0, broadcast);
+            row[1] = _mm512_dpbf16_ps(row[1], v1, broadcast);
+        }
+    }
+    for (r, row) in sums.iter().enumerate() {
+        // SAFETY: row r of the tile, 32 columns, inside C.
+        unsafe {
+            _mm512_storeu_ps(c.add(r * ldc), row[0]);
+            _mm512_storeu_ps(c.add(r * ldc + 16), row[1]);
+        }
+    }
+}
+
+/// The 32 bf16 values in a vector's bits.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn as_bf16(v: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512bh {
+    use std::arch::x86_64::{__m512bh, __m512i};
+    // SAFETY: both are 64 plain bytes; every bit pattern is a valid value of either.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block_tile(_: *const bf16, _: usize, _: *const bf16, _: *mut f32, _: usize) {
+    unreachable!("AVX-512 BF16 is x86-64 only; `available` is false elsewhere")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::amx::{pack_a_rows, pack_b_rows, pad};
+    use super::*;
+
+    #[test]
+    fn product_equals_f64_sum_of_bf16_inputs() {
+        if !available() {
+            eprintln!("no AVX-512 BF16 on this machine: skipped");
+            return;
+        }
+        for &(m, n, k) in &[
+            (1usize, 1usize, 1usize),
+            (33, 17, 45),
+            (64, 96, 320),
+            (5, 70, 100),
+            (96, 64, 2880),
+        ] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919) % 23) as f32 / 7.0 - 1.5)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 104_729) % 19) as f32 / 5.0 - 1.8)
+                .collect();
+            let (mut pa, mut pb) = (Vec::new(), Vec::new());
+            pack_a_rows(&mut pa, &a, m, k, k);
+            pack_b_rows(&mut pb, &b, k, n, n);
+            let (mp, np, kp) = (pad(m, BLOCK), pad(n, BLOCK), pad(k, DEPTH));
+            let mut c = vec![f32::NAN; mp * np];
+            for parallel in [false, true] {
+                // SAFETY: available; pa is mp × kp, pb kp × np, c mp × np.
+                unsafe { matmul(mp, np, kp, &pa, &pb, c.as_mut_ptr(), np, parallel) };
+                for i in 0..m {
+                    for j in 0..n {
+                        let exact: f64 = (0..k)
+                            .map(|t| {
+                                bf16::from_f32(a[i * k + t]).to_f64()
+                                    * bf16::from_f32(b[t * n + j]).to_f64()
+                            })
+                            .sum();
+                        let got = c[i * np + j] as f64;
+                        assert!(
+                            (got - exact).abs() <= 1e-4 * (1.0 + exact.abs()),
+                            "{m}x{n}x{k} at ({i}, {j}): {got} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
