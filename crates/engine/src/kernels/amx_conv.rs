@@ -1,7 +1,7 @@
-//! Stride-1 convolutions in bf16 on AMX with no im2col matrix, for input channels in multiples of 32
-//! (every convolution of SD's UNet and VAE but the first): each kernel tap is a product of the weights
-//! with the input shifted by that tap, and the tile loads read the shifted input straight out of one
-//! bf16 copy of it.
+//! Stride-1 convolutions in bf16 on AMX (or AVX-512 BF16, [`dot_bf16::conv_block`]) with no im2col
+//! matrix, for input channels in multiples of 32 (every convolution of SD's UNet and VAE but the
+//! first): each kernel tap is a product of the weights with the input shifted by that tap, and the
+//! tile loads (or vector loads) read the shifted input straight out of one bf16 copy of it.
 //!
 //! The input is copied once into zero-padded planes of channel pairs, (batch, c_in / 2, h + 2p, w + 2p,
 //! 2) in bf16, so that 16 positions of one pair of channels are 64 contiguous bytes: one row of an AMX B
@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use super::amx::{self, BLOCK, DEPTH};
 use super::conv::Bf16ConvWeights;
-use super::{contiguous_f32, row_segments, threads, vector, SharedMut};
+use super::{contiguous_f32, dot_bf16, row_segments, threads, vector, SharedMut};
 
 /// Whether [`DirectConv`] takes a convolution of `c_in` input channels at `stride`.
 pub fn fits(c_in: usize, stride: usize) -> bool {
@@ -54,7 +54,7 @@ impl CustomOp2 for DirectConv<'_> {
         let (batch, c_in, h, w) = x_layout.shape().dims4()?;
         let (c_out, w_in, kh, kw) = self.weights.dims();
         let p = self.padding;
-        if !amx::available()
+        if !super::bf16_available()
             || !fits(c_in, 1)
             || w_in != c_in
             || bias.len() != c_out
@@ -172,33 +172,46 @@ fn convolve(xs: &[f32], s: &Shape4, packed: &[bf16], bias: &[f32]) -> Vec<f32> {
     let channel_blocks = amx::pad(s.c_out, BLOCK) / BLOCK;
     let mut out = vec![0f32; s.batch * s.c_out * ho * wo];
     let dst = SharedMut(out.as_mut_ptr());
+    // AMX tiles where the CPU has them, else AVX-512 BF16 (the caller checked one of the two).
+    let use_amx = amx::available();
+    let geometry = dot_bf16::ConvGeometry {
+        taps,
+        kw: s.kw,
+        wp,
+        c_in: s.c_in,
+        plane: plane * 2,
+    };
     // One 32 × 32 block of the output: channels cb·32.., positions pb·32.. of one image.
     let compute = |cb: usize, pb: usize, block: &mut Block| {
         let a0 = packed[cb * BLOCK * depth..].as_ptr();
         let (image, q0) = (pb / per_image, pb % per_image * BLOCK);
         let base = input[(image * pairs * plane + q0) * 2..].as_ptr();
-        // SAFETY: the caller configured the tiles; every A tile lies in this block's 32 rows of
+        // SAFETY: with AMX, the caller configured the tiles; every A tile (or row of A) lies in this block's 32 rows of
         // weights (the packed weights have pad(c_out, 32) rows of `depth`), and every B tile in
         // `input`: its 16 pairs of channels are planes of this image, and its 32 positions at the
         // largest shift end at most BLOCK + kw positions past the last plane, which `channel_pairs`
         // padded with zeros. The block is 32 × 32 floats.
         unsafe {
-            let a1 = a0.add(16 * depth);
-            amx::zero_block();
-            for t in 0..taps {
-                let shift = (t / s.kw) * wp + t % s.kw;
-                for kb in 0..s.c_in / DEPTH {
-                    let column = t * s.c_in + kb * DEPTH;
-                    let b0 = base.add((kb * 16 * plane + shift) * 2);
-                    amx::accumulate_block(
-                        [a0.add(column), a1.add(column)],
-                        depth * 2,
-                        [b0, b0.add(32)],
-                        plane * 4,
-                    );
+            if use_amx {
+                let a1 = a0.add(16 * depth);
+                amx::zero_block();
+                for t in 0..taps {
+                    let shift = (t / s.kw) * wp + t % s.kw;
+                    for kb in 0..s.c_in / DEPTH {
+                        let column = t * s.c_in + kb * DEPTH;
+                        let b0 = base.add((kb * 16 * plane + shift) * 2);
+                        amx::accumulate_block(
+                            [a0.add(column), a1.add(column)],
+                            depth * 2,
+                            [b0, b0.add(32)],
+                            plane * 4,
+                        );
+                    }
                 }
+                amx::store_block(block.0.as_mut_ptr(), BLOCK);
+            } else {
+                dot_bf16::conv_block(a0, depth, base, &geometry, block.0.as_mut_ptr());
             }
-            amx::store_block(block.0.as_mut_ptr(), BLOCK);
         }
         // Copy the positions that exist (x < wo; q < span) out, row piece by row piece.
         let channels = (s.c_out - cb * BLOCK).min(BLOCK);
@@ -235,8 +248,8 @@ fn convolve(xs: &[f32], s: &Shape4, packed: &[bf16], bias: &[f32]) -> Vec<f32> {
     (0..groups * runs).into_par_iter().for_each(|task| {
         let (run, g) = (task / groups, task % groups);
         let mut block = Block([0f32; BLOCK * BLOCK]);
-        // SAFETY: `DirectConv` checked that AMX is available.
-        let _tiles = unsafe { amx::Tiles::configure() };
+        // SAFETY: AMX is available when used.
+        let _tiles = use_amx.then(|| unsafe { amx::Tiles::configure() });
         for pb in run * per_run..((run + 1) * per_run).min(position_blocks) {
             for cb in g * group..(g + 1) * group {
                 compute(cb, pb, &mut block);

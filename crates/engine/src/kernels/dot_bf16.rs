@@ -5,8 +5,8 @@
 //! `vdpbf16ps` adds, in each of 16 f32 lanes, the products of one pair of bf16 values from each source:
 //! with a vector of B (16 columns × one pair of rows, the VNNI order `amx::pack_b` writes) and one pair
 //! of A's values broadcast to every lane, one instruction is 32 multiply-adds (an f32 FMA is 16). A
-//! register tile is [`ROWS`] rows × 32 columns (two vectors per row, 2·ROWS sums held in registers over
-//! the whole depth); a 32 × 32 block of C is four such tiles. No crate offers this product over these
+//! register tile is 12 (or 8) rows × 32 columns (two vectors per row, 24 sums held in registers over
+//! the whole depth); a 32 × 32 block of C is three such tiles (12 + 12 + 8 rows). No crate offers this product over these
 //! layouts; the intrinsics are `core::arch`'s.
 
 use std::sync::OnceLock;
@@ -16,9 +16,6 @@ use rayon::prelude::*;
 
 use super::amx::{BLOCK, DEPTH};
 use super::SharedMut;
-
-/// Rows of one register tile (a divisor of [`BLOCK`]).
-const ROWS: usize = 8;
 
 /// Whether this CPU has AVX-512 BF16.
 pub fn available() -> bool {
@@ -60,19 +57,17 @@ pub unsafe fn matmul(
     let run = |range: std::ops::Range<usize>| {
         for block in range {
             let (mb, nb) = (block / (n / BLOCK), block % (n / BLOCK));
-            for rows in (0..BLOCK).step_by(ROWS) {
-                let row = mb * BLOCK + rows;
-                // SAFETY: the caller's contract; the tile lies inside A, B and C.
-                unsafe {
-                    block_tile(
-                        a.as_ptr().add(row * k),
-                        k,
-                        b.as_ptr().add(nb * BLOCK * k),
-                        c.at(row * ldc + nb * BLOCK),
-                        ldc,
-                    )
-                };
-            }
+            let row = mb * BLOCK;
+            // SAFETY: the caller's contract; the block lies inside A, B and C.
+            unsafe {
+                block_product(
+                    a.as_ptr().add(row * k),
+                    k,
+                    b.as_ptr().add(nb * BLOCK * k),
+                    c.at(row * ldc + nb * BLOCK),
+                    ldc,
+                )
+            };
         }
     };
     if parallel && blocks > 1 {
@@ -85,17 +80,34 @@ pub unsafe fn matmul(
     }
 }
 
-/// One register tile: rows `a` (ROWS rows of `k` values) times the 32 columns of B starting at `b`
+/// One 32 × 32 block of C: rows `a` (32 rows of `k` values) times the 32 columns of B starting at `b`,
+/// as register tiles of 12, 12 and 8 rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn block_product(a: *const bf16, k: usize, b: *const bf16, c: *mut f32, ldc: usize) {
+    block_tile::<12>(a, k, b, c, ldc);
+    block_tile::<12>(a.add(12 * k), k, b, c.add(12 * ldc), ldc);
+    block_tile::<8>(a.add(24 * k), k, b, c.add(24 * ldc), ldc);
+}
+
+/// One register tile: rows `a` (R rows of `k` values) times the 32 columns of B starting at `b`
 /// (two VNNI column blocks of 16, each k/2 pairs × 16 × 2), written to `c`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn block_tile(a: *const bf16, k: usize, b: *const bf16, c: *mut f32, ldc: usize) {
+#[inline]
+unsafe fn block_tile<const R: usize>(
+    a: *const bf16,
+    k: usize,
+    b: *const bf16,
+    c: *mut f32,
+    ldc: usize,
+) {
     use std::arch::x86_64::*;
     let pairs = k / 2;
     // A's values as pairs: row r's pair p is the u32 at r·pairs + p.
     let a = a.cast::<u32>();
     let (b0, b1) = (b.cast::<u32>(), b.add(16 * k).cast::<u32>());
-    let mut sums = [[_mm512_setzero_ps(); 2]; ROWS];
+    let mut sums = [[_mm512_setzero_ps(); 2]; R];
     for p in 0..pairs {
         // SAFETY: p < k / 2 pairs of every row of A and of both column blocks of B.
         let (v0, v1) = unsafe {
@@ -122,6 +134,97 @@ unsafe fn block_tile(a: *const bf16, k: usize, b: *const bf16, c: *mut f32, ldc:
     }
 }
 
+/// The geometry of one direct convolution block (see [`super::amx_conv`]): which weights and which
+/// shifted input each (tap, block of 32 input channels) multiplies.
+pub struct ConvGeometry {
+    /// Kernel taps (kh · kw) and kernel width.
+    pub taps: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Padded input width: a tap (ky, kx) shifts the positions by ky · wp + kx.
+    pub wp: usize,
+    /// Input channels (a multiple of 32).
+    pub c_in: usize,
+    /// Elements of one plane of channel pairs (hp · wp positions × 2).
+    pub plane: usize,
+}
+
+/// One 32 × 32 block of a direct bf16 convolution into `block` (row stride 32): for 32 output
+/// channels (weights at `a`, rows of `depth` = taps · c_in in (tap, channel) order) and 32 positions
+/// (their channel-pair planes at `b`), the sum over every tap and input channel, each (tap, block of
+/// 32 channels) one depth-32 step whose B rows are 64-byte runs of the shifted planes.
+///
+/// # Safety
+/// [`available`] must be true; `a` must hold 32 rows of `depth`; every run of 32 positions at every
+/// shift, in every plane of `c_in / 2`, must lie inside the allocation `b` points into; `block` must
+/// be valid for 32 × 32 writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub unsafe fn conv_block(
+    a: *const bf16,
+    depth: usize,
+    b: *const bf16,
+    g: &ConvGeometry,
+    block: *mut f32,
+) {
+    conv_rows::<12>(a, depth, b, g, block);
+    conv_rows::<12>(a.add(12 * depth), depth, b, g, block.add(12 * BLOCK));
+    conv_rows::<8>(a.add(24 * depth), depth, b, g, block.add(24 * BLOCK));
+}
+
+/// R rows of [`conv_block`] (one register tile), into `block` (row stride 32).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn conv_rows<const R: usize>(
+    a: *const bf16,
+    depth: usize,
+    b: *const bf16,
+    g: &ConvGeometry,
+    block: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let pairs = depth / 2;
+    let a = a.cast::<u32>();
+    let mut sums = [[_mm512_setzero_ps(); 2]; R];
+    for t in 0..g.taps {
+        let shift = (t / g.kw) * g.wp + t % g.kw;
+        for kb in 0..g.c_in / DEPTH {
+            let column = (t * g.c_in + kb * DEPTH) / 2;
+            let b0 = b.add(kb * 16 * g.plane + shift * 2);
+            for p in 0..DEPTH / 2 {
+                // SAFETY: the caller's contract: pair p of this channel block, 32 positions.
+                let (v0, v1) = unsafe {
+                    let row = b0.add(p * g.plane);
+                    (
+                        as_bf16(_mm512_loadu_si512(row.cast())),
+                        as_bf16(_mm512_loadu_si512(row.add(32).cast())),
+                    )
+                };
+                for (r, row) in sums.iter_mut().enumerate() {
+                    // SAFETY: column + p < depth / 2 pairs of row r.
+                    let pair = unsafe { a.add(r * pairs + column + p).read_unaligned() };
+                    let broadcast = as_bf16(_mm512_set1_epi32(pair as i32));
+                    row[0] = _mm512_dpbf16_ps(row[0], v0, broadcast);
+                    row[1] = _mm512_dpbf16_ps(row[1], v1, broadcast);
+                }
+            }
+        }
+    }
+    for (r, row) in sums.iter().enumerate() {
+        // SAFETY: row r of the tile, inside the 32 × 32 block.
+        unsafe {
+            _mm512_storeu_ps(block.add(r * BLOCK), row[0]);
+            _mm512_storeu_ps(block.add(r * BLOCK + 16), row[1]);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn conv_block(_: *const bf16, _: usize, _: *const bf16, _: &ConvGeometry, _: *mut f32) {
+    unreachable!("AVX-512 BF16 is x86-64 only; `available` is false elsewhere")
+}
+
 /// The 32 bf16 values in a vector's bits.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -132,7 +235,7 @@ fn as_bf16(v: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512bh {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn block_tile(_: *const bf16, _: usize, _: *const bf16, _: *mut f32, _: usize) {
+unsafe fn block_product(_: *const bf16, _: usize, _: *const bf16, _: *mut f32, _: usize) {
     unreachable!("AVX-512 BF16 is x86-64 only; `available` is false elsewhere")
 }
 
