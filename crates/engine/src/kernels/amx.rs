@@ -61,7 +61,19 @@ pub fn pad(n: usize, to: usize) -> usize {
 /// Packs B (rows = k × cols = n) in VNNI order, padded to (pad(k, 32) × pad(n, 32)): `at(k, n)` gives
 /// the element. Layout: [n / 16][k / 2][16 columns][2 rows].
 pub fn pack_b(rows: usize, cols: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Vec<bf16> {
-    let (k, n) = (pad(rows, DEPTH), pad(cols, BLOCK));
+    pack_b_to(rows, pad(rows, DEPTH), cols, at)
+}
+
+/// [`pack_b`] with the depth padded to `k` (at least `rows`, even) instead of a multiple of 32: for
+/// the products of [`super::dot_bf16`], which need whole pairs only (see [`super::bf16_depth`]).
+pub fn pack_b_to(
+    rows: usize,
+    k: usize,
+    cols: usize,
+    at: impl Fn(usize, usize) -> f32 + Sync,
+) -> Vec<bf16> {
+    debug_assert!(k >= rows && k.is_multiple_of(2));
+    let n = pad(cols, BLOCK);
     let mut b = vec![bf16::ZERO; k * n];
     b.par_chunks_mut(k * 16)
         .enumerate()
@@ -87,7 +99,21 @@ pub fn pack_b(rows: usize, cols: usize, at: impl Fn(usize, usize) -> f32 + Sync)
 /// Packs a row-major f32 matrix (rows × cols, row stride `ld`) into `dst` as row-major bf16 A, padded
 /// with zeros to (pad(rows, 32) × pad(cols, 32)).
 pub fn pack_a_rows(dst: &mut Vec<bf16>, src: &[f32], rows: usize, cols: usize, ld: usize) {
-    let (m, k) = (pad(rows, BLOCK), pad(cols, DEPTH));
+    pack_a_rows_to(dst, src, rows, cols, ld, pad(cols, DEPTH));
+}
+
+/// [`pack_a_rows`] with the rows padded to `k` values (at least `cols`, even) instead of a multiple
+/// of 32 (see [`pack_b_to`]).
+pub fn pack_a_rows_to(
+    dst: &mut Vec<bf16>,
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    k: usize,
+) {
+    debug_assert!(k >= cols && k.is_multiple_of(2));
+    let m = pad(rows, BLOCK);
     // Every element is written once (values, then the zero padding), not zeroed first.
     dst.clear();
     dst.reserve(m * k);

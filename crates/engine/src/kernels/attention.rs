@@ -202,6 +202,8 @@ fn bf16_attention(
     let d = inner / heads;
     let scale = 1.0 / (d as f32).sqrt();
     let (dp, mp) = (amx::pad(d, amx::BLOCK), amx::pad(m, amx::BLOCK));
+    // The depth of q · Kᵀ: d padded as the unit needs (AMX: 40 → 64; AVX-512 BF16: 40).
+    let kd = super::bf16_depth(d);
     // Kᵀ (d × m) of each (image, head) in AMX's B order (a chunk of keys is a contiguous run of it), and
     // V (m × d) as one B operand per chunk of keys, the chunks one after another.
     let packed: Vec<(Vec<bf16>, Vec<bf16>)> = (0..b * heads)
@@ -209,7 +211,7 @@ fn bf16_attention(
         .map(|bh| {
             let (batch, head) = (bh / heads, bh % heads);
             let base = batch * m * inner + head * d;
-            let keys = amx::pack_b(d, m, |r, c| k[base + c * inner + r]);
+            let keys = amx::pack_b_to(d, kd, m, |r, c| k[base + c * inner + r]);
             let mut values = Vec::with_capacity(mp * dp);
             let mut chunk = Vec::new();
             for c0 in (0..m).step_by(KEY_CHUNK) {
@@ -244,23 +246,23 @@ fn bf16_attention(
                 let rows = QUERY_BLOCK.min(n - row0);
                 let (keys, values) = &packed[bh];
                 let q_start = (batch * n + row0) * inner + head * d;
-                amx::pack_a_rows(q_block, &q[q_start..], rows, d, inner);
-                q_block.resize(rows_p * dp, bf16::ZERO);
+                amx::pack_a_rows_to(q_block, &q[q_start..], rows, d, inner, kd);
+                q_block.resize(rows_p * kd, bf16::ZERO);
                 acc.fill(0.0);
                 stats.fill((f32::NEG_INFINITY, 0.0));
                 // Causal: no row of this block sees keys past its last row.
                 let keys_seen = if causal { (row0 + rows).min(m) } else { m };
                 for c0 in (0..keys_seen).step_by(KEY_CHUNK) {
                     let width = KEY_CHUNK.min(mp - c0);
-                    // SAFETY: bf16 products are available (the caller checked); q_block is rows_p × dp, the keys'
-                    // chunk dp × width (columns c0.. of the packed Kᵀ), scores rows_p × width.
+                    // SAFETY: bf16 products are available (the caller checked); q_block is rows_p × kd, the keys'
+                    // chunk kd × width (columns c0.. of the packed Kᵀ), scores rows_p × width.
                     unsafe {
                         super::bf16_matmul(
                             rows_p,
                             width,
-                            dp,
+                            kd,
                             q_block,
-                            &keys[c0 * dp..][..width * dp],
+                            &keys[c0 * kd..][..width * kd],
                             scores.as_mut_ptr(),
                             width,
                             false,

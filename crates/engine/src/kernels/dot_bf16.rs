@@ -34,7 +34,7 @@ pub fn available() -> bool {
 }
 
 /// C (m × n, f32, row stride `ldc`) = A · B, with A (m × k) and B (k × n) packed by `amx`'s packers
-/// (m, n multiples of [`BLOCK`], k of [`DEPTH`]); split over the thread pool when `parallel`.
+/// (m, n multiples of [`BLOCK`], k even: whole pairs); split over the thread pool when `parallel`.
 ///
 /// # Safety
 /// [`available`] must be true, `a` and `b` must hold m·k and k·n values, and `c` must be valid for
@@ -50,7 +50,7 @@ pub unsafe fn matmul(
     ldc: usize,
     parallel: bool,
 ) {
-    debug_assert!(m.is_multiple_of(BLOCK) && n.is_multiple_of(BLOCK) && k.is_multiple_of(DEPTH));
+    debug_assert!(m.is_multiple_of(BLOCK) && n.is_multiple_of(BLOCK) && k.is_multiple_of(2));
     debug_assert!(a.len() >= m * k && b.len() >= k * n);
     let c = SharedMut(c);
     let blocks = (m / BLOCK) * (n / BLOCK);

@@ -87,11 +87,22 @@ pub fn bf16_available() -> bool {
     amx::available() || dot_bf16::available()
 }
 
+/// The depth a bf16 product of depth `k` is padded to: a multiple of [`amx::DEPTH`] for AMX's tiles,
+/// of 2 (whole pairs) for AVX-512 BF16.
+pub fn bf16_depth(k: usize) -> usize {
+    if amx::available() {
+        amx::pad(k, amx::DEPTH)
+    } else {
+        k.next_multiple_of(2)
+    }
+}
+
 /// C (m × n, f32, row stride `ldc`) = A · B for operands packed by [`amx`]'s packers, on AMX where the
 /// CPU has it, else with AVX-512 BF16 ([`dot_bf16`]); split over the thread pool when `parallel`.
 ///
 /// # Safety
-/// [`bf16_available`] must be true; m and n multiples of [`amx::BLOCK`], k of [`amx::DEPTH`]; `a` and
+/// [`bf16_available`] must be true; m and n multiples of [`amx::BLOCK`], k of [`amx::DEPTH`] (or
+/// padded by [`bf16_depth`]); `a` and
 /// `b` hold m·k and k·n values; `c` is valid for writes of m rows of n values at stride `ldc`, used by
 /// no one else meanwhile.
 #[allow(clippy::too_many_arguments)]

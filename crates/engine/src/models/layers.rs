@@ -8,7 +8,7 @@ use half::bf16;
 
 use crate::kernels;
 
-/// A copy of a layer's weights in the order a product reads them (bf16 for AMX, or f32 panels for
+/// A copy of a layer's weights in the order a product reads them (bf16 for the bf16 products, or f32 panels for
 /// [`kernels::sgemm`]), made on first use (so runs that never take that path never pay for it) and
 /// shared by clones of the layer.
 #[derive(Debug)]
@@ -68,7 +68,7 @@ fn bf16_only(weight: &Tensor) -> bool {
 }
 
 /// A 2-D convolution with a bias. Convolutions of f32 CPU tensors run through
-/// [`kernels::conv::conv2d`] (in bf16 on AMX when bf16 products are on); everything else through
+/// [`kernels::conv::conv2d`] (in bf16 when bf16 products are on); everything else through
 /// candle's own convolution.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -148,8 +148,11 @@ pub fn conv2d(
         stride,
         ..Default::default()
     };
+    let vb_prefix = vb.prefix();
     let plain = candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?;
-    let bias = plain.bias().expect("candle_nn::conv2d has a bias").clone();
+    let Some(bias) = plain.bias().cloned() else {
+        candle_core::bail!("{}: convolution without a bias", vb_prefix);
+    };
     Conv2d::new(plain.weight().clone(), bias, cfg)
 }
 
@@ -217,8 +220,8 @@ pub fn group_norm_silu(norm: &GroupNorm, xs: &Tensor) -> Result<Tensor> {
     norm.apply(xs, true)
 }
 
-/// A linear layer (`x · Wᵀ + b`). f32 CPU inputs multiply through [`kernels::linear`]: in bf16 on AMX
-/// when bf16 products are on (unless built by [`linear_f32`]), otherwise in f32 with the bias added in
+/// A linear layer (`x · Wᵀ + b`). f32 CPU inputs multiply through [`kernels::linear`]: in bf16 when
+/// bf16 products are on (unless built by [`linear_f32`]), otherwise in f32 with the bias added in
 /// the product, from weights repacked per call or [`Linear::packed_once`]; other devices and dtypes use
 /// candle's product.
 #[derive(Debug, Clone)]
