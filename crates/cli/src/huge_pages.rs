@@ -10,8 +10,9 @@
 //! 45 → 22 ms with that setting (the time of a product into an already-touched buffer), 73 → 41 ms
 //! with this allocator in a slower minute of the same VM. Elsewhere this is the plain system allocator.
 //!
-//! Freed large blocks are also kept, up to [`CACHE_BYTES`] in all, and handed out again for the next
-//! request of the same size (sizes rounded up to whole 2 MiB pages): a UNet step asks for the same
+//! Freed large blocks are also kept, up to [`CACHE_BYTES`] in all (the longest-kept freed first to make
+//! room), and handed out again for the next request of the same size (sizes rounded up to whole 2 MiB
+//! pages): a UNet step asks for the same
 //! few activation sizes over and over, and a kept block is already faulted in, where a fresh one has
 //! every page cleared by the kernel first (a tenth of a bf16 512² step's CPU time on an AMD EPYC VM).
 
@@ -31,15 +32,33 @@ const SLOTS: usize = 32;
 /// [`System`] plus `MADV_HUGEPAGE` on large blocks and a small cache of freed ones.
 pub struct HugePages;
 
-/// Freed large blocks: (address, size) per slot, size 0 when empty; and their total size.
+/// A kept block: address, size, alignment, and when it was kept (0 for an empty slot).
+#[derive(Clone, Copy)]
+struct Kept {
+    ptr: usize,
+    size: usize,
+    align: usize,
+    stamp: u64,
+}
+
+const EMPTY: Kept = Kept {
+    ptr: 0,
+    size: 0,
+    align: 0,
+    stamp: 0,
+};
+
+/// Freed large blocks, their total size, and the next stamp.
 struct Cache {
-    slots: [(usize, usize); SLOTS],
+    slots: [Kept; SLOTS],
     bytes: usize,
+    clock: u64,
 }
 
 static CACHE: Mutex<Cache> = Mutex::new(Cache {
-    slots: [(0, 0); SLOTS],
+    slots: [EMPTY; SLOTS],
     bytes: 0,
+    clock: 0,
 });
 
 /// The size a large block of `size` bytes is really allocated with: whole 2 MiB pages, so that blocks
@@ -58,24 +77,61 @@ fn take(size: usize, align: usize) -> Option<*mut u8> {
     let slot = cache
         .slots
         .iter()
-        .position(|&(ptr, kept)| kept == size && ptr.is_multiple_of(align))?;
-    let (ptr, _) = std::mem::take(&mut cache.slots[slot]);
+        .position(|k| k.size == size && k.ptr.is_multiple_of(align))?;
+    let kept = std::mem::replace(&mut cache.slots[slot], EMPTY);
     cache.bytes -= size;
-    Some(ptr as *mut u8)
+    Some(kept.ptr as *mut u8)
 }
 
-/// Keeps a freed block of `size` bytes if there is room; false if it must be freed.
-fn keep(ptr: *mut u8, size: usize) -> bool {
-    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if cache.bytes + size > CACHE_BYTES {
+/// Keeps a freed block of `size` bytes (rounded) with alignment `align`, freeing the longest-kept
+/// blocks to make room; false if it is too large to keep (the caller frees it).
+fn keep(ptr: *mut u8, size: usize, align: usize) -> bool {
+    if size > CACHE_BYTES {
         return false;
     }
-    let Some(slot) = cache.slots.iter().position(|&(_, kept)| kept == 0) else {
-        return false;
+    let mut evicted = [EMPTY; SLOTS];
+    let kept = {
+        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        while cache.bytes + size > CACHE_BYTES || cache.slots.iter().all(|k| k.size != 0) {
+            let Some(oldest) = (0..SLOTS)
+                .filter(|&i| cache.slots[i].size != 0)
+                .min_by_key(|&i| cache.slots[i].stamp)
+            else {
+                break;
+            };
+            evicted[n] = std::mem::replace(&mut cache.slots[oldest], EMPTY);
+            cache.bytes -= evicted[n].size;
+            n += 1;
+        }
+        cache.clock += 1;
+        let stamp = cache.clock;
+        // There is a free slot now (the loop above emptied one if all were taken).
+        match cache.slots.iter().position(|k| k.size == 0) {
+            Some(slot) => {
+                cache.slots[slot] = Kept {
+                    ptr: ptr as usize,
+                    size,
+                    align,
+                    stamp,
+                };
+                cache.bytes += size;
+                true
+            }
+            None => false,
+        }
     };
-    cache.slots[slot] = (ptr as usize, size);
-    cache.bytes += size;
-    true
+    for block in evicted.iter().filter(|k| k.size != 0) {
+        // SAFETY: a block this allocator got from `System` with this size and alignment, freed by its
+        // owner and no longer in the cache.
+        unsafe {
+            System.dealloc(
+                block.ptr as *mut u8,
+                Layout::from_size_align_unchecked(block.size, block.align),
+            )
+        };
+    }
+    kept
 }
 
 /// Advises the whole 2 MiB pages inside `size` bytes at `ptr` to be backed by huge pages. Advice only:
@@ -133,7 +189,7 @@ unsafe impl GlobalAlloc for HugePages {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let size = rounded(layout.size());
-        if size >= LARGE && keep(ptr, size) {
+        if size >= LARGE && keep(ptr, size, layout.align()) {
             return;
         }
         // SAFETY: the pointer `alloc` returned for this layout, with the size it allocated.
