@@ -4,7 +4,9 @@
 //! A network is built through a [`Recorder`]: a candle backend that reads from the real source (a memory
 //! map, a renamed checkpoint) and remembers every tensor it hands out. The remembered [`NamedWeights`]
 //! share storage with the network itself (candle tensors are reference counted), so keeping them costs no
-//! memory. A variant is then built from a [`VarBuilder`] over the same tensors with some replaced.
+//! memory — except for a UNet loaded while bf16 products are on, whose layers keep only bf16 copies:
+//! its matrices are remembered in bf16 ([`Recorder::wrap_for_bf16_layers`]), half their f32 size. A
+//! variant is then built from a [`VarBuilder`] over the same tensors with some replaced.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

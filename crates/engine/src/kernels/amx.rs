@@ -362,7 +362,7 @@ pub unsafe fn store_block(c: *mut f32, ldc: usize) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// A packed element by element with `half`'s rounding: the reference for `pack_a_rows`.
@@ -392,12 +392,7 @@ mod tests {
             (64, 96, 320),
             (5, 70, 100),
         ] {
-            let a: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7919) % 23) as f32 / 7.0 - 1.5)
-                .collect();
-            let b: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 104_729) % 19) as f32 / 5.0 - 1.8)
-                .collect();
+            let (a, b) = operands(m, n, k);
             let pa = pack_a(m, k, |r, c| a[r * k + c]);
             let pb = pack_b(k, n, |r, c| b[r * n + c]);
             // The per-call packers give the same bits, into buffers that held other values (they
@@ -410,20 +405,44 @@ mod tests {
             let (mp, np, kp) = (pad(m, BLOCK), pad(n, BLOCK), pad(k, DEPTH));
             let mut c = vec![0f32; mp * np];
             unsafe { matmul(mp, np, kp, &pa, &pb, c.as_mut_ptr(), np, true) };
-            for r in 0..m {
-                for col in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|i| {
-                            bf16::from_f32(a[r * k + i]).to_f64()
-                                * bf16::from_f32(b[i * n + col]).to_f64()
-                        })
-                        .sum();
-                    let got = c[r * np + col] as f64;
-                    assert!(
-                        (got - want).abs() < 1e-3 * (1.0 + want.abs()),
-                        "{m}x{n}x{k} ({r},{col}): {got} vs {want}"
-                    );
-                }
+            check_product(&a, &b, (m, n, k), &c, np, 1e-3);
+        }
+    }
+
+    /// Two awkward but exact-in-f32 operands, A (m × k) and B (k × n), row-major.
+    pub(in crate::kernels) fn operands(m: usize, n: usize, k: usize) -> (Vec<f32>, Vec<f32>) {
+        let a = (0..m * k)
+            .map(|i| ((i * 7919) % 23) as f32 / 7.0 - 1.5)
+            .collect();
+        let b = (0..k * n)
+            .map(|i| ((i * 104_729) % 19) as f32 / 5.0 - 1.8)
+            .collect();
+        (a, b)
+    }
+
+    /// Asserts that `c` (row stride `ldc`) is A · B of the bf16-rounded operands, summed in f64, within
+    /// `tolerance` relative to 1 + |sum|.
+    pub(in crate::kernels) fn check_product(
+        a: &[f32],
+        b: &[f32],
+        (m, n, k): (usize, usize, usize),
+        c: &[f32],
+        ldc: usize,
+        tolerance: f64,
+    ) {
+        for r in 0..m {
+            for col in 0..n {
+                let want: f64 = (0..k)
+                    .map(|i| {
+                        bf16::from_f32(a[r * k + i]).to_f64()
+                            * bf16::from_f32(b[i * n + col]).to_f64()
+                    })
+                    .sum();
+                let got = c[r * ldc + col] as f64;
+                assert!(
+                    (got - want).abs() < tolerance * (1.0 + want.abs()),
+                    "{m}x{n}x{k} ({r},{col}): {got} vs {want}"
+                );
             }
         }
     }

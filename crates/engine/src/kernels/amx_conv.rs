@@ -186,11 +186,12 @@ fn convolve(xs: &[f32], s: &Shape4, packed: &[bf16], bias: &[f32]) -> Vec<f32> {
         let a0 = packed[cb * BLOCK * depth..].as_ptr();
         let (image, q0) = (pb / per_image, pb % per_image * BLOCK);
         let base = input[(image * pairs * plane + q0) * 2..].as_ptr();
-        // SAFETY: with AMX, the caller configured the tiles; every A tile (or row of A) lies in this block's 32 rows of
-        // weights (the packed weights have pad(c_out, 32) rows of `depth`), and every B tile in
-        // `input`: its 16 pairs of channels are planes of this image, and its 32 positions at the
-        // largest shift end at most BLOCK + kw positions past the last plane, which `channel_pairs`
-        // padded with zeros. The block is 32 × 32 floats.
+        // SAFETY: with AMX, the caller configured the tiles; without, AVX-512 BF16 is available. Every
+        // A tile (or row of A) lies in this block's 32 rows of weights (the packed weights have
+        // pad(c_out, 32) rows of `depth`), and every B tile (or vector) in `input`: its 16 pairs of
+        // channels are planes of this image, and its 32 positions at the largest shift end at most
+        // BLOCK + kw positions past the last plane, which `channel_pairs` padded with zeros. The
+        // block is 32 × 32 floats.
         unsafe {
             if use_amx {
                 let a1 = a0.add(16 * depth);

@@ -3,7 +3,8 @@
 //! [`QUERY_BLOCK`] rows against [`KEY_CHUNK`] keys at a time (an online softmax), never the full
 //! (tokens × tokens) matrix; both read q and write the output in their
 //! (b, tokens, heads·d) layout, so the heads are never split out or transposed. Keys and values are
-//! packed once per (image, head) for the products (f32: [`super::sgemm`]; bf16: AMX's operand order); the softmax is
+//! packed once per (image, head) for the products (f32: [`super::sgemm`]; bf16: AMX's operand order,
+//! run on AMX or AVX-512 BF16); the softmax is
 //! left undivided and each output row is divided by its sum after the second product (d values per
 //! row instead of one per key).
 
@@ -185,12 +186,12 @@ fn f32_attention(
         );
 }
 
-/// The bf16 path of [`BlockedAttention`] (on AMX or AVX-512 BF16, see [`super::bf16_matmul`]): Kᵀ and V of every (image, head) packed once, then per
-/// block of [`QUERY_BLOCK`] query rows, per chunk of [`KEY_CHUNK`] keys: scores = q · Kᵀ, their
-/// exponentials against the running row maximum (rounded to bf16 for the second product), and
-/// out += probabilities · V, the earlier sums and outputs rescaled whenever a row's maximum grows
-/// (the online softmax). Scores and probabilities of one chunk stay in L1/L2 instead of a whole block of
-/// rows against all keys passing through memory.
+/// The bf16 path of [`BlockedAttention`] (on AMX or AVX-512 BF16, see [`super::bf16_matmul`]): Kᵀ and
+/// V of every (image, head) packed once, then per block of [`QUERY_BLOCK`] query rows, per chunk of
+/// [`KEY_CHUNK`] keys: scores = q · Kᵀ, their exponentials against the running row maximum (rounded to
+/// bf16 for the second product), and out += probabilities · V, the earlier sums and outputs rescaled
+/// whenever a row's maximum grows (the online softmax). Scores and probabilities of one chunk stay in
+/// L1/L2 instead of a whole block of rows against all keys passing through memory.
 fn bf16_attention(
     q: &[f32],
     k: &[f32],
@@ -254,8 +255,9 @@ fn bf16_attention(
                 let keys_seen = if causal { (row0 + rows).min(m) } else { m };
                 for c0 in (0..keys_seen).step_by(KEY_CHUNK) {
                     let width = KEY_CHUNK.min(mp - c0);
-                    // SAFETY: bf16 products are available (the caller checked); q_block is rows_p × kd, the keys'
-                    // chunk kd × width (columns c0.. of the packed Kᵀ), scores rows_p × width.
+                    // SAFETY: bf16 products are available (the caller checked); q_block is
+                    // rows_p × kd, the keys' chunk kd × width (columns c0.. of the packed Kᵀ), scores
+                    // rows_p × width.
                     unsafe {
                         super::bf16_matmul(
                             rows_p,

@@ -241,6 +241,7 @@ unsafe fn block_product(_: *const bf16, _: usize, _: *const bf16, _: *mut f32, _
 
 #[cfg(test)]
 mod tests {
+    use super::super::amx::tests::{check_product, operands};
     use super::super::amx::{pack_a_rows, pack_b_rows, pad};
     use super::*;
 
@@ -257,35 +258,16 @@ mod tests {
             (5, 70, 100),
             (96, 64, 2880),
         ] {
-            let a: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7919) % 23) as f32 / 7.0 - 1.5)
-                .collect();
-            let b: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 104_729) % 19) as f32 / 5.0 - 1.8)
-                .collect();
+            let (a, b) = operands(m, n, k);
             let (mut pa, mut pb) = (Vec::new(), Vec::new());
             pack_a_rows(&mut pa, &a, m, k, k);
             pack_b_rows(&mut pb, &b, k, n, n);
             let (mp, np, kp) = (pad(m, BLOCK), pad(n, BLOCK), pad(k, DEPTH));
-            let mut c = vec![f32::NAN; mp * np];
             for parallel in [false, true] {
+                let mut c = vec![f32::NAN; mp * np];
                 // SAFETY: available; pa is mp × kp, pb kp × np, c mp × np.
                 unsafe { matmul(mp, np, kp, &pa, &pb, c.as_mut_ptr(), np, parallel) };
-                for i in 0..m {
-                    for j in 0..n {
-                        let exact: f64 = (0..k)
-                            .map(|t| {
-                                bf16::from_f32(a[i * k + t]).to_f64()
-                                    * bf16::from_f32(b[t * n + j]).to_f64()
-                            })
-                            .sum();
-                        let got = c[i * np + j] as f64;
-                        assert!(
-                            (got - exact).abs() <= 1e-4 * (1.0 + exact.abs()),
-                            "{m}x{n}x{k} at ({i}, {j}): {got} vs {exact}"
-                        );
-                    }
-                }
+                check_product(&a, &b, (m, n, k), &c, np, 1e-4);
             }
         }
     }

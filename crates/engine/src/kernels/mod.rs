@@ -6,7 +6,9 @@
 //! group norm is a chain of ~10 tensor ops, its convolution copies the input into an im2col buffer), so
 //! they are written here, with two matrix kernels under them: [`sgemm`], our blocked f32 product for a
 //! right operand packed once and reused (linear layers, attention, Winograd), and the `gemm` crate (the
-//! kernel candle itself uses, with its AVX-512 kernels enabled) for the tiled convolution. Each kernel is
+//! kernel candle itself uses, with its AVX-512 kernels enabled) for the tiled convolution; in bf16
+//! ([`set_bf16_products`]) the products run on [`amx`] tiles or, without AMX, with AVX-512 BF16
+//! ([`dot_bf16`]), over the same packed operands ([`bf16_matmul`]). Each kernel is
 //! a candle custom op for f32 tensors on the CPU; the callers in `models::layers` and
 //! `models::attention` fall back to the plain candle operation for any other device or dtype, and the
 //! tests in this module check each kernel against that plain operation.
@@ -102,9 +104,8 @@ pub fn bf16_depth(k: usize) -> usize {
 ///
 /// # Safety
 /// [`bf16_available`] must be true; m and n multiples of [`amx::BLOCK`], k of [`amx::DEPTH`] (or
-/// padded by [`bf16_depth`]); `a` and
-/// `b` hold m·k and k·n values; `c` is valid for writes of m rows of n values at stride `ldc`, used by
-/// no one else meanwhile.
+/// padded by [`bf16_depth`]); `a` and `b` hold m·k and k·n values; `c` is valid for writes of m rows
+/// of n values at stride `ldc`, used by no one else meanwhile.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn bf16_matmul(
     m: usize,
