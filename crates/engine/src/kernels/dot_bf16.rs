@@ -6,8 +6,8 @@
 //! with a vector of B (16 columns × one pair of rows, the VNNI order `amx::pack_b` writes) and one pair
 //! of A's values broadcast to every lane, one instruction is 32 multiply-adds (an f32 FMA is 16). A
 //! register tile is 12 (or 8) rows × 32 columns (two vectors per row, 24 sums held in registers over
-//! the whole depth); a 32 × 32 block of C is three such tiles (12 + 12 + 8 rows). No crate offers this product over these
-//! layouts; the intrinsics are `core::arch`'s.
+//! the whole depth); a 32 × 32 block of C is three such tiles (12 + 12 + 8 rows). No crate offers this
+//! product over these layouts; the intrinsics are `core::arch`'s.
 
 use std::sync::OnceLock;
 
