@@ -357,7 +357,7 @@ fn enhance_options_change_the_prompt_that_runs_and_styles_are_listed() {
 }
 
 #[test]
-fn precision_bf16_runs_close_to_fp32_on_amx_or_is_refused_with_the_reason() {
+fn precision_bf16_runs_close_to_fp32_where_the_cpu_has_it_or_is_refused_with_the_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     make_demo(root, "demo", false);
@@ -371,7 +371,7 @@ fn precision_bf16_runs_close_to_fp32_on_amx_or_is_refused_with_the_reason() {
         &["--seed", "3", "--precision", "bf16"],
     ));
     if o.status.success() {
-        // This CPU has AMX: the same images up to bf16 rounding.
+        // This CPU has AMX or AVX-512 BF16: the same images up to bf16 rounding.
         for i in 0..2 {
             let (a, b) = (
                 read_rgb(&fp32_out.join(format!("{i}.png"))),
