@@ -57,6 +57,18 @@ struct Cache {
     clock: u64,
 }
 
+impl Cache {
+    /// Takes the longest-kept block out of the cache (the caller frees it), if there is one.
+    fn evict_oldest(&mut self) -> Option<Kept> {
+        let oldest = (0..SLOTS)
+            .filter(|&i| self.slots[i].size != 0)
+            .min_by_key(|&i| self.slots[i].stamp)?;
+        let kept = std::mem::replace(&mut self.slots[oldest], EMPTY);
+        self.bytes -= kept.size;
+        Some(kept)
+    }
+}
+
 static CACHE: Mutex<Cache> = Mutex::new(Cache {
     slots: [EMPTY; SLOTS],
     bytes: 0,
@@ -96,14 +108,10 @@ fn keep(ptr: *mut u8, size: usize, align: usize) -> bool {
         let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
         let mut n = 0;
         while cache.bytes + size > CACHE_BYTES || cache.slots.iter().all(|k| k.size != 0) {
-            let Some(oldest) = (0..SLOTS)
-                .filter(|&i| cache.slots[i].size != 0)
-                .min_by_key(|&i| cache.slots[i].stamp)
-            else {
+            let Some(oldest) = cache.evict_oldest() else {
                 break;
             };
-            evicted[n] = std::mem::replace(&mut cache.slots[oldest], EMPTY);
-            cache.bytes -= evicted[n].size;
+            evicted[n] = oldest;
             n += 1;
         }
         cache.clock += 1;
@@ -129,7 +137,7 @@ fn keep(ptr: *mut u8, size: usize, align: usize) -> bool {
 
 /// Frees the longest-kept blocks until at least `size` bytes are freed or none are left: called before
 /// a large block is allocated afresh, so that the cache gives back what the new block takes and the
-/// process's resident memory only grows when the cache is empty (its peak stays that of the live
+/// process's resident memory only grows when the cache is empty (its peak stays near that of the live
 /// blocks).
 fn shrink(size: usize) {
     let mut evicted = [EMPTY; SLOTS];
@@ -137,15 +145,11 @@ fn shrink(size: usize) {
         let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
         let (mut n, mut freed) = (0, 0);
         while freed < size {
-            let Some(oldest) = (0..SLOTS)
-                .filter(|&i| cache.slots[i].size != 0)
-                .min_by_key(|&i| cache.slots[i].stamp)
-            else {
+            let Some(oldest) = cache.evict_oldest() else {
                 break;
             };
-            evicted[n] = std::mem::replace(&mut cache.slots[oldest], EMPTY);
-            cache.bytes -= evicted[n].size;
-            freed += evicted[n].size;
+            freed += oldest.size;
+            evicted[n] = oldest;
             n += 1;
         }
     }
