@@ -49,6 +49,16 @@ enum Weights<P> {
     Bf16(Arc<P>),
 }
 
+impl<P> Weights<P> {
+    /// f32 weights, with no bf16 copy packed yet.
+    fn f32(weight: Tensor) -> Self {
+        Weights::F32 {
+            weight,
+            bf16: PackedWeights::default(),
+        }
+    }
+}
+
 impl<P> Clone for Weights<P> {
     fn clone(&self) -> Self {
         match self {
@@ -84,10 +94,7 @@ impl Conv2d {
         let weights = if bf16_only(&weight) && config.dilation == 1 && config.groups == 1 {
             Weights::Bf16(Arc::new(kernels::conv::Bf16ConvWeights::pack(&weight)?))
         } else {
-            Weights::F32 {
-                weight,
-                bf16: PackedWeights::default(),
-            }
+            Weights::f32(weight)
         };
         Ok(Conv2d {
             weights,
@@ -245,10 +252,7 @@ impl Linear {
         let weights = if bf16_only(&weight) {
             Weights::Bf16(Arc::new(kernels::linear::pack_weight(&weight)?))
         } else {
-            Weights::F32 {
-                weight,
-                bf16: PackedWeights::default(),
-            }
+            Weights::f32(weight)
         };
         Ok(Linear {
             weights,
@@ -332,10 +336,7 @@ pub fn linear_f32(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linea
     let plain = candle_nn::linear(in_dim, out_dim, vb)?;
     Ok(Linear {
         out_features: out_dim,
-        weights: Weights::F32 {
-            weight: plain.weight().clone(),
-            bf16: PackedWeights::default(),
-        },
+        weights: Weights::f32(plain.weight().clone()),
         bias: plain.bias().cloned(),
         packed_f32: PackedWeights::default(),
         always_f32: true,
