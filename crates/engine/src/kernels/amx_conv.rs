@@ -78,7 +78,7 @@ impl CustomOp2 for DirectConv<'_> {
             kw,
             p,
         };
-        let out = convolve(xs, &shape, self.weights.packed(), bias);
+        let out = convolve(xs, &shape, self.weights.packed()?, bias);
         let (ho, wo) = shape.output();
         Ok((CpuStorage::F32(out), Shape::from((batch, c_out, ho, wo))))
     }

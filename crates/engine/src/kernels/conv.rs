@@ -1,7 +1,8 @@
 //! 2-D convolution as one matrix product per tile of output positions, the tile's im2col matrix built
 //! from row copies of a zero-padded input (no whole-image im2col buffer, no layout change). In f32,
-//! 3×3 stride-1 convolutions over large maps go to [`super::winograd`] instead; in bf16, stride-1 ones
-//! over multiples of 32 input channels go to [`super::amx_conv`], which needs no im2col matrix at all.
+//! 3×3 stride-1 convolutions over large maps go to [`super::winograd`] instead; in bf16, 3×3 stride-1
+//! ones whose weights were packed in Winograd form go to [`super::winograd_bf16`], and other stride-1
+//! ones over multiples of 32 input channels to [`super::amx_conv`], which needs no im2col matrix at all.
 //!
 //! The input is copied once into a zero-padded (c_in, h + 2p, w + 2p) image (not at all without
 //! padding). A tile is a run of output positions over all images of the batch, taken row segment by row
@@ -22,18 +23,28 @@ const COLUMN_FLOATS: usize = 1 << 20;
 const MIN_TILE: usize = 96;
 const MAX_TILE: usize = 2048;
 
-/// A convolution's weights packed once as the bf16 A operand of the AMX products (see `amx`), with the
-/// depth in (tap, input channel) order: c_out rows of kh·kw runs of c_in values, the layout both the
-/// tiled product (its columns are built in that order) and [`super::amx_conv`] read. Holds the
-/// (c_out, c_in, kh, kw) it came from, so the f32 weights need not be kept beside it.
+/// A convolution's weights packed once for the bf16 products (see `amx`), in one of two forms: for the
+/// direct product, the A operand with the depth in (tap, input channel) order (c_out rows of kh·kw runs
+/// of c_in values, the layout both the tiled product and [`super::amx_conv`] read); or, for 3×3
+/// stride-1 convolutions [`super::winograd_bf16`] takes, their Winograd transform. Holds the (c_out,
+/// c_in, kh, kw) it came from, so the f32 weights need not be kept beside it.
 #[derive(Debug)]
 pub struct Bf16ConvWeights {
-    packed: Vec<bf16>,
+    form: Bf16Form,
     dims: (usize, usize, usize, usize),
 }
 
+/// How [`Bf16ConvWeights`] holds the weights.
+#[derive(Debug)]
+enum Bf16Form {
+    /// pad(c_out, 32) rows of pad(kh·kw·c_in, 32), for the direct and tiled products.
+    Direct(Vec<bf16>),
+    /// U = G g Gᵀ per point, by [`super::winograd_bf16::transform_weights`].
+    Winograd(Vec<bf16>),
+}
+
 impl Bf16ConvWeights {
-    /// Packs f32 weights (c_out, c_in, kh, kw).
+    /// Packs f32 weights (c_out, c_in, kh, kw) for the direct (or tiled) product.
     pub fn pack(weight: &Tensor) -> Result<Self> {
         let dims = weight.dims4()?;
         let (c_out, c_in, kh, kw) = dims;
@@ -44,7 +55,19 @@ impl Bf16ConvWeights {
             .to_vec1::<f32>()?;
         let mut packed = Vec::new();
         amx::pack_a_rows(&mut packed, &by_tap, c_out, depth, depth);
-        Ok(Bf16ConvWeights { packed, dims })
+        Ok(Bf16ConvWeights {
+            form: Bf16Form::Direct(packed),
+            dims,
+        })
+    }
+
+    /// Transforms f32 weights (c_out, c_in, 3, 3) for [`super::winograd_bf16`]: the caller checks
+    /// [`super::winograd_bf16::fits`]. Such weights serve stride-1 convolutions only.
+    pub fn pack_winograd(weight: &Tensor) -> Result<Self> {
+        Ok(Bf16ConvWeights {
+            form: Bf16Form::Winograd(super::winograd_bf16::transform_weights(weight)?),
+            dims: weight.dims4()?,
+        })
     }
 
     /// The (c_out, c_in, kh, kw) of the weights.
@@ -52,9 +75,25 @@ impl Bf16ConvWeights {
         self.dims
     }
 
-    /// The packed values: pad(c_out, 32) rows of pad(kh·kw·c_in, 32).
-    pub fn packed(&self) -> &[bf16] {
-        &self.packed
+    /// The weights packed for the direct product: pad(c_out, 32) rows of pad(kh·kw·c_in, 32); an error
+    /// for weights in Winograd form.
+    pub fn packed(&self) -> Result<&[bf16]> {
+        match &self.form {
+            Bf16Form::Direct(packed) => Ok(packed),
+            Bf16Form::Winograd(_) => {
+                candle_core::bail!(
+                    "bf16 convolution weights in Winograd form, not packed for the direct product"
+                )
+            }
+        }
+    }
+
+    /// The weights' Winograd transform, if they were packed in that form.
+    pub fn winograd(&self) -> Option<&[bf16]> {
+        match &self.form {
+            Bf16Form::Winograd(u) => Some(u),
+            Bf16Form::Direct(_) => None,
+        }
     }
 }
 
@@ -110,7 +149,18 @@ pub fn conv2d(
                     "conv2d: bf16 weights, but this CPU has neither AMX nor AVX-512 BF16"
                 );
             }
-            if super::amx_conv::fits(c_in, stride) {
+            if packed.winograd().is_some() {
+                if stride != 1 {
+                    candle_core::bail!("conv2d: weights in Winograd form at stride {stride}");
+                }
+                xs.apply_op2_no_bwd(
+                    &bias,
+                    &super::winograd_bf16::WinogradConv {
+                        padding,
+                        weights: packed,
+                    },
+                )
+            } else if super::amx_conv::fits(c_in, stride) {
                 xs.apply_op2_no_bwd(
                     &bias,
                     &super::amx_conv::DirectConv {
@@ -208,7 +258,7 @@ impl CustomOp2 for TiledConv<'_> {
         self.run(
             contiguous_f32(x_storage, x_layout, CustomOp2::name(self))?,
             x_layout.shape().dims4()?,
-            TiledWeights::Bf16(weights.packed()),
+            TiledWeights::Bf16(weights.packed()?),
             weights.dims(),
             contiguous_f32(b_storage, b_layout, CustomOp2::name(self))?,
         )
@@ -235,7 +285,7 @@ impl TiledConv<'_> {
         let padded: &[f32] = if p == 0 {
             xs
         } else {
-            padded_storage = pad_planes(xs, (h, w), (hp, wp), p);
+            padded_storage = pad_planes(xs, (h, w), (hp, wp), p, 0);
             &padded_storage
         };
 

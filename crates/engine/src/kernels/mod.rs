@@ -1,6 +1,7 @@
 //! Hand-written CPU kernels for the operations where candle's generic CPU ops are slow or memory-hungry
 //! on Stable Diffusion's shapes: attention that never holds the whole score matrix, 3×3 / 1×1
-//! convolution as shifted matrix products (no im2col buffer), and group norm fused with SiLU.
+//! convolution as shifted matrix products or by Winograd's minimal filtering (no im2col buffer), and
+//! group norm fused with SiLU.
 //!
 //! No crate provides these for candle tensors (candle's own CPU attention materialises the scores, its
 //! group norm is a chain of ~10 tensor ops, its convolution copies the input into an im2col buffer), so
@@ -25,6 +26,7 @@ pub mod linear;
 pub mod sgemm;
 mod vector;
 pub mod winograd;
+pub mod winograd_bf16;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -133,14 +135,15 @@ pub fn bf16_products() -> bool {
 }
 
 /// Copies planes of h × w (`xs`, one after another) into zero-filled planes of hp × wp with each plane's
-/// top-left corner at (pad, pad): the padded input both convolutions read.
+/// top-left corner at (pad, pad), followed by `tail` zeros: the padded input the convolutions read.
 fn pad_planes(
     xs: &[f32],
     (h, w): (usize, usize),
     (hp, wp): (usize, usize),
     pad: usize,
+    tail: usize,
 ) -> Vec<f32> {
-    let mut padded = vec![0f32; xs.len() / (h * w) * hp * wp];
+    let mut padded = vec![0f32; xs.len() / (h * w) * hp * wp + tail];
     padded
         .par_chunks_mut(hp * wp)
         .zip(xs.par_chunks(h * w))
@@ -236,8 +239,8 @@ mod tests {
     #[test]
     fn pad_planes_frames_each_plane_with_zeros() {
         let xs: Vec<f32> = (1..=8).map(|v| v as f32).collect(); // two planes of 2 × 2
-        let padded = pad_planes(&xs, (2, 2), (4, 5), 1);
-        assert_eq!(padded.len(), 2 * 20);
+        let padded = pad_planes(&xs, (2, 2), (4, 5), 1, 3);
+        assert_eq!(padded.len(), 2 * 20 + 3);
         assert_eq!(&padded[5..10], &[0.0, 1.0, 2.0, 0.0, 0.0]);
         assert_eq!(&padded[20 + 10..20 + 15], &[0.0, 7.0, 8.0, 0.0, 0.0]);
         assert_eq!(padded.iter().sum::<f32>(), 36.0);

@@ -278,7 +278,7 @@ fn convolve<T: Transforms>(
             };
         });
 
-        let padded = pad_planes(xs, (h, w), (hp, wp), p);
+        let padded = pad_planes(xs, (h, w), (hp, wp), p, 0);
 
         let windows = batch * th * tw;
         let mut out = vec![0f32; batch * c_out * ho * wo];

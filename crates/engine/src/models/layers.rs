@@ -77,6 +77,18 @@ fn bf16_only(weight: &Tensor) -> bool {
     kernels::bf16_products() && kernels::accepts(weight)
 }
 
+/// How a convolution multiplies when bf16 products are on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Conv {
+    /// Every tap by every input channel, as in f32 (each product rounds its two inputs once).
+    Direct,
+    /// 3×3 stride-1 convolutions by Winograd's F(2×2, 3×3) ([`kernels::winograd_bf16`]) where it
+    /// fits: 2.25× fewer products for about 1.7× the rounding error of `Direct`. The UNet's choice,
+    /// where the time is; the VAE stays `Direct` (its encoder's error goes straight into an img2img's
+    /// latents, which the tiny pipelines' bf16 test showed to be the sensitive place).
+    Winograd,
+}
+
 /// A 2-D convolution with a bias. Convolutions of f32 CPU tensors run through
 /// [`kernels::conv::conv2d`] (in bf16 when bf16 products are on); everything else through
 /// candle's own convolution.
@@ -85,14 +97,15 @@ pub struct Conv2d {
     weights: Weights<kernels::conv::Bf16ConvWeights>,
     bias: Tensor,
     config: Conv2dConfig,
+    bf16: Bf16Conv,
 }
 
 impl Conv2d {
     /// A convolution with f32 `weight` (c_out, c_in, kh, kw) and `bias` (c_out), as it is to run in
     /// this process (keeping only a bf16 copy of the weights when bf16 products are on).
-    fn new(weight: Tensor, bias: Tensor, config: Conv2dConfig) -> Result<Self> {
+    fn new(weight: Tensor, bias: Tensor, config: Conv2dConfig, bf16: Bf16Conv) -> Result<Self> {
         let weights = if bf16_only(&weight) && config.dilation == 1 && config.groups == 1 {
-            Weights::Bf16(Arc::new(kernels::conv::Bf16ConvWeights::pack(&weight)?))
+            Weights::Bf16(Arc::new(pack_bf16(&weight, config.stride, bf16)?))
         } else {
             Weights::f32(weight)
         };
@@ -100,6 +113,7 @@ impl Conv2d {
             weights,
             bias,
             config,
+            bf16,
         })
     }
 
@@ -126,7 +140,7 @@ impl Module for Conv2d {
             {
                 if kernels::bf16_products() {
                     kernels::conv::ConvWeights::Bf16(
-                        bf16.get_or_pack(|| kernels::conv::Bf16ConvWeights::pack(weight))?,
+                        bf16.get_or_pack(|| pack_bf16(weight, cfg.stride, self.bf16))?,
                     )
                 } else {
                     kernels::conv::ConvWeights::F32(weight)
@@ -141,13 +155,48 @@ impl Module for Conv2d {
     }
 }
 
-/// A 2-D convolution with square kernel, the given stride and padding, and a bias.
+/// `weight`'s bf16 copy for a convolution at `stride` multiplying as `bf16` says.
+fn pack_bf16(
+    weight: &Tensor,
+    stride: usize,
+    bf16: Bf16Conv,
+) -> Result<kernels::conv::Bf16ConvWeights> {
+    if bf16 == Bf16Conv::Winograd && kernels::winograd_bf16::fits(weight.dims4()?, stride) {
+        kernels::conv::Bf16ConvWeights::pack_winograd(weight)
+    } else {
+        kernels::conv::Bf16ConvWeights::pack(weight)
+    }
+}
+
+/// A 2-D convolution with square kernel, the given stride and padding, and a bias, multiplying directly
+/// in bf16 (see [`conv2d_with`]).
 pub fn conv2d(
     in_channels: usize,
     out_channels: usize,
     kernel: usize,
     stride: usize,
     padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    conv2d_with(
+        in_channels,
+        out_channels,
+        kernel,
+        stride,
+        padding,
+        Bf16Conv::Direct,
+        vb,
+    )
+}
+
+/// [`conv2d`] multiplying as `bf16` says when bf16 products are on.
+pub fn conv2d_with(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    bf16: Bf16Conv,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
     let cfg = Conv2dConfig {
@@ -160,7 +209,7 @@ pub fn conv2d(
     let Some(bias) = plain.bias().cloned() else {
         candle_core::bail!("{}: convolution without a bias", vb_prefix);
     };
-    Conv2d::new(plain.weight().clone(), bias, cfg)
+    Conv2d::new(plain.weight().clone(), bias, cfg, bf16)
 }
 
 /// A group norm with affine weights. f32 CPU tensors go through the fused

@@ -3,7 +3,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{self, conv2d, group_norm, group_norm_silu, Conv2d, GroupNorm, Linear};
+use super::layers::{
+    self, conv2d, conv2d_with, group_norm, group_norm_silu, Bf16Conv, Conv2d, GroupNorm, Linear,
+};
 
 /// One residual block as diffusers builds it (output scale factor 1, "default" time shift).
 #[derive(Debug)]
@@ -18,13 +20,14 @@ pub struct ResnetBlock {
 
 impl ResnetBlock {
     /// Loads a block going from `in_ch` to `out_ch` channels; `temb_ch` is the time embedding width (UNet) or
-    /// `None` (VAE).
+    /// `None` (VAE); its 3×3 convolutions multiply as `bf16` says when bf16 products are on.
     pub fn new(
         in_ch: usize,
         out_ch: usize,
         temb_ch: Option<usize>,
         groups: usize,
         eps: f64,
+        bf16: Bf16Conv,
         vb: VarBuilder,
     ) -> Result<Self> {
         let conv_shortcut = if in_ch != out_ch {
@@ -34,13 +37,13 @@ impl ResnetBlock {
         };
         Ok(ResnetBlock {
             norm1: group_norm(groups, in_ch, eps, vb.pp("norm1"))?,
-            conv1: conv2d(in_ch, out_ch, 3, 1, 1, vb.pp("conv1"))?,
+            conv1: conv2d_with(in_ch, out_ch, 3, 1, 1, bf16, vb.pp("conv1"))?,
             time_emb_proj: match temb_ch {
                 Some(t) => Some(layers::linear(t, out_ch, vb.pp("time_emb_proj"))?),
                 None => None,
             },
             norm2: group_norm(groups, out_ch, eps, vb.pp("norm2"))?,
-            conv2: conv2d(out_ch, out_ch, 3, 1, 1, vb.pp("conv2"))?,
+            conv2: conv2d_with(out_ch, out_ch, 3, 1, 1, bf16, vb.pp("conv2"))?,
             conv_shortcut,
         })
     }

@@ -4,7 +4,9 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::SpatialTransformer;
-use super::layers::{self, conv2d, group_norm, group_norm_silu, Conv2d, GroupNorm, Linear};
+use super::layers::{
+    self, conv2d, conv2d_with, group_norm, group_norm_silu, Bf16Conv, Conv2d, GroupNorm, Linear,
+};
 use super::resnet::ResnetBlock;
 use super::tome::TokenMerging;
 use crate::config::UNetConfig;
@@ -121,7 +123,15 @@ impl UNet {
             for j in 0..layers[i] {
                 let rin = if j == 0 { in_ch } else { out_ch };
                 let rvb = vb.pp(format!("resnets.{j}"));
-                resnets.push(ResnetBlock::new(rin, out_ch, Some(temb), groups, eps, rvb)?);
+                resnets.push(ResnetBlock::new(
+                    rin,
+                    out_ch,
+                    Some(temb),
+                    groups,
+                    eps,
+                    Bf16Conv::Winograd,
+                    rvb,
+                )?);
                 if cross {
                     attentions.push(transformer(out_ch, i, vb.pp(format!("attentions.{j}")))?);
                 }
@@ -151,9 +161,25 @@ impl UNet {
                 let vb = vb.pp("mid_block");
                 let c = ch[n - 1];
                 Some(MidBlock {
-                    resnet0: ResnetBlock::new(c, c, Some(temb), groups, eps, vb.pp("resnets.0"))?,
+                    resnet0: ResnetBlock::new(
+                        c,
+                        c,
+                        Some(temb),
+                        groups,
+                        eps,
+                        Bf16Conv::Winograd,
+                        vb.pp("resnets.0"),
+                    )?,
                     attention: transformer(c, n - 1, vb.pp("attentions.0"))?,
-                    resnet1: ResnetBlock::new(c, c, Some(temb), groups, eps, vb.pp("resnets.1"))?,
+                    resnet1: ResnetBlock::new(
+                        c,
+                        c,
+                        Some(temb),
+                        groups,
+                        eps,
+                        Bf16Conv::Winograd,
+                        vb.pp("resnets.1"),
+                    )?,
                 })
             }
             None => None,
@@ -181,6 +207,7 @@ impl UNet {
                     Some(temb),
                     groups,
                     eps,
+                    Bf16Conv::Winograd,
                     rvb,
                 )?);
                 if cross {
@@ -192,7 +219,15 @@ impl UNet {
                 }
             }
             let upsampler = if i + 1 < n {
-                Some(conv2d(out_ch, out_ch, 3, 1, 1, vb.pp("upsamplers.0.conv"))?)
+                Some(conv2d_with(
+                    out_ch,
+                    out_ch,
+                    3,
+                    1,
+                    1,
+                    Bf16Conv::Winograd,
+                    vb.pp("upsamplers.0.conv"),
+                )?)
             } else {
                 None
             };
@@ -212,12 +247,13 @@ impl UNet {
             mid_block,
             up_blocks,
             conv_norm_out: group_norm(groups, ch[0], eps, vb.pp("conv_norm_out"))?,
-            conv_out: conv2d(
+            conv_out: conv2d_with(
                 ch[0],
                 config.out_channels,
                 config.conv_out_kernel,
                 1,
                 config.conv_out_kernel / 2,
+                Bf16Conv::Winograd,
                 vb.pp("conv_out"),
             )?,
         })

@@ -4,7 +4,7 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::attention::VaeAttention;
-use super::layers::{conv2d, group_norm, group_norm_silu, Conv2d, GroupNorm};
+use super::layers::{conv2d, group_norm, group_norm_silu, Bf16Conv, Conv2d, GroupNorm};
 use super::resnet::ResnetBlock;
 use crate::config::VaeConfig;
 use crate::rng::TorchGenerator;
@@ -22,13 +22,29 @@ struct MidBlock {
 impl MidBlock {
     fn new(c: usize, groups: usize, attention: bool, vb: VarBuilder) -> Result<Self> {
         Ok(MidBlock {
-            resnet0: ResnetBlock::new(c, c, None, groups, EPS, vb.pp("resnets.0"))?,
+            resnet0: ResnetBlock::new(
+                c,
+                c,
+                None,
+                groups,
+                EPS,
+                Bf16Conv::Direct,
+                vb.pp("resnets.0"),
+            )?,
             attention: if attention {
                 Some(VaeAttention::new(c, groups, vb.pp("attentions.0"))?)
             } else {
                 None
             },
-            resnet1: ResnetBlock::new(c, c, None, groups, EPS, vb.pp("resnets.1"))?,
+            resnet1: ResnetBlock::new(
+                c,
+                c,
+                None,
+                groups,
+                EPS,
+                Bf16Conv::Direct,
+                vb.pp("resnets.1"),
+            )?,
         })
     }
 
@@ -77,6 +93,7 @@ impl Encoder {
                         None,
                         groups,
                         EPS,
+                        Bf16Conv::Direct,
                         vb.pp(format!("resnets.{j}")),
                     )
                 })
@@ -159,6 +176,7 @@ impl Decoder {
                         None,
                         groups,
                         EPS,
+                        Bf16Conv::Direct,
                         vb.pp(format!("resnets.{j}")),
                     )
                 })
