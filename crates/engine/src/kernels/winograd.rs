@@ -30,9 +30,11 @@ use super::{contiguous_f32, pad_planes, row_segments, threads, Segment, SharedMu
 /// Whether a 3×3 stride-1 convolution of `c_in` → `c_out` channels whose output is `batch` × `ho` × `wo`
 /// is worth the weight transform, or the direct product of [`super::conv`] is as fast: below 256 output
 /// positions it never is, and with F(2×2) (see [`Tile::choose`]) only while U per window stays within
-/// [`F2_MAX_U_PER_WINDOW`] (measured side by side, best of three: at 16² × 2 the direct product took
-/// 91 / 176 / 124 ms where F2 took 144 / 268 / 183 ms for 1280 / 2560 / 1920 → 1280 channels, 205k–410k
-/// U floats per window, but F2 won at 1280 → 640 (30 vs 39 ms, 102k) and on 32² maps).
+/// [`F2_MAX_U_PER_WINDOW`]. Measured side by side, best of five, on an AMD EPYC Zen 4 (the machine the
+/// bound is set for): at 16² × 2, 1280 / 2560 / 1920 → 1280 channels (205k–410k U floats per window), the
+/// direct product took 88 / 176 / 129–134 ms and F2 57 / 103–112 / 88–92 ms; at 16² × 1 (410k, 819k)
+/// 39–44 / 81–85 against 32–36 / 57–60 ms. (On the Intel Xeon of earlier sessions the same 16² × 2 layers
+/// went the other way, 91 / 176 / 124 ms direct against 144 / 268 / 183 ms F2.)
 pub fn worthwhile(batch: usize, (ho, wo): (usize, usize), c_in: usize, c_out: usize) -> bool {
     if batch * ho * wo < 256 {
         return false;
@@ -47,7 +49,7 @@ pub fn worthwhile(batch: usize, (ho, wo): (usize, usize), c_in: usize, c_out: us
 }
 
 /// With F(2×2), the most floats of U per window for which the weight transform still repays itself.
-const F2_MAX_U_PER_WINDOW: usize = 1 << 17;
+const F2_MAX_U_PER_WINDOW: usize = 1 << 20;
 
 /// Convolves `xs` (b, c_in, h, w) with a 3×3 `weight` (c_out, c_in, 3, 3) at stride 1 and zero padding
 /// `padding`, and adds `bias` (c_out); returns (b, c_out, h + 2p − 2, w + 2p − 2).
@@ -979,11 +981,14 @@ mod tests {
         // F4 layers (the VAE, the UNet's 320 and 640 channels on large maps).
         assert!(worthwhile(2, (64, 64), 320, 320));
         assert!(worthwhile(1, (512, 512), 128, 128));
-        // F2 with 205k U floats per window (1280 channels on 16² maps): the direct product.
-        assert!(!worthwhile(2, (16, 16), 1280, 1280));
-        assert!(!worthwhile(2, (16, 16), 2560, 1280));
-        // F2 with 102k (1280 → 640 on 16²) and 51k (1280 channels on 32²): Winograd.
+        // F2 with up to 819k U floats per window (the UNet's 1280-channel layers on 16² maps, batch 1 or
+        // 2): Winograd.
+        assert!(worthwhile(2, (16, 16), 1280, 1280));
+        assert!(worthwhile(2, (16, 16), 2560, 1280));
+        assert!(worthwhile(1, (16, 16), 2560, 1280));
         assert!(worthwhile(2, (16, 16), 1280, 640));
         assert!(worthwhile(2, (32, 32), 1280, 1280));
+        // Beyond that (1.6M per window: 2560 → 2560 channels on a 16² map, batch 1): the direct product.
+        assert!(!worthwhile(1, (16, 16), 2560, 2560));
     }
 }
