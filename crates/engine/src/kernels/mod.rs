@@ -52,17 +52,25 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, kernel: &str) ->
     }
 }
 
-/// A raw output pointer shared by parallel tasks that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+/// A raw output pointer shared by parallel tasks that write disjoint parts of one buffer (of f32, or of
+/// bf16 operands being packed).
+struct SharedMut<T = f32>(*mut T);
+
+impl<T> Clone for SharedMut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for SharedMut<T> {}
 
 // SAFETY: every kernel hands each task a region of the buffer no other task touches.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
 
-impl SharedMut {
+impl<T> SharedMut<T> {
     /// The pointer `offset` elements in. (A method, so closures capture the whole `Send` wrapper.)
-    fn at(self, offset: usize) -> *mut f32 {
+    fn at(self, offset: usize) -> *mut T {
         // SAFETY: callers stay inside the allocation the pointer came from.
         unsafe { self.0.add(offset) }
     }

@@ -59,7 +59,7 @@ pub fn transform_weights(weight: &Tensor) -> Result<Vec<bf16>> {
     let rows = amx::pad(c_out, BLOCK);
     // Rows past c_out stay zero.
     let mut u = vec![bf16::ZERO; POINTS * rows * c_in];
-    let dst = SharedMut16(u.as_mut_ptr());
+    let dst = SharedMut(u.as_mut_ptr());
     // G's rows: g0, (g0 + g1 + g2) / 2, (g0 − g1 + g2) / 2, g2.
     let along = |[a, b, c]: [f32; 3]| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
     g.par_chunks_exact(9 * c_in)
@@ -218,18 +218,16 @@ fn input_transforms(
     let pairs = g.c_in / 2;
     let groups = pairs.div_ceil(PAIRS_PER_TASK);
     let blocks = columns / BLOCK;
-    let v = SharedMut16(v.as_mut_ptr());
+    let v = SharedMut(v.as_mut_ptr());
     let (hq, wq) = g.planes;
     (0..blocks * groups).into_par_iter().for_each(|task| {
         let (block, group) = (task / groups, task % groups);
         let first = start + block * BLOCK;
         let count = BLOCK.min(start + len - first);
         let pieces = row_segments(first, count, g.grid);
+        // Zero once: every pair writes the same windows' lanes, so those past `count` stay zero.
         let mut stage = Stage([[[0f32; BLOCK]; 2]; POINTS]);
         for pair in group * PAIRS_PER_TASK..((group + 1) * PAIRS_PER_TASK).min(pairs) {
-            if count < BLOCK {
-                stage.0 = [[[0f32; BLOCK]; 2]; POINTS];
-            }
             for (half, lane) in stage_lanes(&mut stage) {
                 for piece in &pieces {
                     let channel = piece.image * g.c_in + 2 * pair + half;
@@ -271,22 +269,6 @@ fn stage_lanes(stage: &mut Stage) -> [(usize, *mut f32); 2] {
     let base = stage.0.as_mut_ptr().cast::<f32>();
     // SAFETY: channel 1's first row lies 32 floats into the stage.
     [(0, base), (1, unsafe { base.add(BLOCK) })]
-}
-
-/// A raw bf16 output pointer shared by tasks writing disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct SharedMut16(*mut bf16);
-
-// SAFETY: every task writes only its own parts (rows of U, (block, pair) runs of V).
-unsafe impl Send for SharedMut16 {}
-unsafe impl Sync for SharedMut16 {}
-
-impl SharedMut16 {
-    /// The pointer `offset` elements in (a method, so closures capture the whole `Send` wrapper).
-    fn at(self, offset: usize) -> *mut bf16 {
-        // SAFETY: callers stay inside the allocation the pointer came from.
-        unsafe { self.0.add(offset) }
-    }
 }
 
 /// The products and output transforms for windows `start..start + len` (V for them in `v`, `columns`
