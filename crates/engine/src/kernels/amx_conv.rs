@@ -15,73 +15,50 @@
 //! then packed to bf16 per call) this reads the input once per tap from cache and writes nothing but
 //! the output.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape};
+use candle_core::Result;
 use half::bf16;
 use rayon::prelude::*;
 
 use super::amx::{self, BLOCK, DEPTH};
 use super::conv::Bf16ConvWeights;
-use super::{contiguous_f32, dot_bf16, row_segments, threads, vector, SharedMut};
+use super::{dot_bf16, row_segments, threads, vector, SharedMut};
 
-/// Whether [`DirectConv`] takes a convolution of `c_in` input channels at `stride`.
+/// Whether [`conv2d_direct`] takes a convolution of `c_in` input channels at `stride`.
 pub fn fits(c_in: usize, stride: usize) -> bool {
     stride == 1 && c_in > 0 && c_in.is_multiple_of(DEPTH)
 }
 
-/// A stride-1 convolution with zero padding `padding` and bf16 weights, as a candle custom op over
-/// (input, bias); the caller checks [`fits`] and that AMX is available.
-pub struct DirectConv<'a> {
-    /// Zero padding on every side.
-    pub padding: usize,
-    /// The weights (taps outermost in the depth).
-    pub weights: &'a Bf16ConvWeights,
-}
-
-impl CustomOp2 for DirectConv<'_> {
-    fn name(&self) -> &'static str {
-        "pictor-amx-conv2d"
+/// The stride-1 convolution of `xs` (`dims` = batch, c_in, h, w) with zero padding `padding` by weights
+/// packed for the direct product, plus `bias` (c_out): the output (batch, c_out, ho, wo) and (ho, wo).
+/// Errors if [`fits`] does not hold or the CPU has no bf16 products; the caller checked that the
+/// sizes agree (see `conv::conv2d`).
+pub fn conv2d_direct(
+    xs: &[f32],
+    (batch, c_in, h, w): (usize, usize, usize, usize),
+    weights: &Bf16ConvWeights,
+    padding: usize,
+    bias: &[f32],
+) -> Result<(Vec<f32>, (usize, usize))> {
+    let (c_out, _, kh, kw) = weights.dims();
+    if !super::bf16_available() || !fits(c_in, 1) {
+        candle_core::bail!(
+            "direct bf16 convolution: {c_in} input channels (a multiple of 32 is needed), bf16 \
+             products available: {}",
+            super::bf16_available()
+        );
     }
-
-    fn cpu_fwd(
-        &self,
-        x_storage: &CpuStorage,
-        x_layout: &Layout,
-        b_storage: &CpuStorage,
-        b_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let xs = contiguous_f32(x_storage, x_layout, self.name())?;
-        let bias = contiguous_f32(b_storage, b_layout, self.name())?;
-        let (batch, c_in, h, w) = x_layout.shape().dims4()?;
-        let (c_out, w_in, kh, kw) = self.weights.dims();
-        let p = self.padding;
-        if !super::bf16_available()
-            || !fits(c_in, 1)
-            || w_in != c_in
-            || bias.len() != c_out
-            || h + 2 * p < kh
-            || w + 2 * p < kw
-        {
-            candle_core::bail!(
-                "{}: input {:?}, weight {:?} do not fit this kernel",
-                self.name(),
-                x_layout.dims(),
-                self.weights.dims()
-            );
-        }
-        let shape = Shape4 {
-            batch,
-            c_in,
-            h,
-            w,
-            c_out,
-            kh,
-            kw,
-            p,
-        };
-        let out = convolve(xs, &shape, self.weights.packed()?, bias);
-        let (ho, wo) = shape.output();
-        Ok((CpuStorage::F32(out), Shape::from((batch, c_out, ho, wo))))
-    }
+    let shape = Shape4 {
+        batch,
+        c_in,
+        h,
+        w,
+        c_out,
+        kh,
+        kw,
+        p: padding,
+    };
+    let out = convolve(xs, &shape, weights.packed()?, bias);
+    Ok((out, shape.output()))
 }
 
 /// The sizes of one convolution.

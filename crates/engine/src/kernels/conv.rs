@@ -149,21 +149,13 @@ pub fn conv2d(
                     "conv2d: bf16 weights, but this CPU has neither AMX nor AVX-512 BF16"
                 );
             }
-            if packed.winograd().is_some() {
-                if stride != 1 {
-                    candle_core::bail!("conv2d: weights in Winograd form at stride {stride}");
-                }
+            if packed.winograd().is_some() && stride != 1 {
+                candle_core::bail!("conv2d: weights in Winograd form at stride {stride}");
+            }
+            if packed.winograd().is_some() || super::amx_conv::fits(c_in, stride) {
                 xs.apply_op2_no_bwd(
                     &bias,
-                    &super::winograd_bf16::WinogradConv {
-                        padding,
-                        weights: packed,
-                    },
-                )
-            } else if super::amx_conv::fits(c_in, stride) {
-                xs.apply_op2_no_bwd(
-                    &bias,
-                    &super::amx_conv::DirectConv {
+                    &StrideOneBf16 {
                         padding,
                         weights: packed,
                     },
@@ -195,6 +187,39 @@ pub fn conv2d(
                 },
             )
         }
+    }
+}
+
+/// The custom op behind [`conv2d`] for bf16 stride-1 convolutions over (input, bias): by Winograd
+/// ([`super::winograd_bf16`]) for weights in that form, else the im2col-free direct product
+/// ([`super::amx_conv`]); [`conv2d`] checked that the sizes agree.
+struct StrideOneBf16<'a> {
+    padding: usize,
+    weights: &'a Bf16ConvWeights,
+}
+
+impl CustomOp2 for StrideOneBf16<'_> {
+    fn name(&self) -> &'static str {
+        "pictor-conv2d-bf16-stride-1"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x_storage: &CpuStorage,
+        x_layout: &Layout,
+        b_storage: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xs = contiguous_f32(x_storage, x_layout, self.name())?;
+        let bias = contiguous_f32(b_storage, b_layout, self.name())?;
+        let dims = x_layout.shape().dims4()?;
+        let (out, (ho, wo)) = if self.weights.winograd().is_some() {
+            super::winograd_bf16::conv2d_winograd(xs, dims, self.weights, self.padding, bias)?
+        } else {
+            super::amx_conv::conv2d_direct(xs, dims, self.weights, self.padding, bias)?
+        };
+        let c_out = self.weights.dims().0;
+        Ok((CpuStorage::F32(out), Shape::from((dims.0, c_out, ho, wo))))
     }
 }
 

@@ -17,13 +17,13 @@
 //! products has AVX-512 BF16, Sapphire Rapids' AMX included, so [`fits`] asks for it); no crate does
 //! this for candle tensors.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
 use super::amx::{self, BLOCK};
 use super::conv::Bf16ConvWeights;
-use super::{contiguous_f32, dot_bf16, pad_planes, row_segments, vector, SharedMut};
+use super::{dot_bf16, pad_planes, row_segments, vector, SharedMut};
 
 /// Points of a 4 × 4 window (ξ = 4 · i + j).
 pub const POINTS: usize = 16;
@@ -84,53 +84,26 @@ pub fn transform_weights(weight: &Tensor) -> Result<Vec<bf16>> {
     Ok(u)
 }
 
-/// The convolution as a candle custom op over (input, bias), with the weights transformed by
-/// [`transform_weights`] (held in `weights`); the caller checks [`fits`].
-pub struct WinogradConv<'a> {
-    /// Zero padding on every side.
-    pub padding: usize,
-    /// The weights, in their Winograd form.
-    pub weights: &'a Bf16ConvWeights,
-}
-
-impl CustomOp2 for WinogradConv<'_> {
-    fn name(&self) -> &'static str {
-        "pictor-winograd-conv2d-bf16"
+/// The convolution of `xs` (`dims` = batch, c_in, h, w) with zero padding `padding` by weights in
+/// Winograd form ([`transform_weights`]), plus `bias` (c_out): the output (batch, c_out, ho, wo) and
+/// (ho, wo). Errors for weights not in that form or where [`fits`] does not hold; the caller checked
+/// that the sizes agree (see `conv::conv2d`).
+pub fn conv2d_winograd(
+    xs: &[f32],
+    (batch, c_in, h, w): (usize, usize, usize, usize),
+    weights: &Bf16ConvWeights,
+    padding: usize,
+    bias: &[f32],
+) -> Result<(Vec<f32>, (usize, usize))> {
+    let dims = weights.dims();
+    let Some(u) = weights.winograd() else {
+        candle_core::bail!("bf16 Winograd convolution: the weights are not in Winograd form");
+    };
+    if !fits(dims, 1) {
+        candle_core::bail!("bf16 Winograd convolution: weights {dims:?} do not fit this kernel");
     }
-
-    fn cpu_fwd(
-        &self,
-        x_storage: &CpuStorage,
-        x_layout: &Layout,
-        b_storage: &CpuStorage,
-        b_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let xs = contiguous_f32(x_storage, x_layout, self.name())?;
-        let bias = contiguous_f32(b_storage, b_layout, self.name())?;
-        let (batch, c_in, h, w) = x_layout.shape().dims4()?;
-        let dims = self.weights.dims();
-        let p = self.padding;
-        let Some(u) = self.weights.winograd() else {
-            candle_core::bail!("{}: the weights are not in Winograd form", self.name());
-        };
-        if !fits(dims, 1)
-            || dims.1 != c_in
-            || bias.len() != dims.0
-            || h + 2 * p < 3
-            || w + 2 * p < 3
-        {
-            candle_core::bail!(
-                "{}: input {:?}, weight {:?} do not fit this kernel",
-                self.name(),
-                x_layout.dims(),
-                dims
-            );
-        }
-        let geometry = Geometry::new(batch, c_in, (h, w), dims.0, p);
-        let out = convolve(xs, &geometry, u, bias, V_BYTES);
-        let (ho, wo) = geometry.output;
-        Ok((CpuStorage::F32(out), Shape::from((batch, dims.0, ho, wo))))
-    }
+    let geometry = Geometry::new(batch, c_in, (h, w), dims.0, padding);
+    Ok((convolve(xs, &geometry, u, bias, V_BYTES), geometry.output))
 }
 
 /// The sizes of one call.
