@@ -142,7 +142,21 @@ pub fn pack_a_rows_to(
 /// [`pack_b`]); the per-call path for convolution columns. Runs on the calling thread. Every element is
 /// written once (values, then the zero padding), not zeroed first.
 pub fn pack_b_rows(dst: &mut Vec<bf16>, src: &[f32], rows: usize, cols: usize, ld: usize) {
-    let (k, n) = (pad(rows, DEPTH), pad(cols, BLOCK));
+    pack_b_rows_to(dst, src, rows, cols, ld, pad(cols, BLOCK));
+}
+
+/// [`pack_b_rows`] with the columns padded to `n` (at least `cols`, a multiple of 16) instead of a
+/// multiple of 32: for the products of [`super::dot_bf16`] (see [`super::bf16_columns`]).
+pub fn pack_b_rows_to(
+    dst: &mut Vec<bf16>,
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    n: usize,
+) {
+    debug_assert!(n >= cols && n.is_multiple_of(16));
+    let k = pad(rows, DEPTH);
     dst.clear();
     dst.reserve(k * n);
     let spare = &mut dst.spare_capacity_mut()[..k * n];

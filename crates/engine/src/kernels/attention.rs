@@ -202,7 +202,8 @@ fn bf16_attention(
 ) {
     let d = inner / heads;
     let scale = 1.0 / (d as f32).sqrt();
-    let (dp, mp) = (amx::pad(d, amx::BLOCK), amx::pad(m, amx::BLOCK));
+    // V's columns padded as the unit needs (AMX: 40 → 64; AVX-512 BF16: 40 → 48).
+    let (dp, mp) = (super::bf16_columns(d), amx::pad(m, amx::BLOCK));
     // The depth of q · Kᵀ: d padded as the unit needs (AMX: 40 → 64; AVX-512 BF16: 40).
     let kd = super::bf16_depth(d);
     // Kᵀ (d × m) of each (image, head) in AMX's B order (a chunk of keys is a contiguous run of it), and
@@ -217,7 +218,7 @@ fn bf16_attention(
             let mut chunk = Vec::new();
             for c0 in (0..m).step_by(KEY_CHUNK) {
                 let rows = KEY_CHUNK.min(m - c0);
-                amx::pack_b_rows(&mut chunk, &v[base + c0 * inner..], rows, d, inner);
+                amx::pack_b_rows_to(&mut chunk, &v[base + c0 * inner..], rows, d, inner, dp);
                 values.extend_from_slice(&chunk);
             }
             (keys, values)

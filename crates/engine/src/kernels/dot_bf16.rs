@@ -34,7 +34,7 @@ pub fn available() -> bool {
 }
 
 /// C (m × n, f32, row stride `ldc`) = A · B, with A (m × k) and B (k × n) packed by `amx`'s packers
-/// (m, n multiples of [`BLOCK`], k even: whole pairs); split over the thread pool when `parallel`.
+/// (m a multiple of [`BLOCK`], n of 16, k even: whole pairs); split over the thread pool when `parallel`.
 ///
 /// # Safety
 /// [`available`] must be true, `a` and `b` must hold m·k and k·n values, and `c` must be valid for
@@ -50,23 +50,29 @@ pub unsafe fn matmul(
     ldc: usize,
     parallel: bool,
 ) {
-    debug_assert!(m.is_multiple_of(BLOCK) && n.is_multiple_of(BLOCK) && k.is_multiple_of(2));
+    debug_assert!(m.is_multiple_of(BLOCK) && n.is_multiple_of(16) && k.is_multiple_of(2));
     debug_assert!(a.len() >= m * k && b.len() >= k * n);
     let c = SharedMut(c);
-    let blocks = (m / BLOCK) * (n / BLOCK);
+    // Blocks of 32 columns, the last one 16 wide when n is an odd number of 16s.
+    let across = n.div_ceil(BLOCK);
+    let blocks = (m / BLOCK) * across;
     let run = |range: std::ops::Range<usize>| {
         for block in range {
-            let (mb, nb) = (block / (n / BLOCK), block % (n / BLOCK));
+            let (mb, nb) = (block / across, block % across);
             let row = mb * BLOCK;
+            let (a, b) = (a.as_ptr(), b.as_ptr());
             // SAFETY: the caller's contract; the block lies inside A, B and C.
             unsafe {
-                block_product(
-                    a.as_ptr().add(row * k),
-                    k,
-                    b.as_ptr().add(nb * BLOCK * k),
+                let (a, b, c) = (
+                    a.add(row * k),
+                    b.add(nb * BLOCK * k),
                     c.at(row * ldc + nb * BLOCK),
-                    ldc,
-                )
+                );
+                if nb * BLOCK + 16 < n {
+                    block_product(a, k, b, c, ldc)
+                } else {
+                    half_block_product(a, k, b, c, ldc)
+                }
             };
         }
     };
@@ -85,17 +91,26 @@ pub unsafe fn matmul(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn block_product(a: *const bf16, k: usize, b: *const bf16, c: *mut f32, ldc: usize) {
-    block_tile::<12>(a, k, b, c, ldc);
-    block_tile::<12>(a.add(12 * k), k, b, c.add(12 * ldc), ldc);
-    block_tile::<8>(a.add(24 * k), k, b, c.add(24 * ldc), ldc);
+    block_tile::<12, 2>(a, k, b, c, ldc);
+    block_tile::<12, 2>(a.add(12 * k), k, b, c.add(12 * ldc), ldc);
+    block_tile::<8, 2>(a.add(24 * k), k, b, c.add(24 * ldc), ldc);
 }
 
-/// One register tile: rows `a` (R rows of `k` values) times the 32 columns of B starting at `b`
-/// (two VNNI column blocks of 16, each k/2 pairs × 16 × 2), written to `c`.
+/// A 32 × 16 block of C (the last 16 columns of an odd number of 16s): rows `a` times the 16 columns of
+/// B starting at `b`, as two register tiles of 16 rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn half_block_product(a: *const bf16, k: usize, b: *const bf16, c: *mut f32, ldc: usize) {
+    block_tile::<16, 1>(a, k, b, c, ldc);
+    block_tile::<16, 1>(a.add(16 * k), k, b, c.add(16 * ldc), ldc);
+}
+
+/// One register tile: rows `a` (R rows of `k` values) times the V · 16 columns of B starting at `b`
+/// (V VNNI column blocks of 16, each k/2 pairs × 16 × 2), written to `c`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
-unsafe fn block_tile<const R: usize>(
+unsafe fn block_tile<const R: usize, const V: usize>(
     a: *const bf16,
     k: usize,
     b: *const bf16,
@@ -106,30 +121,26 @@ unsafe fn block_tile<const R: usize>(
     let pairs = k / 2;
     // A's values as pairs: row r's pair p is the u32 at r·pairs + p.
     let a = a.cast::<u32>();
-    let (b0, b1) = (b.cast::<u32>(), b.add(16 * k).cast::<u32>());
-    let mut sums = [[_mm512_setzero_ps(); 2]; R];
+    let columns: [*const u32; V] = std::array::from_fn(|h| b.add(h * 16 * k).cast::<u32>());
+    let mut sums = [[_mm512_setzero_ps(); V]; R];
     for p in 0..pairs {
-        // SAFETY: p < k / 2 pairs of every row of A and of both column blocks of B.
-        let (v0, v1) = unsafe {
-            (
-                _mm512_loadu_si512(b0.add(16 * p).cast()),
-                _mm512_loadu_si512(b1.add(16 * p).cast()),
-            )
-        };
-        let (v0, v1) = (as_bf16(v0), as_bf16(v1));
+        // SAFETY: p < k / 2 pairs of every row of A and of every column block of B.
+        let v: [__m512bh; V] = std::array::from_fn(|h| unsafe {
+            as_bf16(_mm512_loadu_si512(columns[h].add(16 * p).cast()))
+        });
         for (r, row) in sums.iter_mut().enumerate() {
             // SAFETY: as above.
             let pair = unsafe { a.add(r * pairs + p).read_unaligned() };
             let broadcast = as_bf16(_mm512_set1_epi32(pair as i32));
-            row[0] = _mm512_dpbf16_ps(row[0], v0, broadcast);
-            row[1] = _mm512_dpbf16_ps(row[1], v1, broadcast);
+            for (sum, &v) in row.iter_mut().zip(&v) {
+                *sum = _mm512_dpbf16_ps(*sum, v, broadcast);
+            }
         }
     }
     for (r, row) in sums.iter().enumerate() {
-        // SAFETY: row r of the tile, 32 columns, inside C.
-        unsafe {
-            _mm512_storeu_ps(c.add(r * ldc), row[0]);
-            _mm512_storeu_ps(c.add(r * ldc + 16), row[1]);
+        for (h, sum) in row.iter().enumerate() {
+            // SAFETY: row r of the tile, V · 16 columns, inside C.
+            unsafe { _mm512_storeu_ps(c.add(r * ldc + 16 * h), *sum) };
         }
     }
 }
@@ -239,10 +250,15 @@ unsafe fn block_product(_: *const bf16, _: usize, _: *const bf16, _: *mut f32, _
     unreachable!("AVX-512 BF16 is x86-64 only; `available` is false elsewhere")
 }
 
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn half_block_product(_: *const bf16, _: usize, _: *const bf16, _: *mut f32, _: usize) {
+    unreachable!("AVX-512 BF16 is x86-64 only; `available` is false elsewhere")
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::amx::tests::{check_product, operands};
-    use super::super::amx::{pack_a_rows, pack_b_rows, pad};
+    use super::super::amx::{pack_a_rows, pack_b_rows_to, pad};
     use super::*;
 
     #[test]
@@ -256,18 +272,23 @@ mod tests {
             (33, 17, 45),
             (64, 96, 320),
             (5, 70, 100),
+            (64, 40, 1024),
             (96, 64, 2880),
         ] {
             let (a, b) = operands(m, n, k);
-            let (mut pa, mut pb) = (Vec::new(), Vec::new());
+            let mut pa = Vec::new();
             pack_a_rows(&mut pa, &a, m, k, k);
-            pack_b_rows(&mut pb, &b, k, n, n);
-            let (mp, np, kp) = (pad(m, BLOCK), pad(n, BLOCK), pad(k, DEPTH));
-            for parallel in [false, true] {
-                let mut c = vec![f32::NAN; mp * np];
-                // SAFETY: available; pa is mp × kp, pb kp × np, c mp × np.
-                unsafe { matmul(mp, np, kp, &pa, &pb, c.as_mut_ptr(), np, parallel) };
-                check_product(&a, &b, (m, n, k), &c, np, 1e-4);
+            let (mp, kp) = (pad(m, BLOCK), pad(k, DEPTH));
+            // B's columns padded to whole blocks of 32, and to 16 (a last block of 16 columns).
+            for np in [pad(n, BLOCK), n.next_multiple_of(16)] {
+                let mut pb = Vec::new();
+                pack_b_rows_to(&mut pb, &b, k, n, n, np);
+                for parallel in [false, true] {
+                    let mut c = vec![f32::NAN; mp * np];
+                    // SAFETY: available; pa is mp × kp, pb kp × np, c mp × np.
+                    unsafe { matmul(mp, np, kp, &pa, &pb, c.as_mut_ptr(), np, parallel) };
+                    check_product(&a, &b, (m, n, k), &c, np, 1e-4);
+                }
             }
         }
     }

@@ -109,12 +109,22 @@ pub fn bf16_depth(k: usize) -> usize {
     }
 }
 
+/// The columns a bf16 product with `n` columns of B is padded to: a multiple of [`amx::BLOCK`] for AMX's
+/// tiles, of 16 (one vector) for AVX-512 BF16.
+pub fn bf16_columns(n: usize) -> usize {
+    if amx::available() {
+        amx::pad(n, amx::BLOCK)
+    } else {
+        n.next_multiple_of(16)
+    }
+}
+
 /// C (m × n, f32, row stride `ldc`) = A · B for operands packed by [`amx`]'s packers, on AMX where the
 /// CPU has it, else with AVX-512 BF16 ([`dot_bf16`]); split over the thread pool when `parallel`.
 ///
 /// # Safety
-/// [`bf16_available`] must be true; m and n multiples of [`amx::BLOCK`], k of [`amx::DEPTH`] (or
-/// padded by [`bf16_depth`]); `a` and `b` hold m·k and k·n values; `c` is valid for writes of m rows
+/// [`bf16_available`] must be true; m a multiple of [`amx::BLOCK`], n too (or padded by
+/// [`bf16_columns`]), k of [`amx::DEPTH`] (or padded by [`bf16_depth`]); `a` and `b` hold m·k and k·n values; `c` is valid for writes of m rows
 /// of n values at stride `ldc`, used by no one else meanwhile.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn bf16_matmul(
