@@ -100,6 +100,10 @@ impl UNet {
         let transformer = |c: usize, i: usize, vb: VarBuilder| {
             SpatialTransformer::new(c, heads[i], depth[i], context, groups, linear, vb)
         };
+        // Every UNet resnet: the time embedding, and Winograd for its 3×3 convolutions in bf16.
+        let resnet = |c_in: usize, c_out: usize, vb: VarBuilder| {
+            ResnetBlock::new(c_in, c_out, Some(temb), groups, eps, Bf16Conv::Winograd, vb)
+        };
 
         let conv_in = conv2d(
             config.in_channels,
@@ -123,15 +127,7 @@ impl UNet {
             for j in 0..layers[i] {
                 let rin = if j == 0 { in_ch } else { out_ch };
                 let rvb = vb.pp(format!("resnets.{j}"));
-                resnets.push(ResnetBlock::new(
-                    rin,
-                    out_ch,
-                    Some(temb),
-                    groups,
-                    eps,
-                    Bf16Conv::Winograd,
-                    rvb,
-                )?);
+                resnets.push(resnet(rin, out_ch, rvb)?);
                 if cross {
                     attentions.push(transformer(out_ch, i, vb.pp(format!("attentions.{j}")))?);
                 }
@@ -161,25 +157,9 @@ impl UNet {
                 let vb = vb.pp("mid_block");
                 let c = ch[n - 1];
                 Some(MidBlock {
-                    resnet0: ResnetBlock::new(
-                        c,
-                        c,
-                        Some(temb),
-                        groups,
-                        eps,
-                        Bf16Conv::Winograd,
-                        vb.pp("resnets.0"),
-                    )?,
+                    resnet0: resnet(c, c, vb.pp("resnets.0"))?,
                     attention: transformer(c, n - 1, vb.pp("attentions.0"))?,
-                    resnet1: ResnetBlock::new(
-                        c,
-                        c,
-                        Some(temb),
-                        groups,
-                        eps,
-                        Bf16Conv::Winograd,
-                        vb.pp("resnets.1"),
-                    )?,
+                    resnet1: resnet(c, c, vb.pp("resnets.1"))?,
                 })
             }
             None => None,
@@ -201,15 +181,7 @@ impl UNet {
                 let skip = if j == num - 1 { in_ch } else { out_ch };
                 let rin = if j == 0 { prev_out } else { out_ch };
                 let rvb = vb.pp(format!("resnets.{j}"));
-                resnets.push(ResnetBlock::new(
-                    rin + skip,
-                    out_ch,
-                    Some(temb),
-                    groups,
-                    eps,
-                    Bf16Conv::Winograd,
-                    rvb,
-                )?);
+                resnets.push(resnet(rin + skip, out_ch, rvb)?);
                 if cross {
                     attentions.push(transformer(
                         out_ch,

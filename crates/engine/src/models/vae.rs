@@ -11,6 +11,12 @@ use crate::rng::TorchGenerator;
 
 const EPS: f64 = 1e-6;
 
+/// A VAE resnet block: no time embedding, and the direct product for its 3×3 convolutions in bf16
+/// (see [`Bf16Conv`]).
+fn resnet(c_in: usize, c_out: usize, groups: usize, vb: VarBuilder) -> Result<ResnetBlock> {
+    ResnetBlock::new(c_in, c_out, None, groups, EPS, Bf16Conv::Direct, vb)
+}
+
 /// The VAE's middle: ResNet, optional attention, ResNet.
 #[derive(Debug)]
 struct MidBlock {
@@ -22,29 +28,13 @@ struct MidBlock {
 impl MidBlock {
     fn new(c: usize, groups: usize, attention: bool, vb: VarBuilder) -> Result<Self> {
         Ok(MidBlock {
-            resnet0: ResnetBlock::new(
-                c,
-                c,
-                None,
-                groups,
-                EPS,
-                Bf16Conv::Direct,
-                vb.pp("resnets.0"),
-            )?,
+            resnet0: resnet(c, c, groups, vb.pp("resnets.0"))?,
             attention: if attention {
                 Some(VaeAttention::new(c, groups, vb.pp("attentions.0"))?)
             } else {
                 None
             },
-            resnet1: ResnetBlock::new(
-                c,
-                c,
-                None,
-                groups,
-                EPS,
-                Bf16Conv::Direct,
-                vb.pp("resnets.1"),
-            )?,
+            resnet1: resnet(c, c, groups, vb.pp("resnets.1"))?,
         })
     }
 
@@ -87,15 +77,7 @@ impl Encoder {
             let resnets = (0..cfg.layers_per_block)
                 .map(|j| {
                     let rin = if j == 0 { in_ch } else { out_ch };
-                    ResnetBlock::new(
-                        rin,
-                        out_ch,
-                        None,
-                        groups,
-                        EPS,
-                        Bf16Conv::Direct,
-                        vb.pp(format!("resnets.{j}")),
-                    )
+                    resnet(rin, out_ch, groups, vb.pp(format!("resnets.{j}")))
                 })
                 .collect::<Result<_>>()?;
             let resample = if i + 1 < ch.len() {
@@ -170,15 +152,7 @@ impl Decoder {
             let resnets = (0..cfg.layers_per_block + 1)
                 .map(|j| {
                     let rin = if j == 0 { prev } else { out_ch };
-                    ResnetBlock::new(
-                        rin,
-                        out_ch,
-                        None,
-                        groups,
-                        EPS,
-                        Bf16Conv::Direct,
-                        vb.pp(format!("resnets.{j}")),
-                    )
+                    resnet(rin, out_ch, groups, vb.pp(format!("resnets.{j}")))
                 })
                 .collect::<Result<_>>()?;
             let resample = if i + 1 < ch.len() {
