@@ -30,9 +30,9 @@ pub fn fits(c_in: usize, stride: usize) -> bool {
 
 /// The stride-1 convolution of `xs` (`dims` = batch, c_in, h, w) with zero padding `padding` by weights
 /// packed for the direct product, plus `bias` (c_out): the output (batch, c_out, ho, wo) and (ho, wo).
-/// Errors if [`fits`] does not hold or the CPU has no bf16 products; the caller checked that the
-/// sizes agree (see `conv::conv2d`).
-pub fn conv2d_direct(
+/// Errors if [`fits`] does not hold or the CPU has no bf16 products; the caller (`conv::conv2d`, the
+/// only one) checked that the sizes agree.
+pub(super) fn conv2d_direct(
     xs: &[f32],
     (batch, c_in, h, w): (usize, usize, usize, usize),
     weights: &Bf16ConvWeights,

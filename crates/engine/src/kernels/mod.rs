@@ -124,8 +124,9 @@ pub fn bf16_columns(n: usize) -> usize {
 ///
 /// # Safety
 /// [`bf16_available`] must be true; m a multiple of [`amx::BLOCK`], n too (or padded by
-/// [`bf16_columns`]), k of [`amx::DEPTH`] (or padded by [`bf16_depth`]); `a` and `b` hold m·k and k·n values; `c` is valid for writes of m rows
-/// of n values at stride `ldc`, used by no one else meanwhile.
+/// [`bf16_columns`]), k of [`amx::DEPTH`] (or padded by [`bf16_depth`]); `a` and `b` hold m·k and k·n
+/// values; `c` is valid for writes of m rows of n values at stride `ldc`, used by no one else
+/// meanwhile.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn bf16_matmul(
     m: usize,

@@ -26,7 +26,7 @@ use super::conv::Bf16ConvWeights;
 use super::{dot_bf16, pad_planes, row_segments, vector, SharedMut};
 
 /// Points of a 4 × 4 window (ξ = 4 · i + j).
-pub const POINTS: usize = 16;
+const POINTS: usize = 16;
 
 /// Windows of one product task: two blocks of 32 (M for 32 channels and 16 points is then 128 KiB).
 const TASK_WINDOWS: usize = 2 * BLOCK;
@@ -39,10 +39,7 @@ const V_BYTES: usize = 16 << 20;
 /// 1, input channels in multiples of 32 (every 3 × 3 convolution of SD's UNet and VAE but the first),
 /// on a CPU with AVX-512 BF16.
 pub fn fits((_, c_in, kh, kw): (usize, usize, usize, usize), stride: usize) -> bool {
-    (kh, kw, stride) == (3, 3, 1)
-        && c_in > 0
-        && c_in.is_multiple_of(amx::DEPTH)
-        && dot_bf16::available()
+    (kh, kw) == (3, 3) && super::amx_conv::fits(c_in, stride) && dot_bf16::available()
 }
 
 /// U = G g Gᵀ of f32 `weight` (c_out, c_in, 3, 3): for each point ξ in turn, pad(c_out, 32) rows of c_in
@@ -86,9 +83,9 @@ pub fn transform_weights(weight: &Tensor) -> Result<Vec<bf16>> {
 
 /// The convolution of `xs` (`dims` = batch, c_in, h, w) with zero padding `padding` by weights in
 /// Winograd form ([`transform_weights`]), plus `bias` (c_out): the output (batch, c_out, ho, wo) and
-/// (ho, wo). Errors for weights not in that form or where [`fits`] does not hold; the caller checked
-/// that the sizes agree (see `conv::conv2d`).
-pub fn conv2d_winograd(
+/// (ho, wo). Errors for weights not in that form or where [`fits`] does not hold; the caller
+/// (`conv::conv2d`, the only one) checked that the sizes agree.
+pub(super) fn conv2d_winograd(
     xs: &[f32],
     (batch, c_in, h, w): (usize, usize, usize, usize),
     weights: &Bf16ConvWeights,
