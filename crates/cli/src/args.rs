@@ -84,7 +84,8 @@ pub struct CommonArgs {
     /// The models folder (ROOT/checkpoints/<model_id>/ or <model_id>.safetensors).
     #[arg(long, default_value = "models")]
     pub models_dir: PathBuf,
-    /// Arithmetic precision: fp32, or bf16 products on AMX CPUs (faster, close to fp32 but not equal).
+    /// Arithmetic precision: fp32, or bf16 products on CPUs with AMX or AVX-512 BF16 (faster, close to fp32
+    /// but not equal).
     #[arg(long, value_enum, default_value = "fp32", env = "PICTOR_PRECISION")]
     pub precision: PrecisionArg,
     /// Model id in ROOT/checkpoints, or a path to a model folder or .safetensors checkpoint.
@@ -212,8 +213,8 @@ pub struct ServeArgs {
     /// The models folder (ROOT/checkpoints/<model_id>/ or <model_id>.safetensors).
     #[arg(long, default_value = "models", env = "PICTOR_MODELS_DIR")]
     pub models_dir: PathBuf,
-    /// Arithmetic precision of every job: fp32, or bf16 products on AMX CPUs (faster, close to fp32 but
-    /// not equal).
+    /// Arithmetic precision of every job: fp32, or bf16 products on CPUs with AMX or AVX-512 BF16 (faster,
+    /// close to fp32 but not equal).
     #[arg(long, value_enum, default_value = "fp32", env = "PICTOR_PRECISION")]
     pub precision: PrecisionArg,
     /// A Stable Diffusion safety checker (a diffusers safety_checker/ folder, or a model folder holding one)
@@ -299,8 +300,9 @@ pub enum BenchComponentArg {
 pub enum PrecisionArg {
     /// 32-bit floats throughout (the reference results).
     Fp32,
-    /// Convolutions and linear layers multiply in bfloat16 on AMX (Intel Xeon Sapphire Rapids or later)
-    /// with f32 accumulation; weights and everything else stay f32. Refused on CPUs without AMX.
+    /// Convolutions, linear layers and attention multiply in bfloat16 with f32 accumulation, on AMX (Intel
+    /// Xeon Sapphire Rapids or later) or AVX-512 BF16 (AMD Zen 4 or later, Intel Cooper Lake); weights are
+    /// kept in bf16, everything else stays f32. Refused on CPUs with neither. CPU only: a GPU runs in fp16.
     Bf16,
 }
 
@@ -327,7 +329,7 @@ pub struct BenchArgs {
     /// Timed runs after one warm-up run.
     #[arg(long, default_value_t = 3)]
     pub iterations: usize,
-    /// Arithmetic precision (bf16: products on AMX, see `pictor serve --help`).
+    /// Arithmetic precision (bf16: products on AMX or AVX-512 BF16, see `pictor serve --help`).
     #[arg(long, value_enum, default_value = "fp32")]
     pub precision: PrecisionArg,
     /// Token merging (tomesd defaults) in the UNet.

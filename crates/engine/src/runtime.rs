@@ -14,15 +14,24 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// The first CUDA GPU in float16 when built with `cuda` and one is present; otherwise the CPU in float32.
+    /// The first CUDA GPU in float16 when built with `cuda` and one can be opened; otherwise the CPU in
+    /// float32. A `cuda` build on a machine whose driver reports no usable GPU logs why and falls back to
+    /// the CPU rather than refusing to start.
     pub fn default_for_this_machine() -> Result<Self> {
         #[cfg(feature = "cuda")]
         {
-            if candle_core::utils::cuda_is_available() {
-                return Ok(Runtime {
-                    device: Device::new_cuda(0)?,
-                    dtype: DType::F16,
-                });
+            match Device::new_cuda(0) {
+                Ok(device) => {
+                    tracing::info!("running on CUDA GPU 0 in float16");
+                    return Ok(Runtime {
+                        device,
+                        dtype: DType::F16,
+                    });
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "built with CUDA but GPU 0 could not be opened: running on the CPU instead"
+                ),
             }
         }
         Ok(Runtime::cpu())
