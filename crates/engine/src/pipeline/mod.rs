@@ -92,6 +92,12 @@ impl StableDiffusion {
         }
     }
 
+    /// The dtype of the UNet's activations: float16 on a GPU, float32 on the CPU (also in bf16 mode, whose
+    /// bf16 products happen inside the kernels).
+    pub fn unet_dtype(&self) -> DType {
+        self.unet.dtype()
+    }
+
     /// Bytes of merged weights this variant added to the model it was made from ([`Self::with_loras`]; a
     /// swapped VAE is not counted); 0 for a model loaded from disk.
     pub fn extra_bytes(&self) -> u64 {
