@@ -72,7 +72,6 @@ cargo build --release -p pictor-cli --features cuda
 bin=$CARGO_TARGET_DIR/release/pictor
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-LD_LIBRARY_PATH=$root/lib64 "$bin" --help >/dev/null
 LD_LIBRARY_PATH=$root/lib64 "$bin" make-demo-model "$work/models/checkpoints/demo"
 LD_LIBRARY_PATH=$root/lib64 "$bin" img2img --models-dir "$work/models" --model demo \
     --init-image tests/fixtures/init-64.png --prompt "a fox" --num-inference-steps 4 --out "$work/out" \

@@ -10,19 +10,7 @@ mod support;
 use candle_core::{DType, Device};
 use pictor_engine::model_store;
 use pictor_engine::pipeline::StableDiffusion;
-use support::{fixtures, generate_case, load_model, models, GenerationCase};
-
-/// Peak signal-to-noise ratio of `b` against `a` in dB on the 0–255 scale (infinite when equal).
-fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
-    let squared: f64 = a
-        .as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum();
-    let mse = squared / a.as_raw().len() as f64;
-    10.0 * (255.0 * 255.0 / mse).log10()
-}
+use support::{assert_within_35_db_of_fp32, generate_case, load_model, models};
 
 fn load_f16(id: &str) -> StableDiffusion {
     let location = models().resolve_id(id).expect("fixture model");
@@ -34,34 +22,14 @@ fn load_f16(id: &str) -> StableDiffusion {
 
 #[test]
 fn fp16_images_stay_close_to_fp32() {
-    let text = std::fs::read_to_string(fixtures().join("cases.json")).expect("cases.json");
-    let cases: Vec<GenerationCase> = serde_json::from_str(&text).expect("cases.json parses");
-    let chosen: Vec<&GenerationCase> = cases.iter().step_by(4).collect();
-    let mut loaded: Vec<(String, StableDiffusion, StableDiffusion)> = Vec::new();
-    let (mut failures, mut identical, mut images) = (Vec::new(), 0, 0);
-    for case in chosen {
-        let id = case.model.trim_end_matches(".safetensors");
-        if !loaded.iter().any(|(n, _, _)| n == id) {
-            loaded.push((id.to_string(), load_model(id), load_f16(id)));
-        }
-        let (_, full, half) = loaded.iter().find(|(n, _, _)| n == id).unwrap();
-        let reference = generate_case(full, case, None);
-        let reduced = generate_case(half, case, None);
-        assert_eq!(reference.len(), reduced.len());
-        for (i, (a, b)) in reference.iter().zip(&reduced).enumerate() {
-            let db = psnr(a, b);
-            println!("{} image {i}: fp16 vs fp32 PSNR {db:.1} dB", case.name);
-            images += 1;
-            if db.is_infinite() {
-                identical += 1;
-            } else if db < 35.0 {
-                failures.push(format!("{} image {i}: {db:.1} dB", case.name));
-            }
-        }
-    }
-    assert!(failures.is_empty(), "below 35 dB:\n{}", failures.join("\n"));
-    assert!(
-        identical < images,
-        "f16 changed no image: the f16 path did not run"
+    assert_within_35_db_of_fp32(
+        "fp16",
+        |id| (load_model(id), load_f16(id)),
+        |(full, half), case| {
+            (
+                generate_case(full, case, None),
+                generate_case(half, case, None),
+            )
+        },
     );
 }

@@ -133,3 +133,57 @@ pub fn generate_case(
     };
     generation.expect("generation runs").images
 }
+
+/// Peak signal-to-noise ratio of `b` against `a` in dB on the 0–255 scale (infinite when equal).
+pub fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    let squared: f64 = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum();
+    let mse = squared / a.as_raw().len() as f64;
+    10.0 * (255.0 * 255.0 / mse).log10()
+}
+
+/// Runs every fourth case of tests/fixtures/cases.json (both pipelines, SD 1 and SD 2, several schedulers)
+/// in float32 and in a reduced precision named `precision`, and asserts that every reduced image is at 35 dB
+/// PSNR or better against its float32 twin and that at least one differs (the reduced path really ran).
+/// `load` is called once per model id; `run` returns a case's (float32, reduced) images from what it loaded.
+pub fn assert_within_35_db_of_fp32<M>(
+    precision: &str,
+    load: impl Fn(&str) -> M,
+    run: impl Fn(&M, &GenerationCase) -> (Vec<image::RgbImage>, Vec<image::RgbImage>),
+) {
+    let text = std::fs::read_to_string(fixtures().join("cases.json")).expect("cases.json");
+    let cases: Vec<GenerationCase> = serde_json::from_str(&text).expect("cases.json parses");
+    let mut loaded: Vec<(String, M)> = Vec::new();
+    let (mut failures, mut identical, mut images) = (Vec::new(), 0, 0);
+    for case in cases.iter().step_by(4) {
+        let id = case.model.trim_end_matches(".safetensors");
+        if !loaded.iter().any(|(n, _)| n == id) {
+            loaded.push((id.to_string(), load(id)));
+        }
+        let model = &loaded.iter().find(|(n, _)| n == id).unwrap().1;
+        let (reference, reduced) = run(model, case);
+        assert_eq!(reference.len(), reduced.len(), "{}: image count", case.name);
+        for (i, (a, b)) in reference.iter().zip(&reduced).enumerate() {
+            let db = psnr(a, b);
+            println!(
+                "{} image {i}: {precision} vs fp32 PSNR {db:.1} dB",
+                case.name
+            );
+            images += 1;
+            if db.is_infinite() {
+                identical += 1;
+            } else if db < 35.0 {
+                failures.push(format!("{} image {i}: {db:.1} dB", case.name));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "below 35 dB:\n{}", failures.join("\n"));
+    assert!(
+        identical < images,
+        "{precision} changed no image: the {precision} path did not run"
+    );
+}
