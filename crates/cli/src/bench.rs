@@ -49,13 +49,14 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             .map(|m| format!("{m:.0} MiB"))
             .unwrap_or_else(|| "unknown".into());
         println!(
-            "{:?} {}×{} batch {} {:?}{}: median {:.3} s over {} runs ({:?}); peak memory {peak}",
+            "{:?} {}×{} batch {} {:?}{} on CPU tier {}: median {:.3} s over {} runs ({:?}); peak memory {peak}",
             component,
             report.resolution,
             report.resolution,
             report.batch,
             report.precision,
             if report.tomesd { " tomesd" } else { "" },
+            report.cpu_tier,
             report.median_s,
             report.times_s.len(),
             report

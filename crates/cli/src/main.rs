@@ -36,6 +36,22 @@ fn main() -> ExitCode {
     } else {
         logs.init();
     }
+    // PICTOR_CPU: a tier the CPU cannot run, or an unknown name, stops every command here.
+    match pictor_engine::kernels::tier::from_env() {
+        Ok(Some(tier)) => {
+            pictor_engine::kernels::tier::set(tier).expect("from_env checked the tier");
+        }
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    tracing::info!(
+        "CPU kernels: {} tier (this CPU's best: {})",
+        pictor_engine::kernels::tier::Tier::active(),
+        pictor_engine::kernels::tier::Tier::best()
+    );
     let result = match cli.command {
         Command::Serve(a) => serve::serve(*a),
         Command::Img2img(a) => generate::img2img(a),

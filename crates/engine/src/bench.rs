@@ -178,6 +178,8 @@ pub struct BenchReport {
     pub precision: BenchPrecision,
     /// Whether token merging was on.
     pub tomesd: bool,
+    /// The CPU tier the f32 kernels ran at (`portable`, `avx2`, `avx512`; see `kernels::tier`).
+    pub cpu_tier: String,
     /// Seconds of each timed run.
     pub times_s: Vec<f64>,
     /// Median of `times_s`.
@@ -349,6 +351,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
         batch: b,
         precision: opts.precision,
         tomesd: opts.tome,
+        cpu_tier: crate::kernels::tier::Tier::active().name().to_string(),
         median_s: median(&times),
         times_s: times,
         peak_rss_mib: peak_rss_mib(),

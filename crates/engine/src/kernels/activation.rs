@@ -50,6 +50,10 @@ mod tests {
     use candle_core::Device;
 
     #[test]
+    fn equals_the_candle_compositions_at_every_tier() -> Result<()> {
+        super::super::at_every_tier(equals_the_candle_compositions)
+    }
+
     fn equals_the_candle_compositions() -> Result<()> {
         let device = Device::Cpu;
         for dims in [vec![1], vec![3, 7, 10], vec![2, 77, 3072], vec![5, 16_385]] {

@@ -377,6 +377,10 @@ mod tests {
     }
 
     #[test]
+    fn equals_the_plain_candle_attention_on_awkward_shapes_at_every_tier() -> Result<()> {
+        super::super::at_every_tier(equals_the_plain_candle_attention_on_awkward_shapes)
+    }
+
     fn equals_the_plain_candle_attention_on_awkward_shapes() -> Result<()> {
         let device = Device::Cpu;
         // (batch, query tokens, key tokens, heads, head dim): odd sizes, blocks that do not divide,
@@ -457,6 +461,10 @@ mod tests {
     }
 
     #[test]
+    fn causal_attention_equals_the_masked_candle_attention_at_every_tier() -> Result<()> {
+        super::super::at_every_tier(causal_attention_equals_the_masked_candle_attention)
+    }
+
     fn causal_attention_equals_the_masked_candle_attention() -> Result<()> {
         let device = Device::Cpu;
         for &(b, n, heads, d) in &[(1, 1, 1, 3), (2, 77, 12, 64), (8, 70, 3, 5), (1, 130, 2, 8)] {

@@ -51,6 +51,10 @@ mod tests {
     use candle_core::{Device, D};
 
     #[test]
+    fn equals_candle_narrow_gelu_erf_multiply_at_every_tier() -> Result<()> {
+        super::super::at_every_tier(equals_candle_narrow_gelu_erf_multiply)
+    }
+
     fn equals_candle_narrow_gelu_erf_multiply() -> Result<()> {
         let device = Device::Cpu;
         for dims in [

@@ -104,6 +104,10 @@ mod tests {
     use candle_core::{Device, Module};
 
     #[test]
+    fn equals_candle_group_norm_and_silu_on_awkward_shapes_at_every_tier() -> Result<()> {
+        super::super::at_every_tier(equals_candle_group_norm_and_silu_on_awkward_shapes)
+    }
+
     fn equals_candle_group_norm_and_silu_on_awkward_shapes() -> Result<()> {
         let device = Device::Cpu;
         // (batch, channels, groups, height, width): odd channel counts, non-square, batch 1 and 8,

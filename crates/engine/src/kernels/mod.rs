@@ -12,7 +12,8 @@
 //! ([`dot_bf16`]), over the same packed operands ([`bf16_matmul`]). Each kernel is
 //! a candle custom op for f32 tensors on the CPU; the callers in `models::layers` and
 //! `models::attention` fall back to the plain candle operation for any other device or dtype, and the
-//! tests in this module check each kernel against that plain operation.
+//! tests in this module check each kernel against that plain operation, at every instruction-set
+//! [`tier`] the machine can run (AVX-512, AVX2 + FMA, portable).
 
 pub mod activation;
 pub mod amx;
@@ -24,6 +25,7 @@ pub mod geglu;
 pub mod group_norm;
 pub mod linear;
 pub mod sgemm;
+pub mod tier;
 mod vector;
 pub mod winograd;
 pub mod winograd_bf16;
@@ -89,6 +91,13 @@ pub fn set_bf16_products(on: bool) -> std::result::Result<(), String> {
              neither, use fp32"
                 .to_string(),
         );
+    }
+    if on && tier::Tier::active() < tier::Tier::Avx512 {
+        return Err(format!(
+            "--precision bf16 runs on the avx512 CPU tier, but {}={} asks for a lower one; use fp32",
+            tier::ENV,
+            tier::Tier::active()
+        ));
     }
     BF16_PRODUCTS.store(on, Ordering::Relaxed);
     Ok(())
@@ -229,6 +238,17 @@ fn for_each_tile<B: Default + Send>(tiles: usize, run: impl Fn(&mut B, usize, Pa
 /// How many worker threads the kernels spread over (rayon's pool, which gemm uses too).
 fn threads() -> usize {
     rayon::current_num_threads().max(1)
+}
+
+/// Runs a kernel test at every [`tier::Tier`] this CPU supports, naming the tier in a failure.
+#[cfg(test)]
+fn at_every_tier(test: impl Fn() -> Result<()> + Send + Sync) -> Result<()> {
+    for tier in tier::Tier::supported() {
+        tier::run_at(tier, &test)
+            .map_err(candle_core::Error::msg)?
+            .map_err(|e| candle_core::Error::msg(format!("at CPU tier {tier}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// The largest |a − b| over all elements: how the kernel tests compare with the plain candle operation.

@@ -1,5 +1,8 @@
 //! Element loops the kernels share (exponential, softmax, normalise-and-SiLU, sums), written so the compiler vectorises them,
-//! and compiled twice: for AVX-512 (chosen at run time when the CPU has it) and for the baseline target.
+//! and compiled three times: for AVX-512, for AVX2 + FMA and for the baseline target, the one that runs
+//! chosen by the active [`Tier`]. The softmax's exponentials have intrinsics of their own per tier.
+
+use super::tier::Tier;
 
 /// e^x for f32 with about 1 ulp error over the range that matters (Cody–Waite range reduction to
 /// [-ln2/2, ln2/2] and a degree-6 polynomial); inputs below -87.3 give ~1e-38 instead of 0.
@@ -161,8 +164,8 @@ fn sum_and_squares_body(xs: &[f32], mean: f32) -> (f32, f32) {
     )
 }
 
-/// Defines `$name` that runs `$body` compiled for AVX-512 when the CPU has it, else for the baseline
-/// (`$body` is `#[inline(always)]`, so it is built into both). An `unsafe fn` form serves kernels whose
+/// Defines `$name` that runs `$body` compiled for the active [`Tier`]: AVX-512, AVX2 + FMA or the
+/// baseline (`$body` is `#[inline(always)]`, so it is built into all three). An `unsafe fn` form serves kernels whose
 /// bodies write through raw pointers; it carries the body's safety contract, and may take one type
 /// parameter (`$body` then names the instance, e.g. `body::<T>`).
 macro_rules! dispatched {
@@ -191,10 +194,16 @@ macro_rules! dispatched {
             unsafe fn wide $(<$g: $bound>)? ($($arg: $ty),*) -> $ret {
                 unsafe { $body($($arg),*) }
             }
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512dq")
-            {
-                return wide $(::<$g>)? ($($arg),*);
+            #[allow(unused_unsafe)]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2 $(<$g: $bound>)? ($($arg: $ty),*) -> $ret {
+                unsafe { $body($($arg),*) }
+            }
+            // The active tier is never above what the CPU has (see `tier`).
+            match $crate::kernels::tier::Tier::active() {
+                $crate::kernels::tier::Tier::Avx512 => return wide $(::<$g>)? ($($arg),*),
+                $crate::kernels::tier::Tier::Avx2 => return avx2 $(::<$g>)? ($($arg),*),
+                $crate::kernels::tier::Tier::Portable => {}
             }
         }
         $body($($arg),*)
@@ -205,7 +214,7 @@ pub(super) use dispatched;
 /// The largest value of a row (−∞ for an empty row).
 pub fn row_max(row: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if Tier::active() == Tier::Avx512 {
         // SAFETY: the CPU has AVX-512F; the pointer is valid for the row's length.
         return unsafe { avx512::row_max(row.as_ptr(), row.len()) };
     }
@@ -220,7 +229,7 @@ pub fn row_max(row: &[f32]) -> f32 {
 pub fn exp_below_bf16(row: &[f32], scale: f32, max: f32, dst: &mut [half::bf16]) -> f32 {
     assert_eq!(row.len(), dst.len(), "exp_below_bf16: lengths differ");
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if Tier::active() == Tier::Avx512 {
         // SAFETY: the CPU has AVX-512F; the lengths are equal.
         return unsafe { avx512::exp_below_bf16(row, scale, max, dst) };
     }
@@ -237,9 +246,11 @@ pub fn exp_below_bf16(row: &[f32], scale: f32, max: f32, dst: &mut [half::bf16])
 /// its division, for callers that divide a smaller product instead).
 pub fn exp_shifted(row: &mut [f32], scale: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F.
-        return unsafe { avx512::exp_shifted(row, scale) };
+    match Tier::active() {
+        // SAFETY: the active tier is never above what the CPU has.
+        Tier::Avx512 => return unsafe { avx512::exp_shifted(row, scale) },
+        Tier::Avx2 => return unsafe { avx2::exp_shifted(row, scale) },
+        Tier::Portable => {}
     }
     exp_shifted_body(row, scale)
 }
@@ -420,6 +431,84 @@ mod avx512 {
     }
 }
 
+/// The softmax exponentials in AVX2 + FMA intrinsics (8 lanes): as [`avx512`], FMAs for the reduction and
+/// the polynomial; 2ⁿ is built in the exponent bits (AVX2 has no `vscalefps`), so inputs are clamped to
+/// the range where that is exact, as the portable [`exp`] clamps them.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// e^x on 8 lanes, the same reduction and polynomial as [`super::exp`] (about 1 ulp).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+            _mm256_set1_ps(88.3),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_add_ps(
+            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+            _mm256_set1_ps(1.0),
+        );
+        // n is an integer in [-126, 127] after the clamp: 2ⁿ is the float with exponent bits n + 127.
+        let bits = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits)))
+    }
+
+    /// [`super::exp_shifted`] on AVX2.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_shifted(row: &mut [f32], scale: f32) -> f32 {
+        let (len, ptr) = (row.len(), row.as_mut_ptr());
+        let mut maxes = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i + 8 <= len {
+            maxes = _mm256_max_ps(maxes, _mm256_loadu_ps(ptr.add(i)));
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), maxes);
+        let max = row[i..]
+            .iter()
+            .chain(&lanes)
+            .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+        let (maxv, mul) = (_mm256_set1_ps(max), _mm256_set1_ps(scale));
+        let mut sums = _mm256_setzero_ps();
+        i = 0;
+        while i + 8 <= len {
+            let x = _mm256_loadu_ps(ptr.add(i));
+            let e = exp8(_mm256_mul_ps(_mm256_sub_ps(x, maxv), mul));
+            _mm256_storeu_ps(ptr.add(i), e);
+            sums = _mm256_add_ps(sums, e);
+            i += 8;
+        }
+        let mut sum = 0f32;
+        for x in &mut row[i..] {
+            *x = super::exp((*x - max) * scale);
+            sum += *x;
+        }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+        sum + lanes.iter().sum::<f32>()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,6 +598,60 @@ mod tests {
                     assert!(
                         (a - b).abs() <= 1e-6 * b.abs().max(1e-30),
                         "len {len}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn avx2_exponential_is_as_close_as_the_portable_one() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if Tier::best() < Tier::Avx2 {
+                eprintln!("no AVX2 + FMA on this machine: skipped");
+                return;
+            }
+            use std::arch::x86_64::*;
+            let mut worst = 0f32;
+            for i in 0..20_000 {
+                let x = -100.0 + i as f32 * (100.0 + 88.0) / 20_000.0;
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                let got = unsafe {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), avx2::exp8(_mm256_set1_ps(x)));
+                    lanes[5]
+                };
+                let want = (x as f64).exp() as f32;
+                if x >= -87.3 {
+                    worst = worst.max(((got - want) / want).abs());
+                } else {
+                    assert!(got <= 1e-37, "exp({x}) = {got}");
+                }
+            }
+            assert!(worst < 4e-7, "worst relative error {worst}");
+        }
+    }
+
+    #[test]
+    fn softmax_exponentials_agree_at_every_tier() {
+        for tier in Tier::supported() {
+            for len in [1usize, 5, 7, 8, 9, 15, 16, 17, 77, 4096, 4099] {
+                let row: Vec<f32> = (0..len)
+                    .map(|i| ((i * 37) % 101) as f32 * 0.7 - 30.0)
+                    .collect();
+                let (mut fast, mut plain) = (row.clone(), row);
+                let fast_sum =
+                    super::super::tier::run_at(tier, || exp_shifted(&mut fast, 0.3)).unwrap();
+                let plain_sum = exp_shifted_body(&mut plain, 0.3);
+                assert!(
+                    (fast_sum - plain_sum).abs() <= 1e-6 * plain_sum,
+                    "{tier} len {len}: sums {fast_sum} vs {plain_sum}"
+                );
+                for (a, b) in fast.iter().zip(&plain) {
+                    assert!(
+                        (a - b).abs() <= 1e-6 * b.abs().max(1e-30),
+                        "{tier} len {len}: {a} vs {b}"
                     );
                 }
             }

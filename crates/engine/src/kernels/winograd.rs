@@ -923,6 +923,10 @@ mod tests {
     use candle_core::Device;
 
     #[test]
+    fn equals_candle_conv2d_on_awkward_shapes_at_every_tier() -> Result<()> {
+        super::super::at_every_tier(equals_candle_conv2d_on_awkward_shapes)
+    }
+
     fn equals_candle_conv2d_on_awkward_shapes() -> Result<()> {
         let device = Device::Cpu;
         // (batch, c_in, c_out, h, w, padding): sizes that leave partial blocks of both tiles, non-square,
