@@ -16,6 +16,8 @@ use gemm::Parallelism;
 
 use half::bf16;
 
+use super::sgemm::{self, PackedB, Start};
+use super::tier::Tier;
 use super::{amx, contiguous_f32, for_each_tile, pad_planes, row_segments, threads, SharedMut};
 
 /// A tile's im2col matrix holds about this many floats (4 MiB), within [`MIN_TILE`, `MAX_TILE`] positions.
@@ -332,10 +334,13 @@ impl TiledConv<'_> {
         let tiles = total.div_ceil(tile);
         let mut out = vec![0f32; batch * c_out * per_image];
         let dst = SharedMut(out.as_mut_ptr());
-        let run = |buffers: &mut (Vec<f32>, Vec<f32>, Vec<bf16>),
+        // Below AVX-512 the f32 product is our tiered sgemm, so that `PICTOR_CPU` governs every f32
+        // product (the `gemm` crate picks its kernels by the CPU alone).
+        let own_product = Tier::active() < Tier::Avx512;
+        let run = |buffers: &mut (Vec<f32>, Vec<f32>, Vec<bf16>, PackedB),
                    index: usize,
                    parallelism: Parallelism| {
-            let (columns, scratch, packed_columns) = buffers;
+            let (columns, scratch, packed_columns, packed_f32) = buffers;
             let start = index * tile;
             let len = tile.min(total - start);
             let segments = row_segments(start, len, (ho, wo));
@@ -392,6 +397,24 @@ impl TiledConv<'_> {
                     };
                     np
                 }
+                TiledWeights::F32(weight) if own_product => {
+                    scratch.resize(c_out * len, 0.0);
+                    packed_f32.repack_rows(columns, depth, len, len);
+                    if matches!(parallelism, Parallelism::Rayon(_)) {
+                        sgemm::gemm(c_out, weight, depth, packed_f32, scratch, len, Start::Zero);
+                    } else {
+                        sgemm::gemm_serial(
+                            c_out,
+                            weight,
+                            depth,
+                            packed_f32,
+                            scratch,
+                            len,
+                            Start::Zero,
+                        );
+                    }
+                    len
+                }
                 TiledWeights::F32(weight) => {
                     scratch.resize(c_out * len, 0.0);
                     // SAFETY: scratch is (c_out × len), weight (c_out × depth), columns (depth × len),
@@ -445,6 +468,10 @@ mod tests {
     use candle_core::Device;
 
     #[test]
+    fn equals_candle_conv2d_on_awkward_shapes_at_every_tier() -> Result<()> {
+        super::super::at_every_tier(equals_candle_conv2d_on_awkward_shapes)
+    }
+
     fn equals_candle_conv2d_on_awkward_shapes() -> Result<()> {
         let device = Device::Cpu;
         // (batch, c_in, c_out, h, w, kernel, padding, stride): odd channels, non-square and one-pixel

@@ -7,10 +7,12 @@
 //! cannot take an operand packed beforehand. This is the classic blocked product instead: B in panels of
 //! [`NR`] columns, A read in place by blocks of rows and depth (copied only at row strides that would
 //! crowd one L1 set, see [`row_stride`]), so the register tile ([`MR`] × [`NR`]) streams both from
-//! cache; one AVX-512 micro-kernel, and a plain-Rust kernel for CPUs without AVX-512.
+//! cache; one micro-kernel per [`Tier`]: AVX-512 (12 × 32 register tile), AVX2 + FMA (6 × 16) and plain
+//! Rust.
 
 use rayon::prelude::*;
 
+use super::tier::Tier;
 use super::SharedMut;
 
 /// Columns per panel of the packed right operand (two AVX-512 vectors).
@@ -19,6 +21,8 @@ pub const NR: usize = 32;
 const MR: usize = 12;
 /// Depth per block: an A micro-panel (MR × KC) and a B micro-panel (KC × NR) fit in L1 together.
 const KC: usize = 384;
+/// [`KC`] for the AVX2 tier (see [`product`]).
+const KC_AVX2: usize = 256;
 /// Rows per block of A packed at once (a multiple of [`MR`]), kept in L2 while every panel of B passes.
 const MC: usize = 144;
 /// Up to this many rows, A is one block and the work is split by columns only.
@@ -259,10 +263,13 @@ unsafe fn product(
     start: Start,
 ) {
     let k = b.k;
-    let depth_blocks = k.div_ceil(KC).max(1);
+    // AVX2 streams half a panel (16 columns, one 64-byte line per depth step) at a time: a shorter
+    // depth block keeps it and six rows of A within a 32 KiB L1.
+    let tier = Tier::active();
+    let kc_max = if tier == Tier::Avx512 { KC } else { KC_AVX2 };
+    let depth_blocks = k.div_ceil(kc_max).max(1);
     let kc_even = k.div_ceil(depth_blocks);
     let tiles = rows.len().div_ceil(MR);
-    let wide = avx512();
     // A's rows for one depth block are copied into a buffer whose row stride is not a multiple of 4 KiB
     // (a plain copy, reused by every panel): strides like 4096 floats (attention's scores) or 5120
     // (a linear layer's input) would put all twelve rows of a tile into the same L1 set.
@@ -302,17 +309,27 @@ unsafe fn product(
                         _ => None,
                     };
                     let add = matches!(tile_start, Start::Add);
+                    // The active tier is never above what the CPU has (see `tier`).
                     #[cfg(target_arch = "x86_64")]
-                    if wide {
-                        // A panel at most half full (the last of an attention head's 40 or 80 values)
-                        // takes the half-width tile: half the multiplications.
-                        let micro = if cols <= NR / 2 {
-                            micro_avx512::<1>
-                        } else {
-                            micro_avx512::<2>
-                        };
-                        micro(kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add);
-                        continue;
+                    match tier {
+                        Tier::Avx512 => {
+                            // A panel at most half full (the last of an attention head's 40 or 80
+                            // values) takes the half-width tile: half the multiplications.
+                            let micro = if cols <= NR / 2 {
+                                micro_avx512::<1>
+                            } else {
+                                micro_avx512::<2>
+                            };
+                            micro(kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add);
+                            continue;
+                        }
+                        Tier::Avx2 => {
+                            micro_avx2(
+                                kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add,
+                            );
+                            continue;
+                        }
+                        Tier::Portable => {}
                     }
                     micro_plain(kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add);
                 }
@@ -341,17 +358,6 @@ fn crowded(lda: usize) -> bool {
 thread_local! {
     /// Each thread's copy of the block of A it is multiplying (see [`product`]).
     static A_BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// One register tile: C[rows, cols] (start) + A tile · B panel, in AVX-512, over the panel's first
@@ -423,7 +429,124 @@ unsafe fn micro_avx512<const HALVES: usize>(
     }
 }
 
-/// [`micro_avx512`] in plain Rust, for CPUs without AVX-512.
+/// Rows of the AVX2 register tile: 6 rows × 16 columns is 12 of the 16 ymm registers for the sums, two
+/// for the panel's row and one for the broadcast value of A.
+const MR_AVX2: usize = 6;
+
+/// [`micro_avx512`] in AVX2 + FMA: the 12 × 32 tile as (up to) two runs of 16 columns, each as two
+/// register tiles of [`MR_AVX2`] rows (a run of at most 8 as one tile of 12 rows), every one streaming
+/// the whole depth block.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn micro_avx2(
+    kc: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    bias: Option<&[f32]>,
+    add: bool,
+) {
+    let mut first_col = 0;
+    while first_col < cols {
+        let width = (cols - first_col).min(16);
+        let bias = bias.map(|bias| &bias[first_col..first_col + width]);
+        let (a, b, c) = (a.as_ptr(), b.as_ptr().add(first_col), c.add(first_col));
+        if width <= 8 {
+            // A last run of at most 8 columns (an attention head's 40 values end in one): one vector
+            // per row, twice the rows, no multiplications into discarded lanes.
+            for first in (0..rows).step_by(2 * MR_AVX2) {
+                let n_rows = (2 * MR_AVX2).min(rows - first);
+                let (a, c) = (a.add(first * lda), c.add(first * ldc));
+                tile_avx2::<1, { 2 * MR_AVX2 }>(kc, a, lda, b, c, ldc, n_rows, width, bias, add);
+            }
+        } else {
+            for first in (0..rows).step_by(MR_AVX2) {
+                let n_rows = MR_AVX2.min(rows - first);
+                let (a, c) = (a.add(first * lda), c.add(first * ldc));
+                tile_avx2::<2, MR_AVX2>(kc, a, lda, b, c, ldc, n_rows, width, bias, add);
+            }
+        }
+        first_col += 16;
+    }
+}
+
+/// One AVX2 register tile: C[rows, width] (start) + A (`rows` ≤ `R` rows at stride `lda`) · B (`V` × 8
+/// columns of a panel, at the panel's row stride [`NR`]), `width` ≤ `V` × 8; `V` is 1 or 2 and `R` · `V`
+/// at most 12 (the sums' registers).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const V: usize, const R: usize>(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    width: usize,
+    bias: Option<&[f32]>,
+    add: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut lo = [_mm256_setzero_ps(); R];
+    let mut hi = [_mm256_setzero_ps(); R];
+    // Rows past the tile's end read the last row again (computed, never stored).
+    let ap: [*const f32; R] = std::array::from_fn(|r| a.add(r.min(rows - 1) * lda));
+    for p in 0..kc {
+        let b0 = _mm256_loadu_ps(b.add(p * NR));
+        if V == 2 {
+            let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
+            for r in 0..R {
+                let av = _mm256_broadcast_ss(&*ap[r].add(p));
+                lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
+                hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
+            }
+        } else {
+            for r in 0..R {
+                lo[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*ap[r].add(p)), b0, lo[r]);
+            }
+        }
+    }
+    // Lane masks for the first `n` of 8 lanes: the 8 values from LANE_MASKS[8 − n].
+    const LANE_MASKS: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+    let mask = |n: usize| _mm256_loadu_si256(LANE_MASKS.as_ptr().add(8 - n.min(8)).cast());
+    let (mask_lo, mask_hi) = (mask(width), mask(width.saturating_sub(8)));
+    let (bias_lo, bias_hi) = match bias {
+        Some(bias) => (
+            _mm256_maskload_ps(bias.as_ptr(), mask_lo),
+            _mm256_maskload_ps(bias.as_ptr().wrapping_add(8), mask_hi),
+        ),
+        None => (_mm256_setzero_ps(), _mm256_setzero_ps()),
+    };
+    for r in 0..rows {
+        let row = c.add(r * ldc);
+        let (mut v0, mut v1) = (_mm256_add_ps(lo[r], bias_lo), _mm256_add_ps(hi[r], bias_hi));
+        if width == 16 {
+            if add {
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(row));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(row.add(8)));
+            }
+            _mm256_storeu_ps(row, v0);
+            _mm256_storeu_ps(row.add(8), v1);
+        } else {
+            if add {
+                v0 = _mm256_add_ps(v0, _mm256_maskload_ps(row, mask_lo));
+                v1 = _mm256_add_ps(v1, _mm256_maskload_ps(row.wrapping_add(8), mask_hi));
+            }
+            _mm256_maskstore_ps(row, mask_lo, v0);
+            _mm256_maskstore_ps(row.wrapping_add(8), mask_hi, v1);
+        }
+    }
+}
+
+/// [`micro_avx512`] in plain Rust, for CPUs without AVX2.
 #[allow(clippy::too_many_arguments)]
 unsafe fn micro_plain(
     kc: usize,
@@ -501,7 +624,13 @@ mod tests {
     }
 
     #[test]
-    fn products_equal_the_plain_triple_loop_on_awkward_shapes() {
+    fn products_equal_the_plain_triple_loop_on_awkward_shapes_at_every_tier() {
+        for tier in Tier::supported() {
+            crate::kernels::tier::run_at(tier, products_equal_the_plain_triple_loop).unwrap();
+        }
+    }
+
+    fn products_equal_the_plain_triple_loop() {
         for &(m, k, n) in &[
             (1, 1, 1),
             (5, 3, 7),
@@ -509,6 +638,10 @@ mod tests {
             (150, 300, 70),
             (300, 600, 64),
             (12, 257, 32),
+            // Depths past one AVX2 block and past one AVX-512 block; a panel of 9 columns (AVX2's
+            // second half holds one).
+            (7, 700, 25),
+            (19, 520, 9),
             // An attention head's values: last panels of 8 and of exactly 16 columns (half-width tile).
             (75, 40, 40),
             (40, 80, 80),
@@ -533,7 +666,7 @@ mod tests {
                     .zip(&want)
                     .map(|(x, y)| (x - y).abs())
                     .fold(0f32, f32::max);
-                assert!(diff < tolerance, "{m}x{k}x{n}: {diff}");
+                assert!(diff < tolerance, "{}: {m}x{k}x{n}: {diff}", Tier::active());
                 let mut c2 = vec![f32::NAN; m * n];
                 gemm_serial(m, &a, k, packed, &mut c2, n, Start::Bias(&bias));
                 gemm(m, &a, k, packed, &mut c2, n, Start::Add);

@@ -356,9 +356,13 @@ impl Module for Linear {
                 return kernels::linear::linear_f32(xs, weight, self.bias.as_ref(), Some(packed));
             }
             // Few rows: repacking the weights per call would cost more than the `gemm` crate's own
-            // packing inside candle's product (measured), so those go there.
+            // packing inside candle's product (measured on AVX-512), so those go there; below the
+            // AVX-512 tier every f32 product is our tiered sgemm (the `gemm` crate picks its kernels by
+            // the CPU alone, not by `PICTOR_CPU`).
             let rows = xs.elem_count() / weight.dim(1)?.max(1);
-            if rows >= kernels::linear::REPACK_ROWS {
+            if rows >= kernels::linear::REPACK_ROWS
+                || kernels::tier::Tier::active() < kernels::tier::Tier::Avx512
+            {
                 return kernels::linear::linear_f32(xs, weight, self.bias.as_ref(), None);
             }
         }
