@@ -5,6 +5,8 @@ Pictor's side is `pictor bench` (crates/engine/src/bench.rs): it builds the full
 random weights, runs one warm-up call, times `--iterations` calls and reports the median seconds and the
 process's peak resident memory (VmHWM). This script does the same in diffusers/transformers, and with
 `--compare BIN` also runs `BIN bench ... --json` with the same arguments and puts both side by side.
+With `--openvino` it also times the same networks compiled by OpenVINO's CPU plugin (a third column), and
+`--isa avx2` holds every side to AVX2 (see "Instruction set" below).
 
 Usage (from the repository root, with the project venv):
 
@@ -18,6 +20,9 @@ Usage (from the repository root, with the project venv):
 
     # the issue's set (below), both sides, machine-readable
     /work/venv/bin/python scripts/bench_pytorch.py --suite --compare target/release/pictor --json
+
+    # plus OpenVINO, every side restricted to AVX2
+    /work/venv/bin/python scripts/bench_pytorch.py --suite --compare target/release/pictor --openvino --isa avx2
 
 Options (the same names and defaults as `pictor bench`):
     --component unet|vae-encode|vae-decode|text-encoder|img2img   (default unet)
@@ -36,7 +41,14 @@ Options (the same names and defaults as `pictor bench`):
     --compare BIN    also run `BIN bench <same arguments> --json` for each measurement (Pictor must be
                      built beforehand, e.g. `cargo build --release -p pictor-cli`); if BIN is missing or
                      fails, the table says so in Pictor's column and the error is printed below it
-    --timeout S      give up on one measurement (either side) after S seconds (default: no limit)
+    --openvino       also time OpenVINO (components unet, vae-encode, vae-decode, text-encoder; see below);
+                     adds the columns "OpenVINO s", "Pictor/OpenVINO" (with --compare) and "OpenVINO peak MiB"
+    --openvino-cache DIR   where the converted OpenVINO IR is kept and reused
+                     (default target/openvino-cache/, one folder per component, resolution and batch)
+    --isa native|avx2   native (default): every side runs at the best instruction set it finds; avx2: every
+                     measured process gets the environment variables below that hold it to AVX2
+    --timeout S      give up on one measurement (any side) after S seconds (default: no limit); the
+                     OpenVINO conversion gets the same limit of its own
     --json           print one JSON object (machine, versions, and a list of rows) instead of the table
 
 What each component times, per call (inputs drawn once, before the warm-up):
@@ -75,7 +87,63 @@ Differences from Pictor that remain (timings are comparable, not bit-identical w
       tokens merge differs; how many does not.
     - Peak memory on the PyTorch side includes the Python/torch runtime (see baseline_rss_mib).
 
-Not run by CI. Running the whole suite at 512 takes many minutes and several GB of memory per side.
+OpenVINO column (--openvino):
+    What is converted: the same networks as above, built by the same functions with the same random weights
+    (always fp32, seed 0), each wrapped in a small torch.nn.Module whose forward returns exactly what the
+    PyTorch side computes per call:
+        unet          unet(latents, 500, encoder_hidden_states=context)[0], the noise prediction; the
+                      timestep 500 is a constant of the graph (inputs: latents, context)
+        vae-encode    vae._encode(images): encoder + quant_conv, i.e. the latent distribution's parameters
+                      (`moments`, mean and logvar, [batch, 8, N/8, N/8]) that latent_dist is made of
+        vae-decode    vae.decode(latents).sample: post_quant_conv + decoder
+        text-encoder  text_encoder(input_ids=ids).last_hidden_state
+    img2img has no OpenVINO side (a whole diffusers pipeline; its cell is "-"), and neither has --tomesd
+    (token merging is a PyTorch patch); with --precision bf16 OpenVINO still runs fp32 (the cell says so).
+    Two steps, each in its own process, so that neither the conversion's time nor its memory (torch, the
+    traced model) is part of the measurement:
+        1. convert: openvino.convert_model(wrapper, example_input=<the inputs below, as torch tensors>),
+           reshaped to those static shapes, openvino.save_model(ov_model, <cache>/model.xml,
+           compress_to_fp16=False); the folder is reused while its meta.json matches the component, the
+           shapes and the openvino/torch/diffusers/transformers versions (delete it to force a new one).
+        2. measure (`--worker --runtime openvino`): imports openvino and numpy only, core.read_model(IR),
+           core.compile_model(model, "CPU", {INFERENCE_NUM_THREADS: os.cpu_count(), PERFORMANCE_HINT:
+           LATENCY, INFERENCE_PRECISION_HINT: f32}) (the keys and values of openvino.properties; the
+           compiled model's own values are read back into the JSON as `compiled`), one warm-up inference,
+           then `--iterations` timed synchronous InferRequest.infer() calls (inputs shared, not copied);
+           median as above. Peak = VmHWM at the end. It includes the IR's weights as read (the .bin is
+           memory-mapped, and the compiled model keeps those pages resident next to the copies the plugin
+           repacks, so peak is about twice the weights; `rss_file_mib` / `rss_anon_mib` in the JSON split
+           the resident set at the end); `baseline_rss_mib` is the VmHWM after `import openvino`. Reading
+           and compiling are not timed (`read_s`, `compile_s` in the JSON).
+    Inputs of the OpenVINO worker: numpy default_rng(0) draws of the PyTorch side's shapes and spreads
+    (latents N(0, 1), context N(0, 1), images N(0, 0.5^2)); the token ids are the same as PyTorch's.
+    The JSON row also lists the executed kernels (`primitive_types`, from the runtime model's rt_info
+    'primitiveType') and counts them by the ISA their names carry (`kernel_isas`).
+
+Instruction set (--isa avx2): the environment each measured process gets.
+    PyTorch   ATEN_CPU_CAPABILITY=avx2 (ATen's vectorized kernels), ONEDNN_MAX_CPU_ISA=AVX2 (oneDNN: the
+              convolutions), MKL_ENABLE_INSTRUCTIONS=AVX2 (MKL's sgemm: the Linear layers). The worker
+              reports torch.backends.cpu.get_cpu_capability() as `cpu_capability` (table header).
+              (MKL's switch could not be checked on the AMD machine this was written on, where MKL's
+              sgemm showed no AVX-512 speed to begin with; ATen's and oneDNN's were: cpu_capability AVX2,
+              oneDNN's verbose log "isa:Intel AVX2", jit:avx2 convolutions.)
+    Pictor    PICTOR_CPU=avx2; `pictor bench --json` reports the tier it ran at (`cpu_tier`, the "Pictor
+              tier" column).
+    OpenVINO  OV_CPU_MAX_ISA=AVX2 (read by libopenvino's CPU detection: the plugin's own JIT kernels, e.g.
+              MVN, i.e. GroupNorm/LayerNorm) and ONEDNN_MAX_CPU_ISA=AVX2 (read by the plugin's oneDNN:
+              convolutions, eltwise, the fused "Subgraph" kernels that include attention, the FullyConnected
+              layers on brgemm); each alone leaves the other's kernels at AVX-512 (checked with openvino
+              2026.4 through the runtime model's kernel names, e.g. MVN jit_avx512_f32 -> jit_avx2_f32,
+              Convolution brgconv_avx512_f32 -> brgconv_avx2_f32, and a 3x3 convolution that runs 2x
+              slower). Not restricted by anything found: the FullyConnected layers (Linear with constant
+              weights) that run on MLAS (`gemm_mlas_f32`; 128 of the UNet's 160, 60 of the text encoder's
+              72), which picks its kernels from CPUID; their timing does not change under the switches.
+              The table header counts the executed kernels by the ISA in their names.
+    The conversion step runs unrestricted (it is not measured). With --isa native no variable is set.
+
+Not run by CI. Running the whole suite at 512 takes many minutes and several GB of memory per side; with
+--openvino the UNet's IR takes about 3.3 GB of disk per resolution and batch, and converting it takes
+minutes and more memory than running it.
 """
 
 import argparse
@@ -84,6 +152,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -92,6 +161,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_ASSETS = ROOT / "assets" / "clip-tokenizer"
 COMPONENTS = ["unet", "vae-encode", "vae-decode", "text-encoder", "img2img"]
+OPENVINO_COMPONENTS = ["unet", "vae-encode", "vae-decode", "text-encoder"]
+OPENVINO_CACHE = ROOT / "target" / "openvino-cache"
+# Bump when the wrappers below change what is converted, so that cached IR is converted again.
+OPENVINO_WRAPPER_VERSION = 1
+
+# --isa avx2: the environment of each side's measured process (see the docstring).
+ISA_ENV = {
+    "native": {"pytorch": {}, "pictor": {}, "openvino": {}},
+    "avx2": {
+        "pytorch": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+        "pictor": {"PICTOR_CPU": "avx2"},
+        "openvino": {"OV_CPU_MAX_ISA": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    },
+}
 
 # SD 1.5's unet/config.json (the keys that shape the network), as in crates/engine/src/bench.rs.
 SD15_UNET = dict(
@@ -129,12 +212,13 @@ SD15_PNDM = dict(
 # Worker: one measurement, in this process.
 
 
-def vm_hwm_mib():
-    """Peak resident set size of this process (VmHWM) in MiB, or None without /proc."""
+def vm_hwm_mib(key="VmHWM"):
+    """Peak resident set size of this process (VmHWM; or another kB line of /proc/self/status) in MiB,
+    or None without /proc."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
@@ -296,7 +380,226 @@ def worker(opts):
         "peak_rss_mib": vm_hwm_mib(),
         "baseline_rss_mib": baseline,
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "dtype": ran_in,
+    }))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# OpenVINO: conversion (one process, not measured) and measurement (another process).
+
+
+def openvino_inputs(component, res, b):
+    """The inputs of `component` in OpenVINO's order: a list of (name, shape, kind), kind being "normal"
+    (N(0, 1)), "image" (N(0, 0.5^2)) or "ids" (the token ids of the PyTorch side)."""
+    if component == "unet":
+        return [("latents", [b, 4, res // 8, res // 8], "normal"), ("context", [b, 77, 768], "normal")]
+    if component == "vae-encode":
+        return [("images", [b, 3, res, res], "image")]
+    if component == "vae-decode":
+        return [("latents", [b, 4, res // 8, res // 8], "normal")]
+    if component == "text-encoder":
+        return [("input_ids", [b, 77], "ids")]
+    raise ValueError(f"no OpenVINO side for {component!r}")
+
+
+def token_ids(b):
+    """The text encoder's input ids, as a flat list: ids[i] = i * 7919 mod 49408."""
+    return [(i * 7919) % 49408 for i in range(b * 77)]
+
+
+def openvino_ir_dir(m, cache):
+    """The cache folder of measurement `m`'s IR (the text encoder's does not depend on the resolution)."""
+    if m["component"] == "text-encoder":
+        return Path(cache) / f"text-encoder-b{m['batch']}"
+    return Path(cache) / f"{m['component']}-{m['resolution']}-b{m['batch']}"
+
+
+def openvino_meta(m):
+    """What a cached IR must have been converted from to be reused."""
+    def version(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "component": m["component"],
+        "inputs": [[n, s] for n, s, _ in openvino_inputs(m["component"], m["resolution"], m["batch"])],
+        "wrapper_version": OPENVINO_WRAPPER_VERSION,
+        "openvino": version("openvino"),
+        "torch": version("torch"),
+        "diffusers": version("diffusers"),
+        "transformers": version("transformers"),
+    }
+
+
+def openvino_cached(m, cache):
+    """The cached IR folder of `m` if it holds a complete conversion of the same thing, else None."""
+    d = openvino_ir_dir(m, cache)
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not ((d / "model.xml").is_file() and (d / "model.bin").is_file()):
+        return None
+    want = openvino_meta(m)
+    return d if all(meta.get(k) == v for k, v in want.items()) else None
+
+
+def openvino_convert(opts):
+    """Builds the fp32 network of `opts`, converts it to OpenVINO IR and saves it in opts.convert_openvino
+    (written to a sibling folder first and renamed, so an interrupted conversion leaves nothing behind).
+    Prints one JSON line."""
+    import torch
+    import diffusers
+    import transformers
+    import openvino as ov
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    comp, res, b = opts.component, opts.resolution, opts.batch
+    f32 = torch.float32
+    if comp == "unet":
+        class Wrapper(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.unet = build_unet(f32, torch)
+
+            def forward(self, latents, context):
+                return self.unet(latents, 500, encoder_hidden_states=context, return_dict=False)[0]
+    elif comp in ("vae-encode", "vae-decode"):
+        class Wrapper(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.vae = build_vae(f32, torch)
+
+            def forward(self, x):
+                if comp == "vae-encode":
+                    return self.vae._encode(x)  # encoder + quant_conv: latent_dist's parameters (moments)
+                return self.vae.decode(x, return_dict=False)[0]
+    elif comp == "text-encoder":
+        class Wrapper(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.text = build_text_encoder(f32, torch)
+
+            def forward(self, input_ids):
+                return self.text(input_ids=input_ids, return_dict=False)[0]  # last_hidden_state
+    else:
+        raise ValueError(f"no OpenVINO side for {comp!r}")
+    model = Wrapper().eval()
+    example = []
+    for _, shape, kind in openvino_inputs(comp, res, b):
+        if kind == "ids":
+            example.append(torch.tensor(token_ids(b), dtype=torch.long).reshape(shape))
+        else:
+            example.append(torch.randn(*shape) * (0.5 if kind == "image" else 1.0))
+    with torch.no_grad():
+        ov_model = ov.convert_model(model, example_input=tuple(example))
+    ov_model.reshape({i: ov.PartialShape(shape)
+                      for i, (_, shape, _) in enumerate(openvino_inputs(comp, res, b))})
+    target = Path(opts.convert_openvino)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        ov.save_model(ov_model, str(tmp / "model.xml"), compress_to_fp16=False)
+        convert_s = time.perf_counter() - start
+        m = dict(component=comp, resolution=res, batch=b)
+        (tmp / "meta.json").write_text(json.dumps(dict(openvino_meta(m), convert_s=convert_s), indent=2) + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps({"convert_s": convert_s, "convert_peak_rss_mib": vm_hwm_mib(),
+                      "openvino": ov.__version__}))
+
+
+def kernel_isa(primitive):
+    """The instruction set an OpenVINO kernel's name (rt_info 'primitiveType') says it runs at."""
+    p = primitive.lower()
+    for isa in ("amx", "avx512", "avx2", "sse41"):
+        if isa in p:
+            return isa
+    return "mlas" if "mlas" in p else "other"
+
+
+def prop_text(v):
+    """A property value as OpenVINO spells it ("f32", not "<Type: 'float32'>")."""
+    return v.get_type_name() if hasattr(v, "get_type_name") else str(v)
+
+
+def openvino_worker(opts):
+    """Reads the IR in opts.ir, compiles it for the CPU, runs one measurement, prints one JSON line."""
+    import numpy as np
+    import openvino as ov
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    baseline = vm_hwm_mib()
+    threads = os.cpu_count() or 1
+    core = ov.Core()
+    start = time.perf_counter()
+    ov_model = core.read_model(str(Path(opts.ir) / "model.xml"))
+    read_s = time.perf_counter() - start
+    config = {
+        props.inference_num_threads(): threads,
+        hints.performance_mode(): hints.PerformanceMode.LATENCY,
+        hints.inference_precision(): ov.Type.f32,
+    }
+    start = time.perf_counter()
+    compiled = core.compile_model(ov_model, "CPU", config)
+    compile_s = time.perf_counter() - start
+    del ov_model
+    rng = np.random.default_rng(0)
+    inputs = []
+    for _, shape, kind in openvino_inputs(opts.component, opts.resolution, opts.batch):
+        if kind == "ids":
+            inputs.append(np.array(token_ids(opts.batch), dtype=np.int64).reshape(shape))
+        else:
+            inputs.append((rng.standard_normal(shape) * (0.5 if kind == "image" else 1.0)).astype(np.float32))
+    request = compiled.create_infer_request()
+
+    def run():
+        return request.infer(inputs, share_inputs=True, share_outputs=True)
+
+    run()
+    times = []
+    for _ in range(opts.iterations):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    peak = vm_hwm_mib()
+    primitives, isas = {}, {}
+    for node in compiled.get_runtime_model().get_ops():
+        rt = node.get_rt_info()
+        layer = rt["layerType"].astype(str) if "layerType" in rt else ""
+        if layer in ("Input", "Output", "Const") or "primitiveType" not in rt:
+            continue
+        prim = rt["primitiveType"].astype(str)
+        primitives[f"{layer}:{prim}"] = primitives.get(f"{layer}:{prim}", 0) + 1
+        isas[kernel_isa(prim)] = isas.get(kernel_isa(prim), 0) + 1
+    print(json.dumps({
+        "times_s": times,
+        "median_s": median(times),
+        "peak_rss_mib": peak,
+        "baseline_rss_mib": baseline,
+        "rss_anon_mib": vm_hwm_mib("RssAnon"),
+        "rss_file_mib": vm_hwm_mib("RssFile"),
+        "read_s": read_s,
+        "compile_s": compile_s,
+        "openvino": ov.__version__,
+        "ov_threads": int(compiled.get_property(props.inference_num_threads())),
+        "compiled": {k: prop_text(compiled.get_property(k)) for k in (
+            props.inference_num_threads(), hints.performance_mode(), hints.inference_precision(),
+            props.num_streams())},
+        "dtype": "f32",
+        "kernel_isas": isas,
+        "primitive_types": primitives,
     }))
 
 
@@ -323,10 +626,12 @@ def last_json_line(text):
     raise ValueError("no JSON object in its output")
 
 
-def run_side(cmd, timeout):
-    """Runs `cmd`, returns (its JSON result, None) or (None, what went wrong)."""
+def run_side(cmd, timeout, env=None):
+    """Runs `cmd` (with the variables `env` added to this process's environment), returns (its JSON
+    result, None) or (None, what went wrong)."""
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ, **env) if env else None)
     except FileNotFoundError:
         return None, f"{cmd[0]}: not found"
     except PermissionError:
@@ -383,6 +688,7 @@ def machine():
         "diffusers": version("diffusers"),
         "transformers": version("transformers"),
         "tomesd": version("tomesd"),
+        "openvino": version("openvino"),
     }
 
 
@@ -390,19 +696,53 @@ def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
-def print_table(info, rows, compare):
+def env_text(env):
+    return " ".join(f"{k}={v}" for k, v in env.items()) or "nothing set"
+
+
+def seen(rows, side, key):
+    """The distinct values of `key` in the `side` results of `rows`, as text."""
+    vals = sorted({str(r[side][key]) for r in rows if r.get(side) and r[side].get(key) is not None})
+    return "/".join(vals) if vals else "-"
+
+
+def print_table(info, rows, compare, openvino, isa):
     print(f"Machine: {info['cpu']}, {info['cores']} cores; {info['date']}")
     print(f"PyTorch side: torch {info['torch']}, diffusers {info['diffusers']}, transformers {info['transformers']}"
           f", tomesd {info['tomesd']}; torch threads = os.cpu_count() = {info['cores']}; each measurement"
           " in a fresh process, peak = VmHWM (baseline = VmHWM after the imports)")
-    head = ["component", "res", "batch", "prec", "tome", "iters", "PyTorch s", "Pictor s", "Pictor/PyTorch",
-            "PyTorch peak MiB", "(baseline)", "Pictor peak MiB"]
+    if openvino:
+        print(f"OpenVINO side: openvino {info['openvino']}, CPU plugin, IR converted from the same fp32 networks"
+              f" in a separate process (neither timed nor in the peak); compile_model(\"CPU\","
+              f" INFERENCE_NUM_THREADS={seen(rows, 'openvino', 'ov_threads')}, PERFORMANCE_HINT=LATENCY,"
+              " INFERENCE_PRECISION_HINT=f32); fresh process per measurement, peak = VmHWM (OV baseline ="
+              " VmHWM after import openvino); no OpenVINO side for img2img or --tomesd (\"-\")")
+    envs = ISA_ENV[isa]
+    print(f"ISA: {isa}. PyTorch: {env_text(envs['pytorch'])} (torch cpu capability:"
+          f" {seen(rows, 'pytorch', 'cpu_capability')})"
+          + (f"; Pictor: {env_text(envs['pictor'])} (tier: {seen(rows, 'pictor', 'cpu_tier')})" if compare else ""))
+    if openvino:
+        counts = {}
+        for r in rows:
+            for k, n in ((r.get("openvino") or {}).get("kernel_isas") or {}).items():
+                counts[k] = counts.get(k, 0) + n
+        order = ["amx", "avx512", "avx2", "sse41", "mlas", "other"]
+        kernels = ", ".join(f"{k} {counts[k]}" for k in order if k in counts) or "-"
+        print(f"     OpenVINO: {env_text(envs['openvino'])}; executed kernels by the ISA in their names: {kernels}"
+              + (" (mlas = FullyConnected on MLAS, which picks its ISA from CPUID: no switch found restricts it;"
+                 " other = reference/ISA-generic kernels)" if "mlas" in counts else ""))
+    head = ["component", "res", "batch", "prec", "tome", "iters", "PyTorch s", "Pictor s", "Pictor tier",
+            "Pictor/PyTorch", "OpenVINO s", "Pictor/OpenVINO", "PyTorch peak MiB", "(baseline)",
+            "Pictor peak MiB", "OpenVINO peak MiB", "(OV baseline)"]
     if not compare:
         head = [h for h in head if not h.startswith("Pictor")]
+    if not openvino:
+        head = [h for h in head if "OpenVINO" not in h and h != "(OV baseline)"]
     lines = []
     errors = []
     for r in rows:
-        pt, pc = r.get("pytorch"), r.get("pictor")
+        pt, pc, ov = r.get("pytorch"), r.get("pictor"), r.get("openvino")
+        ov_skipped = r.get("openvino_skipped") is not None
         cells = [
             r["component"] + (f" ({r['steps']} steps)" if r["component"] == "img2img" else ""),
             str(r["resolution"]), str(r["batch"]), r["precision"], "yes" if r["tomesd"] else "no",
@@ -412,14 +752,27 @@ def print_table(info, rows, compare):
         if compare:
             cells.append((fmt(pc["median_s"], ".3f") if pc else "error")
                          + (f" ({r['pictor_precision']})" if r.get("pictor_precision") != r["precision"] else ""))
+            cells.append(str(pc.get("cpu_tier") or "-") if pc else "-")
             ratio = pc["median_s"] / pt["median_s"] if pt and pc and pt["median_s"] > 0 else None
             cells.append(fmt(ratio, ".2f"))
+        if openvino:
+            if ov_skipped:
+                cells.append("-")
+            else:
+                cells.append(fmt(ov["median_s"], ".3f") + (" (fp32)" if r["precision"] != "fp32" else "")
+                             if ov else "error")
+            if compare:
+                ratio = pc["median_s"] / ov["median_s"] if ov and pc and ov["median_s"] > 0 else None
+                cells.append(fmt(ratio, ".2f"))
         cells.append(fmt(pt and pt.get("peak_rss_mib"), ".0f") if pt else "error")
         cells.append(fmt(pt and pt.get("baseline_rss_mib"), ".0f") if pt else "-")
         if compare:
             cells.append(fmt(pc.get("peak_rss_mib"), ".0f") if pc else "error")
+        if openvino:
+            cells.append("-" if ov_skipped else fmt(ov.get("peak_rss_mib"), ".0f") if ov else "error")
+            cells.append(fmt(ov and ov.get("baseline_rss_mib"), ".0f"))
         lines.append(cells)
-        for side in ("pytorch", "pictor"):
+        for side in ("pytorch", "pictor", "openvino"):
             if r.get(f"{side}_error"):
                 errors.append(f"{r['component']} {r['resolution']} batch {r['batch']}, {side}: {r[side + '_error']}")
     widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
@@ -428,6 +781,36 @@ def print_table(info, rows, compare):
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
     for e in errors:
         print(f"error: {e}")
+
+
+def run_openvino(row, m, args, opts, env):
+    """The OpenVINO side of measurement `m`: converts (or reuses) its IR in one process, then measures it in
+    a fresh one with `env`. Fills row["openvino"], row["openvino_error"] and row["openvino_ir"], or
+    row["openvino_skipped"] where there is no OpenVINO side."""
+    row["openvino"] = row["openvino_error"] = None
+    if m["component"] not in OPENVINO_COMPONENTS:
+        row["openvino_skipped"] = f"no OpenVINO side for {m['component']}"
+        return
+    if m["tomesd"]:
+        row["openvino_skipped"] = "no token merging in OpenVINO"
+        return
+    script = str(Path(__file__).resolve())
+    ir = openvino_cached(m, opts.openvino_cache)
+    if ir is not None:
+        row["openvino_ir"] = {"path": str(ir), "cached": True}
+    else:
+        target = openvino_ir_dir(m, opts.openvino_cache)
+        if not opts.json:
+            print(f"  converting to OpenVINO IR in {target} ...", file=sys.stderr, flush=True)
+        converted, err = run_side([sys.executable, script, "--convert-openvino", str(target), *args],
+                                  opts.timeout)
+        if err:
+            row["openvino_error"] = f"conversion: {err}"
+            return
+        ir = target
+        row["openvino_ir"] = dict(converted, path=str(ir), cached=False)
+    row["openvino"], row["openvino_error"] = run_side(
+        [sys.executable, script, "--worker", "--runtime", "openvino", "--ir", str(ir), *args], opts.timeout, env)
 
 
 def main():
@@ -444,16 +827,28 @@ def main():
     p.add_argument("--compare", metavar="BIN", help="also run BIN bench ... --json (the pictor binary)")
     p.add_argument("--pictor-precision", choices=["fp32", "bf16"], default=None,
                    help="Pictor's precision when it differs from --precision (bf16 against PyTorch fp32)")
+    p.add_argument("--openvino", action="store_true",
+                   help="also time the networks in OpenVINO (unet, vae-encode, vae-decode, text-encoder)")
+    p.add_argument("--openvino-cache", metavar="DIR", default=str(OPENVINO_CACHE),
+                   help="where converted OpenVINO IR is kept and reused (default target/openvino-cache)")
+    p.add_argument("--isa", choices=["native", "avx2"], default="native",
+                   help="avx2: restrict every measured process to AVX2 (see the docstring)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per measurement and side")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--runtime", choices=["pytorch", "openvino"], default="pytorch", help=argparse.SUPPRESS)
+    p.add_argument("--ir", help=argparse.SUPPRESS)
+    p.add_argument("--convert-openvino", metavar="DIR", help=argparse.SUPPRESS)
     opts = p.parse_args()
     if opts.resolution <= 0 or opts.resolution % 8:
         p.error("--resolution must be a positive multiple of 8")
     if opts.batch < 1 or opts.iterations < 1 or opts.steps < 1:
         p.error("--batch, --iterations and --steps must be at least 1")
+    if opts.convert_openvino:
+        openvino_convert(opts)
+        return
     if opts.worker:
-        worker(opts)
+        openvino_worker(opts) if opts.runtime == "openvino" else worker(opts)
         return
 
     if opts.suite:
@@ -466,6 +861,8 @@ def main():
     if opts.compare:
         compare = str(Path(opts.compare).resolve()) if os.sep in opts.compare else opts.compare
     info = machine()
+    envs = ISA_ENV[opts.isa]
+    script = str(Path(__file__).resolve())
     rows = []
     for m in measurements:
         args = measurement_args(m)
@@ -473,29 +870,40 @@ def main():
             print(f"running {' '.join(args)} ...", file=sys.stderr, flush=True)
         row = dict(m)
         row["pytorch"], row["pytorch_error"] = run_side(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", *args], opts.timeout)
+            [sys.executable, script, "--worker", *args], opts.timeout, envs["pytorch"])
         if compare:
             pictor_args = measurement_args(dict(m, precision=opts.pictor_precision or m["precision"]))
             row["pictor_precision"] = opts.pictor_precision or m["precision"]
             row["pictor"], row["pictor_error"] = run_side([compare, "bench", *pictor_args, "--json"],
-                                                          opts.timeout)
+                                                          opts.timeout, envs["pictor"])
+        if opts.openvino:
+            run_openvino(row, m, args, opts, envs["openvino"])
         rows.append(row)
         if not opts.json:
             # Each result as soon as it is known, so an interrupted suite keeps what it measured.
-            pt, pc = row.get("pytorch"), row.get("pictor")
+            pt, pc, ov = row.get("pytorch"), row.get("pictor"), row.get("openvino")
             done = (f"  PyTorch {fmt(pt and pt['median_s'], '.3f')} s, peak "
                     f"{fmt(pt and pt.get('peak_rss_mib'), '.0f')} MiB")
             if compare:
-                done += (f"; Pictor ({row['pictor_precision']}) {fmt(pc and pc['median_s'], '.3f')} s, peak "
-                         f"{fmt(pc and pc.get('peak_rss_mib'), '.0f')} MiB")
+                done += (f"; Pictor ({row['pictor_precision']}, tier {pc and pc.get('cpu_tier') or '-'})"
+                         f" {fmt(pc and pc['median_s'], '.3f')} s, peak {fmt(pc and pc.get('peak_rss_mib'), '.0f')} MiB")
                 if pt and pc and pt["median_s"] > 0:
                     done += f"; ratio {pc['median_s'] / pt['median_s']:.2f}"
+            if opts.openvino:
+                if row.get("openvino_skipped"):
+                    done += f"; OpenVINO -: {row['openvino_skipped']}"
+                else:
+                    done += (f"; OpenVINO {fmt(ov and ov['median_s'], '.3f')} s, peak "
+                             f"{fmt(ov and ov.get('peak_rss_mib'), '.0f')} MiB")
+                    if compare and ov and pc and ov["median_s"] > 0:
+                        done += f"; Pictor/OpenVINO {pc['median_s'] / ov['median_s']:.2f}"
             print(done, file=sys.stderr, flush=True)
     if opts.json:
-        print(json.dumps({"machine": info, "compare": compare, "rows": rows}, indent=2, sort_keys=True))
+        print(json.dumps({"machine": info, "compare": compare, "isa": opts.isa, "isa_env": envs,
+                          "openvino": opts.openvino, "rows": rows}, indent=2, sort_keys=True))
     else:
-        print_table(info, rows, compare)
-    failed = any(r.get("pytorch_error") or r.get("pictor_error") for r in rows)
+        print_table(info, rows, compare, opts.openvino, opts.isa)
+    failed = any(r.get("pytorch_error") or r.get("pictor_error") or r.get("openvino_error") for r in rows)
     sys.exit(1 if failed else 0)
 
 
