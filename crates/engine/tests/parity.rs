@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use pictor_engine::image_io::load_image;
+use pictor_engine::kernels::tier::{run_at, Tier};
 use pictor_engine::model_store::{self, ModelsDir};
 use pictor_engine::pipeline::{Img2ImgRequest, NoProgress, Pix2PixRequest, StableDiffusion};
 use pictor_engine::prompt_syntax::escape;
@@ -152,12 +153,21 @@ fn main() {
         std::fs::read_to_string(fixtures().join("cases.json")).expect("tests/fixtures/cases.json");
     let cases: Vec<Case> = serde_json::from_str(&text).expect("cases.json parses");
     let cache: ModelCache = Arc::default();
-    let trials = cases
-        .into_iter()
-        .map(|case| {
-            let cache = cache.clone();
-            Trial::test(case.name.clone(), move || run_case(&case, &cache))
-        })
-        .collect();
+    // Every case at the CPU's best tier, and again at each lower tier it can run (the AVX-512 machine
+    // proves the AVX2 and portable kernels too), named `case@tier`.
+    let best = Tier::best();
+    let mut trials = Vec::new();
+    for tier in Tier::supported().into_iter().rev() {
+        for case in &cases {
+            let (case, cache) = (case.clone(), cache.clone());
+            trials.push(if tier == best {
+                Trial::test(case.name.clone(), move || run_case(&case, &cache))
+            } else {
+                Trial::test(format!("{}@{tier}", case.name), move || {
+                    run_at(tier, || run_case(&case, &cache)).map_err(Failed::from)?
+                })
+            });
+        }
+    }
     libtest_mimic::run(&args, trials).exit();
 }
