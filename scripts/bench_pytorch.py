@@ -415,22 +415,24 @@ def openvino_ir_dir(m, cache):
     return Path(cache) / f"{m['component']}-{m['resolution']}-b{m['batch']}"
 
 
+def package_version(pkg):
+    """The installed version of `pkg`, or None."""
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def openvino_meta(m):
     """What a cached IR must have been converted from to be reused."""
-    def version(pkg):
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
     return {
         "component": m["component"],
         "inputs": [[n, s] for n, s, _ in openvino_inputs(m["component"], m["resolution"], m["batch"])],
         "wrapper_version": OPENVINO_WRAPPER_VERSION,
-        "openvino": version("openvino"),
-        "torch": version("torch"),
-        "diffusers": version("diffusers"),
-        "transformers": version("transformers"),
+        "openvino": package_version("openvino"),
+        "torch": package_version("torch"),
+        "diffusers": package_version("diffusers"),
+        "transformers": package_version("transformers"),
     }
 
 
@@ -673,22 +675,16 @@ def machine():
     except (OSError, subprocess.TimeoutExpired):
         pass
 
-    def version(pkg):
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
     return {
         "cpu": model,
         "cores": os.cpu_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
-        "torch": version("torch"),
-        "diffusers": version("diffusers"),
-        "transformers": version("transformers"),
-        "tomesd": version("tomesd"),
-        "openvino": version("openvino"),
+        "torch": package_version("torch"),
+        "diffusers": package_version("diffusers"),
+        "transformers": package_version("transformers"),
+        "tomesd": package_version("tomesd"),
+        "openvino": package_version("openvino"),
     }
 
 

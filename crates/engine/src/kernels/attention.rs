@@ -392,6 +392,8 @@ mod tests {
             (8, 33, 19, 2, 7),
             (1, 200, 200, 1, 64),
             (3, 64, 64, 5, 16),
+            // Keys past one AVX2 depth block of the second product (256).
+            (1, 100, 600, 2, 40),
         ] {
             let q = Tensor::randn(0f32, 1.0, (b, n, heads * d), &device)?;
             let k = Tensor::randn(0f32, 1.0, (b, m, heads * d), &device)?;
@@ -467,7 +469,13 @@ mod tests {
 
     fn causal_attention_equals_the_masked_candle_attention() -> Result<()> {
         let device = Device::Cpu;
-        for &(b, n, heads, d) in &[(1, 1, 1, 3), (2, 77, 12, 64), (8, 70, 3, 5), (1, 130, 2, 8)] {
+        for &(b, n, heads, d) in &[
+            (1, 1, 1, 3),
+            (2, 77, 12, 64),
+            (8, 70, 3, 5),
+            (1, 130, 2, 8),
+            (1, 300, 2, 8),
+        ] {
             let q = Tensor::randn(0f32, 1.0, (b, n, heads * d), &device)?;
             let k = Tensor::randn(0f32, 1.0, (b, n, heads * d), &device)?;
             let v = Tensor::randn(0f32, 1.0, (b, n, heads * d), &device)?;

@@ -4,23 +4,34 @@
 
 use super::tier::Tier;
 
+/// ln 2 split in two for Cody–Waite range reduction: `LN2_HI` has few enough bits that n · LN2_HI is
+/// exact for the n that occur.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+
+/// The polynomial of e^r on [-ln2/2, ln2/2] after `1 + r`: e^r ≈ 1 + r + r² · P(r), P's coefficients
+/// from the highest degree down (every tier's exponential uses these).
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
 /// e^x for f32 with about 1 ulp error over the range that matters (Cody–Waite range reduction to
 /// [-ln2/2, ln2/2] and a degree-6 polynomial); inputs below -87.3 give ~1e-38 instead of 0.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + 0.5).floor();
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     let r = x - n * LN2_HI - n * LN2_LO;
     let z = r * r;
-    let p = 1.987_569_1e-4f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
+    let mut p = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        p = p * r + c;
+    }
     let y = p * z + r + 1.0;
     // SAFETY: n is an integer in [-126, 128] after the clamp, so the conversion cannot overflow (and,
     // unlike `as`, needs no saturation checks, which keeps the loop vectorised).
@@ -300,16 +311,10 @@ mod avx512 {
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            0.5,
-        ] {
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::LN2_LO), r);
+        let mut p = _mm512_set1_ps(super::EXP_POLY[0]);
+        for &c in &super::EXP_POLY[1..] {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
         }
         let y = _mm512_add_ps(
@@ -449,16 +454,10 @@ mod avx2 {
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
         );
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            0.5,
-        ] {
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(super::LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(super::LN2_LO), r);
+        let mut p = _mm256_set1_ps(super::EXP_POLY[0]);
+        for &c in &super::EXP_POLY[1..] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
         let y = _mm256_add_ps(
