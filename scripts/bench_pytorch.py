@@ -231,6 +231,17 @@ def median(times):
     return t[n // 2] if n % 2 else (t[n // 2 - 1] + t[n // 2]) / 2.0
 
 
+def timed_runs(run, iterations):
+    """One warm-up call of `run`, then the seconds of each of `iterations` timed calls."""
+    run()
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def randomize(model, torch):
     """Pictor's random weights: N(0, 1/fan_in) (N(0, 0.25) for embeddings), zero biases, unit scales."""
     with torch.no_grad():
@@ -368,12 +379,7 @@ def worker(opts):
     baseline = vm_hwm_mib()
     run, ran_in = make_run(opts, torch)
     with torch.inference_mode():
-        run()
-        times = []
-        for _ in range(opts.iterations):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
+        times = timed_runs(run, opts.iterations)
     print(json.dumps({
         "times_s": times,
         "median_s": median(times),
@@ -569,12 +575,7 @@ def openvino_worker(opts):
     def run():
         return request.infer(inputs, share_inputs=True, share_outputs=True)
 
-    run()
-    times = []
-    for _ in range(opts.iterations):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
+    times = timed_runs(run, opts.iterations)
     peak = vm_hwm_mib()
     primitives, isas = {}, {}
     for node in compiled.get_runtime_model().get_ops():
