@@ -400,19 +400,17 @@ impl TiledConv<'_> {
                 TiledWeights::F32(weight) if own_product => {
                     scratch.resize(c_out * len, 0.0);
                     packed_f32.repack_rows(columns, depth, len, len);
-                    if matches!(parallelism, Parallelism::Rayon(_)) {
-                        sgemm::gemm(c_out, weight, depth, packed_f32, scratch, len, Start::Zero);
-                    } else {
-                        sgemm::gemm_serial(
-                            c_out,
-                            weight,
-                            depth,
-                            packed_f32,
-                            scratch,
-                            len,
-                            Start::Zero,
-                        );
-                    }
+                    let parallel = matches!(parallelism, Parallelism::Rayon(_));
+                    sgemm::gemm_maybe_parallel(
+                        parallel,
+                        c_out,
+                        weight,
+                        depth,
+                        packed_f32,
+                        scratch,
+                        len,
+                        Start::Zero,
+                    );
                     len
                 }
                 TiledWeights::F32(weight) => {

@@ -184,6 +184,26 @@ pub fn gemm(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc: us
         });
 }
 
+/// [`gemm`] when `parallel`, else [`gemm_serial`]: for callers that run either as one task among many
+/// or alone (the convolutions' tiles).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_maybe_parallel(
+    parallel: bool,
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    start: Start,
+) {
+    if parallel {
+        gemm(m, a, lda, b, c, ldc, start);
+    } else {
+        gemm_serial(m, a, lda, b, c, ldc, start);
+    }
+}
+
 /// [`gemm`] on the calling thread (for callers that are themselves one task of a parallel loop).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_serial(
@@ -624,13 +644,12 @@ mod tests {
     }
 
     #[test]
-    fn products_equal_the_plain_triple_loop_on_awkward_shapes_at_every_tier() {
-        for tier in Tier::supported() {
-            crate::kernels::tier::run_at(tier, products_equal_the_plain_triple_loop).unwrap();
-        }
+    fn products_equal_the_plain_triple_loop_on_awkward_shapes_at_every_tier(
+    ) -> candle_core::Result<()> {
+        super::super::at_every_tier(products_equal_the_plain_triple_loop)
     }
 
-    fn products_equal_the_plain_triple_loop() {
+    fn products_equal_the_plain_triple_loop() -> candle_core::Result<()> {
         for &(m, k, n) in &[
             (1, 1, 1),
             (5, 3, 7),
@@ -679,5 +698,6 @@ mod tests {
                 }
             }
         }
+        Ok(())
     }
 }

@@ -449,11 +449,7 @@ fn products(
             &u[xi * u_stride..][..c_out * ldu],
             &mut m[xi * m_stride..][..c_out * windows],
         );
-        if parallel {
-            sgemm::gemm(c_out, u, ldu, vx, m, windows, Start::Zero);
-        } else {
-            sgemm::gemm_serial(c_out, u, ldu, vx, m, windows, Start::Zero);
-        }
+        sgemm::gemm_maybe_parallel(parallel, c_out, u, ldu, vx, m, windows, Start::Zero);
     }
 }
 
