@@ -269,6 +269,25 @@ pub struct ServeArgs {
     /// Generations run at once.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// What this process does: `all` (API and workers, one machine), `api` (HTTP front end only) or `worker`
+    /// (generations only; listens for /health and /metrics). `api` and `worker` need a PostgreSQL job store.
+    #[arg(long, value_enum, default_value = "all", env = "PICTOR_ROLE")]
+    pub role: RoleArg,
+    /// The job store: `sqlite:PATH` (default: DATA_DIR/jobs.db) or `postgres://USER:PASSWORD@HOST/DB`, shared by
+    /// every node of a deployment.
+    #[arg(long, env = "PICTOR_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// This node's group: keys bound to it run here (and unbound keys anywhere); also names it in
+    /// system_details.
+    #[arg(long, env = "PICTOR_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// Seconds a worker holds a job without a heartbeat (it beats every third of it); a job whose worker
+    /// vanished is queued again after this long.
+    #[arg(long, default_value_t = 15.0)]
+    pub lease_seconds: f64,
+    /// Times a job is tried when its worker keeps dying before it is failed as abandoned.
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: u32,
     /// Memory for loaded models, in MiB (least recently used models are unloaded beyond it).
     #[arg(long, default_value_t = 8192)]
     pub model_cache_mib: u64,
@@ -278,6 +297,17 @@ pub struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
+}
+
+/// `--role`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoleArg {
+    /// API and workers in one process.
+    All,
+    /// HTTP API only.
+    Api,
+    /// Workers only.
+    Worker,
 }
 
 /// The network `pictor bench` times.

@@ -6,10 +6,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use pictor_engine::model_store::ModelsDir;
 use pictor_engine::Runtime;
+use pictor_server::config::Role;
 use pictor_server::keys::read_keys_file;
 use pictor_server::ServerConfig;
 
-use crate::args::ServeArgs;
+use crate::args::{RoleArg, ServeArgs};
 use crate::engine_backend::EngineBackend;
 
 /// Builds the service's settings from the flags (and PICTOR_API_KEYS).
@@ -45,6 +46,18 @@ pub fn config(args: &ServeArgs) -> Result<ServerConfig> {
     config.webhook_attempts = args.webhook_attempts.max(1);
     config.webhook_backoff = Duration::from_secs_f64(args.webhook_backoff.max(0.0));
     config.workers = args.workers.max(1);
+    config.role = match args.role {
+        RoleArg::All => Role::All,
+        RoleArg::Api => Role::Api,
+        RoleArg::Worker => Role::Worker,
+    };
+    config.database_url = args.database_url.clone();
+    config.server_name = args.server_name.clone();
+    if !(args.lease_seconds >= 0.3 && args.lease_seconds <= 3600.0) {
+        anyhow::bail!("--lease-seconds must be between 0.3 and 3600");
+    }
+    config.lease = Duration::from_secs_f64(args.lease_seconds);
+    config.max_attempts = args.max_attempts.clamp(1, 1000) as i32;
     Ok(config)
 }
 

@@ -2,21 +2,18 @@
 //! with graceful shutdown.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use tokio::sync::{broadcast, Notify};
-
 use crate::backend::Backend;
-use crate::config::ServerConfig;
-use crate::jobs::sqlite::SqliteJobs;
-use crate::jobs::JobStore;
+use crate::config::{Role, ServerConfig};
+use crate::jobs::service::JobService;
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
 use crate::net_guard::{Limits, UrlPolicy};
 use crate::storage::{LocalStorage, Storage};
 use crate::webhook::WebhookSettings;
-use crate::worker::{self, Running, StepClock};
+use crate::worker::{self, StepClock};
 
 /// State of a `load_model` started through the management API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,20 +30,18 @@ pub struct App {
     pub config: ServerConfig,
     /// The image generator.
     pub backend: Arc<dyn Backend>,
-    /// The job store.
-    pub jobs: Arc<dyn JobStore>,
+    /// The job lifecycle (store and signals).
+    pub jobs: Arc<JobService>,
     /// Output storage.
     pub storage: Arc<dyn Storage>,
     /// Accepted keys.
     pub keys: RwLock<KeyStore>,
     /// Prometheus metrics.
     pub metrics: Metrics,
-    /// Wakes a worker when a job is queued.
-    pub wake: Notify,
-    /// Ids of jobs as they finish.
-    pub finished: broadcast::Sender<i64>,
-    /// Jobs being generated now, with their cancel flags.
-    pub running: Mutex<HashMap<i64, Arc<Running>>>,
+    /// This process's name among the nodes (`--server-name` or the host name, then the process id).
+    pub node: String,
+    /// Jobs this process is generating now.
+    pub busy: AtomicI64,
     /// Seconds per denoising step, for `eta`.
     pub clock: Mutex<StepClock>,
     /// `load_model` calls in flight or failed, by model id.
@@ -87,27 +82,40 @@ impl App {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// Builds the state over the embedded job store and local storage in `config.data_dir`. Returns the key
-    /// generated at first start, if any.
+    /// Builds the state over the job store `config.database_url()` and local storage in `config.data_dir`.
+    /// Returns the key generated at first start, if any.
     pub async fn open(
         config: ServerConfig,
         backend: Arc<dyn Backend>,
     ) -> anyhow::Result<(Arc<App>, Option<String>)> {
         std::fs::create_dir_all(&config.data_dir)?;
-        let jobs = SqliteJobs::open(&config.data_dir.join("jobs.db"))
-            .await
-            .map_err(anyhow::Error::msg)?;
-        let requeued = jobs.requeue_running().await.map_err(anyhow::Error::msg)?;
-        if requeued > 0 {
-            tracing::warn!(
-                requeued,
-                "jobs left running by a previous process were queued again"
-            );
+        let jobs = JobService::open(&config.database_url()).await?;
+        if !jobs.is_shared() {
+            if config.role != Role::All {
+                anyhow::bail!(
+                    "--role api and --role worker need a job store shared by every node: give --database-url \
+                     postgres://..."
+                );
+            }
+            // One process owns this store: whatever it shows running was left by a process that died.
+            let ended = jobs.store().expire_leases().await?;
+            let reaped = jobs.store().reap(config.max_attempts).await?;
+            if ended > 0 {
+                tracing::warn!(
+                    requeued = reaped.requeued.len(),
+                    abandoned = reaped.failed.len(),
+                    "jobs left running by a previous process were queued again (or failed after their last attempt)"
+                );
+            }
         }
         let storage = LocalStorage::new(config.data_dir.join("files"), &config.public_url);
         let (keys, generated) =
             KeyStore::load(&config.api_keys, &config.admin_keys, &config.data_dir)?;
-        let (finished, _) = broadcast::channel(1024);
+        let node = format!(
+            "{}-{}",
+            config.server_name.clone().unwrap_or_else(host_name),
+            std::process::id()
+        );
         let app = Arc::new(App {
             config,
             backend,
@@ -115,15 +123,23 @@ impl App {
             storage: Arc::new(storage),
             keys: RwLock::new(keys),
             metrics: Metrics::new(),
-            wake: Notify::new(),
-            finished,
-            running: Mutex::new(HashMap::new()),
+            node,
+            busy: AtomicI64::new(0),
             clock: Mutex::new(StepClock::default()),
             model_loads: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
         });
         Ok((app, generated))
     }
+}
+
+/// The machine's host name, or "pictor".
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "pictor".to_string())
 }
 
 /// Runs the service until Ctrl-C or SIGTERM: workers, sweeper and HTTP server. A job running at shutdown is
@@ -137,16 +153,27 @@ pub async fn serve(config: ServerConfig, backend: Arc<dyn Backend>) -> anyhow::R
             app.config.data_dir.join("keys.json").display()
         );
     }
-    for n in 0..app.config.workers.max(1) {
-        tokio::spawn(worker::work(app.clone(), n));
+    let role = app.config.role;
+    if role.runs_jobs() {
+        for n in 0..app.config.workers.max(1) {
+            tokio::spawn(worker::work(app.clone(), n));
+        }
+        tokio::spawn(worker::report(app.clone()));
     }
+    tokio::spawn(worker::reap(app.clone()));
+    tokio::spawn(worker::dispatch_webhooks(app.clone()));
     tokio::spawn(worker::sweep(app.clone()));
-    let router = crate::routes::router(app.clone());
+    let router = if role.serves_api() {
+        crate::routes::router(app.clone())
+    } else {
+        crate::routes::worker_router(app.clone())
+    };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     app.ready.store(true, Ordering::Relaxed);
-    tracing::info!(address = %listen, public_url = %app.config.public_url, "Pictor is listening");
+    tracing::info!(address = %listen, public_url = %app.config.public_url, role = ?role, node = %app.node,
+        "Pictor is listening");
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown_signal())
         .await?;

@@ -4,6 +4,30 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// What one `pictor serve` process does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// HTTP API and workers in one process (one machine).
+    #[default]
+    All,
+    /// HTTP API only: stateless front end over the shared job store.
+    Api,
+    /// Workers only: generates queued jobs; listens for `/health` and `/metrics`.
+    Worker,
+}
+
+impl Role {
+    /// Whether the process serves the API routes.
+    pub fn serves_api(self) -> bool {
+        self != Role::Worker
+    }
+
+    /// Whether the process runs generations.
+    pub fn runs_jobs(self) -> bool {
+        self != Role::Api
+    }
+}
+
 /// Everything the service needs to know at start.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -49,9 +73,27 @@ pub struct ServerConfig {
     pub webhook_timeout: Duration,
     /// Generations run at once.
     pub workers: usize,
+    /// What this process does.
+    pub role: Role,
+    /// The job store: `sqlite:PATH` or `postgres://…`; `None` is `sqlite:DATA/jobs.db`.
+    pub database_url: Option<String>,
+    /// This node's worker group (jobs of keys bound to it, and unpinned ones, run here) and the start of its
+    /// name in `system_details`.
+    pub server_name: Option<String>,
+    /// How long a worker's hold on a job lasts without a heartbeat (heartbeats come every third of it).
+    pub lease: Duration,
+    /// Claims of one job before it is failed as abandoned (its worker died each time).
+    pub max_attempts: i32,
 }
 
 impl ServerConfig {
+    /// The job store's URL, the embedded SQLite file in the data folder unless one was given.
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite:{}", self.data_dir.join("jobs.db").display()))
+    }
+
     /// Defaults for a service on `listen` keeping its data in `data_dir`.
     pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
         ServerConfig {
@@ -76,6 +118,11 @@ impl ServerConfig {
             webhook_backoff: Duration::from_secs(2),
             webhook_timeout: Duration::from_secs(30),
             workers: 1,
+            role: Role::All,
+            database_url: None,
+            server_name: None,
+            lease: Duration::from_secs(15),
+            max_attempts: 3,
         }
     }
 }

@@ -37,6 +37,8 @@ pub enum ApiError {
     },
     /// The service failed (not the requester's fault).
     Internal(String),
+    /// A part the service depends on (the job database) cannot be reached now; the request may be retried.
+    Unavailable(String),
 }
 
 impl ApiError {
@@ -87,6 +89,11 @@ impl ApiError {
                 json!({"status": "error", "message": text, "messege": text,
                        "retry_after": RETRY_AFTER_SECS}),
             ),
+            ApiError::Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"status": "error", "message": text, "messege": text,
+                       "retry_after": RETRY_AFTER_SECS}),
+            ),
             ApiError::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 json!({"status": "error", "message": text, "messege": text}),
@@ -114,17 +121,36 @@ impl std::fmt::Display for ApiError {
                 "Rate limit exceeded. Maximum {limit} queued requests allowed."
             ),
             ApiError::Internal(m) => write!(f, "Internal server error: {m}"),
+            ApiError::Unavailable(m) => write!(f, "Service unavailable, try again shortly: {m}"),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let ApiError::Internal(m) = &self {
-            tracing::error!(error = %m, "internal error");
+        match &self {
+            ApiError::Internal(m) => tracing::error!(error = %m, "internal error"),
+            ApiError::Unavailable(m) => tracing::warn!(error = %m, "dependency unavailable"),
+            _ => {}
         }
         let (status, body) = self.to_body();
         (status, Json(body)).into_response()
+    }
+}
+
+/// Job store failures: an unreachable database is worth a retry (503), anything else is the service's fault.
+impl From<crate::jobs::StoreError> for ApiError {
+    fn from(e: crate::jobs::StoreError) -> Self {
+        use crate::jobs::StoreError;
+        match &e {
+            StoreError::Database(
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed,
+            ) => ApiError::Unavailable(e.to_string()),
+            _ => ApiError::Internal(e.to_string()),
+        }
     }
 }
 

@@ -1,5 +1,9 @@
-//! Workers take queued jobs one at a time, run them on the backend in a blocking thread, store the outputs,
-//! record the outcome and post the webhook. The sweeper deletes expired temp files and old jobs.
+//! Workers claim jobs under a lease, run them on the backend in a blocking thread, store the outputs and record
+//! the outcome through the job service. While a job runs, a heartbeat extends its lease every third of it, carries
+//! its progress and brings back the cancel flag (a cancel announced in this process or by the database arrives
+//! at once). Beside the workers run the reaper (re-queues jobs whose worker vanished), the webhook dispatcher
+//! (sends due webhooks, at least once), the worker report (for `system_details`) and the sweeper (one node at
+//! a time).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -9,14 +13,15 @@ use base64::Engine as _;
 
 use crate::app::App;
 use crate::backend::{BackendError, JobControl};
-use crate::jobs::{Job, JobResult, Outcome};
+use crate::jobs::{Beat, Job, JobResult, Lease, Outcome, WorkerInfo};
 use crate::render;
 use crate::webhook;
 
-/// A job being generated: its cancel flag and step timing.
+/// A job being generated: its cancel flag and progress.
 pub struct Running {
     cancel: AtomicBool,
     steps_done: AtomicUsize,
+    steps_total: AtomicUsize,
     last_step: Mutex<Instant>,
     model: String,
     app: Arc<App>,
@@ -28,14 +33,17 @@ impl Running {
         self.cancel.store(true, Ordering::Relaxed);
     }
 
-    /// Steps finished so far.
-    pub fn steps_done(&self) -> usize {
-        self.steps_done.load(Ordering::Relaxed)
+    /// (steps done, steps in all) so far.
+    pub fn progress(&self) -> (usize, usize) {
+        (
+            self.steps_done.load(Ordering::Relaxed),
+            self.steps_total.load(Ordering::Relaxed),
+        )
     }
 }
 
 impl JobControl for Running {
-    fn on_step(&self, done: usize, _total: usize) {
+    fn on_step(&self, done: usize, total: usize) {
         let now = Instant::now();
         let elapsed = {
             let mut last = self.last_step.lock().expect("step clock");
@@ -44,6 +52,7 @@ impl JobControl for Running {
             e
         };
         self.steps_done.store(done, Ordering::Relaxed);
+        self.steps_total.store(total, Ordering::Relaxed);
         let secs = elapsed.as_secs_f64();
         self.app
             .metrics
@@ -73,6 +82,11 @@ impl StepClock {
         });
     }
 
+    /// The average so far.
+    pub fn seconds_per_step(&self) -> Option<f64> {
+        self.seconds_per_step
+    }
+
     /// Estimated seconds for `steps` steps (one second per step until something was measured).
     pub fn estimate(&self, steps: f64) -> f64 {
         (self.seconds_per_step.unwrap_or(1.0) * steps * 100.0).round() / 100.0
@@ -90,33 +104,40 @@ pub fn queue_seconds(app: &App, jobs: i64) -> f64 {
         .estimate((jobs * STEPS_PER_JOB) as f64)
 }
 
-/// Seconds until `job` is likely done: the jobs ahead of it plus itself.
+/// Seconds until `job` is likely done: the jobs ahead of it plus itself, less the steps its worker reported.
 pub async fn eta(app: &App, job: &Job) -> f64 {
-    let ahead = app.jobs.ahead_of(job.id).await.unwrap_or(0) as f64;
+    let ahead = app.jobs.store().ahead_of(job.id).await.unwrap_or(0) as f64;
     let own = job.spec.request.steps as f64 * job.spec.request.samples as f64;
-    let done = app
-        .running
-        .lock()
-        .expect("running")
-        .get(&job.id)
-        .map(|r| r.steps_done() as f64)
-        .unwrap_or(0.0);
-    let steps = (ahead + 1.0) * own - done * job.spec.request.samples as f64;
+    let done = if job.steps > 0 {
+        own * job.step as f64 / job.steps as f64
+    } else {
+        0.0
+    };
+    let steps = (ahead + 1.0) * own - done;
     app.clock.lock().expect("clock").estimate(steps.max(0.0))
 }
 
-/// One worker: runs jobs until the process ends.
+/// What this worker tells the store about itself now.
+async fn worker_info(app: &App, n: usize) -> WorkerInfo {
+    let backend = app.backend.clone();
+    let loaded_models = tokio::task::spawn_blocking(move || backend.system().loaded_models)
+        .await
+        .unwrap_or_default();
+    WorkerInfo {
+        name: format!("{}/{n}", app.node),
+        group: app.config.server_name.clone(),
+        loaded_models,
+    }
+}
+
+/// One worker: claims and runs jobs until the process ends.
 pub async fn work(app: Arc<App>, n: usize) {
     tracing::debug!(worker = n, "worker started");
     loop {
-        match app.jobs.claim_next().await {
+        let info = worker_info(&app, n).await;
+        match app.jobs.store().claim(&info, app.config.lease).await {
             Ok(Some(job)) => run(&app, job).await,
-            Ok(None) => {
-                tokio::select! {
-                    _ = app.wake.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                }
-            }
+            Ok(None) => app.jobs.signals().next_queued().await,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the job queue");
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -126,14 +147,32 @@ pub async fn work(app: Arc<App>, n: usize) {
 }
 
 async fn run(app: &Arc<App>, job: Job) {
-    let id = job.id;
+    let lease = job.lease();
     let started = Instant::now();
-    tracing::info!(job = id, family = job.spec.family.label(), model = %job.spec.request.model_id, "job started");
-    let outcome = match generate(app, &job).await {
+    tracing::info!(job = lease.id, attempt = lease.attempt, family = job.spec.family.label(),
+        model = %job.spec.request.model_id, "job started");
+    let running = Arc::new(Running {
+        cancel: AtomicBool::new(false),
+        steps_done: AtomicUsize::new(0),
+        steps_total: AtomicUsize::new(0),
+        last_step: Mutex::new(Instant::now()),
+        model: job.spec.request.model_id.clone(),
+        app: app.clone(),
+    });
+    let lost = Arc::new(AtomicBool::new(false));
+    app.busy.fetch_add(1, Ordering::Relaxed);
+    let heartbeat = tokio::spawn(keep_lease(
+        app.clone(),
+        lease,
+        running.clone(),
+        lost.clone(),
+    ));
+    let outcome = match generate(app, &job, running).await {
         Ok(result) => Outcome::Success(result),
         Err(message) => Outcome::Failed(message),
     };
-    app.running.lock().expect("running").remove(&id);
+    heartbeat.abort();
+    app.busy.fetch_sub(1, Ordering::Relaxed);
     let label = match &outcome {
         Outcome::Success(_) => "success",
         Outcome::Failed(_) => "failed",
@@ -142,59 +181,76 @@ async fn run(app: &Arc<App>, job: Job) {
         .job_seconds
         .with_label_values(&[label])
         .observe(started.elapsed().as_secs_f64());
-    match app.jobs.finish(id, &outcome).await {
-        Ok(true) => {}
-        Ok(false) => tracing::info!(job = id, "job was cancelled while running"),
-        Err(e) => tracing::error!(job = id, error = %e, "cannot record the job's outcome"),
+    if lost.load(Ordering::Relaxed) {
+        tracing::warn!(
+            job = lease.id,
+            attempt = lease.attempt,
+            "the job's lease was lost; its outcome is not recorded"
+        );
+        return;
     }
-    if let Outcome::Failed(m) = &outcome {
-        tracing::warn!(job = id, error = %m, "job failed");
-    } else {
-        tracing::info!(
-            job = id,
+    match app.jobs.finish(lease, &outcome).await {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(job = lease.id, "the job's lease ended before it finished"),
+        Err(e) => tracing::error!(job = lease.id, error = %e, "cannot record the job's outcome"),
+    }
+    match &outcome {
+        Outcome::Failed(m) => tracing::warn!(job = lease.id, error = %m, "job failed"),
+        Outcome::Success(_) => tracing::info!(
+            job = lease.id,
             seconds = started.elapsed().as_secs_f64(),
             "job finished"
-        );
+        ),
     }
-    let _ = app.finished.send(id);
-    notify_webhook(app, id).await;
 }
 
-/// Posts the webhook of finished job `id`, if it asked for one, in the background.
-pub async fn notify_webhook(app: &Arc<App>, id: i64) {
-    let Ok(Some(job)) = app.jobs.get(id).await else {
-        return;
-    };
-    let Some(url) = job.spec.delivery.webhook.clone() else {
-        return;
-    };
-    let app = app.clone();
-    tokio::spawn(async move {
-        let payload = render::webhook_payload(&job, app.storage.as_ref());
-        let status = webhook::deliver(&url, &payload, app.webhook_settings()).await;
-        if let Err(e) = app.jobs.set_webhook_status(id, status).await {
-            tracing::error!(job = id, error = %e, "cannot record the webhook status");
+/// Extends `lease` every third of its length with the job's progress, until aborted; stops the job when a cancel
+/// arrives (announced, or seen in the heartbeat's answer) or the lease is lost.
+async fn keep_lease(app: Arc<App>, lease: Lease, running: Arc<Running>, lost: Arc<AtomicBool>) {
+    let mut cancels = app.jobs.signals().cancels();
+    let period = app.config.lease / 3;
+    let mut tick = tokio::time::interval(period);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            announced = cancels.recv() => {
+                if matches!(announced, Ok(id) if id == lease.id) {
+                    running.cancel();
+                }
+                continue;
+            }
+            _ = tick.tick() => {}
         }
-    });
+        let (done, total) = running.progress();
+        match app
+            .jobs
+            .store()
+            .heartbeat(lease, done as i32, total as i32, app.config.lease)
+            .await
+        {
+            Ok(Beat::Held { cancel }) => {
+                if cancel {
+                    running.cancel();
+                }
+            }
+            Ok(Beat::Lost) => {
+                lost.store(true, Ordering::Relaxed);
+                running.cancel();
+                return;
+            }
+            // The database is unreachable: keep generating; if the lease runs out meanwhile, the next beat
+            // says so and the result is dropped.
+            Err(e) => tracing::warn!(job = lease.id, error = %e, "heartbeat failed"),
+        }
+    }
 }
 
-async fn generate(app: &Arc<App>, job: &Job) -> Result<JobResult, String> {
+async fn generate(app: &Arc<App>, job: &Job, running: Arc<Running>) -> Result<JobResult, String> {
     let init = app
         .storage
         .get(&job.spec.init_key)
         .await?
         .ok_or_else(|| "the stored init image is missing".to_string())?;
-    let running = Arc::new(Running {
-        cancel: AtomicBool::new(false),
-        steps_done: AtomicUsize::new(0),
-        last_step: Mutex::new(Instant::now()),
-        model: job.spec.request.model_id.clone(),
-        app: app.clone(),
-    });
-    app.running
-        .lock()
-        .expect("running")
-        .insert(job.id, running.clone());
     let backend = app.backend.clone();
     let request = job.spec.request.clone();
     let generated =
@@ -202,7 +258,7 @@ async fn generate(app: &Arc<App>, job: &Job) -> Result<JobResult, String> {
             .await
             .map_err(|e| format!("the generation crashed: {e}"))?
             .map_err(|e| match e {
-                BackendError::Cancelled => "Cancelled: the queue was cleared".to_string(),
+                BackendError::Cancelled => "Cancelled".to_string(),
                 other => other.to_string(),
             })?;
     if generated.png_images.len() != job.spec.output_keys.len() {
@@ -230,10 +286,110 @@ async fn generate(app: &Arc<App>, job: &Job) -> Result<JobResult, String> {
     })
 }
 
-/// Deletes expired temp files and jobs past retention, every `sweep_interval`.
+/// Puts jobs whose worker stopped renewing its lease back in the queue (or fails them after
+/// `--max-attempts`), every half lease.
+pub async fn reap(app: Arc<App>) {
+    loop {
+        match app.jobs.store().reap(app.config.max_attempts).await {
+            Ok(reaped) => {
+                if !reaped.requeued.is_empty() {
+                    tracing::warn!(jobs = ?reaped.requeued, "jobs whose worker stopped answering were queued again");
+                    app.jobs.signals().queued();
+                }
+                if !reaped.failed.is_empty() {
+                    tracing::warn!(jobs = ?reaped.failed, "jobs abandoned after their last attempt");
+                    for id in &reaped.failed {
+                        app.jobs.signals().finished(*id);
+                    }
+                    app.jobs.signals().webhook_due();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reap expired leases"),
+        }
+        tokio::time::sleep(app.config.lease / 2).await;
+    }
+}
+
+/// Webhook deliveries sent at once by one node.
+const PARALLEL_WEBHOOKS: usize = 16;
+
+/// Sends due webhooks until the process ends. A delivery is held in the store for as long as all its attempts
+/// can take; if this node dies meanwhile, another sends it when the hold ends (at least once).
+pub async fn dispatch_webhooks(app: Arc<App>) {
+    let settings = app.webhook_settings();
+    let mut hold = Duration::from_secs(10);
+    let mut backoff = settings.backoff;
+    for _ in 0..settings.attempts.max(1) {
+        hold += settings.timeout + backoff;
+        backoff *= 2;
+    }
+    let slots = Arc::new(tokio::sync::Semaphore::new(PARALLEL_WEBHOOKS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        match app.jobs.store().claim_webhook(hold).await {
+            Ok(Some(job)) => {
+                let app = app.clone();
+                tokio::spawn(async move {
+                    send_webhook(&app, &job).await;
+                    drop(permit);
+                });
+            }
+            Ok(None) => app.jobs.signals().next_webhook().await,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read due webhooks");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+async fn send_webhook(app: &App, job: &Job) {
+    let status = match &job.spec.delivery.webhook {
+        Some(url) => {
+            let payload = render::webhook_payload(job, app.storage.as_ref());
+            webhook::deliver(url, &payload, app.webhook_settings()).await
+        }
+        None => webhook::FAILED,
+    };
+    if let Err(e) = app.jobs.store().set_webhook_status(job.id, status).await {
+        tracing::error!(job = job.id, error = %e, "cannot record the webhook status");
+    }
+}
+
+/// How often a node reports its workers for `system_details`.
+pub const REPORT_EVERY: Duration = Duration::from_secs(5);
+
+/// Reports this node's workers to the store every [`REPORT_EVERY`].
+pub async fn report(app: Arc<App>) {
+    loop {
+        let info = WorkerInfo {
+            name: app.node.clone(),
+            ..worker_info(&app, 0).await
+        };
+        let per_step = app.clock.lock().expect("clock").seconds_per_step();
+        let busy = app.busy.load(Ordering::Relaxed);
+        if let Err(e) = app.jobs.store().worker_seen(&info, busy, per_step).await {
+            tracing::warn!(error = %e, "cannot report this worker");
+        }
+        tokio::time::sleep(REPORT_EVERY).await;
+    }
+}
+
+/// Deletes expired temp files and jobs past retention, every `sweep_interval`, on one node at a time.
 pub async fn sweep(app: Arc<App>) {
     loop {
         tokio::time::sleep(app.config.sweep_interval).await;
+        let term = app.config.sweep_interval * 2;
+        match app.jobs.store().lead("sweeper", &app.node, term).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take the sweeper's turn");
+                continue;
+            }
+        }
         match app.storage.older_than("temp/", app.config.temp_ttl).await {
             Ok(keys) => {
                 for key in keys {
@@ -245,7 +401,7 @@ pub async fn sweep(app: Arc<App>) {
             Err(e) => tracing::warn!(error = %e, "cannot list temp files"),
         }
         let before = crate::jobs::now() - app.config.retention.as_secs_f64();
-        match app.jobs.delete_finished_before(before).await {
+        match app.jobs.store().delete_finished_before(before).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "old jobs deleted"),
             Err(e) => tracing::warn!(error = %e, "cannot delete old jobs"),

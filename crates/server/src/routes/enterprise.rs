@@ -32,7 +32,7 @@ pub async fn handle(app: Arc<App>, name: &'static str, headers: HeaderMap, body:
 
 /// `POST /api/v3/system_load`: queue length and estimated wait (no key needed, as on the hosted API).
 pub async fn system_load(app: Arc<App>) -> Response {
-    let (queued, running) = app.jobs.depth().await.unwrap_or((0, 0));
+    let (queued, running) = app.jobs.store().depth().await.unwrap_or((0, 0));
     let wait = crate::worker::queue_seconds(&app, queued + running);
     Json(json!({"queue_num": queued + running, "queue_time": wait, "status": "ok"})).into_response()
 }
@@ -141,30 +141,14 @@ async fn dispatch(app: &Arc<App>, name: &str, body: &params::Body) -> Result<Val
             Ok(ok("Cache cleared successfully"))
         }
         "clear_queue" => {
-            let message = "Cancelled: the queue was cleared";
-            let ids = app
+            let (dequeued, stopping) = app
                 .jobs
-                .fail_queued(message)
-                .await
-                .map_err(ApiError::Internal)?;
-            let running: Vec<_> = app
-                .running
-                .lock()
-                .expect("running")
-                .values()
-                .cloned()
-                .collect();
-            for r in &running {
-                r.cancel();
-            }
-            for id in &ids {
-                let _ = app.finished.send(*id);
-                crate::worker::notify_webhook(app, *id).await;
-            }
+                .cancel_all("Cancelled: the queue was cleared")
+                .await?;
             Ok(ok(format!(
                 "Queue cleared: {} queued jobs cancelled, {} running jobs stopping",
-                ids.len(),
-                running.len()
+                dequeued.len(),
+                stopping.len()
             )))
         }
         "upload_image" => {
@@ -215,11 +199,16 @@ async fn dispatch(app: &Arc<App>, name: &str, body: &params::Body) -> Result<Val
 }
 
 async fn system_details(app: &Arc<App>) -> Result<Value, ApiError> {
-    let (queued, running) = app.jobs.depth().await.map_err(ApiError::Internal)?;
+    let (queued, running) = app.jobs.store().depth().await?;
     let backend = app.backend.clone();
     let (system, models) = blocking(move || (backend.system(), backend.models())).await?;
     let models = models.map_err(backend_error)?;
     let queue_time = crate::worker::queue_seconds(app, queued + running);
+    let servers = app
+        .jobs
+        .store()
+        .live_workers(crate::worker::REPORT_EVERY * 3)
+        .await?;
     Ok(json!({
         "status": "ok",
         "model_count": models.len(),
@@ -232,6 +221,7 @@ async fn system_details(app: &Arc<App>) -> Result<Value, ApiError> {
         "model_memory_bytes": system.model_memory_bytes,
         "model_memory_budget_bytes": system.model_memory_budget_bytes,
         "workers": app.config.workers,
+        "servers": servers,
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }

@@ -44,7 +44,7 @@ async fn fetch(
         .trim_matches('"')
         .parse()
         .map_err(|_| ApiError::field("request_id", format!("{raw:?} is not a request id")))?;
-    let job = app.jobs.get(id).await.map_err(ApiError::Internal)?;
+    let job = app.jobs.store().get(id).await?;
     let Some(job) = job.filter(|j| caller.admin || j.owner == caller.id) else {
         return Err(ApiError::message(format!(
             "Request not found: {id} (unknown, made with another key, or older than the retention period)"

@@ -43,7 +43,7 @@ pub async fn file(State(app): State<Arc<App>>, uri: Uri) -> Response {
 
 /// `GET /health`: 200 once the service accepts requests.
 pub async fn health(State(app): State<Arc<App>>) -> Response {
-    let depth = app.jobs.depth().await;
+    let depth = app.jobs.store().depth().await;
     match (app.is_ready(), depth) {
         (true, Ok((queued, running))) => Json(json!({
             "status": "ok", "queued": queued, "running": running,
@@ -51,7 +51,7 @@ pub async fn health(State(app): State<Arc<App>>) -> Response {
         .into_response(),
         (_, Err(e)) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "error", "message": e})),
+            Json(json!({"status": "error", "message": e.to_string()})),
         )
             .into_response(),
         (false, _) => (
@@ -64,7 +64,7 @@ pub async fn health(State(app): State<Arc<App>>) -> Response {
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(app): State<Arc<App>>) -> Response {
-    if let Ok((queued, running)) = app.jobs.depth().await {
+    if let Ok((queued, running)) = app.jobs.store().depth().await {
         app.metrics.queue.with_label_values(&["queued"]).set(queued);
         app.metrics
             .queue

@@ -7,7 +7,6 @@ use axum::body::Body;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use tokio::sync::broadcast::error::RecvError;
 
 use crate::app::App;
 use crate::family::Family;
@@ -37,11 +36,7 @@ async fn accept(
     let caller = super::auth::caller(app, &body, headers)?;
     let submission = request::parse(family, &body)?;
 
-    let active = app
-        .jobs
-        .active_for_owner(&caller.id)
-        .await
-        .map_err(ApiError::Internal)?;
+    let active = app.jobs.store().active_for_owner(&caller.id).await?;
     if active as usize >= app.config.max_queued_per_key {
         return Err(ApiError::QueueFull {
             limit: app.config.max_queued_per_key,
@@ -130,13 +125,7 @@ async fn accept(
         output_keys,
     };
 
-    let mut finished = app.finished.subscribe();
-    let id = app
-        .jobs
-        .insert(&caller.id, &spec)
-        .await
-        .map_err(ApiError::Internal)?;
-    app.wake.notify_one();
+    let id = app.jobs.submit(&caller.id, &spec, None).await?;
     tracing::info!(job = id, family = family.label(), "job queued");
 
     let wait = if submission.delivery.instant_response {
@@ -144,34 +133,12 @@ async fn accept(
     } else {
         app.config.sync_timeout
     };
-    if !wait.is_zero() {
-        let _ = tokio::time::timeout(wait, async {
-            loop {
-                match finished.recv().await {
-                    Ok(done) if done == id => break,
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(_)) => {
-                        if job_done(app, id).await {
-                            break;
-                        }
-                    }
-                    Err(RecvError::Closed) => break,
-                }
-            }
-        })
-        .await;
-    }
     let job = app
         .jobs
-        .get(id)
-        .await
-        .map_err(ApiError::Internal)?
+        .wait_final(id, wait)
+        .await?
         .ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
     Ok(answer(app, &job).await)
-}
-
-async fn job_done(app: &App, id: i64) -> bool {
-    matches!(app.jobs.get(id).await, Ok(Some(j)) if j.status.is_final())
 }
 
 /// The body for a job just submitted.

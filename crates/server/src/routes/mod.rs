@@ -181,6 +181,16 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// The routes of a `--role worker` process: `/health` and `/metrics` only.
+pub fn worker_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/health", get(files::health))
+        .route("/metrics", get(files::metrics))
+        .fallback(files::not_found)
+        .layer(middleware::from_fn_with_state(app.clone(), count_requests))
+        .with_state(app)
+}
+
 /// Counts every request by route and status, and logs it.
 async fn count_requests(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     let route = request
