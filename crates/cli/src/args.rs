@@ -277,6 +277,11 @@ pub struct ServeArgs {
     /// every node of a deployment.
     #[arg(long, env = "PICTOR_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// Where images live: a folder (default: DATA_DIR/files) or `s3://BUCKET[/PREFIX]` on any S3-compatible
+    /// store, endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION
+    /// (and AWS_ALLOW_HTTP=true for a plain-http endpoint).
+    #[arg(long, env = "PICTOR_STORAGE")]
+    pub storage: Option<String>,
     /// This node's group: keys bound to it run here (and unbound keys anywhere); also names it in
     /// system_details.
     #[arg(long, env = "PICTOR_SERVER_NAME")]
@@ -288,6 +293,9 @@ pub struct ServeArgs {
     /// Times a job is tried when its worker keeps dying before it is failed as abandoned.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
+    /// Fault injection for tests: milliseconds to pause after each denoising step.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub debug_step_delay_ms: u64,
     /// Memory for loaded models, in MiB (least recently used models are unloaded beyond it).
     #[arg(long, default_value_t = 8192)]
     pub model_cache_mib: u64,

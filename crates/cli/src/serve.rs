@@ -53,6 +53,8 @@ pub fn config(args: &ServeArgs) -> Result<ServerConfig> {
     };
     config.database_url = args.database_url.clone();
     config.server_name = args.server_name.clone();
+    config.storage = args.storage.clone();
+    config.step_delay = Duration::from_millis(args.debug_step_delay_ms);
     if !(args.lease_seconds >= 0.3 && args.lease_seconds <= 3600.0) {
         anyhow::bail!("--lease-seconds must be between 0.3 and 3600");
     }

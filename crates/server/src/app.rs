@@ -11,7 +11,7 @@ use crate::jobs::service::JobService;
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
 use crate::net_guard::{Limits, UrlPolicy};
-use crate::storage::{LocalStorage, Storage};
+use crate::storage::{ObjectStorage, Storage, StorageLocation};
 use crate::webhook::WebhookSettings;
 use crate::worker::{self, StepClock};
 
@@ -108,7 +108,12 @@ impl App {
                 );
             }
         }
-        let storage = LocalStorage::new(config.data_dir.join("files"), &config.public_url);
+        let location = match &config.storage {
+            Some(spec) => StorageLocation::parse(spec).map_err(anyhow::Error::msg)?,
+            None => StorageLocation::Folder(config.data_dir.join("files")),
+        };
+        let storage =
+            ObjectStorage::open(&location, &config.public_url).map_err(anyhow::Error::msg)?;
         let (keys, generated) =
             KeyStore::load(&config.api_keys, &config.admin_keys, &config.data_dir)?;
         let node = format!(

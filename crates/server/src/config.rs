@@ -77,6 +77,8 @@ pub struct ServerConfig {
     pub role: Role,
     /// The job store: `sqlite:PATH` or `postgres://…`; `None` is `sqlite:DATA/jobs.db`.
     pub database_url: Option<String>,
+    /// Where files live: a folder or `s3://BUCKET[/PREFIX]`; `None` is `DATA/files`.
+    pub storage: Option<String>,
     /// This node's worker group (jobs of keys bound to it, and unpinned ones, run here) and the start of its
     /// name in `system_details`.
     pub server_name: Option<String>,
@@ -84,6 +86,9 @@ pub struct ServerConfig {
     pub lease: Duration,
     /// Claims of one job before it is failed as abandoned (its worker died each time).
     pub max_attempts: i32,
+    /// Fault injection for tests: a pause after every denoising step, so that a job is reliably caught
+    /// mid-run by a kill or a cancel. Zero (the default) in real use.
+    pub step_delay: Duration,
 }
 
 impl ServerConfig {
@@ -120,9 +125,11 @@ impl ServerConfig {
             workers: 1,
             role: Role::All,
             database_url: None,
+            storage: None,
             server_name: None,
             lease: Duration::from_secs(15),
             max_attempts: 3,
+            step_delay: Duration::ZERO,
         }
     }
 }

@@ -60,6 +60,10 @@ impl JobControl for Running {
             .with_label_values(&[&self.model])
             .observe(secs);
         self.app.clock.lock().expect("clock").record(secs);
+        if !self.app.config.step_delay.is_zero() {
+            std::thread::sleep(self.app.config.step_delay);
+            *self.last_step.lock().expect("step clock") = Instant::now();
+        }
     }
 
     fn cancelled(&self) -> bool {

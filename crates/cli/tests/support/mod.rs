@@ -61,6 +61,16 @@ impl Server {
 
     /// Like [`Server::start`] with another models folder.
     pub fn start_with_models(data_dir: &Path, models: &Path, extra: &[&str]) -> Server {
+        Server::start_with_env(data_dir, models, extra, &[])
+    }
+
+    /// Like [`Server::start_with_models`] with extra environment variables.
+    pub fn start_with_env(
+        data_dir: &Path,
+        models: &Path,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> Server {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         std::fs::create_dir_all(data_dir).unwrap();
@@ -76,6 +86,7 @@ impl Server {
             .env_remove("PICTOR_API_KEYS")
             .env_remove("PICTOR_ADMIN_KEY")
             .env("PICTOR_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

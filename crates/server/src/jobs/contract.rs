@@ -1,6 +1,6 @@
 //! The contract every [`JobStore`] keeps, run against each implementation: SQLite in a temporary folder and
-//! PostgreSQL in a fresh database of the server `PICTOR_TEST_DATABASE_URL` names (`scripts/test.sh` starts one;
-//! the tests fail rather than skip without it, so a green run always covered both).
+//! PostgreSQL in a fresh database of the server `PICTOR_TEST_DATABASE_URL` names (`pictor_testkit`; the tests
+//! fail rather than skip without it, so a green run always covered both).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -436,33 +436,8 @@ async fn sqlite() -> (Arc<dyn JobStore>, tempfile::TempDir) {
     (Arc::new(store), dir)
 }
 
-/// The PostgreSQL server the tests use (an admin URL), from `PICTOR_TEST_DATABASE_URL`.
-pub fn postgres_server() -> String {
-    std::env::var("PICTOR_TEST_DATABASE_URL").unwrap_or_else(|_| {
-        panic!(
-            "PICTOR_TEST_DATABASE_URL is not set: run the tests with scripts/test.sh, which starts a throwaway \
-             PostgreSQL, or point it at a server where this user may create databases"
-        )
-    })
-}
-
-/// A new, empty database on the test server; returns its URL.
-pub async fn fresh_postgres_database() -> String {
-    use sqlx::Connection;
-    let server = postgres_server();
-    let name = format!("pictor_test_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&server).await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let mut url = url::Url::parse(&server).unwrap();
-    url.set_path(&name);
-    url.to_string()
-}
-
 async fn postgres() -> (Arc<dyn JobStore>, ()) {
-    let store = PostgresJobs::connect(&fresh_postgres_database().await)
+    let store = PostgresJobs::connect(&pictor_testkit::fresh_postgres_database().await)
         .await
         .unwrap();
     (Arc::new(store), ())
