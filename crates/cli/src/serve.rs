@@ -32,9 +32,14 @@ pub fn config(args: &ServeArgs) -> Result<ServerConfig> {
         );
     }
     if let Some(file) = &args.keys_file {
-        config.api_keys.extend(
-            read_keys_file(file).with_context(|| format!("cannot read {}", file.display()))?,
-        );
+        for line in
+            read_keys_file(file).with_context(|| format!("cannot read {}", file.display()))?
+        {
+            if let Some(group) = line.group {
+                config.bound_keys.push((line.key.clone(), group));
+            }
+            config.api_keys.push(line.key);
+        }
     }
     config.admin_keys = args.admin_keys.clone();
     config.max_queued_per_key = args.max_queued_per_key.max(1);

@@ -94,6 +94,10 @@ fn a_cluster_survives_kills_and_a_database_restart() {
     let models = fixtures().join("models");
     let db = pg.url();
     let env = s3.env();
+    // key-d is bound to worker w3's group: its jobs run there unless they ask for the load balancer.
+    let keys_file = dir.path().join("keys.txt");
+    std::fs::write(&keys_file, "# bound keys\nkey-d w3\n").unwrap();
+    let keys_file = keys_file.to_str().unwrap().to_string();
     let common = [
         "--database-url",
         &db,
@@ -112,6 +116,8 @@ fn a_cluster_survives_kills_and_a_database_restart() {
         KEYS[1],
         "--api-key",
         KEYS[2],
+        "--keys-file",
+        &keys_file,
     ];
     let node = |name: &str, extra: &[&str]| {
         let mut flags: Vec<&str> = common.to_vec();
@@ -288,6 +294,66 @@ fn a_cluster_survives_kills_and_a_database_restart() {
     assert!(
         per_key.values().all(|n| (8..=12).contains(n)),
         "{per_key:?}"
+    );
+
+    // A bound key's jobs stay on its group; with `loadbalancer: yes` they may run anywhere.
+    let mut bound = Vec::new();
+    for (i, balanced) in [false, false, false, true, true, true]
+        .into_iter()
+        .enumerate()
+    {
+        let answer = post_retrying(
+            &format!("{}/api/v6/images/img2img", api_b.base),
+            &body(
+                &cases[i % 2],
+                "key-d",
+                json!({"loadbalancer": if balanced { "yes" } else { "no" }}),
+            ),
+        );
+        bound.push((answer["id"].as_i64().unwrap(), balanced));
+    }
+    wait_count(
+        &pg,
+        "SELECT COUNT(*) FROM jobs WHERE status = 'success'",
+        66,
+        Duration::from_secs(120),
+        "bound jobs finished",
+    );
+    for (id, balanced) in bound {
+        let row = pg.psql(&format!(
+            "SELECT COALESCE(pinned_group, '-') || '|' || worker FROM jobs WHERE id = {id}"
+        ));
+        if balanced {
+            assert!(row.starts_with("-|"), "{row}");
+        } else {
+            assert!(
+                row.starts_with("w3|w3-"),
+                "job {id} ran outside its group: {row}"
+            );
+        }
+    }
+
+    // system_details lists the live workers with their models.
+    let details = post_retrying(
+        &format!("{}/api/v1/enterprise/system_details", api_a.base),
+        &json!({"key": ADMIN}),
+    );
+    let servers: Vec<&str> = details["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    for w in ["w2-", "w3-"] {
+        assert!(servers.iter().any(|s| s.starts_with(w)), "{details}");
+    }
+    assert!(
+        details["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| !s["models"].as_array().unwrap().is_empty()),
+        "{details}"
     );
 
     // A cancel sent to one API node stops a job running on a worker within a few steps.

@@ -813,3 +813,105 @@ fn enhance_prompt_defaults_per_family_and_styles_are_checked() {
     assert!(why.contains("pixel-art"), "{error}");
     assert_eq!(error["message"], error["messege"]);
 }
+
+#[test]
+fn update_s3_writes_results_into_the_keys_own_bucket() {
+    let customer = pictor_testkit::S3Server::start(&["customer"]);
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_default(&dir, &["--allow-private-urls"]);
+    let update = |secret: &str| {
+        let (_, answer) = server.post(
+            "/api/v1/enterprise/update_s3",
+            &json!({
+                "key": ADMIN,
+                "deploy_type": "realtime",
+                "public_url": "https://cdn.example.com/generations/",
+                "region_name": pictor_testkit::S3_REGION,
+                "endpoint_url": customer.endpoint,
+                "bucket_name": "customer",
+                "aws_access_key_id": pictor_testkit::S3_ACCESS_KEY,
+                "aws_secret_access_key": secret,
+                "image_directory": "generations",
+            }),
+        );
+        assert_eq!(answer["status"], "success", "{answer}");
+        assert!(
+            !answer.to_string().contains(secret),
+            "the secret is never answered"
+        );
+    };
+    let ddim = case("sd1-ddim-s42");
+    let realtime = |key: &str| {
+        let (_, body) = server.post(
+            "/api/v6/realtime/img2img",
+            &body_for(
+                &ddim,
+                json!({"key": key, "base64": false, "safety_checker": false}),
+            ),
+        );
+        assert_eq!(body["status"], "success", "{body}");
+        body
+    };
+
+    update(pictor_testkit::S3_SECRET_KEY);
+    let body = realtime(ADMIN);
+    let url = body["output"][0].as_str().unwrap();
+    let name = url
+        .strip_prefix("https://cdn.example.com/generations/")
+        .unwrap_or_else(|| panic!("the answer gives the bucket's public URL: {body}"));
+    let written = std::fs::read(customer.root.path().join("customer/generations").join(name))
+        .expect("the image is in the customer's bucket under image_directory");
+    assert_image_matches(&written, ddim["images"][0].as_str().unwrap());
+
+    // Other keys' jobs and other deploy types keep the server's own URLs.
+    let other = realtime(KEY);
+    assert!(other["output"][0]
+        .as_str()
+        .unwrap()
+        .starts_with(&server.base));
+    let (_, images) = server.post(
+        "/api/v6/images/img2img",
+        &body_for(&ddim, json!({"key": ADMIN, "model_id": "sd1-tiny"})),
+    );
+    assert!(images["output"][0]
+        .as_str()
+        .unwrap()
+        .starts_with(&server.base));
+
+    // A bucket that refuses the write: the job still succeeds, says so, and is served from here.
+    update("wrong-secret");
+    let refused = realtime(ADMIN);
+    assert!(refused["output"][0]
+        .as_str()
+        .unwrap()
+        .starts_with(&server.base));
+    assert!(
+        refused["warnings"]
+            .to_string()
+            .contains("not written to your S3 bucket"),
+        "{refused}"
+    );
+    assert_outputs_match(&server, refused["output"].as_array().unwrap(), &ddim);
+
+    // reset_s3 removes it; unknown deploy types are refused by name.
+    let (_, reset) = server.post(
+        "/api/v1/enterprise/reset_s3",
+        &json!({"key": ADMIN, "deploy_type": "realtime"}),
+    );
+    assert_eq!(reset["status"], "success", "{reset}");
+    assert!(realtime(ADMIN)["output"][0]
+        .as_str()
+        .unwrap()
+        .starts_with(&server.base));
+    let (_, unknown) = server.post(
+        "/api/v1/enterprise/reset_s3",
+        &json!({"key": ADMIN, "deploy_type": "voice_cloning"}),
+    );
+    assert!(
+        unknown["message"]
+            .as_str()
+            .unwrap()
+            .contains("voice_cloning"),
+        "{unknown}"
+    );
+}

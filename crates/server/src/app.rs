@@ -114,8 +114,24 @@ impl App {
         };
         let storage =
             ObjectStorage::open(&location, &config.public_url).map_err(anyhow::Error::msg)?;
-        let (keys, generated) =
-            KeyStore::load(&config.api_keys, &config.admin_keys, &config.data_dir)?;
+        let (mut keys, mut generated) = KeyStore::load(
+            &config.api_keys,
+            &config.admin_keys,
+            &config.data_dir,
+            !jobs.is_shared(),
+        )?;
+        if keys.is_empty() && jobs.is_shared() {
+            // The first node to start generates the deployment's admin key; the others adopt its hash.
+            let (key, sha256) = crate::keys::new_key();
+            let stored = jobs.store().adopt_admin_key(&sha256).await?;
+            keys.add_admin_hash(&stored);
+            if stored == sha256 {
+                generated = Some(key);
+            }
+        }
+        for (key, group) in &config.bound_keys {
+            keys.bind(key, group);
+        }
         let node = format!(
             "{}-{}",
             config.server_name.clone().unwrap_or_else(host_name),
@@ -155,7 +171,11 @@ pub async fn serve(config: ServerConfig, backend: Arc<dyn Backend>) -> anyhow::R
     if let Some(key) = generated {
         println!(
             "No API key was configured: generated this admin key (shown once, stored hashed in {}):\n\n    {key}\n",
-            app.config.data_dir.join("keys.json").display()
+            if app.jobs.is_shared() {
+                "the job database".to_string()
+            } else {
+                app.config.data_dir.join("keys.json").display().to_string()
+            }
         );
     }
     let role = app.config.role;

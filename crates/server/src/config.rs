@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub sync_timeout: Duration,
     /// API keys given on the command line, in the environment or in a keys file (plain; hashed at start).
     pub api_keys: Vec<String>,
+    /// Keys bound to a worker group: (key, `--server-name` of the workers its jobs stay on).
+    pub bound_keys: Vec<(String, String)>,
     /// Keys allowed to use the enterprise management routes (they can also generate).
     pub admin_keys: Vec<String>,
     /// Most jobs one key may have queued or running; more are refused with 429.
@@ -110,6 +112,7 @@ impl ServerConfig {
             sync_timeout: Duration::from_secs(60),
             api_keys: Vec::new(),
             admin_keys: Vec::new(),
+            bound_keys: Vec::new(),
             max_queued_per_key: 10,
             allow_private_urls: false,
             max_body_bytes: 32 * 1024 * 1024,

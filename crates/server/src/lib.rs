@@ -5,6 +5,7 @@
 pub mod app;
 pub mod backend;
 pub mod config;
+pub mod destination;
 pub mod family;
 pub mod init_image;
 pub mod jobs;

@@ -17,8 +17,14 @@ fn yes_no(b: bool) -> &'static str {
     }
 }
 
-/// Public URLs of a job's outputs (known before they exist).
+/// Public URLs of a job's outputs (known before they exist): in the key's own bucket once written there
+/// (`update_s3`), else the service's.
 pub fn output_urls(job: &Job, storage: &dyn Storage) -> Vec<String> {
+    if let Some(r) = &job.result {
+        if !r.external_urls.is_empty() && r.external_urls.len() == job.spec.output_keys.len() {
+            return r.external_urls.clone();
+        }
+    }
     job.spec
         .output_keys
         .iter()

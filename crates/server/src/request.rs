@@ -29,6 +29,9 @@ pub struct Delivery {
     pub track_id: Option<String>,
     /// Answer `processing` at once instead of waiting.
     pub instant_response: bool,
+    /// `loadbalancer: yes`: any worker may run it, even for a key bound to a worker group.
+    #[serde(default)]
+    pub loadbalancer: bool,
 }
 
 /// Values the request asked for that are echoed in `meta` but do not change the generation.
@@ -361,6 +364,7 @@ pub fn parse(family: Family, body: &Body) -> Result<Submission, ApiError> {
             webhook: body.string(&["webhook"])?,
             track_id: body.string(&["track_id"])?,
             instant_response: body.flag(&["instant_response"])?.unwrap_or(false),
+            loadbalancer: body.flag(&["loadbalancer"])?.unwrap_or(false),
         },
     })
 }

@@ -272,6 +272,7 @@ async fn generate(app: &Arc<App>, job: &Job, running: Arc<Running>) -> Result<Jo
             job.spec.output_keys.len()
         ));
     }
+    let mut outputs = Vec::new();
     for (png, key) in generated.png_images.into_iter().zip(&job.spec.output_keys) {
         let bytes = if job.spec.delivery.base64 {
             base64::engine::general_purpose::STANDARD
@@ -280,14 +281,63 @@ async fn generate(app: &Arc<App>, job: &Job, running: Arc<Running>) -> Result<Jo
         } else {
             png
         };
-        app.storage.put(key, bytes).await?;
+        app.storage.put(key, bytes.clone()).await?;
+        outputs.push((key, bytes));
     }
+    let mut notes = generated.notes;
+    let external_urls = write_to_destination(app, job, outputs, &mut notes).await;
     Ok(JobResult {
         generation_time: (generated.generation_time * 1000.0).round() / 1000.0,
         scheduler: generated.scheduler,
         nsfw_content_detected: generated.nsfw_content_detected,
-        notes: generated.notes,
+        notes,
+        external_urls,
     })
+}
+
+/// Writes the outputs into the key's own bucket when it set one (`update_s3`) for the job's deploy type;
+/// returns their URLs there, or none (with a note saying why) when it set none or a write failed.
+async fn write_to_destination(
+    app: &App,
+    job: &Job,
+    outputs: Vec<(&String, Vec<u8>)>,
+    notes: &mut Vec<String>,
+) -> Vec<String> {
+    let deploy = crate::destination::deploy_type_of(job.spec.family);
+    let settings = match app.jobs.store().destination(&job.owner, deploy).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Vec::new(),
+        Err(e) => {
+            notes.push(format!(
+                "the results were not written to your S3 bucket: {e}"
+            ));
+            return Vec::new();
+        }
+    };
+    let destination: crate::destination::S3Destination = match serde_json::from_str(&settings) {
+        Ok(d) => d,
+        Err(e) => {
+            notes.push(format!(
+                "your S3 settings are unreadable ({e}): set them again with update_s3"
+            ));
+            return Vec::new();
+        }
+    };
+    let mut urls = Vec::new();
+    for (key, bytes) in outputs {
+        let name = key.rsplit('/').next().unwrap_or(key);
+        match destination.write(name, bytes).await {
+            Ok(url) => urls.push(url),
+            Err(e) => {
+                tracing::warn!(job = job.id, error = %e, "cannot write to the key's S3 bucket");
+                notes.push(format!(
+                    "the results were not written to your S3 bucket ({e}); they are served by this server"
+                ));
+                return Vec::new();
+            }
+        }
+    }
+    urls
 }
 
 /// Puts jobs whose worker stopped renewing its lease back in the queue (or fails them after

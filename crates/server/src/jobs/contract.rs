@@ -103,6 +103,7 @@ async fn lifecycle(store: Arc<dyn JobStore>) {
         scheduler: "DDIMScheduler".into(),
         nsfw_content_detected: vec![true],
         notes: vec!["n".into()],
+        external_urls: vec!["https://cdn.example/0-u.png".into()],
     };
     assert!(store
         .finish(job.lease(), &Outcome::Success(result.clone()))

@@ -97,6 +97,9 @@ pub struct JobResult {
     /// What the backend said about how it served the request (shown as `warnings`).
     #[serde(default)]
     pub notes: Vec<String>,
+    /// URLs of the outputs in the key's own bucket (`update_s3`), one per output, when they were written there.
+    #[serde(default)]
+    pub external_urls: Vec<String>,
 }
 
 /// One job as stored.
@@ -311,6 +314,18 @@ pub trait JobStore: Send + Sync + 'static {
     /// Makes `holder` the one node running `task` for `term` (renewing its own term); `false` while another
     /// holder's term lasts. Used so that one sweeper runs at a time.
     async fn lead(&self, task: &str, holder: &str, term: Duration) -> StoreResult<bool>;
+    /// Stores `sha256` as the deployment's generated admin key unless one is stored already; returns the stored
+    /// one (so every node starting without keys accepts the same key).
+    async fn adopt_admin_key(&self, sha256: &str) -> StoreResult<String>;
+    /// Stores (or, with `None`, removes) `owner`'s destination for `deploy_type` (JSON text).
+    async fn set_destination(
+        &self,
+        owner: &str,
+        deploy_type: &str,
+        settings: Option<&str>,
+    ) -> StoreResult<()>;
+    /// `owner`'s destination for `deploy_type`, if set.
+    async fn destination(&self, owner: &str, deploy_type: &str) -> StoreResult<Option<String>>;
 }
 
 /// A job row as both databases return it (same column names and compatible types).

@@ -146,6 +146,26 @@ INSERT INTO leaders (task, holder, until) VALUES ($1, $2, NOW() + $3)
 ON CONFLICT (task) DO UPDATE SET holder = excluded.holder, until = excluded.until
 WHERE leaders.until < NOW() OR leaders.holder = excluded.holder";
 
+/// Stores the generated admin key's hash unless one is stored. `$1` hex SHA-256.
+pub const ADOPT_KEY: &str =
+    "INSERT INTO generated_keys (slot, sha256) VALUES (1, $1) ON CONFLICT (slot) DO NOTHING";
+
+/// The stored generated admin key's hash.
+pub const GENERATED_KEY: &str = "SELECT sha256 FROM generated_keys WHERE slot = 1";
+
+/// Sets a destination. `$1` owner, `$2` deploy type, `$3` settings.
+pub const SET_DESTINATION: &str = "
+INSERT INTO destinations (owner, deploy_type, settings) VALUES ($1, $2, $3)
+ON CONFLICT (owner, deploy_type) DO UPDATE SET settings = excluded.settings";
+
+/// Removes a destination. `$1` owner, `$2` deploy type.
+pub const RESET_DESTINATION: &str =
+    "DELETE FROM destinations WHERE owner = $1 AND deploy_type = $2";
+
+/// A destination. `$1` owner, `$2` deploy type.
+pub const DESTINATION: &str =
+    "SELECT settings FROM destinations WHERE owner = $1 AND deploy_type = $2";
+
 /// Implements [`JobStore`](super::JobStore) for `$store`, whose field `pool` is a `sqlx::Pool<$db>` and whose
 /// constant `DIALECT` is its [`Dialect`].
 macro_rules! job_store {
@@ -438,6 +458,55 @@ macro_rules! job_store {
                     .execute(&self.pool)
                     .await?;
                 Ok(done.rows_affected() == 1)
+            }
+
+            async fn adopt_admin_key(&self, sha256: &str) -> $crate::jobs::StoreResult<String> {
+                sqlx::query($crate::jobs::sql::ADOPT_KEY)
+                    .bind(sha256)
+                    .execute(&self.pool)
+                    .await?;
+                let row = sqlx::query($crate::jobs::sql::GENERATED_KEY)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(sqlx::Row::try_get(&row, 0)?)
+            }
+
+            async fn set_destination(
+                &self,
+                owner: &str,
+                deploy_type: &str,
+                settings: Option<&str>,
+            ) -> $crate::jobs::StoreResult<()> {
+                match settings {
+                    Some(settings) => sqlx::query($crate::jobs::sql::SET_DESTINATION)
+                        .bind(owner)
+                        .bind(deploy_type)
+                        .bind(settings)
+                        .execute(&self.pool)
+                        .await?,
+                    None => sqlx::query($crate::jobs::sql::RESET_DESTINATION)
+                        .bind(owner)
+                        .bind(deploy_type)
+                        .execute(&self.pool)
+                        .await?,
+                };
+                Ok(())
+            }
+
+            async fn destination(
+                &self,
+                owner: &str,
+                deploy_type: &str,
+            ) -> $crate::jobs::StoreResult<Option<String>> {
+                let row = sqlx::query($crate::jobs::sql::DESTINATION)
+                    .bind(owner)
+                    .bind(deploy_type)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(match row {
+                    Some(row) => Some(sqlx::Row::try_get(&row, 0)?),
+                    None => None,
+                })
             }
         }
     };

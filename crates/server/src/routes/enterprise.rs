@@ -20,8 +20,8 @@ use crate::responses::ApiError;
 pub async fn handle(app: Arc<App>, name: &'static str, headers: HeaderMap, body: Body) -> Response {
     let result = async {
         let body = super::auth::read_body(&app, body).await?;
-        super::auth::admin(&app, &body, &headers)?;
-        dispatch(&app, name, &body).await
+        let caller = super::auth::admin(&app, &body, &headers)?;
+        dispatch(&app, name, &body, &caller).await
     }
     .await;
     match result {
@@ -77,7 +77,12 @@ fn backend_error(e: BackendError) -> ApiError {
     ApiError::from(e)
 }
 
-async fn dispatch(app: &Arc<App>, name: &str, body: &params::Body) -> Result<Value, ApiError> {
+async fn dispatch(
+    app: &Arc<App>,
+    name: &str,
+    body: &params::Body,
+    caller: &crate::keys::Caller,
+) -> Result<Value, ApiError> {
     match name {
         "system_details" => system_details(app).await,
         "schedulers_list" => {
@@ -188,10 +193,31 @@ async fn dispatch(app: &Arc<App>, name: &str, body: &params::Body) -> Result<Val
             "update_server does not apply to a self-hosted Pictor: install the new release and restart the \
              service (queued jobs survive a restart)",
         )),
-        "update_s3" | "reset_s3" => Err(ApiError::message(
-            "S3-compatible storage is not available yet: outputs are kept in the local data folder and served \
-             by this server",
-        )),
+        "update_s3" => {
+            let (deploy, destination) =
+                crate::destination::S3Destination::from_body(body, app.url_policy()).await?;
+            let settings =
+                serde_json::to_string(&destination).map_err(|e| ApiError::Internal(e.to_string()))?;
+            app.jobs
+                .store()
+                .set_destination(&caller.id, &deploy, Some(&settings))
+                .await?;
+            Ok(ok(format!(
+                "S3 details updated for {deploy}: results are also written to {}/{}",
+                destination.public_url.trim_end_matches('/'),
+                "<file>"
+            )))
+        }
+        "reset_s3" => {
+            let deploy = crate::destination::deploy_type(body)?;
+            app.jobs
+                .store()
+                .set_destination(&caller.id, &deploy, None)
+                .await?;
+            Ok(ok(format!(
+                "S3 details removed for {deploy}: results are served by this server"
+            )))
+        }
         "load_vae" => load_vae(app, body).await,
         "nsfw_image_check" => nsfw_image_check(app, body).await,
         _ => Err(ApiError::message(format!("unknown management call {name}"))),

@@ -125,7 +125,12 @@ async fn accept(
         output_keys,
     };
 
-    let id = app.jobs.submit(&caller.id, &spec, None).await?;
+    // A key bound to a worker group keeps its jobs there unless the request asks for the load balancer.
+    let group = caller
+        .group
+        .as_deref()
+        .filter(|_| !submission.delivery.loadbalancer);
+    let id = app.jobs.submit(&caller.id, &spec, group).await?;
     tracing::info!(job = id, family = family.label(), "job queued");
 
     let wait = if submission.delivery.instant_response {
