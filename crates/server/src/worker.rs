@@ -90,22 +90,30 @@ impl StepClock {
     pub fn seconds_per_step(&self) -> Option<f64> {
         self.seconds_per_step
     }
+}
 
-    /// Estimated seconds for `steps` steps (one second per step until something was measured).
-    pub fn estimate(&self, steps: f64) -> f64 {
-        (self.seconds_per_step.unwrap_or(1.0) * steps * 100.0).round() / 100.0
+/// Seconds per denoising step for estimates: this process's own measurement, else (on an API node) the average
+/// the live workers report.
+pub async fn seconds_per_step(app: &App) -> Option<f64> {
+    if let Some(own) = app.clock.lock().expect("clock").seconds_per_step() {
+        return Some(own);
     }
+    let workers = app.jobs.store().live_workers(REPORT_EVERY * 3).await.ok()?;
+    let rates: Vec<f64> = workers.iter().filter_map(|w| w.seconds_per_step).collect();
+    (!rates.is_empty()).then(|| rates.iter().sum::<f64>() / rates.len() as f64)
+}
+
+/// Estimated seconds for `steps` steps at `rate` seconds each (one second per step until something was measured).
+fn estimate(rate: Option<f64>, steps: f64) -> f64 {
+    (rate.unwrap_or(1.0) * steps * 100.0).round() / 100.0
 }
 
 /// Steps assumed per waiting job when estimating a queue's wait (the img2img default).
 const STEPS_PER_JOB: i64 = 30;
 
 /// Seconds until `jobs` waiting or running jobs are likely done (for `system_load` / `system_details`).
-pub fn queue_seconds(app: &App, jobs: i64) -> f64 {
-    app.clock
-        .lock()
-        .expect("clock")
-        .estimate((jobs * STEPS_PER_JOB) as f64)
+pub async fn queue_seconds(app: &App, jobs: i64) -> f64 {
+    estimate(seconds_per_step(app).await, (jobs * STEPS_PER_JOB) as f64)
 }
 
 /// Seconds until `job` is likely done: the jobs ahead of it plus itself, less the steps its worker reported.
@@ -118,7 +126,7 @@ pub async fn eta(app: &App, job: &Job) -> f64 {
         0.0
     };
     let steps = (ahead + 1.0) * own - done;
-    app.clock.lock().expect("clock").estimate(steps.max(0.0))
+    estimate(seconds_per_step(app).await, steps.max(0.0))
 }
 
 /// What this worker tells the store about itself now.

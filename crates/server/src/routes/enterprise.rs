@@ -33,7 +33,7 @@ pub async fn handle(app: Arc<App>, name: &'static str, headers: HeaderMap, body:
 /// `POST /api/v3/system_load`: queue length and estimated wait (no key needed, as on the hosted API).
 pub async fn system_load(app: Arc<App>) -> Response {
     let (queued, running) = app.jobs.store().depth().await.unwrap_or((0, 0));
-    let wait = crate::worker::queue_seconds(&app, queued + running);
+    let wait = crate::worker::queue_seconds(&app, queued + running).await;
     Json(json!({"queue_num": queued + running, "queue_time": wait, "status": "ok"})).into_response()
 }
 
@@ -229,7 +229,7 @@ async fn system_details(app: &Arc<App>) -> Result<Value, ApiError> {
     let backend = app.backend.clone();
     let (system, models) = blocking(move || (backend.system(), backend.models())).await?;
     let models = models.map_err(backend_error)?;
-    let queue_time = crate::worker::queue_seconds(app, queued + running);
+    let queue_time = crate::worker::queue_seconds(app, queued + running).await;
     let servers = app
         .jobs
         .store()
