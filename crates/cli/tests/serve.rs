@@ -915,3 +915,55 @@ fn update_s3_writes_results_into_the_keys_own_bucket() {
         "{unknown}"
     );
 }
+
+/// A webhook still being retried when the process is killed is sent after the restart (it is a row in the job
+/// store, not a task in memory), and `webhook_status` tells the truth throughout.
+#[test]
+fn pending_webhooks_survive_kill_9() {
+    let receiver = Receiver::start();
+    receiver.answer_with("/hook", 500);
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [
+        "--allow-private-urls",
+        "--webhook-attempts",
+        "1000",
+        "--webhook-backoff",
+        "0.2",
+    ];
+    let mut server = start_default(&dir, &flags);
+    let ddim = case("sd1-ddim-s42");
+    let (_, body) = server.post(
+        "/api/v6/images/img2img",
+        &body_for(
+            &ddim,
+            json!({"model_id": "sd1-tiny", "webhook": format!("{}/hook", receiver.base), "track_id": "t-1"}),
+        ),
+    );
+    assert_eq!(body["status"], "success", "{body}");
+    let id = body["id"].as_i64().unwrap();
+    receiver.wait_posts("/hook", 2, Duration::from_secs(30));
+    let (_, fetched) = server.post(&format!("/api/v6/images/fetch/{id}"), &json!({"key": KEY}));
+    assert_eq!(fetched["webhook_status"], "pending", "{fetched}");
+    server.kill();
+
+    receiver.answer_with("/hook", 200);
+    let failed_before = receiver.posts_to("/hook").len();
+    let server = start_default(&dir, &flags);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, fetched) = server.post(&format!("/api/v6/images/fetch/{id}"), &json!({"key": KEY}));
+        if fetched["webhook_status"] == "success" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the webhook was never delivered after the restart: {fetched}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let posts = receiver.posts_to("/hook");
+    assert!(posts.len() > failed_before);
+    let last = posts.last().unwrap();
+    assert_eq!(last.json["track_id"], "t-1");
+    assert_eq!(last.json["status"], "success");
+}

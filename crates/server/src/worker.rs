@@ -375,16 +375,11 @@ pub async fn reap(app: Arc<App>) {
 /// Webhook deliveries sent at once by one node.
 const PARALLEL_WEBHOOKS: usize = 16;
 
-/// Sends due webhooks until the process ends. A delivery is held in the store for as long as all its attempts
-/// can take; if this node dies meanwhile, another sends it when the hold ends (at least once).
+/// Sends due webhooks until the process ends, one attempt per claim: a delivery is held in the store for as long
+/// as one attempt can take; if this node dies meanwhile, another sends it when the hold ends (at least once).
+/// A failed attempt is scheduled again after the doubling backoff, until `--webhook-attempts` were made.
 pub async fn dispatch_webhooks(app: Arc<App>) {
-    let settings = app.webhook_settings();
-    let mut hold = Duration::from_secs(10);
-    let mut backoff = settings.backoff;
-    for _ in 0..settings.attempts.max(1) {
-        hold += settings.timeout + backoff;
-        backoff *= 2;
-    }
+    let hold = app.webhook_settings().timeout + Duration::from_secs(10);
     let slots = Arc::new(tokio::sync::Semaphore::new(PARALLEL_WEBHOOKS));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -408,15 +403,39 @@ pub async fn dispatch_webhooks(app: Arc<App>) {
 }
 
 async fn send_webhook(app: &App, job: &Job) {
-    let status = match &job.spec.delivery.webhook {
+    let settings = app.webhook_settings();
+    let attempt = match &job.spec.delivery.webhook {
         Some(url) => {
             let payload = render::webhook_payload(job, app.storage.as_ref());
-            webhook::deliver(url, &payload, app.webhook_settings()).await
+            webhook::attempt(url, &payload, settings).await
         }
-        None => webhook::FAILED,
+        None => webhook::Attempt::Refused,
     };
-    if let Err(e) = app.jobs.store().set_webhook_status(job.id, status).await {
-        tracing::error!(job = job.id, error = %e, "cannot record the webhook status");
+    let made = job.webhook_attempts.max(1) as u32;
+    let recorded = match attempt {
+        webhook::Attempt::Delivered => {
+            tracing::info!(job = job.id, attempt = made, "webhook delivered");
+            app.jobs
+                .store()
+                .set_webhook_status(job.id, webhook::DELIVERED)
+                .await
+        }
+        webhook::Attempt::Retry if made < settings.attempts => {
+            app.jobs
+                .store()
+                .retry_webhook(job.id, settings.backoff_after(made))
+                .await
+        }
+        webhook::Attempt::Retry | webhook::Attempt::Refused => {
+            tracing::warn!(job = job.id, attempts = made, "webhook not delivered");
+            app.jobs
+                .store()
+                .set_webhook_status(job.id, webhook::FAILED)
+                .await
+        }
+    };
+    if let Err(e) = recorded {
+        tracing::error!(job = job.id, error = %e, "cannot record the webhook's progress");
     }
 }
 

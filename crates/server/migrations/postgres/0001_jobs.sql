@@ -15,6 +15,7 @@ CREATE TABLE jobs (
     error TEXT,
     webhook_status TEXT NOT NULL DEFAULT '',
     webhook_due DOUBLE PRECISION,
+    webhook_attempts INTEGER NOT NULL DEFAULT 0,
     created_at DOUBLE PRECISION NOT NULL,
     started_at DOUBLE PRECISION,
     finished_at DOUBLE PRECISION,

@@ -9,6 +9,7 @@ ALTER TABLE jobs ADD COLUMN step INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN steps INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN cancel_requested BOOLEAN NOT NULL DEFAULT FALSE;
 ALTER TABLE jobs ADD COLUMN webhook_due REAL;
+ALTER TABLE jobs ADD COLUMN webhook_attempts INTEGER NOT NULL DEFAULT 0;
 UPDATE jobs SET model_id = COALESCE(json_extract(spec, '$.request.model_id'), '');
 -- Jobs left running by the old versions ran once already.
 UPDATE jobs SET attempt = 1 WHERE status = 'running';

@@ -354,8 +354,35 @@ async fn webhooks_are_delivered_at_least_once(store: Arc<dyn JobStore>) {
     assert_eq!(held.id, id);
     pass_time().await;
     let again = store.claim_webhook(LONG).await.unwrap().unwrap();
-    assert_eq!(again.id, id);
+    assert_eq!((again.id, again.webhook_attempts), (id, 2));
     assert!(store.claim_webhook(LONG).await.unwrap().is_none());
+    // A failed attempt is scheduled again after its backoff.
+    store.retry_webhook(id, LONG).await.unwrap();
+    assert!(store.claim_webhook(LONG).await.unwrap().is_none());
+    store.retry_webhook(id, Duration::ZERO).await.unwrap();
+    pass_time().await;
+    assert_eq!(
+        store
+            .claim_webhook(LONG)
+            .await
+            .unwrap()
+            .unwrap()
+            .webhook_attempts,
+        3
+    );
+    // A single process starting again releases the holds its dead predecessor left.
+    assert!(store.claim_webhook(LONG).await.unwrap().is_none());
+    store.expire_leases().await.unwrap();
+    pass_time().await;
+    assert_eq!(
+        store
+            .claim_webhook(LONG)
+            .await
+            .unwrap()
+            .unwrap()
+            .webhook_attempts,
+        4
+    );
     // Not deleted while its delivery is pending.
     assert_eq!(store.delete_finished_before(now() + 5.0).await.unwrap(), 0);
     store.set_webhook_status(id, "success").await.unwrap();

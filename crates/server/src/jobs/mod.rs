@@ -135,6 +135,8 @@ pub struct Job {
     pub steps: i32,
     /// A cancel was asked for while it ran.
     pub cancel_requested: bool,
+    /// Webhook delivery attempts made so far (including one in progress).
+    pub webhook_attempts: i32,
 }
 
 /// The lease a worker holds on a running job: a write with an older attempt is refused.
@@ -286,8 +288,8 @@ pub trait JobStore: Send + Sync + 'static {
     /// Puts running jobs whose lease expired back in the queue, or fails them (with the reason) once they have
     /// been claimed `max_attempts` times.
     async fn reap(&self, max_attempts: i32) -> StoreResult<Reaped>;
-    /// Ends every lease now: for a single-process store at start, where whatever is running was left by a dead
-    /// process. Returns how many leases ended.
+    /// Ends every lease and webhook hold now: for a single-process store at start, where whatever is running or
+    /// being sent was left by a dead process. Returns how many leases ended.
     async fn expire_leases(&self) -> StoreResult<u64>;
     /// Jobs of `owner` queued or running.
     async fn active_for_owner(&self, owner: &str) -> StoreResult<i64>;
@@ -297,9 +299,11 @@ pub trait JobStore: Send + Sync + 'static {
     async fn ahead_of(&self, id: i64) -> StoreResult<i64>;
     /// Deletes jobs that finished before `before` (epoch seconds); returns how many.
     async fn delete_finished_before(&self, before: f64) -> StoreResult<u64>;
-    /// Takes a finished job whose webhook is due and holds the delivery for `lease` (a node that dies while
-    /// sending leaves it to be sent again when the lease ends: at least once).
+    /// Takes a finished job whose webhook is due and holds the delivery for `lease`, counting one more attempt
+    /// (a node that dies while sending leaves it to be sent again when the hold ends: at least once).
     async fn claim_webhook(&self, lease: Duration) -> StoreResult<Option<Job>>;
+    /// Makes a held webhook due again after `after` (its attempt failed and more are allowed).
+    async fn retry_webhook(&self, id: i64, after: Duration) -> StoreResult<()>;
     /// Records the webhook outcome ("success" or "failed").
     async fn set_webhook_status(&self, id: i64, status: &str) -> StoreResult<()>;
     /// Records that `worker` is alive, running `running` jobs at `seconds_per_step`.
@@ -346,6 +350,7 @@ struct JobRow {
     step: i32,
     steps: i32,
     cancel_requested: bool,
+    webhook_attempts: i32,
 }
 
 impl JobRow {
@@ -373,6 +378,7 @@ impl JobRow {
             step: self.step,
             steps: self.steps,
             cancel_requested: self.cancel_requested,
+            webhook_attempts: self.webhook_attempts,
         })
     }
 }

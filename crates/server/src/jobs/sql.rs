@@ -115,14 +115,22 @@ pub const DELETE_FINISHED: &str = "
 DELETE FROM jobs WHERE status IN ('success', 'failed') AND finished_at < $1
     AND webhook_status NOT IN ('waiting', 'pending')";
 
-/// Holds the oldest due webhook for `$1` seconds.
+/// Holds the oldest due webhook for `$1` seconds, for one more attempt.
 pub const CLAIM_WEBHOOK: &str = "
-UPDATE jobs SET webhook_due = NOW() + $1
+UPDATE jobs SET webhook_due = NOW() + $1, webhook_attempts = webhook_attempts + 1
 WHERE id = (
     SELECT j.id FROM jobs j WHERE j.webhook_status = 'pending' AND j.webhook_due <= NOW()
     ORDER BY j.webhook_due LIMIT 1 /*LOCK*/
 ) AND webhook_status = 'pending'
 RETURNING *";
+
+/// Schedules the next webhook attempt in `$2` seconds. `$1` id.
+pub const RETRY_WEBHOOK: &str =
+    "UPDATE jobs SET webhook_due = NOW() + $2 WHERE id = $1 AND webhook_status = 'pending'";
+
+/// Ends every webhook hold (single-process start).
+pub const RELEASE_WEBHOOKS: &str =
+    "UPDATE jobs SET webhook_due = NOW() WHERE webhook_status = 'pending'";
 
 /// Records a webhook outcome. `$1` id, `$2` status.
 pub const SET_WEBHOOK: &str =
@@ -350,6 +358,9 @@ macro_rules! job_store {
                 let done = sqlx::query($crate::jobs::sql::EXPIRE_LEASES)
                     .execute(&self.pool)
                     .await?;
+                sqlx::query(&Self::DIALECT.sql($crate::jobs::sql::RELEASE_WEBHOOKS))
+                    .execute(&self.pool)
+                    .await?;
                 Ok(done.rows_affected())
             }
 
@@ -394,6 +405,19 @@ macro_rules! job_store {
                     .await?
                     .map($crate::jobs::JobRow::into_job)
                     .transpose()
+            }
+
+            async fn retry_webhook(
+                &self,
+                id: i64,
+                after: std::time::Duration,
+            ) -> $crate::jobs::StoreResult<()> {
+                sqlx::query(&Self::DIALECT.sql($crate::jobs::sql::RETRY_WEBHOOK))
+                    .bind(id)
+                    .bind(after.as_secs_f64())
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
             }
 
             async fn set_webhook_status(&self, id: i64, status: &str) -> $crate::jobs::StoreResult<()> {
