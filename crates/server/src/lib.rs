@@ -12,6 +12,7 @@ pub mod jobs;
 pub mod keys;
 pub mod metrics;
 pub mod net_guard;
+pub mod node;
 pub mod openapi;
 pub mod params;
 pub mod prompt_enhance;

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
-use crate::app::App;
 use crate::backend::{BackendError, JobControl};
 use crate::jobs::{Beat, Job, JobResult, Lease, Outcome, WorkerInfo};
+use crate::node::Node;
 use crate::render;
 use crate::webhook;
 
@@ -24,7 +24,7 @@ pub struct Running {
     steps_total: AtomicUsize,
     last_step: Mutex<Instant>,
     model: String,
-    app: Arc<App>,
+    node: Arc<Node>,
 }
 
 impl Running {
@@ -54,14 +54,14 @@ impl JobControl for Running {
         self.steps_done.store(done, Ordering::Relaxed);
         self.steps_total.store(total, Ordering::Relaxed);
         let secs = elapsed.as_secs_f64();
-        self.app
+        self.node
             .metrics
             .step_seconds
             .with_label_values(&[&self.model])
             .observe(secs);
-        self.app.clock.lock().expect("clock").record(secs);
-        if !self.app.config.step_delay.is_zero() {
-            std::thread::sleep(self.app.config.step_delay);
+        self.node.clock.lock().expect("clock").record(secs);
+        if !self.node.config.step_delay.is_zero() {
+            std::thread::sleep(self.node.config.step_delay);
             *self.last_step.lock().expect("step clock") = Instant::now();
         }
     }
@@ -94,11 +94,16 @@ impl StepClock {
 
 /// Seconds per denoising step for estimates: this process's own measurement, else (on an API node) the average
 /// the live workers report.
-pub async fn seconds_per_step(app: &App) -> Option<f64> {
-    if let Some(own) = app.clock.lock().expect("clock").seconds_per_step() {
+pub async fn seconds_per_step(node: &Node) -> Option<f64> {
+    if let Some(own) = node.clock.lock().expect("clock").seconds_per_step() {
         return Some(own);
     }
-    let workers = app.jobs.store().live_workers(REPORT_EVERY * 3).await.ok()?;
+    let workers = node
+        .jobs
+        .store()
+        .live_workers(REPORT_EVERY * 3)
+        .await
+        .ok()?;
     let rates: Vec<f64> = workers.iter().filter_map(|w| w.seconds_per_step).collect();
     (!rates.is_empty()).then(|| rates.iter().sum::<f64>() / rates.len() as f64)
 }
@@ -112,13 +117,13 @@ fn estimate(rate: Option<f64>, steps: f64) -> f64 {
 const STEPS_PER_JOB: i64 = 30;
 
 /// Seconds until `jobs` waiting or running jobs are likely done (for `system_load` / `system_details`).
-pub async fn queue_seconds(app: &App, jobs: i64) -> f64 {
-    estimate(seconds_per_step(app).await, (jobs * STEPS_PER_JOB) as f64)
+pub async fn queue_seconds(node: &Node, jobs: i64) -> f64 {
+    estimate(seconds_per_step(node).await, (jobs * STEPS_PER_JOB) as f64)
 }
 
 /// Seconds until `job` is likely done: the jobs ahead of it plus itself, less the steps its worker reported.
-pub async fn eta(app: &App, job: &Job) -> f64 {
-    let ahead = app.jobs.store().ahead_of(job.id).await.unwrap_or(0) as f64;
+pub async fn eta(node: &Node, job: &Job) -> f64 {
+    let ahead = node.jobs.store().ahead_of(job.id).await.unwrap_or(0) as f64;
     let own = job.spec.request.steps as f64 * job.spec.request.samples as f64;
     let done = if job.steps > 0 {
         own * job.step as f64 / job.steps as f64
@@ -126,30 +131,30 @@ pub async fn eta(app: &App, job: &Job) -> f64 {
         0.0
     };
     let steps = (ahead + 1.0) * own - done;
-    estimate(seconds_per_step(app).await, steps.max(0.0))
+    estimate(seconds_per_step(node).await, steps.max(0.0))
 }
 
 /// What this worker tells the store about itself now.
-async fn worker_info(app: &App, n: usize) -> WorkerInfo {
-    let backend = app.backend.clone();
+async fn worker_info(node: &Node, n: usize) -> WorkerInfo {
+    let backend = node.backend.clone();
     let loaded_models = tokio::task::spawn_blocking(move || backend.system().loaded_models)
         .await
         .unwrap_or_default();
     WorkerInfo {
-        name: format!("{}/{n}", app.node),
-        group: app.config.server_name.clone(),
+        name: format!("{}/{n}", node.name),
+        group: node.config.server_name.clone(),
         loaded_models,
     }
 }
 
 /// One worker: claims and runs jobs until the process ends.
-pub async fn work(app: Arc<App>, n: usize) {
+pub async fn work(node: Arc<Node>, n: usize) {
     tracing::debug!(worker = n, "worker started");
     loop {
-        let info = worker_info(&app, n).await;
-        match app.jobs.store().claim(&info, app.config.lease).await {
-            Ok(Some(job)) => run(&app, job).await,
-            Ok(None) => app.jobs.signals().next_queued().await,
+        let info = worker_info(&node, n).await;
+        match node.jobs.store().claim(&info, node.config.lease).await {
+            Ok(Some(job)) => run(&node, job).await,
+            Ok(None) => node.jobs.signals().next_queued().await,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the job queue");
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -158,7 +163,7 @@ pub async fn work(app: Arc<App>, n: usize) {
     }
 }
 
-async fn run(app: &Arc<App>, job: Job) {
+async fn run(node: &Arc<Node>, job: Job) {
     let lease = job.lease();
     let started = Instant::now();
     tracing::info!(job = lease.id, attempt = lease.attempt, family = job.spec.family.label(),
@@ -169,27 +174,27 @@ async fn run(app: &Arc<App>, job: Job) {
         steps_total: AtomicUsize::new(0),
         last_step: Mutex::new(Instant::now()),
         model: job.spec.request.model_id.clone(),
-        app: app.clone(),
+        node: node.clone(),
     });
     let lost = Arc::new(AtomicBool::new(false));
-    app.busy.fetch_add(1, Ordering::Relaxed);
+    node.busy.fetch_add(1, Ordering::Relaxed);
     let heartbeat = tokio::spawn(keep_lease(
-        app.clone(),
+        node.clone(),
         lease,
         running.clone(),
         lost.clone(),
     ));
-    let outcome = match generate(app, &job, running).await {
+    let outcome = match generate(node, &job, running).await {
         Ok(result) => Outcome::Success(result),
         Err(message) => Outcome::Failed(message),
     };
     heartbeat.abort();
-    app.busy.fetch_sub(1, Ordering::Relaxed);
+    node.busy.fetch_sub(1, Ordering::Relaxed);
     let label = match &outcome {
         Outcome::Success(_) => "success",
         Outcome::Failed(_) => "failed",
     };
-    app.metrics
+    node.metrics
         .job_seconds
         .with_label_values(&[label])
         .observe(started.elapsed().as_secs_f64());
@@ -201,7 +206,7 @@ async fn run(app: &Arc<App>, job: Job) {
         );
         return;
     }
-    match app.jobs.finish(lease, &outcome).await {
+    match node.jobs.finish(lease, &outcome).await {
         Ok(true) => {}
         Ok(false) => tracing::warn!(job = lease.id, "the job's lease ended before it finished"),
         Err(e) => tracing::error!(job = lease.id, error = %e, "cannot record the job's outcome"),
@@ -218,9 +223,9 @@ async fn run(app: &Arc<App>, job: Job) {
 
 /// Extends `lease` every third of its length with the job's progress, until aborted; stops the job when a cancel
 /// arrives (announced, or seen in the heartbeat's answer) or the lease is lost.
-async fn keep_lease(app: Arc<App>, lease: Lease, running: Arc<Running>, lost: Arc<AtomicBool>) {
-    let mut cancels = app.jobs.signals().cancels();
-    let period = app.config.lease / 3;
+async fn keep_lease(node: Arc<Node>, lease: Lease, running: Arc<Running>, lost: Arc<AtomicBool>) {
+    let mut cancels = node.jobs.signals().cancels();
+    let period = node.config.lease / 3;
     let mut tick = tokio::time::interval(period);
     tick.tick().await;
     loop {
@@ -234,10 +239,10 @@ async fn keep_lease(app: Arc<App>, lease: Lease, running: Arc<Running>, lost: Ar
             _ = tick.tick() => {}
         }
         let (done, total) = running.progress();
-        match app
+        match node
             .jobs
             .store()
-            .heartbeat(lease, done as i32, total as i32, app.config.lease)
+            .heartbeat(lease, done as i32, total as i32, node.config.lease)
             .await
         {
             Ok(Beat::Held { cancel }) => {
@@ -257,13 +262,13 @@ async fn keep_lease(app: Arc<App>, lease: Lease, running: Arc<Running>, lost: Ar
     }
 }
 
-async fn generate(app: &Arc<App>, job: &Job, running: Arc<Running>) -> Result<JobResult, String> {
-    let init = app
+async fn generate(node: &Arc<Node>, job: &Job, running: Arc<Running>) -> Result<JobResult, String> {
+    let init = node
         .storage
         .get(&job.spec.init_key)
         .await?
         .ok_or_else(|| "the stored init image is missing".to_string())?;
-    let backend = app.backend.clone();
+    let backend = node.backend.clone();
     let request = job.spec.request.clone();
     let generated =
         tokio::task::spawn_blocking(move || backend.generate(&request, &init, running.as_ref()))
@@ -289,11 +294,11 @@ async fn generate(app: &Arc<App>, job: &Job, running: Arc<Running>) -> Result<Jo
         } else {
             png
         };
-        app.storage.put(key, bytes.clone()).await?;
+        node.storage.put(key, bytes.clone()).await?;
         outputs.push((key, bytes));
     }
     let mut notes = generated.notes;
-    let external_urls = write_to_destination(app, job, outputs, &mut notes).await;
+    let external_urls = write_to_destination(node, job, outputs, &mut notes).await;
     Ok(JobResult {
         generation_time: (generated.generation_time * 1000.0).round() / 1000.0,
         scheduler: generated.scheduler,
@@ -306,13 +311,13 @@ async fn generate(app: &Arc<App>, job: &Job, running: Arc<Running>) -> Result<Jo
 /// Writes the outputs into the key's own bucket when it set one (`update_s3`) for the job's deploy type;
 /// returns their URLs there, or none (with a note saying why) when it set none or a write failed.
 async fn write_to_destination(
-    app: &App,
+    node: &Node,
     job: &Job,
     outputs: Vec<(&String, Vec<u8>)>,
     notes: &mut Vec<String>,
 ) -> Vec<String> {
     let deploy = crate::destination::deploy_type_of(job.spec.family);
-    let settings = match app.jobs.store().destination(&job.owner, deploy).await {
+    let settings = match node.jobs.store().destination(&job.owner, deploy).await {
         Ok(Some(s)) => s,
         Ok(None) => return Vec::new(),
         Err(e) => {
@@ -350,25 +355,25 @@ async fn write_to_destination(
 
 /// Puts jobs whose worker stopped renewing its lease back in the queue (or fails them after
 /// `--max-attempts`), every half lease.
-pub async fn reap(app: Arc<App>) {
+pub async fn reap(node: Arc<Node>) {
     loop {
-        match app.jobs.store().reap(app.config.max_attempts).await {
+        match node.jobs.store().reap(node.config.max_attempts).await {
             Ok(reaped) => {
                 if !reaped.requeued.is_empty() {
                     tracing::warn!(jobs = ?reaped.requeued, "jobs whose worker stopped answering were queued again");
-                    app.jobs.signals().queued();
+                    node.jobs.signals().queued();
                 }
                 if !reaped.failed.is_empty() {
                     tracing::warn!(jobs = ?reaped.failed, "jobs abandoned after their last attempt");
                     for id in &reaped.failed {
-                        app.jobs.signals().finished(*id);
+                        node.jobs.signals().finished(*id);
                     }
-                    app.jobs.signals().webhook_due();
+                    node.jobs.signals().webhook_due();
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot reap expired leases"),
         }
-        tokio::time::sleep(app.config.lease / 2).await;
+        tokio::time::sleep(node.config.lease / 2).await;
     }
 }
 
@@ -378,22 +383,22 @@ const PARALLEL_WEBHOOKS: usize = 16;
 /// Sends due webhooks until the process ends, one attempt per claim: a delivery is held in the store for as long
 /// as one attempt can take; if this node dies meanwhile, another sends it when the hold ends (at least once).
 /// A failed attempt is scheduled again after the doubling backoff, until `--webhook-attempts` were made.
-pub async fn dispatch_webhooks(app: Arc<App>) {
-    let hold = app.webhook_settings().timeout + Duration::from_secs(10);
+pub async fn dispatch_webhooks(node: Arc<Node>) {
+    let hold = node.webhook_settings().timeout + Duration::from_secs(10);
     let slots = Arc::new(tokio::sync::Semaphore::new(PARALLEL_WEBHOOKS));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        match app.jobs.store().claim_webhook(hold).await {
+        match node.jobs.store().claim_webhook(hold).await {
             Ok(Some(job)) => {
-                let app = app.clone();
+                let node = node.clone();
                 tokio::spawn(async move {
-                    send_webhook(&app, &job).await;
+                    send_webhook(&node, &job).await;
                     drop(permit);
                 });
             }
-            Ok(None) => app.jobs.signals().next_webhook().await,
+            Ok(None) => node.jobs.signals().next_webhook().await,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read due webhooks");
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -402,11 +407,11 @@ pub async fn dispatch_webhooks(app: Arc<App>) {
     }
 }
 
-async fn send_webhook(app: &App, job: &Job) {
-    let settings = app.webhook_settings();
+async fn send_webhook(node: &Node, job: &Job) {
+    let settings = node.webhook_settings();
     let attempt = match &job.spec.delivery.webhook {
         Some(url) => {
-            let payload = render::webhook_payload(job, app.storage.as_ref());
+            let payload = render::webhook_payload(job, node.storage.as_ref());
             webhook::attempt(url, &payload, settings).await
         }
         None => webhook::Attempt::Refused,
@@ -415,20 +420,20 @@ async fn send_webhook(app: &App, job: &Job) {
     let recorded = match attempt {
         webhook::Attempt::Delivered => {
             tracing::info!(job = job.id, attempt = made, "webhook delivered");
-            app.jobs
+            node.jobs
                 .store()
                 .set_webhook_status(job.id, webhook::DELIVERED)
                 .await
         }
         webhook::Attempt::Retry if made < settings.attempts => {
-            app.jobs
+            node.jobs
                 .store()
                 .retry_webhook(job.id, settings.backoff_after(made))
                 .await
         }
         webhook::Attempt::Retry | webhook::Attempt::Refused => {
             tracing::warn!(job = job.id, attempts = made, "webhook not delivered");
-            app.jobs
+            node.jobs
                 .store()
                 .set_webhook_status(job.id, webhook::FAILED)
                 .await
@@ -443,15 +448,15 @@ async fn send_webhook(app: &App, job: &Job) {
 pub const REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// Reports this node's workers to the store every [`REPORT_EVERY`].
-pub async fn report(app: Arc<App>) {
+pub async fn report(node: Arc<Node>) {
     loop {
         let info = WorkerInfo {
-            name: app.node.clone(),
-            ..worker_info(&app, 0).await
+            name: node.name.clone(),
+            ..worker_info(&node, 0).await
         };
-        let per_step = app.clock.lock().expect("clock").seconds_per_step();
-        let busy = app.busy.load(Ordering::Relaxed);
-        if let Err(e) = app.jobs.store().worker_seen(&info, busy, per_step).await {
+        let per_step = node.clock.lock().expect("clock").seconds_per_step();
+        let busy = node.busy.load(Ordering::Relaxed);
+        if let Err(e) = node.jobs.store().worker_seen(&info, busy, per_step).await {
             tracing::warn!(error = %e, "cannot report this worker");
         }
         tokio::time::sleep(REPORT_EVERY).await;
@@ -459,11 +464,11 @@ pub async fn report(app: Arc<App>) {
 }
 
 /// Deletes expired temp files and jobs past retention, every `sweep_interval`, on one node at a time.
-pub async fn sweep(app: Arc<App>) {
+pub async fn sweep(node: Arc<Node>) {
     loop {
-        tokio::time::sleep(app.config.sweep_interval).await;
-        let term = app.config.sweep_interval * 2;
-        match app.jobs.store().lead("sweeper", &app.node, term).await {
+        tokio::time::sleep(node.config.sweep_interval).await;
+        let term = node.config.sweep_interval * 2;
+        match node.jobs.store().lead("sweeper", &node.name, term).await {
             Ok(true) => {}
             Ok(false) => continue,
             Err(e) => {
@@ -471,18 +476,18 @@ pub async fn sweep(app: Arc<App>) {
                 continue;
             }
         }
-        match app.storage.older_than("temp/", app.config.temp_ttl).await {
+        match node.storage.older_than("temp/", node.config.temp_ttl).await {
             Ok(keys) => {
                 for key in keys {
-                    if let Err(e) = app.storage.delete(&key).await {
+                    if let Err(e) = node.storage.delete(&key).await {
                         tracing::warn!(key, error = %e, "cannot delete an expired temp file");
                     }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot list temp files"),
         }
-        let before = crate::jobs::now() - app.config.retention.as_secs_f64();
-        match app.jobs.store().delete_finished_before(before).await {
+        let before = crate::jobs::now() - node.config.retention.as_secs_f64();
+        match node.jobs.store().delete_finished_before(before).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "old jobs deleted"),
             Err(e) => tracing::warn!(error = %e, "cannot delete old jobs"),

@@ -19,7 +19,7 @@ const MAX_DRAIN_TIME: Duration = Duration::from_secs(5);
 
 /// Reads the whole body, refusing more than `--max-body-bytes`, and parses it as a JSON object.
 pub async fn read_body(app: &App, body: Body) -> Result<params::Body, ApiError> {
-    let limit = app.config.max_body_bytes;
+    let limit = app.node.config.max_body_bytes;
     let too_large = || {
         ApiError::message(format!(
             "the request body is larger than the {} MiB limit",

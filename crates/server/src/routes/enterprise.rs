@@ -32,8 +32,8 @@ pub async fn handle(app: Arc<App>, name: &'static str, headers: HeaderMap, body:
 
 /// `POST /api/v3/system_load`: queue length and estimated wait (no key needed, as on the hosted API).
 pub async fn system_load(app: Arc<App>) -> Response {
-    let (queued, running) = app.jobs.store().depth().await.unwrap_or((0, 0));
-    let wait = crate::worker::queue_seconds(&app, queued + running).await;
+    let (queued, running) = app.node.jobs.store().depth().await.unwrap_or((0, 0));
+    let wait = crate::worker::queue_seconds(&app.node, queued + running).await;
     Json(json!({"queue_num": queued + running, "queue_time": wait, "status": "ok"})).into_response()
 }
 
@@ -86,12 +86,12 @@ async fn dispatch(
     match name {
         "system_details" => system_details(app).await,
         "schedulers_list" => {
-            let backend = app.backend.clone();
+            let backend = app.node.backend.clone();
             let list = blocking(move || backend.schedulers()).await?;
             Ok(json!({ "schedulers": list }))
         }
         "get_all_models" => {
-            let backend = app.backend.clone();
+            let backend = app.node.backend.clone();
             let models = blocking(move || backend.models())
                 .await?
                 .map_err(backend_error)?;
@@ -121,7 +121,7 @@ async fn dispatch(
                     }
                 });
             }
-            let backend = app.backend.clone();
+            let backend = app.node.backend.clone();
             let models = blocking(move || backend.models())
                 .await?
                 .map_err(backend_error)?;
@@ -134,19 +134,20 @@ async fn dispatch(
         "load_model" => load_model(app, body).await,
         "delete_model" => {
             let id = model_id_field(body)?;
-            let backend = app.backend.clone();
+            let backend = app.node.backend.clone();
             blocking(move || backend.delete_model(&id))
                 .await?
                 .map_err(backend_error)?;
             Ok(ok("Model deleted on server"))
         }
         "clear_cache" => {
-            let backend = app.backend.clone();
+            let backend = app.node.backend.clone();
             blocking(move || backend.clear_cache()).await?;
             Ok(ok("Cache cleared successfully"))
         }
         "clear_queue" => {
             let (dequeued, stopping) = app
+                .node
                 .jobs
                 .cancel_all("Cancelled: the queue was cleared")
                 .await?;
@@ -162,7 +163,7 @@ async fn dispatch(
                 .ok_or_else(|| ApiError::required("base64_image"))?;
             let bytes = init_image::decode_base64(&text)
                 .ok_or_else(|| ApiError::field("base64_image", "is not valid base64"))?;
-            let max = app.config.max_image_pixels;
+            let max = app.node.config.max_image_pixels;
             let image = blocking(move || init_image::check_image(bytes, max))
                 .await?
                 .map_err(|e| match e {
@@ -174,15 +175,15 @@ async fn dispatch(
                 uuid::Uuid::new_v4(),
                 if image.format == "jpeg" { "jpg" } else { image.format }
             );
-            app.storage
+            app.node.storage
                 .put(&key, image.bytes)
                 .await
                 .map_err(ApiError::Internal)?;
             Ok(json!({"status": "success", "message": "image uploaded",
-                      "image_url": app.storage.url(&key)}))
+                      "image_url": app.node.storage.url(&key)}))
         }
         "restart_server" => {
-            let backend = app.backend.clone();
+            let backend = app.node.backend.clone();
             blocking(move || backend.clear_cache()).await?;
             Ok(ok(
                 "server restarting: models were unloaded and will be read again from the models folder; \
@@ -195,10 +196,10 @@ async fn dispatch(
         )),
         "update_s3" => {
             let (deploy, destination) =
-                crate::destination::S3Destination::from_body(body, app.url_policy()).await?;
+                crate::destination::S3Destination::from_body(body, app.node.url_policy()).await?;
             let settings =
                 serde_json::to_string(&destination).map_err(|e| ApiError::Internal(e.to_string()))?;
-            app.jobs
+            app.node.jobs
                 .store()
                 .set_destination(&caller.id, &deploy, Some(&settings))
                 .await?;
@@ -210,7 +211,7 @@ async fn dispatch(
         }
         "reset_s3" => {
             let deploy = crate::destination::deploy_type(body)?;
-            app.jobs
+            app.node.jobs
                 .store()
                 .set_destination(&caller.id, &deploy, None)
                 .await?;
@@ -225,12 +226,13 @@ async fn dispatch(
 }
 
 async fn system_details(app: &Arc<App>) -> Result<Value, ApiError> {
-    let (queued, running) = app.jobs.store().depth().await?;
-    let backend = app.backend.clone();
+    let (queued, running) = app.node.jobs.store().depth().await?;
+    let backend = app.node.backend.clone();
     let (system, models) = blocking(move || (backend.system(), backend.models())).await?;
     let models = models.map_err(backend_error)?;
-    let queue_time = crate::worker::queue_seconds(app, queued + running).await;
+    let queue_time = crate::worker::queue_seconds(&app.node, queued + running).await;
     let servers = app
+        .node
         .jobs
         .store()
         .live_workers(crate::worker::REPORT_EVERY * 3)
@@ -246,7 +248,7 @@ async fn system_details(app: &Arc<App>) -> Result<Value, ApiError> {
         "dtype": system.dtype,
         "model_memory_bytes": system.model_memory_bytes,
         "model_memory_budget_bytes": system.model_memory_budget_bytes,
-        "workers": app.config.workers,
+        "workers": app.node.config.workers,
         "servers": servers,
         "version": env!("CARGO_PKG_VERSION"),
     }))
@@ -297,7 +299,7 @@ async fn load_model(app: &Arc<App>, body: &params::Body) -> Result<Value, ApiErr
         .string(&["revision"])?
         .filter(|r| r != "fp32" && r != "main");
     let repo = model_source_of(&url)?;
-    let backend = app.backend.clone();
+    let backend = app.node.backend.clone();
     let models = blocking(move || backend.models())
         .await?
         .map_err(backend_error)?;
@@ -352,16 +354,16 @@ fn spawn_load(
                 None => {
                     let limits = Limits {
                         timeout: Duration::from_secs(3600),
-                        max_bytes: app.config.max_model_download_bytes,
+                        max_bytes: app.node.config.max_model_download_bytes,
                         max_redirects: 5,
                     };
-                    let bytes = net_guard::get_bytes(&url, app.url_policy(), limits)
+                    let bytes = net_guard::get_bytes(&url, app.node.url_policy(), limits)
                         .await
                         .map_err(|e| format!("download of {url} failed: {e}"))?;
                     ModelSource::SingleFile { bytes }
                 }
             };
-            let backend = app.backend.clone();
+            let backend = app.node.backend.clone();
             let name = id.clone();
             tokio::task::spawn_blocking(move || match what {
                 Load::Model => backend.add_model(&name, source),
@@ -388,7 +390,7 @@ fn spawn_load(
             }
         };
         if let Some(hook) = webhook {
-            crate::webhook::deliver(&hook, &payload, app.webhook_settings()).await;
+            crate::webhook::deliver(&hook, &payload, app.node.webhook_settings()).await;
         }
     });
 }
@@ -435,12 +437,12 @@ async fn nsfw_image_check(app: &Arc<App>, body: &params::Body) -> Result<Value, 
         .ok_or_else(|| ApiError::required("init_image"))?;
     let image = init_image::resolve(
         &source,
-        app.url_policy(),
-        app.download_limits(),
-        app.config.max_image_pixels,
+        app.node.url_policy(),
+        app.node.download_limits(),
+        app.node.config.max_image_pixels,
     )
     .await?;
-    let backend = app.backend.clone();
+    let backend = app.node.backend.clone();
     let bytes = image.bytes.clone();
     let flagged = blocking(move || backend.check_image(&bytes)).await??;
     let shown = if source.starts_with("http://") || source.starts_with("https://") {

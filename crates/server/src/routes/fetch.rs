@@ -44,17 +44,17 @@ async fn fetch(
         .trim_matches('"')
         .parse()
         .map_err(|_| ApiError::field("request_id", format!("{raw:?} is not a request id")))?;
-    let job = app.jobs.store().get(id).await?;
+    let job = app.node.jobs.store().get(id).await?;
     let Some(job) = job.filter(|j| caller.admin || j.owner == caller.id) else {
         return Err(ApiError::message(format!(
             "Request not found: {id} (unknown, made with another key, or older than the retention period)"
         )));
     };
-    let eta = worker::eta(app, &job).await;
+    let eta = worker::eta(&app.node, &job).await;
     Ok(Json(render::fetch(
         &job,
-        app.storage.as_ref(),
-        &app.config.public_url,
+        app.node.storage.as_ref(),
+        &app.node.config.public_url,
         eta,
     ))
     .into_response())

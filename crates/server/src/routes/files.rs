@@ -18,7 +18,7 @@ pub async fn file(State(app): State<Arc<App>>, uri: Uri) -> Response {
     if !valid_key(key) {
         return not_found().await.into_response();
     }
-    match app.storage.get(key).await {
+    match app.node.storage.get(key).await {
         Ok(Some(bytes)) => {
             let content_type = match key.rsplit('.').next() {
                 Some("png") => "image/png",
@@ -43,7 +43,7 @@ pub async fn file(State(app): State<Arc<App>>, uri: Uri) -> Response {
 
 /// `GET /health`: 200 once the service accepts requests.
 pub async fn health(State(app): State<Arc<App>>) -> Response {
-    let depth = app.jobs.store().depth().await;
+    let depth = app.node.jobs.store().depth().await;
     match (app.is_ready(), depth) {
         (true, Ok((queued, running))) => Json(json!({
             "status": "ok", "queued": queued, "running": running,
@@ -64,23 +64,28 @@ pub async fn health(State(app): State<Arc<App>>) -> Response {
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(app): State<Arc<App>>) -> Response {
-    if let Ok((queued, running)) = app.jobs.store().depth().await {
-        app.metrics.queue.with_label_values(&["queued"]).set(queued);
-        app.metrics
+    if let Ok((queued, running)) = app.node.jobs.store().depth().await {
+        app.node
+            .metrics
+            .queue
+            .with_label_values(&["queued"])
+            .set(queued);
+        app.node
+            .metrics
             .queue
             .with_label_values(&["running"])
             .set(running);
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(),
+        app.node.metrics.render(),
     )
         .into_response()
 }
 
 /// `GET /openapi.json`.
 pub async fn openapi(State(app): State<Arc<App>>) -> Response {
-    Json(crate::openapi::document(&app.config.public_url)).into_response()
+    Json(crate::openapi::document(&app.node.config.public_url)).into_response()
 }
 
 /// Any unknown route: a JSON 404.

@@ -36,30 +36,30 @@ async fn accept(
     let caller = super::auth::caller(app, &body, headers)?;
     let submission = request::parse(family, &body)?;
 
-    let active = app.jobs.store().active_for_owner(&caller.id).await?;
-    if active as usize >= app.config.max_queued_per_key {
+    let active = app.node.jobs.store().active_for_owner(&caller.id).await?;
+    if active as usize >= app.node.config.max_queued_per_key {
         return Err(ApiError::QueueFull {
-            limit: app.config.max_queued_per_key,
+            limit: app.node.config.max_queued_per_key,
         });
     }
 
     if let Some(hook) = &submission.delivery.webhook {
         let url =
             net_guard::parse_url(hook).map_err(|e| ApiError::field("webhook", e.to_string()))?;
-        net_guard::resolve_checked(&url, app.url_policy())
+        net_guard::resolve_checked(&url, app.node.url_policy())
             .await
             .map_err(|e| ApiError::field("webhook", e.to_string()))?;
     }
 
-    let backend = app.backend.clone();
+    let backend = app.node.backend.clone();
     let (models, schedulers) =
         tokio::task::spawn_blocking(move || (backend.models(), backend.schedulers()))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?;
     let models = models.map_err(|e| ApiError::Internal(e.to_string()))?;
     let defaults = Defaults {
-        default_model: app.config.default_model.clone(),
-        pix2pix_model: app.config.pix2pix_model.clone(),
+        default_model: app.node.config.default_model.clone(),
+        pix2pix_model: app.node.config.pix2pix_model.clone(),
     };
     let model_id = request::choose_model(&submission, &models, &defaults)?;
     if let Some(name) = &submission.scheduler {
@@ -76,16 +76,16 @@ async fn accept(
 
     let init = init_image::resolve(
         &submission.init_image,
-        app.url_policy(),
-        app.download_limits(),
-        app.config.max_image_pixels,
+        app.node.url_policy(),
+        app.node.download_limits(),
+        app.node.config.max_image_pixels,
     )
     .await?;
     let seed = submission
         .seed
         .unwrap_or_else(|| rand::random::<u32>() as u64);
     let generation = request::finish(&submission, model_id, (init.width, init.height), seed);
-    let backend = app.backend.clone();
+    let backend = app.node.backend.clone();
     let checked = generation.clone();
     tokio::task::spawn_blocking(move || backend.check(&checked))
         .await
@@ -93,7 +93,8 @@ async fn accept(
 
     let file_prefix = uuid::Uuid::new_v4().to_string();
     let init_key = format!("inputs/{file_prefix}.{}", init.format);
-    app.storage
+    app.node
+        .storage
         .put(&init_key, init.bytes)
         .await
         .map_err(ApiError::Internal)?;
@@ -130,15 +131,16 @@ async fn accept(
         .group
         .as_deref()
         .filter(|_| !submission.delivery.loadbalancer);
-    let id = app.jobs.submit(&caller.id, &spec, group).await?;
+    let id = app.node.jobs.submit(&caller.id, &spec, group).await?;
     tracing::info!(job = id, family = family.label(), "job queued");
 
     let wait = if submission.delivery.instant_response {
         Duration::ZERO
     } else {
-        app.config.sync_timeout
+        app.node.config.sync_timeout
     };
     let job = app
+        .node
         .jobs
         .wait_final(id, wait)
         .await?
@@ -149,11 +151,16 @@ async fn accept(
 /// The body for a job just submitted.
 async fn answer(app: &Arc<App>, job: &Job) -> Response {
     let body = match job.status {
-        JobStatus::Success => render::success(job, app.storage.as_ref()),
+        JobStatus::Success => render::success(job, app.node.storage.as_ref()),
         JobStatus::Failed => render::failed(job),
         JobStatus::Queued | JobStatus::Running => {
-            let eta = worker::eta(app, job).await;
-            render::processing(job, app.storage.as_ref(), &app.config.public_url, eta)
+            let eta = worker::eta(&app.node, job).await;
+            render::processing(
+                job,
+                app.node.storage.as_ref(),
+                &app.node.config.public_url,
+                eta,
+            )
         }
     };
     Json(body).into_response()

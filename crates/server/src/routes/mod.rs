@@ -201,7 +201,8 @@ async fn count_requests(State(app): State<Arc<App>>, request: Request, next: Nex
     let started = Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
-    app.metrics
+    app.node
+        .metrics
         .requests
         .with_label_values(&[&route, &status])
         .inc();

@@ -1,0 +1,118 @@
+//! One node of a deployment: what its workers and its HTTP handlers both stand on — settings, the job service,
+//! file storage, the generator, metrics and the node's name — with no HTTP state (keys, model loads and readiness
+//! live in [`crate::app::App`]). Workers run on a `Node` alone.
+
+use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, Mutex};
+
+use crate::backend::Backend;
+use crate::config::{Role, ServerConfig};
+use crate::jobs::service::JobService;
+use crate::metrics::Metrics;
+use crate::net_guard::{Limits, UrlPolicy};
+use crate::storage::{ObjectStorage, Storage, StorageLocation};
+use crate::webhook::WebhookSettings;
+use crate::worker::StepClock;
+
+/// What every part of a node shares.
+pub struct Node {
+    /// Settings.
+    pub config: ServerConfig,
+    /// The image generator.
+    pub backend: Arc<dyn Backend>,
+    /// The job lifecycle (store and signals).
+    pub jobs: Arc<JobService>,
+    /// File storage (a folder or a bucket).
+    pub storage: Arc<dyn Storage>,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// This process's name among the nodes (`--server-name` or the host name, then the process id).
+    pub name: String,
+    /// Jobs this process is generating now.
+    pub busy: AtomicI64,
+    /// Seconds per denoising step, for `eta`.
+    pub clock: Mutex<StepClock>,
+}
+
+impl Node {
+    /// Opens the job store `config.database_url()` and the storage `config.storage` (default: `DATA/files`). On a
+    /// store no other process shares, whatever it shows running was left by a process that died: it is queued
+    /// again (or failed after its last attempt).
+    pub async fn open(config: ServerConfig, backend: Arc<dyn Backend>) -> anyhow::Result<Node> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let jobs = JobService::open(&config.database_url()).await?;
+        if !jobs.is_shared() {
+            if config.role != Role::All {
+                anyhow::bail!(
+                    "--role api and --role worker need a job store shared by every node: give --database-url \
+                     postgres://..."
+                );
+            }
+            let ended = jobs.store().expire_leases().await?;
+            let reaped = jobs.store().reap(config.max_attempts).await?;
+            if ended > 0 {
+                tracing::warn!(
+                    requeued = reaped.requeued.len(),
+                    abandoned = reaped.failed.len(),
+                    "jobs left running by a previous process were queued again (or failed after their last attempt)"
+                );
+            }
+        }
+        let location = match &config.storage {
+            Some(spec) => StorageLocation::parse(spec).map_err(anyhow::Error::msg)?,
+            None => StorageLocation::Folder(config.data_dir.join("files")),
+        };
+        let storage =
+            ObjectStorage::open(&location, &config.public_url).map_err(anyhow::Error::msg)?;
+        let name = format!(
+            "{}-{}",
+            config.server_name.clone().unwrap_or_else(host_name),
+            std::process::id()
+        );
+        Ok(Node {
+            config,
+            backend,
+            jobs: Arc::new(jobs),
+            storage: Arc::new(storage),
+            metrics: Metrics::new(),
+            name,
+            busy: AtomicI64::new(0),
+            clock: Mutex::new(StepClock::default()),
+        })
+    }
+
+    /// The address policy for `init_image`, webhook and bucket URLs.
+    pub fn url_policy(&self) -> UrlPolicy {
+        UrlPolicy {
+            allow_private: self.config.allow_private_urls,
+        }
+    }
+
+    /// Bounds for downloading an init image.
+    pub fn download_limits(&self) -> Limits {
+        Limits {
+            timeout: std::time::Duration::from_secs(30),
+            max_bytes: self.config.max_download_bytes,
+            max_redirects: 3,
+        }
+    }
+
+    /// How webhooks are sent.
+    pub fn webhook_settings(&self) -> WebhookSettings {
+        WebhookSettings {
+            attempts: self.config.webhook_attempts,
+            backoff: self.config.webhook_backoff,
+            timeout: self.config.webhook_timeout,
+            policy: self.url_policy(),
+        }
+    }
+}
+
+/// The machine's host name, or "pictor".
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "pictor".to_string())
+}
