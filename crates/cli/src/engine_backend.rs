@@ -300,6 +300,10 @@ impl Progress for Relay<'_> {
 }
 
 impl Backend for EngineBackend {
+    fn models_root(&self) -> Option<std::path::PathBuf> {
+        Some(self.models_dir.root().to_path_buf())
+    }
+
     fn models(&self) -> Result<Vec<ModelInfo>, BackendError> {
         let found = self.models_dir.list().map_err(engine_error)?;
         let loaded: Vec<String> = self

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use pictor_engine::prompt_syntax::escape;
 use pictor_testkit::{PgCluster, S3Server};
 use serde_json::{json, Value};
-use support::{assert_image_matches, fixture_base64, fixtures, Receiver, Server, ADMIN, KEY};
+use support::{
+    assert_image_matches, copy_dir, fixture_base64, fixtures, Receiver, Server, ADMIN, KEY,
+};
 
 const KEYS: [&str; 3] = [KEY, "key-b", "key-c"];
 /// Pause after every denoising step, so that kills and cancels find jobs mid-run.
@@ -119,10 +121,24 @@ fn a_cluster_survives_kills_and_a_database_restart() {
         "--keys-file",
         &keys_file,
     ];
+    // Every node has its own models folder with the two models the jobs use; a model loaded later reaches the
+    // workers through the bucket.
+    let models_of = |name: &str| {
+        let folder = dir.path().join(name).join("models");
+        if !folder.exists() {
+            for m in ["sd1-tiny", "sd2-tiny"] {
+                copy_dir(
+                    &models.join("checkpoints").join(m),
+                    &folder.join("checkpoints").join(m),
+                );
+            }
+        }
+        folder
+    };
     let node = |name: &str, extra: &[&str]| {
         let mut flags: Vec<&str> = common.to_vec();
         flags.extend_from_slice(extra);
-        Server::start_with_env(&dir.path().join(name), &models, &flags, &env)
+        Server::start_with_env(&dir.path().join(name), &models_of(name), &flags, &env)
     };
     let api_a = node("api-a", &["--role", "api", "--sync-timeout", "120"]);
     let mut api_b = node("api-b", &["--role", "api", "--sync-timeout", "0"]);
@@ -354,6 +370,76 @@ fn a_cluster_survives_kills_and_a_database_restart() {
             .iter()
             .any(|s| !s["models"].as_array().unwrap().is_empty()),
         "{details}"
+    );
+
+    // load_model on one API node reaches every worker through the bucket: a job for it, sent to the other API
+    // node, runs on a worker that never had it and gives the reference image.
+    receiver.serve_file(
+        "/pulled.safetensors",
+        std::fs::read(models.join("checkpoints/sd1-tiny-single.safetensors")).unwrap(),
+    );
+    let started = post_retrying(
+        &format!("{}/api/v1/enterprise/load_model", api_a.base),
+        &json!({"key": ADMIN, "model_id": "pulled", "url": format!("{}/pulled.safetensors", receiver.base)}),
+    );
+    assert_eq!(started["status"], "success", "{started}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while post_retrying(
+        &format!("{}/api/v1/enterprise/verify_model", api_a.base),
+        &json!({"key": ADMIN, "model_id": "pulled"}),
+    )["status"]
+        != "success"
+    {
+        assert!(Instant::now() < deadline, "load_model never finished");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(s3
+        .root
+        .path()
+        .join("pictor/cluster/models/checkpoints/pulled.safetensors")
+        .is_file());
+    let single = case("sd1-single-ddim-s42");
+    let mut single_body = body(&single, KEY, json!({"model_id": "pulled"}));
+    single_body["model_id"] = json!("pulled");
+    let answer = post_retrying(
+        &format!("{}/api/v6/images/img2img", api_b.base),
+        &single_body,
+    );
+    let single_id = answer["id"].as_i64().unwrap_or_else(|| panic!("{answer}"));
+    wait_count(
+        &pg,
+        &format!(
+            "SELECT COUNT(*) FROM jobs WHERE id = {single_id} AND status IN ('success', 'failed')"
+        ),
+        1,
+        Duration::from_secs(60),
+        "the job on the loaded model",
+    );
+    let done = post_retrying(
+        &format!("{}/api/v6/images/fetch/{single_id}", api_b.base),
+        &json!({"key": KEY}),
+    );
+    assert_eq!(done["status"], "success", "{done}");
+    let (_, png) = api_b.get(done["output"][0].as_str().unwrap());
+    assert_image_matches(&png, single["images"][0].as_str().unwrap());
+    let ran_on = pg.psql(&format!(
+        "SELECT split_part(worker, '-', 1) FROM jobs WHERE id = {single_id}"
+    ));
+    assert!(
+        dir.path()
+            .join(&ran_on)
+            .join("models/checkpoints/pulled.safetensors")
+            .is_file(),
+        "worker {ran_on} pulled the model into its own folder"
+    );
+    let synced = post_retrying(
+        &format!("{}/api/v1/enterprise/sync_models", api_b.base),
+        &json!({"key": ADMIN}),
+    );
+    assert_eq!(synced["status"], "success", "{synced}");
+    assert!(
+        synced["model_list"].to_string().contains("pulled"),
+        "{synced}"
     );
 
     // A cancel sent to one API node stops a job running on a worker within a few steps.

@@ -221,6 +221,11 @@ pub trait JobControl: Send + Sync {
 pub trait Backend: Send + Sync + 'static {
     /// Every model in the models folder.
     fn models(&self) -> Result<Vec<ModelInfo>, BackendError>;
+    /// The models folder, when the backend reads its models from one (deployments share it through the file
+    /// storage: see [`crate::shared_models`]).
+    fn models_root(&self) -> Option<std::path::PathBuf> {
+        None
+    }
     /// The scheduler names accepted in `scheduler`.
     fn schedulers(&self) -> Vec<String>;
     /// Runs one request on `init_image` (the encoded image file as received).

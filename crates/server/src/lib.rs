@@ -20,6 +20,7 @@ pub mod render;
 pub mod request;
 pub mod responses;
 pub mod routes;
+pub mod shared_models;
 pub mod storage;
 pub mod webhook;
 pub mod worker;

@@ -32,7 +32,12 @@ pub struct Node {
     pub busy: AtomicI64,
     /// Seconds per denoising step, for `eta`.
     pub clock: Mutex<StepClock>,
+    /// When this node last pulled the shared models (one pull at a time).
+    last_pull: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How often a worker looks for models other nodes published, at most.
+const PULL_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Node {
     /// Opens the job store `config.database_url()` and the storage `config.storage` (default: `DATA/files`). On a
@@ -78,7 +83,41 @@ impl Node {
             name,
             busy: AtomicI64::new(0),
             clock: Mutex::new(StepClock::default()),
+            last_pull: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// Whether models are shared through the file storage: on a shared job store, with a models folder.
+    fn shares_models(&self) -> Option<std::path::PathBuf> {
+        self.jobs
+            .is_shared()
+            .then(|| self.backend.models_root())
+            .flatten()
+    }
+
+    /// Pulls the models other nodes published that this node lacks (at most every few seconds unless `now`).
+    pub async fn pull_models(&self, now: bool) {
+        let Some(root) = self.shares_models() else {
+            return;
+        };
+        let mut last = self.last_pull.lock().await;
+        if !now && last.is_some_and(|t| t.elapsed() < PULL_EVERY) {
+            return;
+        }
+        if let Err(e) = crate::shared_models::pull(self.storage.as_ref(), &root).await {
+            tracing::warn!(error = %e, "cannot pull the shared models");
+        }
+        *last = Some(std::time::Instant::now());
+    }
+
+    /// Publishes the models this node has that the storage lacks; `Ok(None)` when models are not shared.
+    pub async fn publish_models(&self) -> Result<Option<crate::shared_models::Synced>, String> {
+        match self.shares_models() {
+            Some(root) => crate::shared_models::publish(self.storage.as_ref(), &root)
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
     }
 
     /// The address policy for `init_image`, webhook and bucket URLs.

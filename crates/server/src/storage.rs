@@ -24,6 +24,12 @@ pub trait Storage: Send + Sync + 'static {
     async fn delete(&self, key: &str) -> Result<(), String>;
     /// Keys under `prefix` (e.g. `temp/`) last written more than `age` ago.
     async fn older_than(&self, prefix: &str, age: Duration) -> Result<Vec<String>, String>;
+    /// Every key under `prefix`, with its size in bytes.
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, String>;
+    /// Writes the file at `path` to `key`, streaming it (model weights are gigabytes).
+    async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<(), String>;
+    /// Streams `key` into the file at `path` (written beside it, then renamed); `false` when absent.
+    async fn get_file(&self, key: &str, path: &std::path::Path) -> Result<bool, String>;
     /// The public URL of `key`.
     fn url(&self, key: &str) -> String;
 }
@@ -191,6 +197,77 @@ impl Storage for ObjectStorage {
         Ok(keys)
     }
 
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, String> {
+        let dir = self.path(prefix.trim_end_matches('/'))?;
+        let mut listing = self.store.list(Some(&dir));
+        let mut found = Vec::new();
+        while let Some(meta) = listing.next().await {
+            match meta {
+                Ok(meta) => found.push((self.key_of(&meta.location), meta.size)),
+                Err(object_store::Error::NotFound { .. }) => break,
+                Err(e) => return Err(format!("listing {prefix}: {e}")),
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt;
+        let target = self.path(key)?;
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut writer = object_store::buffered::BufWriter::new(self.store.clone(), target);
+        let copied = tokio::io::copy(&mut file, &mut writer).await;
+        match copied {
+            Ok(_) => writer
+                .shutdown()
+                .await
+                .map_err(|e| format!("storing {key}: {e}")),
+            Err(e) => {
+                let _ = writer.abort().await;
+                Err(format!("storing {key}: {e}"))
+            }
+        }
+    }
+
+    async fn get_file(&self, key: &str, path: &std::path::Path) -> Result<bool, String> {
+        use tokio::io::AsyncWriteExt;
+        let source = self.path(key)?;
+        let found = match self.store.get(&source).await {
+            Ok(found) => found,
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(format!("reading {key}: {e}")),
+        };
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        let partial = path.with_file_name(format!(
+            ".{}.{}.partial",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let written = async {
+            let mut file = tokio::fs::File::create(&partial).await?;
+            let mut chunks = found.into_stream();
+            while let Some(chunk) = chunks.next().await {
+                file.write_all(&chunk.map_err(std::io::Error::other)?)
+                    .await?;
+            }
+            file.sync_all().await?;
+            tokio::fs::rename(&partial, path).await
+        }
+        .await;
+        if let Err(e) = written {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(format!("{}: {e}", path.display()));
+        }
+        Ok(true)
+    }
+
     fn url(&self, key: &str) -> String {
         format!("{}/{key}", self.public_url)
     }
@@ -278,6 +355,38 @@ mod tests {
         assert_eq!(s.get("temp/a.png").await.unwrap(), None);
         assert!(s.put("../x", vec![]).await.is_err());
         assert!(s.get("a/../../x").await.is_err());
+
+        // Files stream in and out; listings give sizes.
+        let dir = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join("w.safetensors"), &big).unwrap();
+        s.put_file(
+            "models/checkpoints/m/w.safetensors",
+            &dir.path().join("w.safetensors"),
+        )
+        .await
+        .unwrap();
+        s.put("models/checkpoints/m/config.json", b"{}".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(
+            s.list("models/").await.unwrap(),
+            vec![
+                ("models/checkpoints/m/config.json".to_string(), 2),
+                (
+                    "models/checkpoints/m/w.safetensors".to_string(),
+                    big.len() as u64
+                ),
+            ]
+        );
+        let copy = dir.path().join("copy/w.safetensors");
+        assert!(s
+            .get_file("models/checkpoints/m/w.safetensors", &copy)
+            .await
+            .unwrap());
+        assert_eq!(std::fs::read(&copy).unwrap(), big);
+        assert!(!s.get_file("models/none", &copy).await.unwrap());
+        assert!(s.list("nothing/").await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -263,6 +263,14 @@ async fn keep_lease(node: Arc<Node>, lease: Lease, running: Arc<Running>, lost: 
 }
 
 async fn generate(node: &Arc<Node>, job: &Job, running: Arc<Running>) -> Result<JobResult, String> {
+    // Models another node published since the last look (at once when this job's model is not here).
+    let backend = node.backend.clone();
+    let known = tokio::task::spawn_blocking(move || backend.models())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .is_some_and(|models| models.iter().any(|m| m.id == job.spec.request.model_id));
+    node.pull_models(!known).await;
     let init = node
         .storage
         .get(&job.spec.init_key)

@@ -135,10 +135,42 @@ async fn dispatch(
         "delete_model" => {
             let id = model_id_field(body)?;
             let backend = app.node.backend.clone();
-            blocking(move || backend.delete_model(&id))
+            let name = id.clone();
+            blocking(move || backend.delete_model(&name))
                 .await?
                 .map_err(backend_error)?;
+            if app.node.jobs.is_shared() {
+                crate::shared_models::unpublish_checkpoint(app.node.storage.as_ref(), &id)
+                    .await
+                    .map_err(ApiError::Internal)?;
+            }
             Ok(ok("Model deleted on server"))
+        }
+        "sync_models" => {
+            let synced = app
+                .node
+                .publish_models()
+                .await
+                .map_err(ApiError::Internal)?;
+            let backend = app.node.backend.clone();
+            let models = blocking(move || backend.models())
+                .await?
+                .map_err(backend_error)?;
+            let ids: Vec<String> = models.into_iter().map(|m| m.id).collect();
+            let message = match synced {
+                Some(s) => format!(
+                    "{} Models synced successfully ({} files, {} bytes sent to the shared storage; every worker \
+                     pulls them before its next job)",
+                    ids.len(),
+                    s.files.len(),
+                    s.bytes
+                ),
+                None => format!(
+                    "{} Models synced successfully (one machine: its models folder is the only copy)",
+                    ids.len()
+                ),
+            };
+            Ok(json!({"status": "success", "message": message, "model_list": ids}))
         }
         "clear_cache" => {
             let backend = app.node.backend.clone();
@@ -374,6 +406,11 @@ fn spawn_load(
             .map_err(|e| e.to_string())
         }
         .await;
+        // Every worker gets what was added: publish it to the shared storage before saying it is ready.
+        let result = match result {
+            Ok(()) => app.node.publish_models().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
         let payload = match &result {
             Ok(()) => {
                 app.model_loads.lock().expect("loads").remove(&key);

@@ -61,7 +61,20 @@ async fn accept(
         default_model: app.node.config.default_model.clone(),
         pix2pix_model: app.node.config.pix2pix_model.clone(),
     };
-    let model_id = request::choose_model(&submission, &models, &defaults)?;
+    let model_id = match request::choose_model(&submission, &models, &defaults) {
+        Ok(id) => id,
+        // Another node may have published it: look (at most every few seconds), then decide.
+        Err(e) if app.node.jobs.is_shared() => {
+            app.node.pull_models(false).await;
+            let backend = app.node.backend.clone();
+            let models = tokio::task::spawn_blocking(move || backend.models())
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            request::choose_model(&submission, &models, &defaults).map_err(|_| e)?
+        }
+        Err(e) => return Err(e),
+    };
     if let Some(name) = &submission.scheduler {
         if !schedulers.iter().any(|s| s == name) {
             return Err(ApiError::field(

@@ -78,6 +78,7 @@ pub const MANAGEMENT: &[&str] = &[
     "verify_model",
     "get_all_models",
     "delete_model",
+    "sync_models",
     "load_vae",
     "clear_cache",
     "clear_queue",
