@@ -457,6 +457,15 @@ fn a_cluster_survives_kills_and_a_database_restart() {
         Duration::from_secs(60),
         "the long job running",
     );
+    // Its progress, reported by the worker's heartbeat, shows in a fetch through the other API node.
+    let progress = post_retrying(
+        &format!("{}/api/v6/images/fetch/{id}", api_b.base),
+        &json!({"key": KEY}),
+    );
+    assert_eq!(progress["status"], "processing", "{progress}");
+    assert!(progress["step"].as_i64().unwrap() >= 1, "{progress}");
+    assert!(progress["steps"].as_i64().unwrap() >= 40, "{progress}");
+    assert!(progress["progress"].as_f64().unwrap() > 0.0, "{progress}");
     let asked = Instant::now();
     let cleared = post_retrying(
         &format!("{}/api/v1/enterprise/clear_queue", api_b.base),
@@ -471,8 +480,11 @@ fn a_cluster_survives_kills_and_a_database_restart() {
         "the cancelled job failed",
     );
     let took = asked.elapsed();
-    // 50 steps at 100 ms each would need seconds more; a few steps plus a notification is well under that.
-    assert!(took < Duration::from_millis(2500), "cancel took {took:?}");
+    eprintln!("cancel reached the worker and the job failed {took:?} after clear_queue was sent");
+    // The notification reaches the worker at once and it stops at its next step (100 ms here; about 85 ms was
+    // measured on an idle machine); the bound leaves room for a loaded CI machine and the 50 ms polling above,
+    // and is far below the seconds the remaining steps would take.
+    assert!(took < Duration::from_millis(1000), "cancel took {took:?}");
     let done = api_a.wait_for(
         &format!("{}/api/v6/images/fetch/{id}", api_a.base),
         Duration::from_secs(5),

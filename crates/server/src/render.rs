@@ -254,7 +254,7 @@ pub fn processing(job: &Job, storage: &dyn Storage, public_url: &str, eta: f64) 
     if family.has_proxy_links() {
         body["proxy_links"] = json!(urls);
     }
-    with_warnings(body, job)
+    with_warnings(with_progress(body, job), job)
 }
 
 /// The failure body.
@@ -277,17 +277,35 @@ pub fn fetch(job: &Job, storage: &dyn Storage, public_url: &str, eta: f64) -> Va
     match job.status {
         JobStatus::Success => success(job, storage),
         JobStatus::Failed => failed(job),
-        JobStatus::Queued | JobStatus::Running => json!({
-            "status": "processing",
-            "id": job.id,
-            "message": "try again later.",
-            "messege": "try again later.",
-            "eta": eta,
-            "output": "",
-            "fetch_result": fetch_url(job, public_url),
-            "future_links": output_urls(job, storage),
-        }),
+        JobStatus::Queued | JobStatus::Running => with_progress(
+            json!({
+                "status": "processing",
+                "id": job.id,
+                "message": "try again later.",
+                "messege": "try again later.",
+                "eta": eta,
+                "output": "",
+                "fetch_result": fetch_url(job, public_url),
+                "future_links": output_urls(job, storage),
+            }),
+            job,
+        ),
     }
+}
+
+/// Adds the progress its worker last reported to a running job's body (`step`, `steps`, `progress` from 0 to 1:
+/// extra fields, which ModelsLab clients ignore).
+fn with_progress(mut body: Value, job: &Job) -> Value {
+    if job.status == JobStatus::Running {
+        body["step"] = json!(job.step);
+        body["steps"] = json!(job.steps);
+        body["progress"] = json!(if job.steps > 0 {
+            (job.step as f64 / job.steps as f64 * 1000.0).round() / 1000.0
+        } else {
+            0.0
+        });
+    }
+    body
 }
 
 /// The webhook payload: the final body plus `track_id`.
