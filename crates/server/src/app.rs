@@ -1,24 +1,15 @@
 //! The running service: the API's state over a [`Node`], start-up (node, keys, workers, reaper, webhooks,
 //! sweeper) by role, and the HTTP server with graceful shutdown.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use crate::backend::Backend;
 use crate::config::ServerConfig;
 use crate::keys::KeyStore;
+use crate::model_loads::ModelLoads;
 use crate::node::Node;
 use crate::worker;
-
-/// State of a `load_model` started through the management API.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ModelLoad {
-    /// Downloading or converting.
-    Loading,
-    /// Failed with this message.
-    Failed(String),
-}
 
 /// What the HTTP handlers share: the node, plus the state only the API needs.
 pub struct App {
@@ -26,8 +17,8 @@ pub struct App {
     pub node: Arc<Node>,
     /// Accepted keys.
     pub keys: RwLock<KeyStore>,
-    /// `load_model` calls in flight or failed, by model id.
-    pub model_loads: Mutex<HashMap<String, ModelLoad>>,
+    /// `load_model` / `load_vae` downloads in flight or failed.
+    pub model_loads: Arc<ModelLoads>,
     /// Set once the service accepts requests.
     pub ready: AtomicBool,
 }
@@ -64,7 +55,7 @@ impl App {
         let app = Arc::new(App {
             node,
             keys: RwLock::new(keys),
-            model_loads: Mutex::new(HashMap::new()),
+            model_loads: Arc::new(ModelLoads::default()),
             ready: AtomicBool::new(false),
         });
         Ok((app, generated))

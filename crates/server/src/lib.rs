@@ -11,6 +11,7 @@ pub mod init_image;
 pub mod jobs;
 pub mod keys;
 pub mod metrics;
+pub mod model_loads;
 pub mod net_guard;
 pub mod node;
 pub mod openapi;

@@ -1,7 +1,6 @@
 //! The enterprise management calls (`/api/v1/enterprise/<name>`), all behind an admin key.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::HeaderMap;
@@ -9,10 +8,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use crate::app::{App, ModelLoad};
-use crate::backend::{BackendError, ModelSource};
+use crate::app::App;
+use crate::backend::BackendError;
 use crate::init_image;
-use crate::net_guard::{self, Limits};
+use crate::model_loads::{Load, LoadState, ModelLoad};
 use crate::params;
 use crate::responses::ApiError;
 
@@ -111,12 +110,12 @@ async fn dispatch(
         }
         "verify_model" => {
             let id = model_id_field(body)?;
-            if let Some(state) = app.model_loads.lock().expect("loads").get(&id).cloned() {
+            if let Some(state) = app.model_loads.state(&id) {
                 return Ok(match state {
-                    ModelLoad::Loading => {
+                    LoadState::Loading => {
                         json!({"status": "processing", "message": "Model is still loading"})
                     }
-                    ModelLoad::Failed(why) => {
+                    LoadState::Failed(why) => {
                         json!({"status": "error", "message": format!("Model load failed: {why}")})
                     }
                 });
@@ -341,95 +340,19 @@ async fn load_model(app: &Arc<App>, body: &params::Body) -> Result<Value, ApiErr
             format!("a model {id} already exists; delete it first"),
         ));
     }
-    {
-        let mut loads = app.model_loads.lock().expect("loads");
-        if loads.get(&id) == Some(&ModelLoad::Loading) {
-            return Err(ApiError::field(
-                "model_id",
-                format!("{id} is already loading"),
-            ));
-        }
-        loads.insert(id.clone(), ModelLoad::Loading);
-    }
     let webhook = body.string(&["webhook"])?;
-    spawn_load(app, Load::Model, id, url, repo, revision, webhook);
-    Ok(json!({"status": "success", "message": "model load started"}))
-}
-
-/// What a background download adds to the models folder.
-#[derive(Clone, Copy)]
-enum Load {
-    Model,
-    Vae,
-}
-
-/// Downloads `url` (a file, through the address guard) or `repo` (Hugging Face) in the background and hands it
-/// to the backend; records the outcome in `model_loads` (VAEs under `vae:<id>`) and posts it to `webhook`.
-fn spawn_load(
-    app: &Arc<App>,
-    what: Load,
-    id: String,
-    url: String,
-    repo: Option<String>,
-    revision: Option<String>,
-    webhook: Option<String>,
-) {
-    let app = app.clone();
-    let (key, id_field, ready) = match what {
-        Load::Model => (id.clone(), "model_id", "model_ready"),
-        Load::Vae => (format!("vae:{id}"), "vae_id", "vae_ready"),
+    let load = ModelLoad {
+        what: Load::Model,
+        id,
+        url,
+        repo,
+        revision,
+        webhook,
     };
-    tokio::spawn(async move {
-        let result = async {
-            let source = match repo {
-                Some(repo) => ModelSource::HuggingFace { repo, revision },
-                None => {
-                    let limits = Limits {
-                        timeout: Duration::from_secs(3600),
-                        max_bytes: app.node.config.max_model_download_bytes,
-                        max_redirects: 5,
-                    };
-                    let bytes = net_guard::get_bytes(&url, app.node.url_policy(), limits)
-                        .await
-                        .map_err(|e| format!("download of {url} failed: {e}"))?;
-                    ModelSource::SingleFile { bytes }
-                }
-            };
-            let backend = app.node.backend.clone();
-            let name = id.clone();
-            tokio::task::spawn_blocking(move || match what {
-                Load::Model => backend.add_model(&name, source),
-                Load::Vae => backend.add_vae(&name, source),
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
-        }
-        .await;
-        // Every worker gets what was added: publish it to the shared storage before saying it is ready.
-        let result = match result {
-            Ok(()) => app.node.publish_models().await.map(|_| ()),
-            Err(e) => Err(e),
-        };
-        let payload = match &result {
-            Ok(()) => {
-                app.model_loads.lock().expect("loads").remove(&key);
-                tracing::info!(%key, "download added to the models folder");
-                json!({"status": "success", id_field: id, "message": ready})
-            }
-            Err(why) => {
-                tracing::warn!(%key, error = %why, "download failed");
-                app.model_loads
-                    .lock()
-                    .expect("loads")
-                    .insert(key.clone(), ModelLoad::Failed(why.clone()));
-                json!({"status": "failed", id_field: id, "message": why})
-            }
-        };
-        if let Some(hook) = webhook {
-            crate::webhook::deliver(&hook, &payload, app.node.webhook_settings()).await;
-        }
-    });
+    if !app.model_loads.start(&app.node, load) {
+        return Err(ApiError::field("model_id", "this model is already loading"));
+    }
+    Ok(json!({"status": "success", "message": "model load started"}))
 }
 
 /// `load_vae`: `vae_id`, `vae_url` (a Hugging Face VAE repository or an http(s) URL of a `.safetensors`
@@ -451,19 +374,18 @@ async fn load_vae(app: &Arc<App>, body: &params::Body) -> Result<Value, ApiError
         ApiError::Field { message, .. } => ApiError::field("vae_url", message),
         other => other,
     })?;
-    {
-        let mut loads = app.model_loads.lock().expect("loads");
-        let key = format!("vae:{id}");
-        if loads.get(&key) == Some(&ModelLoad::Loading) {
-            return Err(ApiError::field(
-                "vae_id",
-                format!("{id} is already loading"),
-            ));
-        }
-        loads.insert(key, ModelLoad::Loading);
-    }
     let webhook = body.string(&["webhook"])?;
-    spawn_load(app, Load::Vae, id, url, repo, None, webhook);
+    let load = ModelLoad {
+        what: Load::Vae,
+        id,
+        url,
+        repo,
+        revision: None,
+        webhook,
+    };
+    if !app.model_loads.start(&app.node, load) {
+        return Err(ApiError::field("vae_id", "this VAE is already loading"));
+    }
     Ok(ok("VAE load started"))
 }
 
