@@ -967,3 +967,55 @@ fn pending_webhooks_survive_kill_9() {
     assert_eq!(last.json["track_id"], "t-1");
     assert_eq!(last.json["status"], "success");
 }
+
+/// The per-key queue limit holds for requests that arrive together (it was checked before the init image was
+/// read and the job stored after, so a burst got past it).
+#[test]
+fn the_queue_limit_holds_for_a_burst_of_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_default(
+        &dir,
+        &[
+            "--sync-timeout",
+            "0",
+            "--max-queued-per-key",
+            "5",
+            "--debug-step-delay-ms",
+            "2000",
+        ],
+    );
+    let ddim = case("sd1-ddim-s42");
+    let body = body_for(&ddim, json!({"model_id": "sd1-tiny"}));
+    let url = format!("{}/api/v6/images/img2img", server.base);
+    let clients: Vec<_> = (0..40)
+        .map(|_| {
+            let (url, body) = (url.clone(), body.clone());
+            std::thread::spawn(move || support::post_json(&url, &body))
+        })
+        .collect();
+    let mut accepted = 0;
+    let mut refused = 0;
+    for c in clients {
+        let (status, answer) = c.join().unwrap();
+        match status {
+            200 => {
+                assert_eq!(answer["status"], "processing", "{answer}");
+                accepted += 1;
+            }
+            429 => {
+                assert!(
+                    answer["message"].as_str().unwrap().contains("5"),
+                    "{answer}"
+                );
+                refused += 1;
+            }
+            other => panic!("{other}: {answer}"),
+        }
+    }
+    assert_eq!((accepted, refused), (5, 35));
+    // Refused requests leave no stored init image behind.
+    let inputs = std::fs::read_dir(dir.path().join("files/inputs"))
+        .unwrap()
+        .count();
+    assert_eq!(inputs, 5);
+}

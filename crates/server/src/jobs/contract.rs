@@ -494,7 +494,45 @@ macro_rules! contract {
     };
 }
 
+async fn the_per_key_limit_holds_under_concurrency(store: Arc<dyn JobStore>) {
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store.insert_within("k", &spec(), None, 10).await.unwrap()
+        }));
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        accepted += usize::from(t.await.unwrap().is_some());
+    }
+    assert_eq!(accepted, 10);
+    assert_eq!(store.active_for_owner("k").await.unwrap(), 10);
+    assert!(store
+        .insert_within("other", &spec(), None, 10)
+        .await
+        .unwrap()
+        .is_some());
+    // A finished job frees its place.
+    let job = store.claim(&worker("w"), LONG).await.unwrap().unwrap();
+    assert!(store
+        .insert_within(&job.owner, &spec(), None, 10)
+        .await
+        .unwrap()
+        .is_none());
+    store
+        .finish(job.lease(), &Outcome::Failed("x".into()))
+        .await
+        .unwrap();
+    assert!(store
+        .insert_within(&job.owner, &spec(), None, 10)
+        .await
+        .unwrap()
+        .is_some());
+}
+
 contract!(
+    the_per_key_limit_holds_under_concurrency,
     lifecycle,
     expired_leases_are_fenced,
     attempts_are_bounded,

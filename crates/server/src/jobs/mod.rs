@@ -263,6 +263,15 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait JobStore: Send + Sync + 'static {
     /// Stores a new queued job (pinned to `group` when given) and returns its id.
     async fn insert(&self, owner: &str, spec: &JobSpec, group: Option<&str>) -> StoreResult<i64>;
+    /// Like [`JobStore::insert`], unless `owner` already has `limit` jobs queued or running (then `None`): the
+    /// count and the insert are one step, so concurrent requests cannot pass the limit together.
+    async fn insert_within(
+        &self,
+        owner: &str,
+        spec: &JobSpec,
+        group: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Option<i64>>;
     /// One job.
     async fn get(&self, id: i64) -> StoreResult<Option<Job>>;
     /// Takes the next job `worker` may run and leases it for `lease`: keys take turns (the key served longest

@@ -25,6 +25,7 @@ impl PostgresJobs {
         now: "pictor_now()",
         lock: "FOR UPDATE OF j SKIP LOCKED",
         in_json_list: "j.model_id IN (SELECT jsonb_array_elements_text($2::jsonb))",
+        owner_lock: Some("SELECT pg_advisory_xact_lock(hashtext($1))"),
     };
 
     /// Connects to `url` and brings the schema up to date (migrations are embedded; concurrent starts

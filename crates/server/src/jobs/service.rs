@@ -144,15 +144,21 @@ impl JobService {
         &self.signals
     }
 
-    /// Queues a job and wakes a worker.
+    /// Queues a job unless `owner` already has `limit` queued or running (then `None`), and wakes a worker.
     pub async fn submit(
         &self,
         owner: &str,
         spec: &JobSpec,
         group: Option<&str>,
-    ) -> StoreResult<i64> {
-        let id = self.store.insert(owner, spec, group).await?;
-        self.signals.queued();
+        limit: usize,
+    ) -> StoreResult<Option<i64>> {
+        let id = self
+            .store
+            .insert_within(owner, spec, group, limit as i64)
+            .await?;
+        if id.is_some() {
+            self.signals.queued();
+        }
         Ok(id)
     }
 

@@ -11,6 +11,9 @@ pub struct Dialect {
     pub lock: &'static str,
     /// `model_id IN (…)` over a JSON array bound as `$2` in the claim.
     pub in_json_list: &'static str,
+    /// A statement that serialises one owner's inserts until the transaction ends (`$1` the owner), where
+    /// concurrent writers could otherwise both pass the per-key limit; `None` where writes are serial already.
+    pub owner_lock: Option<&'static str>,
 }
 
 impl Dialect {
@@ -22,6 +25,14 @@ impl Dialect {
             .replace("/*MODEL_LOADED*/", self.in_json_list)
     }
 }
+
+/// Queues a job unless its owner already has `$6` queued or running. `$1` owner, `$2` spec, `$3` model,
+/// `$4` group, `$5` webhook state.
+pub const INSERT_WITHIN: &str = "
+INSERT INTO jobs (owner, status, spec, model_id, pinned_group, webhook_status, created_at)
+SELECT $1, 'queued', $2, $3, $4, $5, NOW()
+WHERE (SELECT COUNT(*) FROM jobs WHERE owner = $1 AND status IN ('queued', 'running')) < $6
+RETURNING id";
 
 /// Puts the next job a worker may run under its lease: keys take turns, then loaded models, then age.
 /// `$1` worker group, `$2` loaded models (JSON), `$3` worker name, `$4` lease seconds.
@@ -186,20 +197,36 @@ macro_rules! job_store {
                 spec: &$crate::jobs::JobSpec,
                 group: Option<&str>,
             ) -> $crate::jobs::StoreResult<i64> {
+                let id = self.insert_within(owner, spec, group, i64::MAX).await?;
+                Ok(id.expect("no limit"))
+            }
+
+            async fn insert_within(
+                &self,
+                owner: &str,
+                spec: &$crate::jobs::JobSpec,
+                group: Option<&str>,
+                limit: i64,
+            ) -> $crate::jobs::StoreResult<Option<i64>> {
                 let text = serde_json::to_string(spec)?;
-                let sql = Self::DIALECT.sql(
-                    "INSERT INTO jobs (owner, status, spec, model_id, pinned_group, webhook_status, created_at)
-                     VALUES ($1, 'queued', $2, $3, $4, $5, NOW()) RETURNING id",
-                );
-                let row = sqlx::query(&sql)
+                let mut tx = self.pool.begin().await?;
+                if let Some(lock) = Self::DIALECT.owner_lock {
+                    sqlx::query(lock).bind(owner).execute(&mut *tx).await?;
+                }
+                let row = sqlx::query(&Self::DIALECT.sql($crate::jobs::sql::INSERT_WITHIN))
                     .bind(owner)
                     .bind(text)
                     .bind(&spec.request.model_id)
                     .bind(group)
                     .bind($crate::jobs::webhook_state(spec))
-                    .fetch_one(&self.pool)
+                    .bind(limit)
+                    .fetch_optional(&mut *tx)
                     .await?;
-                Ok(sqlx::Row::try_get(&row, 0)?)
+                tx.commit().await?;
+                Ok(match row {
+                    Some(row) => Some(sqlx::Row::try_get(&row, 0)?),
+                    None => None,
+                })
             }
 
             async fn get(&self, id: i64) -> $crate::jobs::StoreResult<Option<$crate::jobs::Job>> {
@@ -218,13 +245,15 @@ macro_rules! job_store {
             ) -> $crate::jobs::StoreResult<Option<$crate::jobs::Job>> {
                 let models = serde_json::to_string(&worker.loaded_models)?;
                 let mut tx = self.pool.begin().await?;
-                let row = sqlx::query_as::<_, $crate::jobs::JobRow>(&Self::DIALECT.sql($crate::jobs::sql::CLAIM))
-                    .bind(worker.group.as_deref())
-                    .bind(models)
-                    .bind(&worker.name)
-                    .bind(lease.as_secs_f64())
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                let row = sqlx::query_as::<_, $crate::jobs::JobRow>(
+                    &Self::DIALECT.sql($crate::jobs::sql::CLAIM),
+                )
+                .bind(worker.group.as_deref())
+                .bind(models)
+                .bind(&worker.name)
+                .bind(lease.as_secs_f64())
+                .fetch_optional(&mut *tx)
+                .await?;
                 let Some(row) = row else {
                     tx.rollback().await?;
                     return Ok(None);
@@ -333,7 +362,10 @@ macro_rules! job_store {
                 Ok((ids(dequeued)?, ids(stopping)?))
             }
 
-            async fn reap(&self, max_attempts: i32) -> $crate::jobs::StoreResult<$crate::jobs::Reaped> {
+            async fn reap(
+                &self,
+                max_attempts: i32,
+            ) -> $crate::jobs::StoreResult<$crate::jobs::Reaped> {
                 let rows = sqlx::query(&Self::DIALECT.sql($crate::jobs::sql::REAP))
                     .bind(max_attempts)
                     .bind($crate::jobs::abandoned_message(max_attempts))
@@ -399,12 +431,14 @@ macro_rules! job_store {
                 &self,
                 lease: std::time::Duration,
             ) -> $crate::jobs::StoreResult<Option<$crate::jobs::Job>> {
-                sqlx::query_as::<_, $crate::jobs::JobRow>(&Self::DIALECT.sql($crate::jobs::sql::CLAIM_WEBHOOK))
-                    .bind(lease.as_secs_f64())
-                    .fetch_optional(&self.pool)
-                    .await?
-                    .map($crate::jobs::JobRow::into_job)
-                    .transpose()
+                sqlx::query_as::<_, $crate::jobs::JobRow>(
+                    &Self::DIALECT.sql($crate::jobs::sql::CLAIM_WEBHOOK),
+                )
+                .bind(lease.as_secs_f64())
+                .fetch_optional(&self.pool)
+                .await?
+                .map($crate::jobs::JobRow::into_job)
+                .transpose()
             }
 
             async fn retry_webhook(
@@ -420,7 +454,11 @@ macro_rules! job_store {
                 Ok(())
             }
 
-            async fn set_webhook_status(&self, id: i64, status: &str) -> $crate::jobs::StoreResult<()> {
+            async fn set_webhook_status(
+                &self,
+                id: i64,
+                status: &str,
+            ) -> $crate::jobs::StoreResult<()> {
                 sqlx::query($crate::jobs::sql::SET_WEBHOOK)
                     .bind(id)
                     .bind(status)
@@ -502,17 +540,21 @@ macro_rules! job_store {
                 settings: Option<&str>,
             ) -> $crate::jobs::StoreResult<()> {
                 match settings {
-                    Some(settings) => sqlx::query($crate::jobs::sql::SET_DESTINATION)
-                        .bind(owner)
-                        .bind(deploy_type)
-                        .bind(settings)
-                        .execute(&self.pool)
-                        .await?,
-                    None => sqlx::query($crate::jobs::sql::RESET_DESTINATION)
-                        .bind(owner)
-                        .bind(deploy_type)
-                        .execute(&self.pool)
-                        .await?,
+                    Some(settings) => {
+                        sqlx::query($crate::jobs::sql::SET_DESTINATION)
+                            .bind(owner)
+                            .bind(deploy_type)
+                            .bind(settings)
+                            .execute(&self.pool)
+                            .await?
+                    }
+                    None => {
+                        sqlx::query($crate::jobs::sql::RESET_DESTINATION)
+                            .bind(owner)
+                            .bind(deploy_type)
+                            .execute(&self.pool)
+                            .await?
+                    }
                 };
                 Ok(())
             }

@@ -23,6 +23,7 @@ impl SqliteJobs {
         // One writer at a time: the claim's transaction is the lock.
         lock: "",
         in_json_list: "j.model_id IN (SELECT value FROM json_each($2))",
+        owner_lock: None,
     };
 
     /// Opens (creating if needed) `path` and brings its schema up to date.

@@ -144,7 +144,17 @@ async fn accept(
         .group
         .as_deref()
         .filter(|_| !submission.delivery.loadbalancer);
-    let id = app.node.jobs.submit(&caller.id, &spec, group).await?;
+    let limit = app.node.config.max_queued_per_key;
+    let Some(id) = app
+        .node
+        .jobs
+        .submit(&caller.id, &spec, group, limit)
+        .await?
+    else {
+        // Others of this key were accepted while this one was being read: the limit holds at the insert too.
+        let _ = app.node.storage.delete(&spec.init_key).await;
+        return Err(ApiError::QueueFull { limit });
+    };
     tracing::info!(job = id, family = family.label(), "job queued");
 
     let wait = if submission.delivery.instant_response {
