@@ -10,44 +10,19 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use pictor_engine::prompt_syntax::escape;
 use pictor_testkit::{PgCluster, S3Server};
 use serde_json::{json, Value};
 use support::{
-    assert_image_matches, copy_dir, fixture_base64, fixtures, Receiver, Server, ADMIN, KEY,
+    assert_image_matches, body_for, case, copy_dir, fixtures, Receiver, Server, ADMIN, KEY,
 };
 
 const KEYS: [&str; 3] = [KEY, "key-b", "key-c"];
 /// Pause after every denoising step, so that kills and cancels find jobs mid-run.
 const STEP_DELAY_MS: &str = "100";
 
-fn case(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixtures().join("cases.json")).unwrap();
-    let cases: Vec<Value> = serde_json::from_str(&text).unwrap();
-    cases.into_iter().find(|c| c["name"] == name).unwrap()
-}
-
-/// A v6 img2img body for `case` from `key`.
+/// A v6 img2img body for `case` (on the case's model) from `key`.
 fn body(case: &Value, key: &str, extra: Value) -> Value {
-    let mut body = json!({
-        "key": key,
-        "model_id": case["model"],
-        "prompt": escape(case["prompt"].as_str().unwrap()),
-        "negative_prompt": case["negative_prompt"].as_str().map(escape),
-        "init_image": fixture_base64(case["init_image"].as_str().unwrap()),
-        "width": case["width"].to_string(),
-        "height": case["height"].to_string(),
-        "samples": case["samples"].to_string(),
-        "num_inference_steps": case["num_inference_steps"].to_string(),
-        "strength": case["strength"],
-        "guidance_scale": case["guidance_scale"],
-        "scheduler": case["scheduler"],
-        "seed": case["seed"],
-        "use_karras_sigmas": if case["use_karras_sigmas"] == true { "yes" } else { "no" },
-        "enhance_prompt": "no",
-        "tomesd": "no",
-        "safety_checker": "no",
-    });
+    let mut body = body_for(case, json!({"key": key, "model_id": case["model"]}));
     for (k, v) in extra.as_object().unwrap() {
         body[k] = v.clone();
     }

@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use serde_json::Value;
+use pictor_engine::prompt_syntax::escape;
+use serde_json::{json, Value};
 
 /// The `pictor` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_pictor");
@@ -40,6 +41,50 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// One reference case from `tests/fixtures/cases.json`.
+pub fn case(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixtures().join("cases.json")).unwrap();
+    let cases: Vec<Value> = serde_json::from_str(&text).unwrap();
+    cases
+        .into_iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name}"))
+}
+
+/// The API body that asks for `case` (init image as base64), merged with `extra`.
+pub fn body_for(case: &Value, extra: Value) -> Value {
+    let pix2pix = case["pipeline"] == "pix2pix";
+    let mut body = json!({
+        "key": KEY,
+        // diffusers took the fixture prompts literally; literal text is escaped text in Pictor's syntax.
+        "prompt": escape(case["prompt"].as_str().unwrap()),
+        "negative_prompt": case["negative_prompt"].as_str().map(escape),
+        "init_image": fixture_base64(case["init_image"].as_str().unwrap()),
+        "width": case["width"].to_string(),
+        "height": case["height"].to_string(),
+        "samples": case["samples"].to_string(),
+        "guidance_scale": case["guidance_scale"],
+        "scheduler": case["scheduler"],
+        "seed": case["seed"],
+        "clip_skip": case["clip_skip"],
+        "use_karras_sigmas": if case["use_karras_sigmas"] == true { "yes" } else { "no" },
+        "enhance_prompt": "no",
+        "tomesd": "no",
+        "safety_checker": "no",
+    });
+    if pix2pix {
+        body["steps"] = case["num_inference_steps"].clone();
+        body["image_guidance_scale"] = case["image_guidance_scale"].clone();
+    } else {
+        body["num_inference_steps"] = json!(case["num_inference_steps"].to_string());
+        body["strength"] = case["strength"].clone();
+    }
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
 }
 
 /// A running `pictor serve`; killed (SIGKILL) when dropped.
