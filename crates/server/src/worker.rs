@@ -206,10 +206,25 @@ async fn run(node: &Arc<Node>, job: Job) {
         );
         return;
     }
-    match node.jobs.finish(lease, &outcome).await {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!(job = lease.id, "the job's lease ended before it finished"),
-        Err(e) => tracing::error!(job = lease.id, error = %e, "cannot record the job's outcome"),
+    // The database may be restarting: keep trying while the lease would still hold, so that the work is not
+    // lost to a re-run (after that the lease is gone and the reaper has queued the job again anyway).
+    let deadline = Instant::now() + node.config.lease;
+    loop {
+        match node.jobs.finish(lease, &outcome).await {
+            Ok(true) => break,
+            Ok(false) => {
+                tracing::warn!(job = lease.id, "the job's lease ended before it finished");
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(job = lease.id, error = %e, "cannot record the job's outcome yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                tracing::error!(job = lease.id, error = %e, "cannot record the job's outcome");
+                break;
+            }
+        }
     }
     match &outcome {
         Outcome::Failed(m) => tracing::warn!(job = lease.id, error = %m, "job failed"),
