@@ -975,3 +975,51 @@ fn the_queue_limit_holds_for_a_burst_of_requests() {
         .count();
     assert_eq!(inputs, 5);
 }
+
+/// Three smaller defects a probe found: a 300-character file name was a 500 (now a 404), `strength: 0` was
+/// accepted and failed at run time (now refused at the door, as any product of strength and steps below one
+/// step), and a wrong method answered 405 with an empty body (now the API's error shape).
+#[test]
+fn small_defects_answer_in_the_api_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_default(&dir, &["--sync-timeout", "0"]);
+
+    let (status, body) = server.get(&format!("/generations/{}.png", "a".repeat(300)));
+    assert_eq!(status, 404);
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["status"], "error");
+    assert!(!server.log().contains("ERROR"), "{}", server.log());
+
+    let ddim = case("sd1-ddim-s42");
+    for (strength, steps) in [(json!(0), json!("30")), (json!(0.05), json!("10"))] {
+        let (status, answer) = server.post(
+            "/api/v6/images/img2img",
+            &body_for(
+                &ddim,
+                json!({"model_id": "sd1-tiny", "strength": strength, "num_inference_steps": steps}),
+            ),
+        );
+        assert_eq!(status, 200);
+        assert_eq!(answer["status"], "error", "{answer}");
+        assert!(answer["errors"]["strength"].is_array(), "{answer}");
+    }
+    let (_, fine) = server.post(
+        "/api/v6/images/img2img",
+        &body_for(
+            &ddim,
+            json!({"model_id": "sd1-tiny", "strength": 0.1, "num_inference_steps": "10"}),
+        ),
+    );
+    assert_eq!(fine["status"], "processing", "one step is enough: {fine}");
+
+    let response = ureq::get(&format!("{}/api/v6/images/img2img", server.base)).call();
+    let Err(ureq::Error::Status(405, r)) = response else {
+        panic!("expected 405: {response:?}");
+    };
+    let body: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+    assert_eq!(body["status"], "error");
+    assert!(
+        body["message"].as_str().unwrap().contains("Method"),
+        "{body}"
+    );
+}

@@ -311,6 +311,20 @@ pub fn parse(family: Family, body: &Body) -> Result<Submission, ApiError> {
         .string(&["algorithm_type"])?
         .filter(|a| !matches!(a.as_str(), "no" | "none"));
     let is_url = init_image.starts_with("http://") || init_image.starts_with("https://");
+    let steps = body
+        .integer_in(steps_names, 1, MAX_STEPS)?
+        .unwrap_or(if pix2pix { 20 } else { 30 }) as u32;
+    let strength = body.float_in(&["strength"], 0.0, 1.0)?.unwrap_or(0.7);
+    // img2img denoises int(steps × strength) steps (diffusers' rule): fewer than one cannot run.
+    if !pix2pix && (steps as f64 * strength).floor() < 1.0 {
+        return Err(ApiError::field(
+            "strength",
+            format!(
+                "{strength} × {steps} steps leaves no denoising step: raise strength or num_inference_steps \
+                 so that their product is at least 1"
+            ),
+        ));
+    }
     Ok(Submission {
         family,
         model_id: body.string(&["model_id"])?,
@@ -331,13 +345,11 @@ pub fn parse(family: Family, body: &Body) -> Result<Submission, ApiError> {
         width: rounded_side(body, "width")?,
         height: rounded_side(body, "height")?,
         samples: body.integer_in(&["samples"], 1, MAX_SAMPLES)?.unwrap_or(1) as u32,
-        steps: body
-            .integer_in(steps_names, 1, MAX_STEPS)?
-            .unwrap_or(if pix2pix { 20 } else { 30 }) as u32,
+        steps,
         guidance_scale: body
             .float_in(&["guidance_scale"], 1.0, 20.0)?
             .unwrap_or(7.5),
-        strength: body.float_in(&["strength"], 0.0, 1.0)?.unwrap_or(0.7),
+        strength,
         image_guidance_scale: body
             .float_in(&["image_guidance_scale"], 0.0, 20.0)?
             .unwrap_or(1.5),

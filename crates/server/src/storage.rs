@@ -34,11 +34,19 @@ pub trait Storage: Send + Sync + 'static {
     fn url(&self, key: &str) -> String;
 }
 
-/// True for keys made of safe path segments (no `..`, no absolute paths, no odd characters).
+/// Longest file name a key segment may have (what file systems allow).
+const MAX_SEGMENT: usize = 255;
+/// Longest key.
+const MAX_KEY: usize = 1024;
+
+/// True for keys made of safe path segments (no `..`, no absolute paths, no odd characters, no name longer than
+/// a file system takes).
 pub fn valid_key(key: &str) -> bool {
     !key.is_empty()
+        && key.len() <= MAX_KEY
         && key.split('/').all(|seg| {
             !seg.is_empty()
+                && seg.len() <= MAX_SEGMENT
                 && !seg.starts_with('.')
                 && seg
                     .chars()
@@ -293,6 +301,7 @@ mod tests {
             "a//b",
             ".hidden",
             "a/b c",
+            &format!("generations/{}.png", "a".repeat(300)),
         ] {
             assert!(!valid_key(bad), "{bad}");
         }

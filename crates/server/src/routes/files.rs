@@ -88,7 +88,15 @@ pub async fn openapi(State(app): State<Arc<App>>) -> Response {
     Json(crate::openapi::document(&app.node.config.public_url)).into_response()
 }
 
-/// Any unknown route: a JSON 404.
+/// A known route asked with another method: 405 in the API's error shape.
+pub async fn method_not_allowed() -> impl IntoResponse {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(json!({"status": "error", "message": "Method not allowed on this route"})),
+    )
+}
+
+/// An unknown route or file: 404 in the API's error shape.
 pub async fn not_found() -> impl IntoResponse {
     (
         StatusCode::NOT_FOUND,

@@ -178,6 +178,7 @@ pub fn router(app: Arc<App>) -> Router {
     }
     router
         .fallback(files::not_found)
+        .method_not_allowed_fallback(files::method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
         .with_state(app)
 }
