@@ -10,7 +10,7 @@ use tokio::sync::{broadcast, Notify};
 
 use super::postgres::PostgresJobs;
 use super::sqlite::SqliteJobs;
-use super::{Cancelled, Job, JobSpec, JobStore, Lease, Outcome, StoreError, StoreResult};
+use super::{Cancelled, Job, JobSpec, JobStore, Lease, Outcome, Reaped, StoreError, StoreResult};
 
 /// How often a waiter looks at the store when no signal came.
 pub const POLL: Duration = Duration::from_secs(1);
@@ -197,10 +197,7 @@ impl JobService {
     pub async fn cancel(&self, id: i64, message: &str) -> StoreResult<Cancelled> {
         let outcome = self.store.cancel(id, message).await?;
         match outcome {
-            Cancelled::Dequeued => {
-                self.signals.finished(id);
-                self.signals.webhook_due();
-            }
+            Cancelled::Dequeued => self.ended(&[id]),
             Cancelled::Stopping => self.signals.cancel(id),
             Cancelled::NotFound | Cancelled::AlreadyFinished => {}
         }
@@ -210,12 +207,7 @@ impl JobService {
     /// Cancels every job; returns (dequeued ids, running ids asked to stop).
     pub async fn cancel_all(&self, message: &str) -> StoreResult<(Vec<i64>, Vec<i64>)> {
         let (dequeued, stopping) = self.store.cancel_all(message).await?;
-        for id in &dequeued {
-            self.signals.finished(*id);
-        }
-        if !dequeued.is_empty() {
-            self.signals.webhook_due();
-        }
+        self.ended(&dequeued);
         for id in &stopping {
             self.signals.cancel(*id);
         }
@@ -226,9 +218,28 @@ impl JobService {
     pub async fn finish(&self, lease: Lease, outcome: &Outcome) -> StoreResult<bool> {
         let accepted = self.store.finish(lease, outcome).await?;
         if accepted {
-            self.signals.finished(lease.id);
-            self.signals.webhook_due();
+            self.ended(&[lease.id]);
         }
         Ok(accepted)
+    }
+
+    /// Re-queues (or, after `max_attempts`, fails) the jobs whose lease expired, and tells workers and waiters.
+    pub async fn reap(&self, max_attempts: i32) -> StoreResult<Reaped> {
+        let reaped = self.store.reap(max_attempts).await?;
+        if !reaped.requeued.is_empty() {
+            self.signals.queued();
+        }
+        self.ended(&reaped.failed);
+        Ok(reaped)
+    }
+
+    /// Jobs that just reached their end: wake whoever waits on them, and the webhook dispatcher.
+    fn ended(&self, ids: &[i64]) {
+        for id in ids {
+            self.signals.finished(*id);
+        }
+        if !ids.is_empty() {
+            self.signals.webhook_due();
+        }
     }
 }
