@@ -124,18 +124,24 @@ impl S3Destination {
             .map_err(|e| e.to_string())
     }
 
-    /// Writes `bytes` as `image_directory/name`; returns its public URL.
-    pub async fn write(&self, name: &str, bytes: Vec<u8>) -> Result<String, String> {
-        let key = if self.image_directory.is_empty() {
-            name.to_string()
-        } else {
-            format!("{}/{name}", self.image_directory)
-        };
-        self.client()?
-            .put(&ObjectPath::from(key), bytes.into())
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(format!("{}/{name}", self.public_url.trim_end_matches('/')))
+    /// Writes each `(name, bytes)` as `image_directory/name` (one client for them all); returns their public
+    /// URLs, or the first error.
+    pub async fn write_all(&self, files: Vec<(&str, Vec<u8>)>) -> Result<Vec<String>, String> {
+        let client = self.client()?;
+        let mut urls = Vec::with_capacity(files.len());
+        for (name, bytes) in files {
+            let key = if self.image_directory.is_empty() {
+                name.to_string()
+            } else {
+                format!("{}/{name}", self.image_directory)
+            };
+            client
+                .put(&ObjectPath::from(key), bytes.into())
+                .await
+                .map_err(|e| e.to_string())?;
+            urls.push(format!("{}/{name}", self.public_url.trim_end_matches('/')));
+        }
+        Ok(urls)
     }
 }
 

@@ -54,7 +54,7 @@ impl Node {
                 );
             }
             let ended = jobs.store().expire_leases().await?;
-            let reaped = jobs.store().reap(config.max_attempts).await?;
+            let reaped = jobs.reap(config.max_attempts).await?;
             if ended > 0 {
                 tracing::warn!(
                     requeued = reaped.requeued.len(),
@@ -95,19 +95,49 @@ impl Node {
             .flatten()
     }
 
-    /// Pulls the models other nodes published that this node lacks (at most every few seconds unless `now`).
-    pub async fn pull_models(&self, now: bool) {
+    /// Pulls the models other nodes published that this node lacks (at most every few seconds unless `now`);
+    /// says whether anything arrived.
+    pub async fn pull_models(&self, now: bool) -> bool {
         let Some(root) = self.shares_models() else {
-            return;
+            return false;
         };
         let mut last = self.last_pull.lock().await;
         if !now && last.is_some_and(|t| t.elapsed() < PULL_EVERY) {
+            return false;
+        }
+        let pulled = crate::shared_models::pull(self.storage.as_ref(), &root).await;
+        *last = Some(std::time::Instant::now());
+        match pulled {
+            Ok(synced) => !synced.files.is_empty(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot pull the shared models");
+                false
+            }
+        }
+    }
+
+    /// Before a job for `model_id`: pulls what other nodes published since the last look, at once when this
+    /// node does not have the model. Nothing (not even a look at the models folder) when models are not shared.
+    pub async fn pull_models_for(&self, model_id: &str) {
+        if self.shares_models().is_none() {
             return;
         }
-        if let Err(e) = crate::shared_models::pull(self.storage.as_ref(), &root).await {
-            tracing::warn!(error = %e, "cannot pull the shared models");
+        let backend = self.backend.clone();
+        let wanted = model_id.to_string();
+        let known = tokio::task::spawn_blocking(move || backend.models())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .is_some_and(|models| models.iter().any(|m| m.id == wanted));
+        self.pull_models(!known).await;
+    }
+
+    /// Removes checkpoint `id` from the shared storage, when models are shared.
+    pub async fn unpublish_model(&self, id: &str) -> Result<(), String> {
+        if self.shares_models().is_some() {
+            crate::shared_models::unpublish_checkpoint(self.storage.as_ref(), id).await?;
         }
-        *last = Some(std::time::Instant::now());
+        Ok(())
     }
 
     /// Publishes the models this node has that the storage lacks; `Ok(None)` when models are not shared.

@@ -98,12 +98,7 @@ pub async fn seconds_per_step(node: &Node) -> Option<f64> {
     if let Some(own) = node.clock.lock().expect("clock").seconds_per_step() {
         return Some(own);
     }
-    let workers = node
-        .jobs
-        .store()
-        .live_workers(REPORT_EVERY * 3)
-        .await
-        .ok()?;
+    let workers = node.jobs.store().live_workers(LIVE_WITHIN).await.ok()?;
     let rates: Vec<f64> = workers.iter().filter_map(|w| w.seconds_per_step).collect();
     (!rates.is_empty()).then(|| rates.iter().sum::<f64>() / rates.len() as f64)
 }
@@ -278,14 +273,7 @@ async fn keep_lease(node: Arc<Node>, lease: Lease, running: Arc<Running>, lost: 
 }
 
 async fn generate(node: &Arc<Node>, job: &Job, running: Arc<Running>) -> Result<JobResult, String> {
-    // Models another node published since the last look (at once when this job's model is not here).
-    let backend = node.backend.clone();
-    let known = tokio::task::spawn_blocking(move || backend.models())
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .is_some_and(|models| models.iter().any(|m| m.id == job.spec.request.model_id));
-    node.pull_models(!known).await;
+    node.pull_models_for(&job.spec.request.model_id).await;
     let init = node
         .storage
         .get(&job.spec.init_key)
@@ -308,7 +296,9 @@ async fn generate(node: &Arc<Node>, job: &Job, running: Arc<Running>) -> Result<
             job.spec.output_keys.len()
         ));
     }
-    let mut outputs = Vec::new();
+    let mut notes = generated.notes;
+    let destination = destination_of(node, job, &mut notes).await;
+    let mut copies = Vec::new();
     for (png, key) in generated.png_images.into_iter().zip(&job.spec.output_keys) {
         let bytes = if job.spec.delivery.base64 {
             base64::engine::general_purpose::STANDARD
@@ -317,11 +307,21 @@ async fn generate(node: &Arc<Node>, job: &Job, running: Arc<Running>) -> Result<
         } else {
             png
         };
-        node.storage.put(key, bytes.clone()).await?;
-        outputs.push((key, bytes));
+        if destination.is_some() {
+            copies.push((key.rsplit('/').next().unwrap_or(key), bytes.clone()));
+        }
+        node.storage.put(key, bytes).await?;
     }
-    let mut notes = generated.notes;
-    let external_urls = write_to_destination(node, job, outputs, &mut notes).await;
+    let external_urls = match destination {
+        Some(d) => d.write_all(copies).await.unwrap_or_else(|e| {
+            tracing::warn!(job = job.id, error = %e, "cannot write to the key's S3 bucket");
+            notes.push(format!(
+                "the results were not written to your S3 bucket ({e}); they are served by this server"
+            ));
+            Vec::new()
+        }),
+        None => Vec::new(),
+    };
     Ok(JobResult {
         generation_time: (generated.generation_time * 1000.0).round() / 1000.0,
         scheduler: generated.scheduler,
@@ -331,67 +331,45 @@ async fn generate(node: &Arc<Node>, job: &Job, running: Arc<Running>) -> Result<
     })
 }
 
-/// Writes the outputs into the key's own bucket when it set one (`update_s3`) for the job's deploy type;
-/// returns their URLs there, or none (with a note saying why) when it set none or a write failed.
-async fn write_to_destination(
+/// The key's own bucket for the job's deploy type (`update_s3`), if it set one; a setting that cannot be read
+/// becomes a note instead.
+async fn destination_of(
     node: &Node,
     job: &Job,
-    outputs: Vec<(&String, Vec<u8>)>,
     notes: &mut Vec<String>,
-) -> Vec<String> {
+) -> Option<crate::destination::S3Destination> {
     let deploy = crate::destination::deploy_type_of(job.spec.family);
     let settings = match node.jobs.store().destination(&job.owner, deploy).await {
-        Ok(Some(s)) => s,
-        Ok(None) => return Vec::new(),
+        Ok(settings) => settings?,
         Err(e) => {
             notes.push(format!(
                 "the results were not written to your S3 bucket: {e}"
             ));
-            return Vec::new();
+            return None;
         }
     };
-    let destination: crate::destination::S3Destination = match serde_json::from_str(&settings) {
-        Ok(d) => d,
+    match serde_json::from_str(&settings) {
+        Ok(d) => Some(d),
         Err(e) => {
             notes.push(format!(
                 "your S3 settings are unreadable ({e}): set them again with update_s3"
             ));
-            return Vec::new();
-        }
-    };
-    let mut urls = Vec::new();
-    for (key, bytes) in outputs {
-        let name = key.rsplit('/').next().unwrap_or(key);
-        match destination.write(name, bytes).await {
-            Ok(url) => urls.push(url),
-            Err(e) => {
-                tracing::warn!(job = job.id, error = %e, "cannot write to the key's S3 bucket");
-                notes.push(format!(
-                    "the results were not written to your S3 bucket ({e}); they are served by this server"
-                ));
-                return Vec::new();
-            }
+            None
         }
     }
-    urls
 }
 
 /// Puts jobs whose worker stopped renewing its lease back in the queue (or fails them after
 /// `--max-attempts`), every half lease.
 pub async fn reap(node: Arc<Node>) {
     loop {
-        match node.jobs.store().reap(node.config.max_attempts).await {
+        match node.jobs.reap(node.config.max_attempts).await {
             Ok(reaped) => {
                 if !reaped.requeued.is_empty() {
                     tracing::warn!(jobs = ?reaped.requeued, "jobs whose worker stopped answering were queued again");
-                    node.jobs.signals().queued();
                 }
                 if !reaped.failed.is_empty() {
                     tracing::warn!(jobs = ?reaped.failed, "jobs abandoned after their last attempt");
-                    for id in &reaped.failed {
-                        node.jobs.signals().finished(*id);
-                    }
-                    node.jobs.signals().webhook_due();
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot reap expired leases"),
@@ -469,6 +447,8 @@ async fn send_webhook(node: &Node, job: &Job) {
 
 /// How often a node reports its workers for `system_details`.
 pub const REPORT_EVERY: Duration = Duration::from_secs(5);
+/// A worker counts as live while its last report is this recent (three missed reports and it is gone).
+pub const LIVE_WITHIN: Duration = Duration::from_secs(15);
 
 /// Reports this node's workers to the store every [`REPORT_EVERY`].
 pub async fn report(node: Arc<Node>) {

@@ -138,11 +138,10 @@ async fn dispatch(
             blocking(move || backend.delete_model(&name))
                 .await?
                 .map_err(backend_error)?;
-            if app.node.jobs.is_shared() {
-                crate::shared_models::unpublish_checkpoint(app.node.storage.as_ref(), &id)
-                    .await
-                    .map_err(ApiError::Internal)?;
-            }
+            app.node
+                .unpublish_model(&id)
+                .await
+                .map_err(ApiError::Internal)?;
             Ok(ok("Model deleted on server"))
         }
         "sync_models" => {
@@ -235,9 +234,8 @@ async fn dispatch(
                 .set_destination(&caller.id, &deploy, Some(&settings))
                 .await?;
             Ok(ok(format!(
-                "S3 details updated for {deploy}: results are also written to {}/{}",
-                destination.public_url.trim_end_matches('/'),
-                "<file>"
+                "S3 details updated for {deploy}: results are also written to {}/<file>",
+                destination.public_url.trim_end_matches('/')
             )))
         }
         "reset_s3" => {
@@ -266,7 +264,7 @@ async fn system_details(app: &Arc<App>) -> Result<Value, ApiError> {
         .node
         .jobs
         .store()
-        .live_workers(crate::worker::REPORT_EVERY * 3)
+        .live_workers(crate::worker::LIVE_WITHIN)
         .await?;
     Ok(json!({
         "status": "ok",

@@ -36,6 +36,7 @@ async fn accept(
     let caller = super::auth::caller(app, &body, headers)?;
     let submission = request::parse(family, &body)?;
 
+    // A cheap early refusal, before any image is read; the insert enforces the limit exactly.
     let active = app.node.jobs.store().active_for_owner(&caller.id).await?;
     if active as usize >= app.node.config.max_queued_per_key {
         return Err(ApiError::QueueFull {
@@ -63,9 +64,12 @@ async fn accept(
     };
     let model_id = match request::choose_model(&submission, &models, &defaults) {
         Ok(id) => id,
-        // Another node may have published it: look (at most every few seconds), then decide.
-        Err(e) if app.node.jobs.is_shared() => {
-            app.node.pull_models(false).await;
+        // Another node may have published it: look (at most every few seconds) and decide again if anything
+        // arrived.
+        Err(e) => {
+            if !app.node.pull_models(false).await {
+                return Err(e);
+            }
             let backend = app.node.backend.clone();
             let models = tokio::task::spawn_blocking(move || backend.models())
                 .await
@@ -73,7 +77,6 @@ async fn accept(
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
             request::choose_model(&submission, &models, &defaults).map_err(|_| e)?
         }
-        Err(e) => return Err(e),
     };
     if let Some(name) = &submission.scheduler {
         if !schedulers.iter().any(|s| s == name) {
