@@ -5,6 +5,7 @@
 //! it runs a job (and an API node before it refuses a model it does not know). Only deployments on a shared job
 //! store do this: on one machine the models folder is the only copy.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::storage::{valid_key, Storage};
@@ -49,16 +50,52 @@ fn local_files(root: &Path) -> Vec<(String, u64)> {
     out
 }
 
-/// Uploads every file of the models folder `root` that the storage lacks (or holds with another size).
-pub async fn publish(storage: &dyn Storage, root: &Path) -> Result<Synced, String> {
-    let remote: std::collections::HashMap<String, u64> =
-        storage.list(PREFIX).await?.into_iter().collect();
-    let root_owned = root.to_path_buf();
-    let local = tokio::task::spawn_blocking(move || local_files(&root_owned))
+/// Both sides of the mirror: the shared files and the local ones, each as (path relative to the models folder,
+/// size).
+async fn listings(
+    storage: &dyn Storage,
+    root: &Path,
+) -> Result<(Vec<(String, u64)>, Vec<(String, u64)>), String> {
+    let shared = storage
+        .list(PREFIX)
+        .await?
+        .into_iter()
+        .filter_map(|(key, size)| Some((key.strip_prefix(PREFIX)?.to_string(), size)))
+        .collect();
+    let root = root.to_path_buf();
+    let local = tokio::task::spawn_blocking(move || local_files(&root))
         .await
         .map_err(|e| e.to_string())?;
+    Ok((shared, local))
+}
+
+/// The files of `from` that `to` lacks or holds with another size.
+fn lacking(from: Vec<(String, u64)>, to: &[(String, u64)]) -> Vec<(String, u64)> {
+    let to: HashMap<&str, u64> = to.iter().map(|(p, s)| (p.as_str(), *s)).collect();
+    from.into_iter()
+        .filter(|(path, size)| to.get(path.as_str()) != Some(size))
+        .collect()
+}
+
+impl Synced {
+    fn add(&mut self, path: String, size: u64) {
+        self.bytes += size;
+        self.files.push(path);
+    }
+
+    fn logged(self, what: &str) -> Self {
+        if !self.files.is_empty() {
+            tracing::info!(files = self.files.len(), bytes = self.bytes, "{what}");
+        }
+        self
+    }
+}
+
+/// Uploads every file of the models folder `root` that the storage lacks (or holds with another size).
+pub async fn publish(storage: &dyn Storage, root: &Path) -> Result<Synced, String> {
+    let (shared, local) = listings(storage, root).await?;
     let mut synced = Synced::default();
-    for (rel, size) in local {
+    for (rel, size) in lacking(local, &shared) {
         let key = format!("{PREFIX}{rel}");
         if !valid_key(&key) {
             tracing::warn!(
@@ -67,54 +104,25 @@ pub async fn publish(storage: &dyn Storage, root: &Path) -> Result<Synced, Strin
             );
             continue;
         }
-        if remote.get(&key) == Some(&size) {
-            continue;
-        }
         storage.put_file(&key, &root.join(&rel)).await?;
-        synced.bytes += size;
-        synced.files.push(rel);
+        synced.add(rel, size);
     }
-    if !synced.files.is_empty() {
-        tracing::info!(
-            files = synced.files.len(),
-            bytes = synced.bytes,
-            "models published to the shared storage"
-        );
-    }
-    Ok(synced)
+    Ok(synced.logged("models published to the shared storage"))
 }
 
 /// Downloads every shared model file the models folder `root` lacks (or holds with another size).
 pub async fn pull(storage: &dyn Storage, root: &Path) -> Result<Synced, String> {
-    let remote = storage.list(PREFIX).await?;
-    let root_owned = root.to_path_buf();
-    let local: std::collections::HashMap<String, u64> =
-        tokio::task::spawn_blocking(move || local_files(&root_owned))
-            .await
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .collect();
+    let (shared, local) = listings(storage, root).await?;
     let mut synced = Synced::default();
-    for (key, size) in remote {
-        let Some(rel) = key.strip_prefix(PREFIX) else {
-            continue;
-        };
-        if local.get(rel) == Some(&size) {
-            continue;
-        }
-        if storage.get_file(&key, &root.join(rel)).await? {
-            synced.bytes += size;
-            synced.files.push(rel.to_string());
+    for (rel, size) in lacking(shared, &local) {
+        if storage
+            .get_file(&format!("{PREFIX}{rel}"), &root.join(&rel))
+            .await?
+        {
+            synced.add(rel, size);
         }
     }
-    if !synced.files.is_empty() {
-        tracing::info!(
-            files = synced.files.len(),
-            bytes = synced.bytes,
-            "models pulled from the shared storage"
-        );
-    }
-    Ok(synced)
+    Ok(synced.logged("models pulled from the shared storage"))
 }
 
 /// Removes model `id` (its folder `checkpoints/<id>/` or file `checkpoints/<id>.<ext>`) from the shared storage.

@@ -140,6 +140,21 @@ impl ObjectStorage {
         })
     }
 
+    /// Every object under `prefix` (a folder that was never written lists as missing: none).
+    async fn objects(&self, prefix: &str) -> Result<Vec<object_store::ObjectMeta>, String> {
+        let dir = self.path(prefix.trim_end_matches('/'))?;
+        let mut listing = self.store.list(Some(&dir));
+        let mut found = Vec::new();
+        while let Some(meta) = listing.next().await {
+            match meta {
+                Ok(meta) => found.push(meta),
+                Err(object_store::Error::NotFound { .. }) => break,
+                Err(e) => return Err(format!("listing {prefix}: {e}")),
+            }
+        }
+        Ok(found)
+    }
+
     /// The key of a stored path (the inverse of `path`).
     fn key_of(&self, path: &ObjectPath) -> String {
         let full = path.as_ref();
@@ -186,36 +201,25 @@ impl Storage for ObjectStorage {
     }
 
     async fn older_than(&self, prefix: &str, age: Duration) -> Result<Vec<String>, String> {
-        let dir = self.path(prefix.trim_end_matches('/'))?;
         let cutoff = chrono_cutoff(age);
-        let mut listing = self.store.list(Some(&dir));
-        let mut keys = Vec::new();
-        while let Some(meta) = listing.next().await {
-            match meta {
-                Ok(meta) if meta.last_modified.timestamp_millis() <= cutoff => {
-                    keys.push(self.key_of(&meta.location))
-                }
-                Ok(_) => {}
-                // A folder that was never written lists as missing.
-                Err(object_store::Error::NotFound { .. }) => break,
-                Err(e) => return Err(format!("listing {prefix}: {e}")),
-            }
-        }
+        let mut keys: Vec<String> = self
+            .objects(prefix)
+            .await?
+            .into_iter()
+            .filter(|meta| meta.last_modified.timestamp_millis() <= cutoff)
+            .map(|meta| self.key_of(&meta.location))
+            .collect();
         keys.sort();
         Ok(keys)
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, String> {
-        let dir = self.path(prefix.trim_end_matches('/'))?;
-        let mut listing = self.store.list(Some(&dir));
-        let mut found = Vec::new();
-        while let Some(meta) = listing.next().await {
-            match meta {
-                Ok(meta) => found.push((self.key_of(&meta.location), meta.size)),
-                Err(object_store::Error::NotFound { .. }) => break,
-                Err(e) => return Err(format!("listing {prefix}: {e}")),
-            }
-        }
+        let mut found: Vec<(String, u64)> = self
+            .objects(prefix)
+            .await?
+            .into_iter()
+            .map(|meta| (self.key_of(&meta.location), meta.size))
+            .collect();
         found.sort();
         Ok(found)
     }
