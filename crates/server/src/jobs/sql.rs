@@ -16,10 +16,16 @@ pub struct Dialect {
     pub owner_lock: Option<&'static str>,
 }
 
+/// What a job that just ended sets: its webhook, if it asked for one, becomes due now.
+const WEBHOOK_DUE: &str = "webhook_status = CASE WHEN webhook_status = 'waiting' THEN 'pending' \
+    ELSE webhook_status END, webhook_due = NOW()";
+
 impl Dialect {
-    /// `statement` with the dialect's clock and lock written in (`NOW()` and `/*LOCK*/` in the text).
+    /// `statement` with the shared fragment and the dialect's parts written in: `/*WEBHOOK_DUE*/`, the clock
+    /// (`NOW()`), the claim's lock (`/*LOCK*/`) and the loaded-model match (`/*MODEL_LOADED*/`).
     pub fn sql(&self, statement: &str) -> String {
         statement
+            .replace("/*WEBHOOK_DUE*/", WEBHOOK_DUE)
             .replace("NOW()", self.now)
             .replace("/*LOCK*/", self.lock)
             .replace("/*MODEL_LOADED*/", self.in_json_list)
@@ -65,15 +71,13 @@ pub const FINISH: &str = "
 UPDATE jobs SET status = $3, result = $4,
     error = CASE WHEN $3 = 'failed' AND cancel_requested AND error IS NOT NULL THEN error ELSE $5 END,
     finished_at = NOW(), lease_until = NULL,
-    webhook_status = CASE WHEN webhook_status = 'waiting' THEN 'pending' ELSE webhook_status END,
-    webhook_due = NOW()
+    /*WEBHOOK_DUE*/
 WHERE id = $1 AND attempt = $2 AND status = 'running'";
 
 /// Fails a queued job at once. `$1` id, `$2` message.
 pub const DEQUEUE: &str = "
 UPDATE jobs SET status = 'failed', error = $2, finished_at = NOW(),
-    webhook_status = CASE WHEN webhook_status = 'waiting' THEN 'pending' ELSE webhook_status END,
-    webhook_due = NOW()
+    /*WEBHOOK_DUE*/
 WHERE id = $1 AND status = 'queued'";
 
 /// Flags a running job for its worker; the message becomes its error. `$1` id, `$2` message.
@@ -83,8 +87,7 @@ UPDATE jobs SET cancel_requested = TRUE, error = $2 WHERE id = $1 AND status = '
 /// Fails every queued job. `$1` message.
 pub const DEQUEUE_ALL: &str = "
 UPDATE jobs SET status = 'failed', error = $1, finished_at = NOW(),
-    webhook_status = CASE WHEN webhook_status = 'waiting' THEN 'pending' ELSE webhook_status END,
-    webhook_due = NOW()
+    /*WEBHOOK_DUE*/
 WHERE status = 'queued'
 RETURNING id";
 
