@@ -318,6 +318,15 @@ pub enum RoleArg {
     Worker,
 }
 
+/// The architecture `pictor bench` times.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArchArg {
+    /// Stable Diffusion 1.5.
+    Sd15,
+    /// SDXL base.
+    Sdxl,
+}
+
 /// The network `pictor bench` times.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BenchComponentArg {
@@ -355,6 +364,9 @@ impl PrecisionArg {
 /// `pictor bench …`
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    /// Which model's full-size networks: sd15 or sdxl (base; its UNet step is best timed at 1024).
+    #[arg(long, value_enum, default_value = "sd15")]
+    pub arch: ArchArg,
     /// What to time.
     #[arg(long, value_enum, default_value = "unet")]
     pub component: BenchComponentArg,

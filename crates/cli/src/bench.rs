@@ -1,10 +1,12 @@
-//! `pictor bench`: times the full-size SD 1.5 networks with random weights, or compares the UNet's output
+//! `pictor bench`: times the full-size SD 1.5 or SDXL networks with random weights, or compares the UNet's output
 //! with and without token merging.
 
 use anyhow::Result;
-use pictor_engine::bench::{compare_tome, run_bench, BenchComponent, BenchOptions, BenchPrecision};
+use pictor_engine::bench::{
+    compare_tome, run_bench, BenchArch, BenchComponent, BenchOptions, BenchPrecision,
+};
 
-use crate::args::{BenchArgs, BenchComponentArg, PrecisionArg};
+use crate::args::{ArchArg, BenchArgs, BenchComponentArg, PrecisionArg};
 
 /// Runs the benchmark `args` describes and prints its result.
 pub fn bench(args: &BenchArgs) -> Result<()> {
@@ -32,7 +34,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         BenchComponentArg::TextEncoder => BenchComponent::TextEncoder,
         BenchComponentArg::Img2img => BenchComponent::Img2img,
     };
+    let arch = match args.arch {
+        ArchArg::Sd15 => BenchArch::Sd15,
+        ArchArg::Sdxl => BenchArch::Sdxl,
+    };
     let report = run_bench(&BenchOptions {
+        arch,
         component,
         resolution: args.resolution,
         batch: args.batch,
@@ -49,7 +56,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             .map(|m| format!("{m:.0} MiB"))
             .unwrap_or_else(|| "unknown".into());
         println!(
-            "{:?} {}×{} batch {} {:?}{} on CPU tier {}: median {:.3} s over {} runs ({:?}); peak memory {peak}",
+            "{:?} {:?} {}×{} batch {} {:?}{} on CPU tier {}: median {:.3} s over {} runs ({:?}); peak memory {peak}",
+            arch,
             component,
             report.resolution,
             report.resolution,

@@ -553,18 +553,11 @@ fn pix2pix_and_img2img_refuse_the_other_kind_of_model() {
 // 4. Parity with diffusers through the CLI
 // ---------------------------------------------------------------------------------------------------
 
-/// Runs the reference case `name` of tests/fixtures/cases.json through `pictor img2img` with
-/// `--use-karras-sigmas no` and compares with the committed image: max |Δ| ≤ 3, mean |Δ| ≤ 0.5.
+/// Runs the reference case `name` of tests/fixtures/cases.json or sdxl/cases.json through `pictor img2img`
+/// (Karras sigmas as the case says) and compares with the committed images: max |Δ| ≤ 3, mean |Δ| ≤ 0.5.
 fn img2img_parity(name: &str) {
     let fx = fixtures();
-    let cases: Value = serde_json::from_slice(&read_bytes(&fx.join("cases.json"))).unwrap();
-    let case = cases
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no case {name}"))
-        .clone();
+    let case = support::case(name);
     assert_eq!(case["pipeline"], "img2img");
     let s = |k: &str| match &case[k] {
         Value::String(s) => s.clone(),
@@ -578,7 +571,7 @@ fn img2img_parity(name: &str) {
         "--models-dir".into(),
         fx.join("models").display().to_string(),
         "--model".into(),
-        s("model"),
+        s("model").trim_end_matches(".safetensors").to_string(),
         "--init-image".into(),
         fx.join(s("init_image")).display().to_string(),
         // diffusers took the fixture prompts literally; literal text is escaped text in Pictor's syntax.
@@ -605,7 +598,12 @@ fn img2img_parity(name: &str) {
         "--clip-skip".into(),
         s("clip_skip"),
         "--use-karras-sigmas".into(),
-        "no".into(),
+        if case["use_karras_sigmas"] == true {
+            "yes"
+        } else {
+            "no"
+        }
+        .into(),
         "--out".into(),
         out.display().to_string(),
     ];
@@ -698,6 +696,40 @@ fn img2img_matches_diffusers_sd1_ddim() {
 #[test]
 fn img2img_matches_diffusers_sd1_euler_without_karras() {
     img2img_parity("sd1-euler-s42");
+}
+
+/// SDXL base: two text encoders, DPM++ 2M Karras, two samples of a non-square size.
+#[test]
+fn img2img_matches_diffusers_sdxl_base() {
+    img2img_parity("sdxl-dpm2m-karras-s42");
+    img2img_parity("sdxl-dpm2m-72x56-s7-n2");
+}
+
+/// SDXL without a negative prompt (zero unconditional embedding) and with clip skip 2 on both encoders.
+#[test]
+fn img2img_matches_diffusers_sdxl_without_negative_prompt_and_with_clip_skip() {
+    img2img_parity("sdxl-euler-noneg-s0-n2");
+    img2img_parity("sdxl-euler-clipskip2-s0");
+}
+
+/// The SDXL refiner: the second text encoder alone and aesthetic-score time ids.
+#[test]
+fn img2img_matches_diffusers_sdxl_refiner() {
+    img2img_parity("sdxl-refiner-euler-s3");
+}
+
+/// SDXL-Turbo's recipe (trailing timesteps, 2 steps at strength 0.5, guidance 0) and LCM sampling.
+#[test]
+fn img2img_matches_diffusers_sdxl_turbo_and_lcm() {
+    img2img_parity("sdxl-turbo-eulera-s5");
+    img2img_parity("sdxl-turbo-lcm-s5");
+}
+
+/// SDXL single-file checkpoints as CivitAI ships them (`conditioner.embedders.*`), base and refiner.
+#[test]
+fn img2img_matches_diffusers_sdxl_single_files() {
+    img2img_parity("sdxl-single-euler-s42");
+    img2img_parity("sdxl-single-refiner-euler-s3");
 }
 
 // ---------------------------------------------------------------------------------------------------

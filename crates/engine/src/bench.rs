@@ -12,7 +12,9 @@ use serde_json::json;
 
 use crate::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use crate::error::{EngineError, Result};
-use crate::models::{AutoencoderKl, ClipTextModel, TokenMerging, TomeSettings, UNet, UNetOptions};
+use crate::models::{
+    AddedConditions, AutoencoderKl, ClipTextModel, TokenMerging, TomeSettings, UNet, UNetOptions,
+};
 use crate::pipeline::{Img2ImgRequest, NoProgress, StableDiffusion};
 use crate::schedulers::SchedulerOptions;
 use crate::tokenizer::ClipTokenizer;
@@ -52,6 +54,41 @@ pub fn clip_l_config() -> ClipTextConfig {
         "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1
     }))
     .expect("CLIP-L config is valid")
+}
+
+/// stable-diffusion-xl-base-1.0's `unet/config.json` (the keys that shape the network).
+pub fn sdxl_unet_config() -> UNetConfig {
+    serde_json::from_value(json!({
+        "in_channels": 4, "out_channels": 4,
+        "block_out_channels": [320, 640, 1280],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "layers_per_block": 2, "attention_head_dim": [5, 10, 20],
+        "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048,
+        "use_linear_projection": true, "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+        "norm_num_groups": 32, "sample_size": 128
+    }))
+    .expect("SDXL UNet config is valid")
+}
+
+/// SDXL's `vae/config.json`: SD 1.5's architecture with scaling factor 0.13025.
+pub fn sdxl_vae_config() -> VaeConfig {
+    VaeConfig {
+        scaling_factor: 0.13025,
+        ..sd15_vae_config()
+    }
+}
+
+/// OpenCLIP ViT-bigG/14's text tower with its projection (SDXL's `text_encoder_2`).
+pub fn clip_bigg_config() -> ClipTextConfig {
+    serde_json::from_value(json!({
+        "vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120,
+        "num_hidden_layers": 32, "num_attention_heads": 20, "max_position_embeddings": 77,
+        "hidden_act": "gelu", "layer_norm_eps": 1e-5, "projection_dim": 1280,
+        "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1
+    }))
+    .expect("CLIP-bigG config is valid")
 }
 
 /// Builds a network over random weights: matrices and kernels N(0, 1/fan-in), embeddings N(0, 0.25),
@@ -105,8 +142,10 @@ impl SimpleBackend for RandomWeights {
         candle_core::bail!("random weights: {name} has no known shape")
     }
 
-    fn contains_tensor(&self, _name: &str) -> bool {
-        false
+    fn contains_tensor(&self, name: &str) -> bool {
+        // Optional tensors a network asks about before building them: CLIP's text projection exists in
+        // the configs that give a projection width.
+        name == "text_projection.weight"
     }
 }
 
@@ -146,9 +185,22 @@ pub enum BenchComponent {
     Img2img,
 }
 
+/// Which architecture's full-size networks to time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchArch {
+    /// Stable Diffusion 1.5 (CLIP-L, the 4-level UNet).
+    #[default]
+    Sd15,
+    /// SDXL base (CLIP-L + OpenCLIP-bigG, the 3-level UNet with the text_time add embedding).
+    Sdxl,
+}
+
 /// A benchmark to run.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
+    /// Which model's networks.
+    pub arch: BenchArch,
     /// What to time.
     pub component: BenchComponent,
     /// Image side in pixels (latents are an eighth of it).
@@ -168,6 +220,8 @@ pub struct BenchOptions {
 /// What a benchmark measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    /// The architecture timed.
+    pub arch: BenchArch,
     /// The component timed.
     pub component: BenchComponent,
     /// Image side in pixels.
@@ -242,22 +296,41 @@ fn check(opts: &BenchOptions) -> Result<()> {
     Ok(())
 }
 
-/// Inputs of one UNet call: latents, a timestep and text embeddings, all random.
+/// Inputs of one UNet call: latents, a timestep and text embeddings, all random; for SDXL also the pooled
+/// embedding (random) and the time ids of a `resolution`² image.
 fn unet_inputs(
+    arch: BenchArch,
     resolution: usize,
     batch: usize,
     dtype: DType,
     device: &Device,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, Option<AddedConditions>)> {
     let side = resolution / 8;
     let latents = Tensor::randn(0f32, 1f32, (batch, 4, side, side), device)?.to_dtype(dtype)?;
-    let context = Tensor::randn(0f32, 1f32, (batch, 77, 768), device)?.to_dtype(dtype)?;
-    Ok((latents, context))
+    let width = match arch {
+        BenchArch::Sd15 => 768,
+        BenchArch::Sdxl => 2048,
+    };
+    let context = Tensor::randn(0f32, 1f32, (batch, 77, width), device)?.to_dtype(dtype)?;
+    let added = match arch {
+        BenchArch::Sd15 => None,
+        BenchArch::Sdxl => {
+            let r = resolution as f64;
+            Some(AddedConditions {
+                text_embeds: Tensor::randn(0f32, 1f32, (batch, 1280), device)?.to_dtype(dtype)?,
+                time_ids: vec![vec![r, r, 0.0, 0.0, r, r]; batch],
+            })
+        }
+    };
+    Ok((latents, context, added))
 }
 
-/// SD 1.5's UNet over random weights.
-fn random_unet(dtype: DType, device: &Device) -> Result<UNet> {
-    let config = sd15_unet_config();
+/// The architecture's UNet over random weights.
+fn random_unet(arch: BenchArch, dtype: DType, device: &Device) -> Result<UNet> {
+    let config = match arch {
+        BenchArch::Sd15 => sd15_unet_config(),
+        BenchArch::Sdxl => sdxl_unet_config(),
+    };
     random_network(dtype, device, |vb| UNet::new(&config, vb))
 }
 
@@ -269,19 +342,22 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     let (b, res) = (opts.batch, opts.resolution);
     let mut run: Box<dyn FnMut() -> Result<()>> = match opts.component {
         BenchComponent::Unet => {
-            let unet = random_unet(dtype, &device)?;
-            let (latents, context) = unet_inputs(res, b, dtype, &device)?;
+            let unet = random_unet(opts.arch, dtype, &device)?;
+            let (latents, context, added) = unet_inputs(opts.arch, res, b, dtype, &device)?;
             let tome = opts.tome;
             Box::new(move || {
                 let mut options = UNetOptions {
                     tome: tome.then(|| TokenMerging::new(TomeSettings::default(), 0)),
                 };
-                unet.forward_with(&latents, 500.0, &context, &mut options)?;
+                unet.forward_with(&latents, 500.0, &context, added.as_ref(), &mut options)?;
                 Ok(())
             })
         }
         BenchComponent::VaeEncode | BenchComponent::VaeDecode => {
-            let config = sd15_vae_config();
+            let config = match opts.arch {
+                BenchArch::Sd15 => sd15_vae_config(),
+                BenchArch::Sdxl => sdxl_vae_config(),
+            };
             let vae = random_network(dtype, &device, |vb| AutoencoderKl::new(&config, vb))?;
             let encode = opts.component == BenchComponent::VaeEncode;
             let input = if encode {
@@ -304,13 +380,26 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
             let text = random_network(DType::F32, &device, |vb| ClipTextModel::new(&config, vb))?;
             let ids: Vec<u32> = (0..b * 77).map(|i| (i * 7919 % 49408) as u32).collect();
             let ids = Tensor::from_vec(ids, (b, 77), &device)?;
-            Box::new(move || {
-                text.forward(&ids, 1)?;
-                Ok(())
-            })
+            match opts.arch {
+                BenchArch::Sd15 => Box::new(move || {
+                    text.forward(&ids, 1)?;
+                    Ok(())
+                }),
+                // SDXL: both encoders, all layers (the bigG's pooled output needs its last one).
+                BenchArch::Sdxl => {
+                    let config = clip_bigg_config();
+                    let bigg =
+                        random_network(DType::F32, &device, |vb| ClipTextModel::new(&config, vb))?;
+                    Box::new(move || {
+                        text.forward_sdxl(&text.embed_tokens(&ids)?, 1, 76)?;
+                        bigg.forward_sdxl(&bigg.embed_tokens(&ids)?, 1, 76)?;
+                        Ok(())
+                    })
+                }
+            }
         }
         BenchComponent::Img2img => {
-            let model = random_model(dtype, &device)?;
+            let model = random_model(opts.arch, dtype, &device)?;
             let side = res as u32;
             let init = RgbImage::from_fn(side, side, |x, y| {
                 image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
@@ -346,6 +435,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
         times.push(start.elapsed().as_secs_f64());
     }
     Ok(BenchReport {
+        arch: opts.arch,
         component: opts.component,
         resolution: res,
         batch: b,
@@ -358,15 +448,45 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     })
 }
 
-/// A whole SD 1.5 model with random weights (bundled tokenizer, PNDM scheduler as SD 1.5 ships it).
-fn random_model(dtype: DType, device: &Device) -> Result<StableDiffusion> {
+/// A whole model with random weights: SD 1.5 (bundled tokenizer, PNDM scheduler as SD 1.5 ships it) or
+/// SDXL base (both encoders, Euler as SDXL ships it).
+fn random_model(arch: BenchArch, dtype: DType, device: &Device) -> Result<StableDiffusion> {
     let text_config = clip_l_config();
-    let vae_config = sd15_vae_config();
     let text = random_network(DType::F32, device, |vb| {
         ClipTextModel::new(&text_config, vb)
     })?;
+    let unet = random_unet(arch, dtype, device)?;
+    if arch == BenchArch::Sdxl {
+        let vae_config = sdxl_vae_config();
+        let vae = random_network(dtype, device, |vb| AutoencoderKl::new(&vae_config, vb))?;
+        let bigg_config = clip_bigg_config();
+        let bigg = random_network(DType::F32, device, |vb| {
+            ClipTextModel::new(&bigg_config, vb)
+        })?;
+        let scheduler = json!({
+            "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+            "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": false
+        });
+        return Ok(StableDiffusion::sdxl_from_parts(
+            "random-sdxl".into(),
+            vec![
+                (ClipTokenizer::bundled("<|endoftext|>")?, text),
+                (ClipTokenizer::bundled("!")?, bigg),
+            ],
+            unet,
+            vae,
+            scheduler,
+            crate::pipeline::SdxlSettings {
+                force_zeros_for_empty_prompt: true,
+                requires_aesthetics_score: false,
+            },
+            device.clone(),
+            dtype,
+        ));
+    }
+    let vae_config = sd15_vae_config();
     let vae = random_network(dtype, device, |vb| AutoencoderKl::new(&vae_config, vb))?;
-    let unet = random_unet(dtype, device)?;
     let scheduler = json!({
         "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
         "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": false,
@@ -393,6 +513,7 @@ pub fn compare_tome(
 ) -> Result<TomeCloseness> {
     let dtype = precision.dtype()?;
     check(&BenchOptions {
+        arch: BenchArch::Sd15,
         component: BenchComponent::Unet,
         resolution,
         batch,
@@ -402,14 +523,14 @@ pub fn compare_tome(
         steps: 1,
     })?;
     let device = Device::Cpu;
-    let unet = random_unet(dtype, &device)?;
-    let (latents, context) = unet_inputs(resolution, batch, dtype, &device)?;
+    let unet = random_unet(BenchArch::Sd15, dtype, &device)?;
+    let (latents, context, _) = unet_inputs(BenchArch::Sd15, resolution, batch, dtype, &device)?;
     let run = |tome: bool| -> Result<(Tensor, f64)> {
         let mut options = UNetOptions {
             tome: tome.then(|| TokenMerging::new(TomeSettings::default(), 0)),
         };
         let start = Instant::now();
-        let out = unet.forward_with(&latents, 500.0, &context, &mut options)?;
+        let out = unet.forward_with(&latents, 500.0, &context, None, &mut options)?;
         Ok((
             out.to_dtype(DType::F32)?.flatten_all()?,
             start.elapsed().as_secs_f64(),
@@ -468,8 +589,24 @@ mod tests {
     }
 
     #[test]
+    fn the_sdxl_configs_are_sdxl_bases() {
+        let unet = sdxl_unet_config();
+        assert!(unet.validate().is_ok() && unet.is_sdxl());
+        assert_eq!(unet.heads(), [5, 10, 20]);
+        assert_eq!(
+            unet.cross_attention_dim,
+            clip_l_config().hidden_size + clip_bigg_config().hidden_size
+        );
+        // 1280 pooled + 6 time ids × 256.
+        assert_eq!(unet.projection_class_embeddings_input_dim, Some(2816));
+        assert_eq!(sdxl_vae_config().scaling_factor, 0.13025);
+        assert!(clip_bigg_config().validate().is_ok());
+    }
+
+    #[test]
     fn bad_sizes_are_refused() {
         let opts = BenchOptions {
+            arch: BenchArch::Sd15,
             component: BenchComponent::Unet,
             resolution: 100,
             batch: 1,

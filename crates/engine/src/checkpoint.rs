@@ -9,7 +9,10 @@
 //!   reverse order to diffusers' `up_blocks`, `mid.block_1/attn_1/block_2`, 1×1-conv attention weights);
 //! - the text encoder: `cond_stage_model.transformer.` (SD 1.x: Hugging Face CLIP names, with or without
 //!   the `text_model.` segment) or `cond_stage_model.model.` (SD 2.x: OpenCLIP names, q/k/v stacked in
-//!   `attn.in_proj_*`).
+//!   `attn.in_proj_*`); SDXL: `conditioner.embedders.0.transformer.` (CLIP ViT-L, Hugging Face names) and
+//!   `conditioner.embedders.1.model.` (OpenCLIP ViT-bigG, every layer, `text_projection` stored for `x @ P`,
+//!   i.e. transposed), or, in a refiner, `conditioner.embedders.0.model.` alone. An SDXL UNet's add embedding
+//!   is `label_emb.0.0` / `label_emb.0.2`.
 //!
 //! Nothing is copied or converted up front: [`SingleFileCheckpoint`] builds a table from each diffusers name
 //! to the LDM tensor it comes from (and how: as is, squeezed from a 1×1 convolution, or one third of
@@ -23,13 +26,14 @@
 //! channels, layers per block, latent channels; text encoder width, depth, MLP width, vocabulary and
 //! positions. What the file cannot say is taken from the family's LDM config:
 //!
-//! | | SD 1.x (HF CLIP text encoder) | SD 2.x (OpenCLIP text encoder) |
-//! |---|---|---|
-//! | UNet attention heads | 8 per block (`num_heads: 8`) | channels / 64 per block (`num_head_channels: 64`) |
-//! | UNet upcast attention | no | yes |
-//! | text encoder | 12 heads, `quick_gelu` | 16 heads, `gelu`, last resblock dropped (SD 2 uses the penultimate layer) |
-//! | tokenizer pad token | `<|endoftext|>` | `!` |
-//! | VAE scaling factor | 0.18215 | 0.18215 |
+//! | | SD 1.x (HF CLIP text encoder) | SD 2.x (OpenCLIP text encoder) | SDXL (`conditioner.embedders.`) |
+//! |---|---|---|---|
+//! | UNet attention heads | 8 per block (`num_heads: 8`) | channels / 64 per block (`num_head_channels: 64`) | channels / 64 |
+//! | UNet upcast attention | no | yes | no |
+//! | text encoder | 12 heads, `quick_gelu` | 16 heads, `gelu`, last resblock dropped (SD 2 uses the penultimate layer) | CLIP-L: 12 heads, `quick_gelu`; bigG: 20 heads, `gelu`, every layer, projection |
+//! | tokenizer pad token | `<|endoftext|>` | `!` | `<|endoftext|>` / `!` |
+//! | VAE scaling factor | 0.18215 | 0.18215 | 0.13025 |
+//! | add embedding time ids | — | — | 256 wide; 6 (base) or 5 (refiner: aesthetic score) from `label_emb`'s width |
 //!
 //! # Prediction type and scheduler
 //!
@@ -40,7 +44,8 @@
 //! else (no such line) means epsilon — so an SD 2 *base* (512 px, epsilon) checkpoint is recognised by its
 //! yaml. v-prediction SD 2 uses the DDIM config of stable-diffusion-2-1; every epsilon model uses the PNDM
 //! config (what SD 1.5 and stable-diffusion-2-1-base ship), and an SD 1 model whose yaml says v keeps PNDM
-//! with `prediction_type: v_prediction`.
+//! with `prediction_type: v_prediction`. SDXL gets the `EulerDiscreteScheduler` config
+//! stable-diffusion-xl-base-1.0 ships (with v-prediction when its yaml says so).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
@@ -65,6 +70,8 @@ const VAE_PREFIX: &str = "first_stage_model.";
 const HF_CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 /// Prefix of an SD 2.x (OpenCLIP) text encoder.
 const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+/// Prefix of SDXL's text encoders (`<n>.transformer.` or `<n>.model.`).
+const SDXL_EMBEDDERS: &str = "conditioner.embedders.";
 
 /// The largest header the safetensors format allows (100 MB).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
@@ -233,12 +240,16 @@ enum Source {
     Squeeze(String),
     /// Part `index` (0 = q, 1 = k, 2 = v) of OpenCLIP's stacked `in_proj` along dim 0.
     Third(String, usize),
+    /// A matrix stored transposed (OpenCLIP's `text_projection`, applied as `x @ P`).
+    Transposed(String),
 }
 
 impl Source {
     fn ldm_name(&self) -> &str {
         match self {
-            Source::Plain(n) | Source::Squeeze(n) | Source::Third(n, _) => n,
+            Source::Plain(n) | Source::Squeeze(n) | Source::Third(n, _) | Source::Transposed(n) => {
+                n
+            }
         }
     }
 
@@ -257,6 +268,7 @@ impl Source {
                 }
                 s
             }
+            Source::Transposed(_) => stored.iter().rev().copied().collect(),
         }
     }
 
@@ -278,6 +290,7 @@ impl Source {
                 }
                 t.narrow(0, index * rows / 3, rows / 3)?.contiguous()
             }
+            Source::Transposed(n) => file.load(n, device)?.t()?.contiguous(),
         }
     }
 }
@@ -365,7 +378,8 @@ pub fn hf_clip_text_vb(
         if name.ends_with("position_ids") {
             continue;
         }
-        let key = if name.starts_with("text_model.") {
+        // `text_projection.weight` (CLIPTextModelWithProjection) sits beside `text_model.`.
+        let key = if name.starts_with("text_model.") || name.starts_with("text_projection.") {
             name.clone()
         } else {
             format!("text_model.{name}")
@@ -472,6 +486,8 @@ impl UNetLayout {
         Some(match p.as_slice() {
             ["time_embed", "0", rest @ ..] => format!("time_embedding.linear_1.{}", join(rest)),
             ["time_embed", "2", rest @ ..] => format!("time_embedding.linear_2.{}", join(rest)),
+            ["label_emb", "0", "0", rest @ ..] => format!("add_embedding.linear_1.{}", join(rest)),
+            ["label_emb", "0", "2", rest @ ..] => format!("add_embedding.linear_2.{}", join(rest)),
             ["out", "0", rest @ ..] => format!("conv_norm_out.{}", join(rest)),
             ["out", "2", rest @ ..] => format!("conv_out.{}", join(rest)),
             ["input_blocks", "0", "0", rest @ ..] => format!("conv_in.{}", join(rest)),
@@ -525,6 +541,7 @@ fn infer_unet(
     family: Family,
     v_prediction: bool,
     text_hidden: usize,
+    projection: Option<usize>,
     model: &str,
 ) -> Result<(UNetConfig, HashMap<String, Source>)> {
     let u = under(all, UNET_PREFIX);
@@ -625,7 +642,31 @@ fn infer_unet(
     let use_linear_projection = find(".proj_in.weight").is_some_and(|s| s.len() == 2);
     let heads = match family {
         Family::Sd1 => PerBlock::One(8),
-        Family::Sd2 => per_block(channels.iter().map(|c| (c / 64).max(1)).collect()),
+        Family::Sd2 | Family::Sdxl => per_block(channels.iter().map(|c| (c / 64).max(1)).collect()),
+    };
+    // SDXL's add embedding: the pooled projection and 6 (base) or 5 (refiner) time ids, 256 wide in every
+    // released model; the width that divides what is left decides for others.
+    let (addition_time_embed_dim, projection_class_embeddings_input_dim) = match u
+        .get("label_emb.0.0.weight")
+    {
+        Some(s) if s.len() == 2 => {
+            let rest = s[1].saturating_sub(projection.unwrap_or(0));
+            let time = if rest == 6 * 256 || rest == 5 * 256 {
+                256
+            } else if rest % 6 == 0 && rest > 0 {
+                rest / 6
+            } else if rest % 5 == 0 && rest > 0 {
+                rest / 5
+            } else {
+                return Err(bad(format!(
+                    "label_emb reads {} values: not a text projection of {} plus 5 or 6 time ids",
+                    s[1],
+                    projection.unwrap_or(0)
+                )));
+            };
+            (Some(time), Some(s[1]))
+        }
+        _ => (None, None),
     };
 
     let config = UNetConfig {
@@ -663,15 +704,17 @@ fn infer_unet(
         act_fn: "silu".into(),
         conv_in_kernel: conv_in[2],
         conv_out_kernel: conv_out[2],
-        sample_size: Some(if family == Family::Sd2 && v_prediction {
-            96
-        } else {
-            64
+        sample_size: Some(match family {
+            Family::Sdxl => 128,
+            Family::Sd2 if v_prediction => 96,
+            _ => 64,
         }),
         center_input_sample: false,
         only_cross_attention: false,
         resnet_time_scale_shift: Some("default".into()),
-        addition_embed_type: None,
+        addition_embed_type: addition_time_embed_dim.map(|_| "text_time".to_string()),
+        addition_time_embed_dim,
+        projection_class_embeddings_input_dim,
         class_embed_type: None,
     };
 
@@ -942,11 +985,12 @@ impl VaeFile {
 // Text encoder
 // ---------------------------------------------------------------------------------------------------------
 
-/// SD 1.x: Hugging Face CLIP names under `cond_stage_model.transformer.`, with or without `text_model.`.
-fn hf_clip_names(all: &Shapes) -> HashMap<String, Source> {
+/// Hugging Face CLIP names under `prefix` (SD 1.x: `cond_stage_model.transformer.`; SDXL's CLIP-L), with or
+/// without `text_model.`.
+fn hf_clip_names(all: &Shapes, prefix: &str) -> HashMap<String, Source> {
     let mut names = HashMap::new();
-    for (full, _) in range_from(all, HF_CLIP_PREFIX) {
-        let rest = &full[HF_CLIP_PREFIX.len()..];
+    for (full, _) in range_from(all, prefix) {
+        let rest = &full[prefix.len()..];
         let rest = rest.strip_prefix("text_model.").unwrap_or(rest);
         if rest.ends_with("position_ids") {
             continue; // a buffer, not a weight
@@ -956,10 +1000,16 @@ fn hf_clip_names(all: &Shapes) -> HashMap<String, Source> {
     names
 }
 
-/// SD 2.x: OpenCLIP names under `cond_stage_model.model.`, all resblocks but the last.
-fn open_clip_names(all: &Shapes, model: &str) -> Result<HashMap<String, Source>> {
-    let resblocks = indices(all, &format!("{OPEN_CLIP_PREFIX}transformer.resblocks.")).len();
-    if resblocks < 2 {
+/// OpenCLIP names under `prefix`: SD 2.x (`cond_stage_model.model.`) uses all resblocks but the last and no
+/// projection; SDXL's ViT-bigG (`sdxl`) every resblock and the text projection.
+fn open_clip_names(
+    all: &Shapes,
+    prefix: &str,
+    sdxl: bool,
+    model: &str,
+) -> Result<HashMap<String, Source>> {
+    let resblocks = indices(all, &format!("{prefix}transformer.resblocks.")).len();
+    if resblocks < 2 && !sdxl {
         return Err(EngineError::model(
             model,
             format!(
@@ -968,10 +1018,10 @@ fn open_clip_names(all: &Shapes, model: &str) -> Result<HashMap<String, Source>>
             ),
         ));
     }
-    let keep = resblocks - 1;
+    let keep = if sdxl { resblocks } else { resblocks - 1 };
     let mut names = HashMap::new();
-    for (full, _) in range_from(all, OPEN_CLIP_PREFIX) {
-        let p: Vec<&str> = full[OPEN_CLIP_PREFIX.len()..].split('.').collect();
+    for (full, _) in range_from(all, prefix) {
+        let p: Vec<&str> = full[prefix.len()..].split('.').collect();
         let plain = |name: String| vec![(name, Source::Plain(full.clone()))];
         let entries = match p.as_slice() {
             ["token_embedding", "weight"] => {
@@ -981,6 +1031,10 @@ fn open_clip_names(all: &Shapes, model: &str) -> Result<HashMap<String, Source>>
                 plain("text_model.embeddings.position_embedding.weight".into())
             }
             ["ln_final", wb] => plain(format!("text_model.final_layer_norm.{wb}")),
+            ["text_projection"] if sdxl => vec![(
+                "text_projection.weight".to_string(),
+                Source::Transposed(full.clone()),
+            )],
             ["transformer", "resblocks", n, rest @ ..] => {
                 if n.parse::<usize>().map_or(true, |n| n >= keep) {
                     continue;
@@ -1012,18 +1066,19 @@ fn open_clip_names(all: &Shapes, model: &str) -> Result<HashMap<String, Source>>
                     _ => continue,
                 }
             }
-            _ => continue, // text_projection, logit_scale, attn_mask: not used by the text encoder
+            _ => continue, // logit_scale, attn_mask (and SD 2's text_projection): not used
         };
         names.extend(entries);
     }
     Ok(names)
 }
 
-/// Infers the text encoder config from the (already renamed) tensors.
+/// Infers the text encoder config from the (already renamed) tensors; `heads` and the activation are what the
+/// file cannot say (see the module docs).
 fn infer_text(
     all: &Shapes,
     names: &HashMap<String, Source>,
-    family: Family,
+    (heads, act): (usize, &str),
     model: &str,
 ) -> Result<ClipTextConfig> {
     let presented = |name: &str, what: &str| -> Result<Vec<usize>> {
@@ -1058,9 +1113,11 @@ fn infer_text(
         })
         .collect::<BTreeSet<_>>()
         .len();
-    let (heads, act) = match family {
-        Family::Sd1 => (12, "quick_gelu"),
-        Family::Sd2 => (16, "gelu"),
+    let projection_dim = match names.get("text_projection.weight") {
+        Some(source) => {
+            Some(source.shape(shape(all, source.ldm_name(), "text projection", model)?)[0])
+        }
+        None => None,
     };
     Ok(ClipTextConfig {
         vocab_size: token[0],
@@ -1073,12 +1130,72 @@ fn infer_text(
         layer_norm_eps: 1e-5,
         pad_token_id: 1,
         eos_token_id: 49407,
+        projection_dim,
     })
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Scheduler
 // ---------------------------------------------------------------------------------------------------------
+
+/// One text encoder of a checkpoint: its config, its name table and its tokenizer's pad token.
+type TextPart = (ClipTextConfig, HashMap<String, Source>, &'static str);
+
+/// The text encoders of a checkpoint in concatenation order (SD 1/2: one; SDXL: CLIP-L and ViT-bigG, or
+/// bigG alone in a refiner), each with the head count and activation the family's configs give it.
+fn text_encoders(all: &Shapes, family: Family, model: &str) -> Result<Vec<TextPart>> {
+    const CLIP_L: (usize, &str) = (12, "quick_gelu");
+    const EOT: &str = "<|endoftext|>";
+    let part = |names: HashMap<String, Source>, kind, pad| -> Result<TextPart> {
+        Ok((infer_text(all, &names, kind, model)?, names, pad))
+    };
+    match family {
+        Family::Sd1 => Ok(vec![part(hf_clip_names(all, HF_CLIP_PREFIX), CLIP_L, EOT)?]),
+        Family::Sd2 => Ok(vec![part(
+            open_clip_names(all, OPEN_CLIP_PREFIX, false, model)?,
+            (16, "gelu"),
+            "!",
+        )?]),
+        Family::Sdxl => {
+            let mut parts = Vec::new();
+            for i in indices(all, SDXL_EMBEDDERS) {
+                let hf = format!("{SDXL_EMBEDDERS}{i}.transformer.");
+                let open = format!("{SDXL_EMBEDDERS}{i}.model.");
+                if has_prefix(all, &hf) {
+                    parts.push(part(hf_clip_names(all, &hf), CLIP_L, EOT)?);
+                } else if has_prefix(all, &open) {
+                    parts.push(part(
+                        open_clip_names(all, &open, true, model)?,
+                        (20, "gelu"),
+                        "!",
+                    )?);
+                } else {
+                    return Err(EngineError::model(
+                        model,
+                        format!(
+                            "{SDXL_EMBEDDERS}{i} is neither a CLIP ({hf}*) nor an OpenCLIP ({open}*) text encoder"
+                        ),
+                    ));
+                }
+            }
+            let projected = parts
+                .last()
+                .is_some_and(|(c, _, _)| c.projection_dim.is_some());
+            if !(1..=2).contains(&parts.len()) || !projected {
+                return Err(EngineError::model(
+                    model,
+                    format!(
+                        "an SDXL checkpoint has one or two text encoders, the last an OpenCLIP ViT-bigG with its \
+                         text_projection; this one has {} ({})",
+                        parts.len(),
+                        if projected { "projection found" } else { "no projection" }
+                    ),
+                ));
+            }
+            Ok(parts)
+        }
+    }
+}
 
 /// Whether an LDM yaml config says `parameterization: "v"`.
 fn yaml_says_v(yaml: &str) -> bool {
@@ -1105,6 +1222,25 @@ fn scheduler_config(family: Family, v_prediction: bool) -> serde_json::Value {
     } else {
         "epsilon"
     };
+    if family == Family::Sdxl {
+        return json!({
+            "_class_name": "EulerDiscreteScheduler",
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "clip_sample": false,
+            "interpolation_type": "linear",
+            "num_train_timesteps": 1000,
+            "prediction_type": prediction,
+            "sample_max_value": 1.0,
+            "set_alpha_to_one": false,
+            "skip_prk_steps": true,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+            "trained_betas": null,
+            "use_karras_sigmas": false
+        });
+    }
     if family == Family::Sd2 && v_prediction {
         json!({
             "_class_name": "DDIMScheduler",
@@ -1148,6 +1284,8 @@ pub enum Family {
     Sd1,
     /// SD 2.x: OpenCLIP ViT-H text encoder (`cond_stage_model.model.`).
     Sd2,
+    /// SDXL: CLIP ViT-L and OpenCLIP ViT-bigG (`conditioner.embedders.`), or bigG alone (refiner).
+    Sdxl,
 }
 
 /// One of the three networks in a checkpoint.
@@ -1157,24 +1295,28 @@ pub enum Component {
     Unet,
     /// The VAE (`first_stage_model.`).
     Vae,
-    /// The text encoder (`cond_stage_model.`).
+    /// The (first) text encoder (`cond_stage_model.`; SDXL: `conditioner.embedders.0.`).
     TextEncoder,
+    /// SDXL base: the second text encoder (`conditioner.embedders.1.`).
+    TextEncoder2,
 }
 
 /// A memory-mapped single-file checkpoint with the configs inferred from it and the diffusers names of its
 /// tensors. Opening it reads only the header; weights are read when a network is built.
 pub struct SingleFileCheckpoint {
-    /// SD 1.x or SD 2.x.
+    /// SD 1.x, SD 2.x or SDXL.
     pub family: Family,
     /// The UNet's architecture, from the tensor shapes.
     pub unet: UNetConfig,
     /// The VAE's architecture, from the tensor shapes.
     pub vae: VaeConfig,
-    /// The text encoder's architecture, from the tensor shapes.
+    /// The (first) text encoder's architecture, from the tensor shapes (an SDXL refiner's only one is ViT-bigG).
     pub text: ClipTextConfig,
+    /// SDXL base: the second text encoder (ViT-bigG with its projection).
+    pub text_2: Option<ClipTextConfig>,
     /// A diffusers `scheduler_config.json` for the model (with `_class_name`), see the module docs.
     pub scheduler_config: serde_json::Value,
-    /// The tokenizer's pad token: `<|endoftext|>` (SD 1) or `!` (SD 2).
+    /// The (first) tokenizer's pad token: `<|endoftext|>` (SD 1, SDXL's CLIP-L) or `!` (OpenCLIP).
     pub pad_token: &'static str,
     /// The file.
     pub path: PathBuf,
@@ -1183,6 +1325,7 @@ pub struct SingleFileCheckpoint {
     unet_names: Arc<HashMap<String, Source>>,
     vae_names: Arc<HashMap<String, Source>>,
     text_names: Arc<HashMap<String, Source>>,
+    text_2_names: Arc<HashMap<String, Source>>,
 }
 
 impl std::fmt::Debug for SingleFileCheckpoint {
@@ -1194,6 +1337,7 @@ impl std::fmt::Debug for SingleFileCheckpoint {
             .field("unet", &self.unet)
             .field("vae", &self.vae)
             .field("text", &self.text)
+            .field("text_2", &self.text_2)
             .field("scheduler_config", &self.scheduler_config)
             .finish_non_exhaustive()
     }
@@ -1206,7 +1350,9 @@ impl SingleFileCheckpoint {
     pub fn open(path: &Path, model: &str) -> Result<Self> {
         let (file, shapes) = map_file(path, model)?;
 
-        let family = if has_prefix(&shapes, OPEN_CLIP_PREFIX) {
+        let family = if has_prefix(&shapes, SDXL_EMBEDDERS) {
+            Some(Family::Sdxl)
+        } else if has_prefix(&shapes, OPEN_CLIP_PREFIX) {
             Some(Family::Sd2)
         } else if has_prefix(&shapes, HF_CLIP_PREFIX) {
             Some(Family::Sd1)
@@ -1222,20 +1368,18 @@ impl SingleFileCheckpoint {
         }
         if family.is_none() {
             missing.push(format!(
-                "text encoder ({HF_CLIP_PREFIX}* or {OPEN_CLIP_PREFIX}*)"
+                "text encoder ({HF_CLIP_PREFIX}*, {OPEN_CLIP_PREFIX}* or {SDXL_EMBEDDERS}*)"
             ));
         }
         let family = match family {
             Some(f) if missing.is_empty() => f,
             _ => {
                 let mut message = format!(
-                    "{} is not a complete Stable Diffusion 1.x/2.x checkpoint: it has no {}",
+                    "{} is not a complete Stable Diffusion 1.x/2.x/XL checkpoint: it has no {}",
                     path.display(),
                     missing.join(", no ")
                 );
-                if has_prefix(&shapes, "conditioner.embedders.") {
-                    message.push_str(" (it looks like an SDXL checkpoint, which is not supported)");
-                } else if missing.len() == 3 {
+                if missing.len() == 3 {
                     message.push_str(
                         " (single-file checkpoints use the original LDM tensor names; a diffusers model is a \
                          folder with model_index.json)",
@@ -1263,44 +1407,49 @@ impl SingleFileCheckpoint {
             "single-file checkpoint"
         );
 
-        let text_names = match family {
-            Family::Sd1 => hf_clip_names(&shapes),
-            Family::Sd2 => open_clip_names(&shapes, model)?,
-        };
-        let text = infer_text(&shapes, &text_names, family, model)?;
-        text.validate()
-            .map_err(|e| EngineError::model(model, format!("text encoder: {e}")))?;
+        let mut texts = text_encoders(&shapes, family, model)?;
+        for (config, _, _) in &texts {
+            config
+                .validate()
+                .map_err(|e| EngineError::model(model, format!("text encoder: {e}")))?;
+        }
+        let width: usize = texts.iter().map(|(c, _, _)| c.hidden_size).sum();
+        let projection = texts.last().and_then(|(c, _, _)| c.projection_dim);
         let (unet, unet_names) =
-            infer_unet(&shapes, family, v_prediction, text.hidden_size, model)?;
+            infer_unet(&shapes, family, v_prediction, width, projection, model)?;
         unet.validate()
             .map_err(|e| EngineError::model(model, format!("unet: {e}")))?;
-        let (vae, vae_names) = infer_vae(&shapes, VAE_PREFIX, model)?;
-        if unet.cross_attention_dim != text.hidden_size {
+        let (mut vae, vae_names) = infer_vae(&shapes, VAE_PREFIX, model)?;
+        if family == Family::Sdxl {
+            vae.scaling_factor = 0.13025;
+        }
+        if unet.cross_attention_dim != width {
             return Err(EngineError::model(
                 model,
                 format!(
-                    "the UNet's cross-attention width {} does not match the text encoder's width {}",
-                    unet.cross_attention_dim, text.hidden_size
+                    "the UNet's cross-attention width {} does not match the text encoders' width {width}",
+                    unet.cross_attention_dim
                 ),
             ));
         }
+        let second = (texts.len() == 2).then(|| texts.pop()).flatten();
+        let (text, text_names, pad_token) = texts.pop().expect("one text encoder at least");
 
         Ok(SingleFileCheckpoint {
             family,
             unet,
             vae,
             text,
+            text_2: second.as_ref().map(|(c, _, _)| c.clone()),
             scheduler_config: scheduler_config(family, v_prediction),
-            pad_token: match family {
-                Family::Sd1 => "<|endoftext|>",
-                Family::Sd2 => "!",
-            },
+            pad_token,
             path: path.to_path_buf(),
             model: model.to_string(),
             file: Arc::new(file),
             unet_names: Arc::new(unet_names),
             vae_names: Arc::new(vae_names),
             text_names: Arc::new(text_names),
+            text_2_names: Arc::new(second.map(|(_, n, _)| n).unwrap_or_default()),
         })
     }
 
@@ -1309,6 +1458,7 @@ impl SingleFileCheckpoint {
             Component::Unet => &self.unet_names,
             Component::Vae => &self.vae_names,
             Component::TextEncoder => &self.text_names,
+            Component::TextEncoder2 => &self.text_2_names,
         }
     }
 
@@ -1337,6 +1487,11 @@ impl SingleFileCheckpoint {
     /// [`crate::models::ClipTextModel::new`]).
     pub fn text_encoder_vb(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         self.var_builder(Component::TextEncoder, dtype, device)
+    }
+
+    /// SDXL base: the second text encoder's weights (ViT-bigG, `text_model.` and `text_projection.`).
+    pub fn text_encoder_2_vb(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        self.var_builder(Component::TextEncoder2, dtype, device)
     }
 
     /// The diffusers names one network's weights are presented under, sorted.
@@ -1380,6 +1535,7 @@ mod tests {
             Component::Unet => folder.join("unet/diffusion_pytorch_model.safetensors"),
             Component::Vae => folder.join("vae/diffusion_pytorch_model.safetensors"),
             Component::TextEncoder => folder.join("text_encoder/model.safetensors"),
+            Component::TextEncoder2 => folder.join("text_encoder_2/model.safetensors"),
         }
     }
 
@@ -1518,8 +1674,14 @@ mod tests {
     /// at the folder's storage precision), and the single file presents no tensor the folder lacks.
     fn check_tensors(name: &str) {
         let Pair { folder, single } = pair(name);
-        for component in [Component::Unet, Component::Vae, Component::TextEncoder] {
-            let file = weight_file(&folder, component);
+        let parts = [Component::Unet, Component::Vae, Component::TextEncoder]
+            .map(|c| (c, weight_file(&folder, c)));
+        check_tensors_of(name, &single, &parts);
+    }
+
+    /// [`check_tensors`] for the given components, each compared with the folder file given beside it.
+    fn check_tensors_of(name: &str, single: &SingleFileCheckpoint, parts: &[(Component, PathBuf)]) {
+        for (component, file) in parts.iter().cloned() {
             let st = unsafe { MmapedSafetensors::new(&file) }.unwrap();
             let vb = single
                 .var_builder(component, DType::F32, &Device::Cpu)
@@ -1527,11 +1689,14 @@ mod tests {
             let mut folder_names = Vec::new();
             for (stored, _) in st.tensors() {
                 let expected = st.load(&stored, &Device::Cpu).unwrap();
-                let presented = match component {
-                    Component::TextEncoder if !stored.starts_with("text_model.") => {
-                        format!("text_model.{stored}")
-                    }
-                    _ => stored.clone(),
+                let text = matches!(component, Component::TextEncoder | Component::TextEncoder2);
+                let presented = if text
+                    && !stored.starts_with("text_model.")
+                    && !stored.starts_with("text_projection.")
+                {
+                    format!("text_model.{stored}")
+                } else {
+                    stored.clone()
                 };
                 assert!(
                     vb.contains_tensor(&presented),
@@ -1558,6 +1723,74 @@ mod tests {
                 "{name} {component:?}: the single file presents other tensors than the folder holds"
             );
         }
+    }
+
+    /// An SDXL single file (base: CLIP-L + bigG; refiner: bigG alone) gives the folder's architecture and
+    /// every one of its tensors.
+    fn check_sdxl(name: &str, encoders: &[&str]) {
+        let Pair { folder, single } = pair(name);
+        assert_eq!(single.family, Family::Sdxl);
+        let unet: UNetConfig = read_json(name, &folder.join("unet/config.json")).unwrap();
+        let vae: VaeConfig = read_json(name, &folder.join("vae/config.json")).unwrap();
+        assert_unet_configs_match(&single.unet, &unet);
+        assert!(single.unet.is_sdxl());
+        assert_eq!(
+            single.unet.addition_time_embed_dim,
+            unet.addition_time_embed_dim
+        );
+        assert_eq!(
+            single.unet.projection_class_embeddings_input_dim,
+            unet.projection_class_embeddings_input_dim
+        );
+        assert_eq!(
+            single.unet.use_linear_projection,
+            unet.use_linear_projection
+        );
+        assert!(!single.unet.upcast_attention);
+        assert_vae_configs_match(&single.vae, &vae);
+        assert_eq!(single.vae.scaling_factor, 0.13025);
+        let texts: Vec<&ClipTextConfig> = std::iter::once(&single.text)
+            .chain(single.text_2.as_ref())
+            .collect();
+        assert_eq!(texts.len(), encoders.len());
+        let mut parts = vec![
+            (Component::Unet, weight_file(&folder, Component::Unet)),
+            (Component::Vae, weight_file(&folder, Component::Vae)),
+        ];
+        for (i, (ours, dir)) in texts.iter().zip(encoders).enumerate() {
+            let theirs: ClipTextConfig =
+                read_json(name, &folder.join(dir).join("config.json")).unwrap();
+            assert_text_configs_match(ours, &theirs);
+            if i + 1 == encoders.len() {
+                // The projected encoder's width; a CLIPTextModel's config carries an unused default.
+                assert_eq!(ours.projection_dim, theirs.projection_dim, "{dir}");
+            }
+            let component = [Component::TextEncoder, Component::TextEncoder2][i];
+            parts.push((component, folder.join(dir).join("model.safetensors")));
+        }
+        assert_eq!(
+            single.pad_token,
+            if encoders.len() == 2 {
+                "<|endoftext|>"
+            } else {
+                "!"
+            }
+        );
+        assert_eq!(
+            single.scheduler_config["_class_name"],
+            "EulerDiscreteScheduler"
+        );
+        check_tensors_of(name, &single, &parts);
+    }
+
+    #[test]
+    fn checkpoint_sdxl_base_matches_folder() {
+        check_sdxl("sdxl-tiny", &["text_encoder", "text_encoder_2"]);
+    }
+
+    #[test]
+    fn checkpoint_sdxl_refiner_matches_folder() {
+        check_sdxl("sdxl-refiner-tiny", &["text_encoder_2"]);
     }
 
     #[test]

@@ -167,15 +167,28 @@ pub struct UNetConfig {
     /// Must be "default" in SD models.
     #[serde(default)]
     pub resnet_time_scale_shift: Option<String>,
-    /// Must be absent in SD models (SDXL-style add-embeddings are not supported).
+    /// SDXL: `text_time`, the pooled text embedding and the size/crop (or aesthetic-score) ids added to the
+    /// time embedding; absent in SD 1/2.
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// SDXL: width of the sinusoidal embedding of each time id (256).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// SDXL: input width of the add embedding, pooled projection width + time ids × `addition_time_embed_dim`
+    /// (2816 for the base: 1280 + 6 × 256; 2560 for the refiner: 1280 + 5 × 256).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     /// Must be absent in SD models.
     #[serde(default)]
     pub class_embed_type: Option<String>,
 }
 
 impl UNetConfig {
+    /// Whether this is an SDXL UNet (pooled text embedding and time ids added to the time embedding).
+    pub fn is_sdxl(&self) -> bool {
+        self.addition_embed_type.as_deref() == Some("text_time")
+    }
+
     /// The number of attention heads of each down block.
     pub fn heads(&self) -> Vec<usize> {
         let heads = self
@@ -209,8 +222,30 @@ impl UNetConfig {
                 return Err(format!("unsupported mid block {m}"));
             }
         }
-        if self.addition_embed_type.is_some() || self.class_embed_type.is_some() {
-            return Err("SDXL-style additional embeddings are not supported".into());
+        if self.class_embed_type.is_some() {
+            return Err("class embeddings (class_embed_type) are not supported".into());
+        }
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") => {
+                let (Some(time), Some(input)) = (
+                    self.addition_time_embed_dim,
+                    self.projection_class_embeddings_input_dim,
+                ) else {
+                    return Err(
+                        "addition_embed_type text_time needs addition_time_embed_dim and \
+                                projection_class_embeddings_input_dim"
+                            .into(),
+                    );
+                };
+                if time == 0 || time % 2 != 0 || input <= time {
+                    return Err(format!(
+                        "addition_time_embed_dim {time} / projection_class_embeddings_input_dim {input} \
+                         do not describe an SDXL add embedding"
+                    ));
+                }
+            }
+            Some(other) => return Err(format!("unsupported addition_embed_type {other}")),
         }
         if self.center_input_sample || self.only_cross_attention {
             return Err("center_input_sample / only_cross_attention are not supported".into());
@@ -354,6 +389,9 @@ pub struct ClipTextConfig {
     /// End-of-text token id.
     #[serde(default = "default_eos_token_id")]
     pub eos_token_id: u32,
+    /// Width of the pooled-output projection (`CLIPTextModelWithProjection`, SDXL's second encoder).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
 }
 
 impl ClipTextConfig {
@@ -380,6 +418,12 @@ pub struct ModelIndex {
     /// e.g. `StableDiffusionPipeline` or `StableDiffusionInstructPix2PixPipeline`.
     #[serde(rename = "_class_name", default)]
     pub class_name: String,
+    /// SDXL: a missing negative prompt gives a zero unconditional embedding (diffusers' default: true).
+    #[serde(default)]
+    pub force_zeros_for_empty_prompt: Option<bool>,
+    /// SDXL refiner: the time ids end in an aesthetic score instead of the target size.
+    #[serde(default)]
+    pub requires_aesthetics_score: Option<bool>,
 }
 
 /// Reads and parses one JSON config file, naming the file in any error.

@@ -18,7 +18,7 @@ use crate::config::{read_json, ClipTextConfig, ModelIndex, UNetConfig, VaeConfig
 use crate::error::{EngineError, Result};
 use crate::lora::Lora;
 use crate::models::{AutoencoderKl, ClipTextModel, UNet};
-use crate::pipeline::{ModelKind, StableDiffusion};
+use crate::pipeline::{ModelKind, SdxlSettings, StableDiffusion};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::Recorder;
 
@@ -278,7 +278,14 @@ pub fn variant(
     let mut model = base.with_loras(&refs)?;
     if let Some(name) = vae {
         let path = dir.resolve_vae(name)?;
-        model = model.with_vae(load_vae(&path, name, &base.device, base.dtype)?)?;
+        let scaling_factor = base.vae_config().scaling_factor;
+        model = model.with_vae(load_vae(
+            &path,
+            name,
+            scaling_factor,
+            &base.device,
+            base.dtype,
+        )?)?;
     }
     Ok(model)
 }
@@ -294,15 +301,28 @@ pub fn safety_checker_path(global: Option<&Path>, model: &ModelLocation) -> Opti
         .then_some(model.path.clone())
 }
 
-/// Loads a replacement VAE found by [`ModelsDir::resolve_vae`] (a diffusers folder or a single file).
-pub fn load_vae(path: &Path, name: &str, device: &Device, dtype: DType) -> Result<AutoencoderKl> {
+/// Loads a replacement VAE found by [`ModelsDir::resolve_vae`] (a diffusers folder or a single file). A
+/// single file says nothing of its scaling factor, so it takes `scaling_factor`, the model's own (SDXL's
+/// 0.13025 for `sdxl_vae.safetensors` or the fp16-fix VAE), as AUTOMATIC1111 does; a folder's config.json
+/// gives its own.
+pub fn load_vae(
+    path: &Path,
+    name: &str,
+    scaling_factor: f64,
+    device: &Device,
+    dtype: DType,
+) -> Result<AutoencoderKl> {
     if path.is_dir() {
         let cfg: VaeConfig = read_json(name, &path.join("config.json"))?;
         let vb = component_weights(name, path, dtype, device)?;
         return AutoencoderKl::new(&cfg, vb).map_err(component_error(name, "vae"));
     }
     let file = crate::checkpoint::VaeFile::open(path, name)?;
-    AutoencoderKl::new(&file.config, file.var_builder(dtype, device))
+    let config = VaeConfig {
+        scaling_factor,
+        ..file.config.clone()
+    };
+    AutoencoderKl::new(&config, file.var_builder(dtype, device))
         .map_err(component_error(name, "vae"))
 }
 
@@ -345,6 +365,16 @@ pub fn peek_kind(location: &ModelLocation) -> Result<ModelKind> {
     let in_channels = match location.format {
         ModelFormat::Diffusers => {
             let cfg: UNetConfig = read_json(&location.id, &location.path.join("unet/config.json"))?;
+            if cfg.is_sdxl() && cfg.in_channels != 4 {
+                return Err(EngineError::model(
+                    &location.id,
+                    format!(
+                        "an SDXL UNet with {} input channels (InstructPix2Pix or inpainting) is not \
+                         supported; SDXL models run img2img",
+                        cfg.in_channels
+                    ),
+                ));
+            }
             cfg.in_channels
         }
         ModelFormat::SingleFile => {
@@ -455,6 +485,9 @@ fn component_error<'a>(
 /// Loads a diffusers-layout folder.
 fn load_diffusers(dir: &Path, id: &str, device: &Device, dtype: DType) -> Result<StableDiffusion> {
     let index: ModelIndex = read_json(id, &dir.join("model_index.json"))?;
+    if dir.join("text_encoder_2").is_dir() {
+        return load_sdxl_diffusers(dir, id, &index, device, dtype);
+    }
     for component in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
         if !dir.join(component).is_dir() {
             return Err(EngineError::model(
@@ -468,6 +501,12 @@ fn load_diffusers(dir: &Path, id: &str, device: &Device, dtype: DType) -> Result
     unet_cfg
         .validate()
         .map_err(|e| EngineError::model(id, format!("unet: {e}")))?;
+    if unet_cfg.is_sdxl() {
+        return Err(EngineError::model(
+            id,
+            "the UNet is SDXL's (addition_embed_type text_time) but the folder has no text_encoder_2/",
+        ));
+    }
     let vae_cfg: VaeConfig = read_json(id, &dir.join("vae/config.json"))?;
     let text_cfg: ClipTextConfig = read_json(id, &dir.join("text_encoder/config.json"))?;
     text_cfg
@@ -508,6 +547,163 @@ fn load_diffusers(dir: &Path, id: &str, device: &Device, dtype: DType) -> Result
     .with_base_weights(unet_record.take(), text_record.take()))
 }
 
+/// One text encoder folder (`text_encoder/` or `text_encoder_2/`) with its tokenizer folder, the encoder in
+/// float32 as every text encoder runs.
+fn load_text_tower(
+    dir: &Path,
+    id: &str,
+    encoder: &str,
+    tokenizer: &str,
+    device: &Device,
+) -> Result<(ClipTokenizer, ClipTextModel)> {
+    let cfg: ClipTextConfig = read_json(id, &dir.join(encoder).join("config.json"))?;
+    cfg.validate()
+        .map_err(|e| EngineError::model(id, format!("{encoder}: {e}")))?;
+    let tok = ClipTokenizer::from_dir(&dir.join(tokenizer), id)?;
+    let files = weight_files(id, &dir.join(encoder))?;
+    let vb = crate::checkpoint::hf_clip_text_vb(id, &files, DType::F32, device)?;
+    let model = ClipTextModel::new(&cfg, vb).map_err(component_error(id, encoder))?;
+    Ok((tok, model))
+}
+
+/// Loads an SDXL diffusers folder: base (`text_encoder/` + `text_encoder_2/`) or refiner (`text_encoder_2/`
+/// alone). What the micro-conditioning holds is read from the UNet's add embedding, not assumed.
+fn load_sdxl_diffusers(
+    dir: &Path,
+    id: &str,
+    index: &ModelIndex,
+    device: &Device,
+    dtype: DType,
+) -> Result<StableDiffusion> {
+    for component in ["unet", "vae", "tokenizer_2", "scheduler"] {
+        if !dir.join(component).is_dir() {
+            return Err(EngineError::model(
+                id,
+                format!("missing component folder {component}/ in {}", dir.display()),
+            ));
+        }
+    }
+    tracing::debug!(model = id, class = %index.class_name, "loading SDXL diffusers folder");
+    let unet_cfg: UNetConfig = read_json(id, &dir.join("unet/config.json"))?;
+    unet_cfg
+        .validate()
+        .map_err(|e| EngineError::model(id, format!("unet: {e}")))?;
+    let vae_cfg: VaeConfig = read_json(id, &dir.join("vae/config.json"))?;
+    let scheduler_config: serde_json::Value =
+        read_json(id, &dir.join("scheduler/scheduler_config.json"))?;
+    let mut encoders = Vec::new();
+    if dir.join("text_encoder").is_dir() {
+        encoders.push(load_text_tower(
+            dir,
+            id,
+            "text_encoder",
+            "tokenizer",
+            device,
+        )?);
+    }
+    encoders.push(load_text_tower(
+        dir,
+        id,
+        "text_encoder_2",
+        "tokenizer_2",
+        device,
+    )?);
+    let texts: Vec<&ClipTextConfig> = encoders.iter().map(|(_, m)| m.config()).collect();
+    let requires_aesthetics_score = check_sdxl_compatible(id, &unet_cfg, &vae_cfg, &texts)?;
+    if !encoders.last().is_some_and(|(_, m)| m.has_projection()) {
+        return Err(EngineError::model(
+            id,
+            "text_encoder_2 has no text_projection (an SDXL second encoder is a \
+             CLIPTextModelWithProjection)",
+        ));
+    }
+    let settings = SdxlSettings {
+        force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
+        requires_aesthetics_score,
+    };
+    if index
+        .requires_aesthetics_score
+        .is_some_and(|r| r != requires_aesthetics_score)
+    {
+        tracing::warn!(
+            model = id,
+            "model_index.json's requires_aesthetics_score disagrees with the UNet's add embedding; \
+             following the UNet"
+        );
+    }
+    let unet = UNet::new(
+        &unet_cfg,
+        component_weights(id, &dir.join("unet"), dtype, device)?,
+    )
+    .map_err(component_error(id, "unet"))?;
+    let vae = AutoencoderKl::new(
+        &vae_cfg,
+        component_weights(id, &dir.join("vae"), dtype, device)?,
+    )
+    .map_err(component_error(id, "vae"))?;
+    Ok(StableDiffusion::sdxl_from_parts(
+        id.to_string(),
+        encoders,
+        unet,
+        vae,
+        scheduler_config,
+        settings,
+        device.clone(),
+        dtype,
+    ))
+}
+
+/// Checks that the parts of an SDXL model fit together: the cross-attention reads the encoders' hidden
+/// states side by side, the add embedding reads the last encoder's projection and 5 or 6 time ids.
+/// Returns whether the ids end in an aesthetic score (5 ids: a refiner).
+pub(crate) fn check_sdxl_compatible(
+    id: &str,
+    unet: &UNetConfig,
+    vae: &VaeConfig,
+    texts: &[&ClipTextConfig],
+) -> Result<bool> {
+    if !unet.is_sdxl() {
+        return Err(EngineError::model(
+            id,
+            "has a second text encoder but its UNet has no SDXL add embedding (addition_embed_type text_time)",
+        ));
+    }
+    if unet.in_channels != vae.latent_channels || unet.out_channels != vae.latent_channels {
+        return Err(EngineError::model(
+            id,
+            format!(
+                "unet in/out channels {}/{} do not fit the VAE's {} latent channels (SDXL InstructPix2Pix and \
+                 inpainting models are not supported)",
+                unet.in_channels, unet.out_channels, vae.latent_channels
+            ),
+        ));
+    }
+    let width: usize = texts.iter().map(|t| t.hidden_size).sum();
+    if unet.cross_attention_dim != width {
+        return Err(EngineError::model(
+            id,
+            format!(
+                "unet cross_attention_dim {} does not match the text encoders' hidden sizes (together {width})",
+                unet.cross_attention_dim
+            ),
+        ));
+    }
+    let projection = texts.last().and_then(|t| t.projection_dim).unwrap_or(0);
+    let time = unet.addition_time_embed_dim.unwrap_or(0);
+    let input = unet.projection_class_embeddings_input_dim.unwrap_or(0);
+    match input.checked_sub(projection) {
+        Some(rest) if time > 0 && rest == 5 * time => Ok(true),
+        Some(rest) if time > 0 && rest == 6 * time => Ok(false),
+        _ => Err(EngineError::model(
+            id,
+            format!(
+                "the UNet's add embedding reads {input} values, which is not the text projection ({projection}) \
+                 plus 5 or 6 time ids of {time}"
+            ),
+        )),
+    }
+}
+
 /// Checks that the components of one model fit together.
 pub(crate) fn check_compatible(
     id: &str,
@@ -546,6 +742,9 @@ fn load_single_file(
     dtype: DType,
 ) -> Result<StableDiffusion> {
     let ck = SingleFileCheckpoint::open(path, id)?;
+    if ck.family == crate::checkpoint::Family::Sdxl {
+        return load_sdxl_single_file(&ck, id, device, dtype);
+    }
     check_compatible(id, &ck.unet, &ck.vae, &ck.text)?;
     let tokenizer = ClipTokenizer::bundled(ck.pad_token)?;
     let (text_vb, text_record) = Recorder::wrap(ck.text_encoder_vb(DType::F32, device)?);
@@ -566,6 +765,49 @@ fn load_single_file(
         dtype,
     )
     .with_base_weights(unet_record.take(), text_record.take()))
+}
+
+/// Loads an SDXL single-file checkpoint (base or refiner): CLIP's bundled tokenizer for each text encoder
+/// (pad `<|endoftext|>` for CLIP-L, `!` for ViT-bigG), SDXL's scheduler config; a refiner (5 time ids)
+/// encodes a missing negative prompt as "" as the released refiner's pipeline config says.
+fn load_sdxl_single_file(
+    ck: &SingleFileCheckpoint,
+    id: &str,
+    device: &Device,
+    dtype: DType,
+) -> Result<StableDiffusion> {
+    let mut configs = vec![&ck.text];
+    configs.extend(ck.text_2.as_ref());
+    let requires_aesthetics_score = check_sdxl_compatible(id, &ck.unet, &ck.vae, &configs)?;
+    let mut encoders = vec![(
+        ClipTokenizer::bundled(ck.pad_token)?,
+        ClipTextModel::new(&ck.text, ck.text_encoder_vb(DType::F32, device)?)
+            .map_err(component_error(id, "text encoder"))?,
+    )];
+    if let Some(text_2) = &ck.text_2 {
+        encoders.push((
+            ClipTokenizer::bundled("!")?,
+            ClipTextModel::new(text_2, ck.text_encoder_2_vb(DType::F32, device)?)
+                .map_err(component_error(id, "text encoder 2"))?,
+        ));
+    }
+    let unet =
+        UNet::new(&ck.unet, ck.unet_vb(dtype, device)?).map_err(component_error(id, "unet"))?;
+    let vae = AutoencoderKl::new(&ck.vae, ck.vae_vb(dtype, device)?)
+        .map_err(component_error(id, "vae"))?;
+    Ok(StableDiffusion::sdxl_from_parts(
+        id.to_string(),
+        encoders,
+        unet,
+        vae,
+        ck.scheduler_config.clone(),
+        SdxlSettings {
+            force_zeros_for_empty_prompt: !requires_aesthetics_score,
+            requires_aesthetics_score,
+        },
+        device.clone(),
+        dtype,
+    ))
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! Image-for-image parity with diffusers: every case in tests/fixtures/cases.json (written by
-//! scripts/make_fixtures.py from diffusers' own pipelines on tiny random models) is run through the engine
-//! and must match diffusers' PNGs within max |Δ| ≤ 3 and mean |Δ| ≤ 0.5 on the 0–255 scale.
+//! scripts/make_fixtures.py from diffusers' own pipelines on tiny random models) and in
+//! tests/fixtures/sdxl/cases.json (scripts/make_sdxl_fixtures.py, StableDiffusionXLImg2ImgPipeline) is run
+//! through the engine and must match diffusers' PNGs within max |Δ| ≤ 3 and mean |Δ| ≤ 0.5 on the 0–255
+//! scale.
 
 mod support;
 
@@ -149,9 +151,12 @@ fn run_case(case: &Case, cache: &ModelCache) -> Result<(), Failed> {
 
 fn main() {
     let args = Arguments::from_args();
-    let text =
-        std::fs::read_to_string(fixtures().join("cases.json")).expect("tests/fixtures/cases.json");
-    let cases: Vec<Case> = serde_json::from_str(&text).expect("cases.json parses");
+    let mut cases = Vec::new();
+    for file in ["cases.json", "sdxl/cases.json"] {
+        let text = std::fs::read_to_string(fixtures().join(file)).expect(file);
+        let more: Vec<Case> = serde_json::from_str(&text).expect(file);
+        cases.extend(more);
+    }
     let cache: ModelCache = Arc::default();
     // Every case at the CPU's best tier, and again at each lower tier it can run (the AVX-512 machine
     // proves the AVX2 and portable kernels too), named `case@tier`.

@@ -82,7 +82,10 @@ fn conditioning_matches_the_reference() {
         let clip_skip = case["clip_skip"].as_u64().unwrap() as usize;
         let ours = model
             .encode_prompts(&[(prompt, clip_skip)], &embeddings)
-            .unwrap();
+            .unwrap()
+            .into_iter()
+            .map(|e| e.context)
+            .collect::<Vec<_>>();
         let theirs = &reference[name];
         assert_eq!(
             ours[0].dims(),
@@ -121,13 +124,19 @@ fn prompt_and_negative_get_the_same_length() {
         .to_string();
     let both = model
         .encode_prompts(&[("blurry", 1), (&long, 2)], &[])
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .map(|e| e.context)
+        .collect::<Vec<_>>();
     assert_eq!(both[0].dims(), &[1, 154, 48]);
     assert_eq!(both[1].dims(), &[1, 154, 48]);
     // The short one is itself followed by the empty prompt's encoding.
     let alone = model
         .encode_prompts(&[("blurry", 1), ("", 1)], &[])
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .map(|e| e.context)
+        .collect::<Vec<_>>();
     let expected = Tensor::cat(&[&alone[0], &alone[1]], 1).unwrap();
     assert_eq!(max_abs_diff(&both[0], &expected), 0.0);
 }
@@ -227,7 +236,10 @@ fn textual_inversion_img2img_matches_diffusers() {
                 &[(&s("prompt"), 1), (&s("negative_prompt"), 1)],
                 &embeddings,
             )
-            .unwrap();
+            .unwrap()
+            .into_iter()
+            .map(|e| e.context)
+            .collect::<Vec<_>>();
         let batch = Tensor::cat(&[&encoded[1], &encoded[0]], 0).unwrap();
         let d = max_abs_diff(&batch, &expected_embeds);
         assert!(d <= TOLERANCE, "{folder}: prompt_embeds max |Δ| {d:e}");

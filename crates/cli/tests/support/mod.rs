@@ -43,12 +43,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// One reference case from `tests/fixtures/cases.json`.
+/// One reference case from `tests/fixtures/cases.json` or `tests/fixtures/sdxl/cases.json`.
 pub fn case(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixtures().join("cases.json")).unwrap();
-    let cases: Vec<Value> = serde_json::from_str(&text).unwrap();
-    cases
-        .into_iter()
+    ["cases.json", "sdxl/cases.json"]
+        .iter()
+        .flat_map(|file| {
+            let text = std::fs::read_to_string(fixtures().join(file)).unwrap();
+            serde_json::from_str::<Vec<Value>>(&text).unwrap()
+        })
         .find(|c| c["name"] == name)
         .unwrap_or_else(|| panic!("no case {name}"))
 }

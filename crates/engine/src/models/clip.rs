@@ -33,6 +33,11 @@ fn f32_linear(in_dim: usize, out_dim: usize, pack_once: bool, vb: VarBuilder) ->
     })
 }
 
+/// Text encoders up to this width keep their linear weights packed (CLIP-L, OpenCLIP-H: +0.35 / +1.3 GB for
+/// about half the encoding time); wider ones (SDXL's ViT-bigG, 2.8 GB of weights) pack per call instead, so
+/// that the copy does not raise an SDXL model's peak memory above PyTorch's.
+const PACK_ONCE_UP_TO: usize = 1024;
+
 /// The additive causal mask (1, 1, n, n): 0 on and below the diagonal, the lowest f32 above it.
 fn causal_mask(n: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..n)
@@ -65,7 +70,7 @@ impl EncoderLayer {
             cfg.num_attention_heads,
             cfg.layer_norm_eps,
             activation,
-            true,
+            cfg.hidden_size <= PACK_ONCE_UP_TO,
             vb,
         )
     }
@@ -148,14 +153,28 @@ pub struct ClipTextModel {
     position_embedding: Embedding,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// `CLIPTextModelWithProjection`'s projection of the pooled output (SDXL's second encoder).
+    text_projection: Option<Linear>,
     config: ClipTextConfig,
 }
 
 impl ClipTextModel {
     /// Builds the encoder that `config` describes from transformers-named weights under `vb`
     /// (the `text_model.` prefix is added here).
+    /// With a `projection_dim` in the config and a `text_projection.weight` beside `text_model.`, the
+    /// pooled-output projection is loaded too (`CLIPTextModelWithProjection`).
     pub fn new(config: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
         config.validate().map_err(candle_core::Error::msg)?;
+        let text_projection = match config.projection_dim {
+            Some(dim) if vb.contains_tensor("text_projection.weight") => {
+                Some(super::layers::linear_f32_no_bias(
+                    config.hidden_size,
+                    dim,
+                    vb.pp("text_projection"),
+                )?)
+            }
+            _ => None,
+        };
         let activation = match config.hidden_act.as_str() {
             "gelu" => Activation::Gelu,
             _ => Activation::QuickGelu,
@@ -179,6 +198,7 @@ impl ClipTextModel {
                 config.layer_norm_eps,
                 vb.pp("final_layer_norm"),
             )?,
+            text_projection,
             config: config.clone(),
         })
     }
@@ -222,6 +242,59 @@ impl ClipTextModel {
             xs = layer.forward(&xs, true)?;
         }
         self.final_layer_norm.forward(&xs)
+    }
+
+    /// Whether the pooled output has its projection (SDXL's second encoder).
+    pub fn has_projection(&self) -> bool {
+        self.text_projection.is_some()
+    }
+
+    /// The most clip skip SDXL's use of this encoder allows: it starts from the penultimate layer, so every
+    /// layer skipped leaves the embeddings one step sooner.
+    pub fn max_sdxl_clip_skip(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// SDXL's use of the encoder: the hidden states (b, tokens, hidden) `clip_skip` layers before the last
+    /// one (clip skip 1 = the penultimate layer, diffusers' `hidden_states[-(clip_skip + 1)]`), without the
+    /// final layer norm; and, when the encoder has its projection, the pooled output: the final-layer-normed
+    /// last hidden state at `eos_position`, projected (b, projection width).
+    pub fn forward_sdxl(
+        &self,
+        token_embeds: &Tensor,
+        clip_skip: usize,
+        eos_position: usize,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        if clip_skip == 0 || clip_skip > self.max_sdxl_clip_skip() {
+            candle_core::bail!(
+                "clip_skip must be between 1 and {} for this text encoder",
+                self.max_sdxl_clip_skip()
+            );
+        }
+        let (_, n, _) = token_embeds.dims3()?;
+        let positions = Tensor::arange(0u32, n as u32, token_embeds.device())?.unsqueeze(0)?;
+        let mut xs = token_embeds.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let keep = self.layers.len() - clip_skip;
+        let mut hidden = xs.clone();
+        let run = if self.text_projection.is_some() {
+            self.layers.len()
+        } else {
+            keep
+        };
+        for (i, layer) in self.layers[..run].iter().enumerate() {
+            xs = layer.forward(&xs, true)?;
+            if i + 1 == keep {
+                hidden = xs.clone();
+            }
+        }
+        let pooled = match &self.text_projection {
+            Some(projection) => {
+                let last = self.final_layer_norm.forward(&xs)?;
+                Some(projection.forward(&last.narrow(1, eos_position, 1)?.squeeze(1)?)?)
+            }
+            None => None,
+        };
+        Ok((hidden, pooled))
     }
 
     /// The dtype of the weights.

@@ -397,6 +397,19 @@ pub fn linear_f32(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linea
     })
 }
 
+/// [`linear_f32`] without a bias (CLIP's text projection).
+pub fn linear_f32_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let plain = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
+    Ok(Linear {
+        out_features: out_dim,
+        weights: Weights::f32(plain.weight().clone()),
+        bias: None,
+        packed_f32: PackedWeights::default(),
+        always_f32: true,
+        packed_once: false,
+    })
+}
+
 /// A linear layer whose weight may be stored as a 1×1 convolution kernel (old VAE attention checkpoints).
 pub fn linear_maybe_conv(
     in_dim: usize,

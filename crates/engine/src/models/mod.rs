@@ -14,5 +14,5 @@ pub mod vae;
 pub use clip::ClipTextModel;
 pub use clip_vision::{ClipVisionConfig, ClipVisionModel};
 pub use tome::{TokenMerging, TomeSettings};
-pub use unet::{UNet, UNetOptions};
+pub use unet::{AddedConditions, UNet, UNetOptions};
 pub use vae::{AutoencoderKl, LatentDistribution};

@@ -11,30 +11,54 @@ use super::resnet::ResnetBlock;
 use super::tome::TokenMerging;
 use crate::config::UNetConfig;
 
-/// Sinusoidal embedding of one timestep, computed in float32 as diffusers' `get_timestep_embedding` does.
-fn timestep_embedding(
-    timestep: f64,
+/// Sinusoidal embeddings (n, dim) of `values` (timesteps, or SDXL's time ids), computed in float32 as
+/// diffusers' `get_timestep_embedding` does.
+fn sinusoidal_embedding(
+    values: &[f64],
     dim: usize,
     flip_sin_to_cos: bool,
     shift: f64,
     device: &Device,
 ) -> Result<Tensor> {
     let half = dim / 2;
-    let t = timestep as f32;
-    let mut sin = Vec::with_capacity(half);
-    let mut cos = Vec::with_capacity(half);
-    for i in 0..half {
-        let exponent = -(10000f32.ln()) * i as f32 / (half as f32 - shift as f32);
-        let arg = t * exponent.exp();
-        sin.push(arg.sin());
-        cos.push(arg.cos());
+    let mut rows = Vec::with_capacity(values.len() * half * 2);
+    for &value in values {
+        let t = value as f32;
+        let mut sin = Vec::with_capacity(half);
+        let mut cos = Vec::with_capacity(half);
+        for i in 0..half {
+            let exponent = -(10000f32.ln()) * i as f32 / (half as f32 - shift as f32);
+            let arg = t * exponent.exp();
+            sin.push(arg.sin());
+            cos.push(arg.cos());
+        }
+        if flip_sin_to_cos {
+            rows.extend(cos.into_iter().chain(sin));
+        } else {
+            rows.extend(sin.into_iter().chain(cos));
+        }
     }
-    let values = if flip_sin_to_cos {
-        [cos, sin].concat()
-    } else {
-        [sin, cos].concat()
-    };
-    Tensor::from_vec(values, (1, half * 2), device)
+    Tensor::from_vec(rows, (values.len(), half * 2), device)
+}
+
+/// SDXL's extra conditioning of one UNet call, one row per batch entry: the pooled, projected text
+/// embedding and the micro-conditioning ids (original size, crop top-left, then target size or an
+/// aesthetic score).
+#[derive(Debug, Clone)]
+pub struct AddedConditions {
+    /// (batch, projection width) pooled text embeddings.
+    pub text_embeds: Tensor,
+    /// The time ids of each batch entry (6 for a base model, 5 for a refiner).
+    pub time_ids: Vec<Vec<f64>>,
+}
+
+/// SDXL's `add_embedding`: [pooled text embedding, sinusoidal embeddings of the time ids] through two
+/// linear layers, added to the time embedding.
+#[derive(Debug)]
+struct AddEmbedding {
+    time_dim: usize,
+    linear_1: Linear,
+    linear_2: Linear,
 }
 
 /// Per-call options of [`UNet::forward_with`].
@@ -76,6 +100,7 @@ pub struct UNet {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    add_embedding: Option<AddEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
@@ -115,6 +140,18 @@ impl UNet {
         )?;
         let time_linear_1 = layers::linear(ch[0], temb, vb.pp("time_embedding.linear_1"))?;
         let time_linear_2 = layers::linear(temb, temb, vb.pp("time_embedding.linear_2"))?;
+        let add_embedding = match (
+            config.is_sdxl(),
+            config.addition_time_embed_dim,
+            config.projection_class_embeddings_input_dim,
+        ) {
+            (true, Some(time_dim), Some(input)) => Some(AddEmbedding {
+                time_dim,
+                linear_1: layers::linear(input, temb, vb.pp("add_embedding.linear_1"))?,
+                linear_2: layers::linear(temb, temb, vb.pp("add_embedding.linear_2"))?,
+            }),
+            _ => None,
+        };
 
         let mut down_blocks = Vec::with_capacity(n);
         for i in 0..n {
@@ -215,6 +252,7 @@ impl UNet {
             conv_in,
             time_linear_1,
             time_linear_2,
+            add_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -239,16 +277,19 @@ impl UNet {
     /// Predicts the noise (or v) for latents `xs` (b, in_channels, h, w) at `timestep`, conditioned on the text
     /// embeddings `context` (b, tokens, cross_attention_dim). Any latent size works: up-sampling follows the
     /// skip connections' sizes as diffusers does for sizes that are not a multiple of 2^(blocks − 1).
+    /// SD 1/2 only: an SDXL UNet needs [`UNet::forward_with`] and its added conditions.
     pub fn forward(&self, xs: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
-        self.forward_with(xs, timestep, context, &mut UNetOptions::default())
+        self.forward_with(xs, timestep, context, None, &mut UNetOptions::default())
     }
 
-    /// [`UNet::forward`] with options (token merging).
+    /// [`UNet::forward`] with SDXL's added conditions (required by, and only accepted by, an SDXL UNet) and
+    /// options (token merging).
     pub fn forward_with(
         &self,
         xs: &Tensor,
         timestep: f64,
         context: &Tensor,
+        added: Option<&AddedConditions>,
         options: &mut UNetOptions,
     ) -> Result<Tensor> {
         let (batch, _, latent_h, latent_w) = xs.dims4()?;
@@ -257,8 +298,8 @@ impl UNet {
             tome.set_latent_size(latent_h, latent_w);
         }
         let dtype = xs.dtype();
-        let t_emb = timestep_embedding(
-            timestep,
+        let t_emb = sinusoidal_embedding(
+            &[timestep],
             self.config.block_out_channels[0],
             self.config.flip_sin_to_cos,
             self.config.freq_shift,
@@ -270,6 +311,14 @@ impl UNet {
             .forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?
             .broadcast_as((batch, self.config.block_out_channels[0] * 4))?
             .contiguous()?;
+        let emb = match (&self.add_embedding, added) {
+            (None, None) => emb,
+            (Some(add), Some(added)) => (emb + self.added_embedding(add, added, batch, dtype)?)?,
+            (Some(_), None) => {
+                candle_core::bail!("an SDXL UNet needs the pooled text embedding and time ids")
+            }
+            (None, Some(_)) => candle_core::bail!("this UNet takes no added conditions"),
+        };
         let emb = Some(&emb);
 
         let mut h = self.conv_in.forward(xs)?;
@@ -310,6 +359,35 @@ impl UNet {
         }
         let h = group_norm_silu(&self.conv_norm_out, &h)?;
         self.conv_out.forward(&h)
+    }
+
+    /// SDXL's `aug_emb`: the add embedding of [pooled text embedding, time-id embeddings] (batch, temb).
+    fn added_embedding(
+        &self,
+        add: &AddEmbedding,
+        added: &AddedConditions,
+        batch: usize,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        if added.time_ids.len() != batch || added.text_embeds.dim(0)? != batch {
+            candle_core::bail!(
+                "added conditions for {} / {} batch entries, latents have {batch}",
+                added.time_ids.len(),
+                added.text_embeds.dim(0)?
+            );
+        }
+        let ids: Vec<f64> = added.time_ids.iter().flatten().copied().collect();
+        let time_embeds = sinusoidal_embedding(
+            &ids,
+            add.time_dim,
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+            added.text_embeds.device(),
+        )?
+        .reshape((batch, ()))?;
+        let input = Tensor::cat(&[added.text_embeds.to_dtype(DType::F32)?, time_embeds], 1)?
+            .to_dtype(dtype)?;
+        add.linear_2.forward(&add.linear_1.forward(&input)?.silu()?)
     }
 
     /// The dtype the weights were loaded in.

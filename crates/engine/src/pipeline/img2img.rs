@@ -73,18 +73,40 @@ impl StableDiffusion {
             // Checked here so that a syntax error names the right field.
             crate::prompt_syntax::parse_field(&req.negative_prompt, "negative_prompt")?;
         }
-        // diffusers applies clip skip to the prompt only; the negative prompt uses the last layer.
-        let (positive, context) = if guided {
-            let encoded = self.encode_prompts(
-                &[(&req.prompt, req.clip_skip), (&req.negative_prompt, 1)],
-                &req.embeddings,
+        // diffusers applies clip skip to the prompt only; the negative prompt uses the last layer (SDXL: the
+        // penultimate one).
+        let zero_negative = self
+            .sdxl
+            .is_some_and(|s| s.force_zeros_for_empty_prompt && req.negative_prompt.is_empty());
+        let (positive_ids, negative_ids) = self.time_ids(req.width, req.height);
+        let (positive, context, added) = if guided {
+            let mut prompts = vec![(req.prompt.as_str(), req.clip_skip)];
+            if !zero_negative {
+                prompts.push((req.negative_prompt.as_str(), 1));
+            }
+            let mut encoded = self.encode_prompts(&prompts, &req.embeddings)?;
+            let negative = match encoded.pop() {
+                Some(n) if !zero_negative => n,
+                Some(p) => {
+                    encoded.push(p);
+                    encoded[0].zeros_like()?
+                }
+                None => unreachable!("one prompt was encoded"),
+            };
+            let positive = encoded.swap_remove(0);
+            let context = self.guidance_batch(&[&negative.context, &positive.context], samples)?;
+            let added = self.added_conditions(
+                &[(&negative, &negative_ids), (&positive, &positive_ids)],
+                samples,
             )?;
-            let context = self.guidance_batch(&[&encoded[1], &encoded[0]], samples)?;
-            (encoded[0].clone(), context)
+            (positive, context, added)
         } else {
-            let encoded = self.encode_prompts(&[(&req.prompt, req.clip_skip)], &req.embeddings)?;
-            let context = self.guidance_batch(&[&encoded[0]], samples)?;
-            (encoded[0].clone(), context)
+            let mut encoded =
+                self.encode_prompts(&[(&req.prompt, req.clip_skip)], &req.embeddings)?;
+            let positive = encoded.swap_remove(0);
+            let context = self.guidance_batch(&[&positive.context], samples)?;
+            let added = self.added_conditions(&[(&positive, &positive_ids)], samples)?;
+            (positive, context, added)
         };
 
         let mut scheduler = self.build_scheduler(
@@ -114,16 +136,21 @@ impl StableDiffusion {
             // DDIMInverseScheduler: invert the init latents up to `first` with the (unguided) prompt embedding
             // instead of adding the noise (which is still drawn, so later draws keep their place).
             Some(inversion) => {
-                let prompt_context = self.guidance_batch(&[&positive], samples)?;
+                let prompt_context = self.guidance_batch(&[&positive.context], samples)?;
+                let prompt_added = self.added_conditions(&[(&positive, &positive_ids)], samples)?;
                 let mut x = init.clone();
                 for &t in &inversion {
                     if progress.cancelled() {
                         return Err(EngineError::Cancelled);
                     }
                     let input = scheduler.scale_model_input(&x, t)?;
-                    let out =
-                        self.unet
-                            .forward_with(&input, t, &prompt_context, &mut unet_options)?;
+                    let out = self.unet.forward_with(
+                        &input,
+                        t,
+                        &prompt_context,
+                        prompt_added.as_ref(),
+                        &mut unet_options,
+                    )?;
                     x = scheduler.invert_step(&out, t, &x)?;
                 }
                 x
@@ -141,9 +168,9 @@ impl StableDiffusion {
                 latents.clone()
             };
             let input = scheduler.scale_model_input(&input, t)?;
-            let out = self
-                .unet
-                .forward_with(&input, t, &context, &mut unet_options)?;
+            let out =
+                self.unet
+                    .forward_with(&input, t, &context, added.as_ref(), &mut unet_options)?;
             let noise_pred = if guided {
                 let parts = split_batch(&out, 2)?;
                 let (uncond, text) = (&parts[0], &parts[1]);

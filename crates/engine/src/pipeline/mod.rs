@@ -37,7 +37,29 @@ pub enum ModelKind {
     Pix2Pix,
 }
 
-/// A loaded Stable Diffusion model: tokenizer, text encoder, UNet, VAE and its scheduler config.
+/// One text encoder with its tokenizer.
+#[derive(Clone)]
+pub(crate) struct TextTower {
+    pub(crate) tokenizer: ClipTokenizer,
+    pub(crate) encoder: Arc<ClipTextModel>,
+}
+
+/// What makes a model SDXL: how its conditioning is built beyond the text encoders' hidden states.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SdxlSettings {
+    /// A missing negative prompt gives zero unconditional embeddings (the base: true; the refiner: false).
+    pub force_zeros_for_empty_prompt: bool,
+    /// The refiner's micro-conditioning: (original size, crop, aesthetic score) instead of (original size,
+    /// crop, target size).
+    pub requires_aesthetics_score: bool,
+}
+
+/// The aesthetic score of the prompt's half of the refiner's time ids (diffusers' default).
+pub const AESTHETIC_SCORE: f64 = 6.0;
+/// The aesthetic score of the negative half (diffusers' default).
+pub const NEGATIVE_AESTHETIC_SCORE: f64 = 2.5;
+
+/// A loaded Stable Diffusion model: tokenizer(s), text encoder(s), UNet, VAE and its scheduler config.
 ///
 /// The networks are shared (reference counted): a variant with LoRAs merged in ([`Self::with_loras`]) or
 /// another VAE ([`Self::with_vae`]) shares every part it does not change with the model it came from, and
@@ -46,8 +68,12 @@ pub enum ModelKind {
 pub struct StableDiffusion {
     /// The model id (folder or file name) it was loaded as.
     pub id: String,
-    pub(crate) tokenizer: ClipTokenizer,
-    pub(crate) text_encoder: Arc<ClipTextModel>,
+    /// The text encoders in the order their hidden states are concatenated: SD 1/2 one (CLIP-L or
+    /// OpenCLIP-H), an SDXL base two (CLIP-L, OpenCLIP-bigG with projection), an SDXL refiner the second
+    /// alone.
+    pub(crate) towers: Vec<TextTower>,
+    /// Present for SDXL models.
+    pub(crate) sdxl: Option<SdxlSettings>,
     pub(crate) unet: Arc<UNet>,
     pub(crate) vae: Arc<AutoencoderKl>,
     pub(crate) scheduler_config: serde_json::Value,
@@ -66,7 +92,7 @@ struct BaseWeights {
 }
 
 impl StableDiffusion {
-    /// Assembles a model from its loaded parts (used by the model loader).
+    /// Assembles an SD 1/2 model from its loaded parts (used by the model loader).
     #[allow(clippy::too_many_arguments)]
     pub fn from_parts(
         id: String,
@@ -80,8 +106,11 @@ impl StableDiffusion {
     ) -> Self {
         StableDiffusion {
             id,
-            tokenizer,
-            text_encoder: Arc::new(text_encoder),
+            towers: vec![TextTower {
+                tokenizer,
+                encoder: Arc::new(text_encoder),
+            }],
+            sdxl: None,
             unet: Arc::new(unet),
             vae: Arc::new(vae),
             scheduler_config,
@@ -90,6 +119,49 @@ impl StableDiffusion {
             base_weights: None,
             extra_bytes: 0,
         }
+    }
+
+    /// Assembles an SDXL model: its text encoders with their tokenizers in concatenation order (the last
+    /// one with its projection), UNet, VAE, scheduler config and conditioning settings.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sdxl_from_parts(
+        id: String,
+        encoders: Vec<(ClipTokenizer, ClipTextModel)>,
+        unet: UNet,
+        vae: AutoencoderKl,
+        scheduler_config: serde_json::Value,
+        settings: SdxlSettings,
+        device: Device,
+        dtype: DType,
+    ) -> Self {
+        StableDiffusion {
+            id,
+            towers: encoders
+                .into_iter()
+                .map(|(tokenizer, encoder)| TextTower {
+                    tokenizer,
+                    encoder: Arc::new(encoder),
+                })
+                .collect(),
+            sdxl: Some(settings),
+            unet: Arc::new(unet),
+            vae: Arc::new(vae),
+            scheduler_config,
+            device,
+            dtype,
+            base_weights: None,
+            extra_bytes: 0,
+        }
+    }
+
+    /// The SDXL conditioning settings, for an SDXL model.
+    pub fn sdxl(&self) -> Option<SdxlSettings> {
+        self.sdxl
+    }
+
+    /// The first text encoder (the only one of SD 1/2 models).
+    pub(crate) fn text_encoder(&self) -> &Arc<ClipTextModel> {
+        &self.towers[0].encoder
     }
 
     /// The dtype of the UNet's activations: float16 on a GPU, float32 on the CPU (also in bf16 mode, whose
@@ -117,6 +189,15 @@ impl StableDiffusion {
         if loras.is_empty() {
             return Ok(self.clone());
         }
+        if self.sdxl.is_some() {
+            return Err(EngineError::invalid(
+                "lora_model",
+                format!(
+                    "model {} is SDXL; LoRAs on SDXL models are not supported yet",
+                    self.id
+                ),
+            ));
+        }
         let base = self.base_weights.as_ref().ok_or_else(|| {
             EngineError::invalid(
                 "lora_model",
@@ -141,12 +222,11 @@ impl StableDiffusion {
             model.unet = Arc::new(UNet::new(self.unet.config(), vb)?);
         }
         if !text_patch.is_empty() {
-            let vb = base.text_encoder.var_builder_with(
-                text_patch,
-                self.text_encoder.dtype(),
-                &self.device,
-            );
-            model.text_encoder = Arc::new(ClipTextModel::new(self.text_encoder.config(), vb)?);
+            let encoder = self.text_encoder();
+            let vb = base
+                .text_encoder
+                .var_builder_with(text_patch, encoder.dtype(), &self.device);
+            model.towers[0].encoder = Arc::new(ClipTextModel::new(encoder.config(), vb)?);
         }
         // The variant's own tensors are not a base for further merges: LoRA sets are merged from the
         // original model, never stacked.
@@ -195,9 +275,16 @@ impl StableDiffusion {
         self.vae.config()
     }
 
-    /// The largest clip skip this model's text encoder allows.
+    /// The largest clip skip this model's text encoders allow.
     pub fn max_clip_skip(&self) -> usize {
-        self.text_encoder.max_clip_skip()
+        self.towers
+            .iter()
+            .map(|t| match self.sdxl {
+                Some(_) => t.encoder.max_sdxl_clip_skip(),
+                None => t.encoder.max_clip_skip(),
+            })
+            .min()
+            .unwrap_or(1)
     }
 
     pub(crate) fn build_scheduler(
@@ -216,9 +303,14 @@ impl StableDiffusion {
 
     /// The scheduler config as diffusers' img2img pipeline rewrites it when it is constructed: a
     /// `steps_offset` other than 1 becomes 1, and `clip_sample` that is on (explicitly, or by the class
-    /// default of DDIM/DDPM) is turned off. InstructPix2Pix keeps the config as it is.
+    /// default of DDIM/DDPM) is turned off. InstructPix2Pix and SDXL (whose pipelines do not rewrite it) keep
+    /// the config as it is.
     pub(crate) fn img2img_scheduler_config(&self) -> serde_json::Value {
         let mut config = self.scheduler_config.clone();
+        if self.sdxl.is_some() {
+            // diffusers' SDXL pipelines use the scheduler config as it is.
+            return config;
+        }
         if let Some(map) = config.as_object_mut() {
             let class = map
                 .get("_class_name")

@@ -60,10 +60,17 @@ impl StableDiffusion {
                 &[(&req.prompt, req.clip_skip), (&req.negative_prompt, 1)],
                 &req.embeddings,
             )?;
-            self.guidance_batch(&[&encoded[0], &encoded[1], &encoded[1]], samples)?
+            self.guidance_batch(
+                &[
+                    &encoded[0].context,
+                    &encoded[1].context,
+                    &encoded[1].context,
+                ],
+                samples,
+            )?
         } else {
             let encoded = self.encode_prompts(&[(&req.prompt, req.clip_skip)], &req.embeddings)?;
-            self.guidance_batch(&[&encoded[0]], samples)?
+            self.guidance_batch(&[&encoded[0].context], samples)?
         };
 
         let mut scheduler = self.build_scheduler(
@@ -106,7 +113,7 @@ impl StableDiffusion {
             let input = Tensor::cat(&[&input, &image_latents], 1)?;
             let out = self
                 .unet
-                .forward_with(&input, t, &context, &mut unet_options)?;
+                .forward_with(&input, t, &context, None, &mut unet_options)?;
             let noise_pred = if guided {
                 let parts = split_batch(&out, 3)?;
                 let (text, image, uncond) = (&parts[0], &parts[1], &parts[2]);

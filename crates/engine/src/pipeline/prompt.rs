@@ -6,22 +6,114 @@
 use candle_core::{DType, Tensor};
 
 use super::prompt_chunks::{chunk_prompt, Chunk, Slot, Trigger};
-use super::StableDiffusion;
+use super::{StableDiffusion, TextTower};
+use super::{AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE};
 use crate::embeddings::{family_of_hidden_size, TextualInversion};
 use crate::error::{EngineError, Result};
+use crate::models::AddedConditions;
 use crate::prompt_syntax::parse;
 
+/// One prompt's conditioning: the text embeddings the cross-attention reads (1, 77·k, width) and, for SDXL,
+/// the last encoder's pooled, projected embedding (1, projection width).
+#[derive(Debug, Clone)]
+pub struct PromptEmbedding {
+    /// The hidden states of every encoder, concatenated along the width.
+    pub context: Tensor,
+    /// SDXL only: the pooled embedding of the prompt's first window.
+    pub pooled: Option<Tensor>,
+}
+
+impl PromptEmbedding {
+    /// The same shapes filled with zeros: SDXL's unconditional embedding for a missing negative prompt.
+    pub fn zeros_like(&self) -> Result<Self> {
+        Ok(PromptEmbedding {
+            context: self.context.zeros_like()?,
+            pooled: self.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+        })
+    }
+}
+
 impl StableDiffusion {
-    /// Encodes each `(prompt, clip_skip)` to its conditioning (1, 77·k, hidden), all with the same k: shorter
-    /// ones are extended with the empty prompt's encoding (at their own clip skip), as AUTOMATIC1111 does.
-    /// `embeddings` are the textual inversions the prompts may name.
+    /// Encodes each `(prompt, clip_skip)` to its conditioning, all with the same number k of 77-token
+    /// windows: shorter ones are extended with the empty prompt's encoding (at their own clip skip), as
+    /// AUTOMATIC1111 does. Every text encoder reads the same prompt (SDXL: both), each through its own
+    /// tokenizer. `embeddings` are the textual inversions the prompts may name.
     pub fn encode_prompts(
         &self,
         prompts: &[(&str, usize)],
         embeddings: &[TextualInversion],
-    ) -> Result<Vec<Tensor>> {
-        let hidden = self.text_encoder.config().hidden_size;
-        let mut triggers = Vec::with_capacity(embeddings.len());
+    ) -> Result<Vec<PromptEmbedding>> {
+        self.check_embeddings(embeddings)?;
+        let parsed = prompts
+            .iter()
+            .map(|(text, _)| parse(text))
+            .collect::<Result<Vec<_>>>()?;
+        // chunks[tower][prompt]
+        let mut chunks = Vec::with_capacity(self.towers.len());
+        for tower in &self.towers {
+            let triggers = embeddings
+                .iter()
+                .map(|e| {
+                    Ok(Trigger {
+                        ids: tower.tokenizer.content_ids(&e.name)?,
+                        vectors: e.vector_count(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            chunks.push(
+                parsed
+                    .iter()
+                    .map(|pieces| chunk_prompt(&tower.tokenizer, pieces, &triggers))
+                    .collect::<Result<Vec<_>>>()?,
+            );
+        }
+        let longest = chunks.iter().flatten().map(Vec::len).max().unwrap_or(1);
+        let last = self.towers.len() - 1;
+        let mut out = Vec::with_capacity(prompts.len());
+        for (p, &(_, clip_skip)) in prompts.iter().enumerate() {
+            let mut widths = Vec::with_capacity(self.towers.len());
+            let mut pooled = None;
+            for (k, tower) in self.towers.iter().enumerate() {
+                let mut tensors = Vec::with_capacity(longest);
+                for (i, chunk) in chunks[k][p].iter().enumerate() {
+                    let (z, chunk_pooled) =
+                        self.encode_chunk(tower, chunk, embeddings, clip_skip)?;
+                    if k == last && i == 0 {
+                        pooled = chunk_pooled;
+                    }
+                    tensors.push(z);
+                }
+                if tensors.len() < longest {
+                    let empty = chunk_prompt(&tower.tokenizer, &[], &[])?;
+                    let (empty, _) = self.encode_chunk(tower, &empty[0], &[], clip_skip)?;
+                    tensors.resize(longest, empty);
+                }
+                widths.push(Tensor::cat(&tensors, 1)?);
+            }
+            out.push(PromptEmbedding {
+                context: Tensor::cat(&widths, 2)?.to_dtype(self.dtype)?,
+                pooled,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Refuses embeddings that do not fit this model's text encoder.
+    fn check_embeddings(&self, embeddings: &[TextualInversion]) -> Result<()> {
+        let Some(first) = embeddings.first() else {
+            return Ok(());
+        };
+        if self.sdxl.is_some() {
+            return Err(EngineError::invalid(
+                "embeddings_model",
+                format!(
+                    "model {} is SDXL; textual-inversion embeddings on SDXL models are not supported yet \
+                     (embedding {})",
+                    self.id, first.name
+                ),
+            ));
+        }
+        let hidden = self.text_encoder().config().hidden_size;
         for e in embeddings {
             if e.hidden_size() != hidden {
                 return Err(EngineError::invalid(
@@ -37,43 +129,23 @@ impl StableDiffusion {
                     ),
                 ));
             }
-            triggers.push(Trigger {
-                ids: self.tokenizer.content_ids(&e.name)?,
-                vectors: e.vector_count(),
-            });
         }
-        let mut encoded: Vec<(Vec<Tensor>, usize)> = Vec::with_capacity(prompts.len());
-        for &(text, clip_skip) in prompts {
-            let chunks = chunk_prompt(&self.tokenizer, &parse(text)?, &triggers)?;
-            let tensors = chunks
-                .iter()
-                .map(|c| self.encode_chunk(c, embeddings, clip_skip))
-                .collect::<Result<Vec<_>>>()?;
-            encoded.push((tensors, clip_skip));
-        }
-        let longest = encoded.iter().map(|(t, _)| t.len()).max().unwrap_or(1);
-        encoded
-            .into_iter()
-            .map(|(mut tensors, clip_skip)| {
-                if tensors.len() < longest {
-                    let empty = chunk_prompt(&self.tokenizer, &[], &[])?;
-                    let empty = self.encode_chunk(&empty[0], &[], clip_skip)?;
-                    tensors.resize(longest, empty);
-                }
-                Ok(Tensor::cat(&tensors, 1)?.to_dtype(self.dtype)?)
-            })
-            .collect()
+        Ok(())
     }
 
-    /// One chunk through the text encoder (1, 77, hidden) in float32, re-weighted when it has weights: every
-    /// token's vector times its weight, then the whole chunk scaled back to its unweighted mean.
+    /// One chunk through one text encoder (1, 77, hidden) in float32, re-weighted when it has weights: every
+    /// token's vector times its weight, then the whole chunk scaled back to its unweighted mean. SD 1/2: the
+    /// chosen layer with the final layer norm; SDXL: the layer `clip_skip` before the last, without it, and
+    /// the pooled embedding when the encoder has its projection.
     fn encode_chunk(
         &self,
+        tower: &TextTower,
         chunk: &Chunk,
         embeddings: &[TextualInversion],
         clip_skip: usize,
-    ) -> Result<Tensor> {
-        let placeholder = self.tokenizer.pad_id();
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let encoder = &tower.encoder;
+        let placeholder = tower.tokenizer.pad_id();
         let ids: Vec<u32> = chunk
             .slots
             .iter()
@@ -83,10 +155,16 @@ impl StableDiffusion {
             })
             .collect();
         let device = &self.device;
+        let eos = tower.tokenizer.eos_id();
+        let eos_position = chunk
+            .slots
+            .iter()
+            .position(|s| *s == Slot::Token(eos))
+            .unwrap_or(ids.len() - 1);
         let ids = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
+        let tokens = encoder.embed_tokens(&ids)?;
         let has_vectors = chunk.slots.iter().any(|s| matches!(s, Slot::Vector { .. }));
-        let z = if has_vectors {
-            let tokens = self.text_encoder.embed_tokens(&ids)?;
+        let tokens = if has_vectors {
             let rows = chunk
                 .slots
                 .iter()
@@ -101,13 +179,16 @@ impl StableDiffusion {
                         .unsqueeze(0),
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            self.text_encoder
-                .forward_embeds(&Tensor::cat(&rows, 1)?, clip_skip)?
+            Tensor::cat(&rows, 1)?
         } else {
-            self.text_encoder.forward(&ids, clip_skip)?
+            tokens
+        };
+        let (z, pooled) = match self.sdxl {
+            Some(_) => encoder.forward_sdxl(&tokens, clip_skip, eos_position)?,
+            None => (encoder.forward_embeds(&tokens, clip_skip)?, None),
         };
         if chunk.unweighted() {
-            return Ok(z);
+            return Ok((z, pooled));
         }
         let z = z.to_dtype(DType::F32)?;
         let n = chunk.weights.len();
@@ -115,7 +196,10 @@ impl StableDiffusion {
         let original_mean = z.mean_all()?;
         let weighted = z.broadcast_mul(&weights)?;
         let new_mean = weighted.mean_all()?;
-        Ok(weighted.broadcast_mul(&(original_mean / new_mean)?)?)
+        Ok((
+            weighted.broadcast_mul(&(original_mean / new_mean)?)?,
+            pooled,
+        ))
     }
 
     /// The embeddings of `parts` (prompt or negative, each repeated `samples` times) concatenated along the
@@ -126,6 +210,46 @@ impl StableDiffusion {
             .map(|t| t.repeat((samples, 1, 1)))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&repeated, 0)?)
+    }
+}
+
+impl StableDiffusion {
+    /// SDXL's added conditions for a batch made of `parts` (each a prompt's pooled embedding and time ids,
+    /// repeated `samples` times) in the given order; `None` for SD 1/2 models.
+    pub(crate) fn added_conditions(
+        &self,
+        parts: &[(&PromptEmbedding, &[f64])],
+        samples: usize,
+    ) -> Result<Option<AddedConditions>> {
+        if self.sdxl.is_none() {
+            return Ok(None);
+        }
+        let mut pooled = Vec::with_capacity(parts.len());
+        let mut time_ids = Vec::with_capacity(parts.len() * samples);
+        for (embedding, ids) in parts {
+            let p = embedding.pooled.as_ref().ok_or_else(|| {
+                EngineError::model(&self.id, "the SDXL text encoder gave no pooled embedding")
+            })?;
+            pooled.push(p.repeat((samples, 1))?);
+            time_ids.extend(std::iter::repeat_n(ids.to_vec(), samples));
+        }
+        Ok(Some(AddedConditions {
+            text_embeds: Tensor::cat(&pooled, 0)?,
+            time_ids,
+        }))
+    }
+
+    /// SDXL's micro-conditioning for an output of `width` × `height`: the prompt's and the negative's time
+    /// ids (original size, crop top-left (0, 0), then target size, or the refiner's aesthetic scores).
+    pub(crate) fn time_ids(&self, width: u32, height: u32) -> (Vec<f64>, Vec<f64>) {
+        let (h, w) = (height as f64, width as f64);
+        match self.sdxl {
+            Some(s) if s.requires_aesthetics_score => (
+                vec![h, w, 0.0, 0.0, AESTHETIC_SCORE],
+                vec![h, w, 0.0, 0.0, NEGATIVE_AESTHETIC_SCORE],
+            ),
+            _ => (vec![h, w, 0.0, 0.0, h, w], vec![h, w, 0.0, 0.0, h, w]),
+        }
     }
 }
 

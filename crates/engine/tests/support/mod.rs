@@ -187,3 +187,17 @@ pub fn assert_within_35_db_of_fp32<M>(
         "{precision} changed no image: the {precision} path did not run"
     );
 }
+
+/// Copies a folder tree (e.g. a fixture model into a test's own models folder).
+pub fn copy_dir_all(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir_all(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

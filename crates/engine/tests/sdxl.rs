@@ -1,0 +1,223 @@
+//! SDXL beyond the images of tests/fixtures/sdxl/cases.json (which `parity.rs` runs): the conditioning tensor
+//! for tensor against diffusers' own (recorded by scripts/make_sdxl_fixtures.py), the prompt features on two
+//! encoders, and the errors that name what an SDXL model cannot do or what a folder lacks.
+
+mod support;
+
+use std::path::Path;
+
+use candle_core::{safetensors::load, Device, Tensor};
+use pictor_engine::embeddings::TextualInversion;
+use pictor_engine::error::EngineError;
+use pictor_engine::lora::Lora;
+use pictor_engine::model_store::{self, ModelsDir};
+use pictor_engine::pipeline::{Img2ImgRequest, NoProgress};
+use pictor_engine::prompt_syntax::escape;
+use pictor_engine::schedulers::SchedulerOptions;
+use pictor_engine::Runtime;
+use support::{copy_dir_all, fixtures, load_model, max_abs_diff, models};
+
+/// The tensors diffusers recorded for an SDXL case.
+fn recorded(case: &str) -> std::collections::HashMap<String, Tensor> {
+    load(
+        fixtures().join(format!("sdxl/cases/{case}/tensors.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// The prompt of every SDXL case, as Pictor's syntax spells diffusers' literal text.
+fn prompt() -> String {
+    escape("a photo of a cat, ((cinematic lighting))")
+}
+
+#[test]
+fn sdxl_conditioning_equals_diffusers_tensor_for_tensor() {
+    let model = load_model("sdxl-tiny");
+    let t = recorded("sdxl-euler-s42");
+    // diffusers' first UNet call: [negative, prompt] along the batch.
+    let encoded = model
+        .encode_prompts(&[(&prompt(), 1), ("blurry", 1)], &[])
+        .unwrap();
+    let (positive, negative) = (&encoded[0], &encoded[1]);
+    let context = Tensor::cat(&[&negative.context, &positive.context], 0).unwrap();
+    let pooled = Tensor::cat(
+        &[
+            negative.pooled.as_ref().unwrap(),
+            positive.pooled.as_ref().unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    assert_eq!(context.dims(), t["prompt_embeds"].dims());
+    assert!(max_abs_diff(&context, &t["prompt_embeds"]) < 1e-4);
+    assert!(max_abs_diff(&pooled, &t["text_embeds"]) < 1e-4);
+    // Both encoders matter: CLIP-L fills the first 48 columns, bigG the other 80.
+    assert_eq!(context.dims(), &[2, 77, 128]);
+
+    // The refiner: bigG alone.
+    let refiner = load_model("sdxl-refiner-tiny");
+    let t = recorded("sdxl-refiner-euler-s3");
+    let encoded = refiner
+        .encode_prompts(&[(&prompt(), 1), ("blurry", 1)], &[])
+        .unwrap();
+    let context = Tensor::cat(&[&encoded[1].context, &encoded[0].context], 0).unwrap();
+    assert_eq!(context.dims(), &[2, 77, 80]);
+    assert!(max_abs_diff(&context, &t["prompt_embeds"]) < 1e-4);
+}
+
+#[test]
+fn sdxl_long_prompts_weights_and_break_reach_both_encoders() {
+    let model = load_model("sdxl-tiny");
+    let long = vec!["cat"; 100].join(" ");
+    let encoded = model
+        .encode_prompts(&[("blurry", 1), (&long, 1)], &[])
+        .unwrap();
+    // Two 77-token windows on every prompt, both encoders side by side; the pooled embedding is the first
+    // window's, as AUTOMATIC1111 does.
+    assert_eq!(encoded[0].context.dims(), &[1, 154, 128]);
+    assert_eq!(encoded[1].context.dims(), &[1, 154, 128]);
+    assert_eq!(encoded[1].pooled.as_ref().unwrap().dims(), &[1, 40]);
+    let plain = model.encode_prompts(&[("a cat", 1)], &[]).unwrap();
+    let weighted = model.encode_prompts(&[("a (cat:1.5)", 1)], &[]).unwrap();
+    let split = model.encode_prompts(&[("a BREAK cat", 1)], &[]).unwrap();
+    assert!(max_abs_diff(&plain[0].context, &weighted[0].context) > 1e-3);
+    // Weights change the hidden states, not the pooled embedding.
+    assert!(
+        max_abs_diff(
+            plain[0].pooled.as_ref().unwrap(),
+            weighted[0].pooled.as_ref().unwrap()
+        ) < 1e-6
+    );
+    assert_eq!(split[0].context.dims(), &[1, 154, 128]);
+}
+
+fn request(prompt: &str) -> Img2ImgRequest {
+    Img2ImgRequest {
+        prompt: prompt.into(),
+        negative_prompt: String::new(),
+        init_image: image::RgbImage::from_pixel(64, 64, image::Rgb([120, 80, 40])),
+        width: 64,
+        height: 64,
+        samples: 1,
+        num_inference_steps: 4,
+        guidance_scale: 5.0,
+        strength: 0.5,
+        seed: Some(1),
+        scheduler: None,
+        scheduler_options: SchedulerOptions::default(),
+        clip_skip: 1,
+        embeddings: Vec::new(),
+        tome: None,
+    }
+}
+
+fn invalid_field(e: EngineError) -> (String, String) {
+    match e {
+        EngineError::InvalidRequest { field, message } => (field.to_string(), message),
+        other => panic!("expected an invalid-request error, got {other}"),
+    }
+}
+
+#[test]
+fn sdxl_refuses_what_it_cannot_do_yet_by_name() {
+    let model = load_model("sdxl-tiny");
+    let lora = Lora::load(&models().resolve_lora("tiny-kohya").unwrap(), "tiny-kohya").unwrap();
+    let e = model.with_loras(&[(&lora, 1.0)]).err().unwrap();
+    let (field, message) = invalid_field(e);
+    assert_eq!(field, "lora_model");
+    assert!(message.contains("SDXL"), "{message}");
+
+    let mut req = request("a cat");
+    req.embeddings = vec![TextualInversion::from_tensor(
+        "tiny-emb",
+        Tensor::zeros((1, 48), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )
+    .unwrap()];
+    let (field, message) = invalid_field(model.img2img(&req, &mut NoProgress).unwrap_err());
+    assert_eq!(field, "embeddings_model");
+    assert!(message.contains("SDXL"), "{message}");
+
+    // clip skip counts from the penultimate layer: 3 layers allow 1 to 3.
+    assert_eq!(model.max_clip_skip(), 3);
+    let mut req = request("a cat");
+    req.clip_skip = 4;
+    let (field, _) = invalid_field(model.img2img(&req, &mut NoProgress).unwrap_err());
+    assert_eq!(field, "clip_skip");
+    req.clip_skip = 3;
+    assert_eq!(
+        model.img2img(&req, &mut NoProgress).unwrap().images.len(),
+        1
+    );
+}
+
+/// Loads `id` from `root` and returns the error text.
+fn load_error(root: &Path, id: &str) -> String {
+    let rt = Runtime::cpu();
+    let dir = ModelsDir::new(root);
+    let result = dir
+        .resolve_id(id)
+        .and_then(|location| model_store::load(&location, &rt.device, rt.dtype));
+    match result {
+        Ok(_) => panic!("{id} loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn sdxl_folders_that_do_not_fit_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let checkpoints = tmp.path().join("checkpoints");
+    let source = fixtures().join("models/checkpoints");
+    let copy = |from: &str, to: &str| {
+        copy_dir_all(&source.join(from), &checkpoints.join(to));
+        checkpoints.join(to)
+    };
+
+    let no_tokenizer = copy("sdxl-tiny", "no-tokenizer");
+    std::fs::remove_dir_all(no_tokenizer.join("tokenizer_2")).unwrap();
+    let e = load_error(tmp.path(), "no-tokenizer");
+    assert!(e.contains("tokenizer_2/"), "{e}");
+
+    let no_second = copy("sdxl-tiny", "no-second");
+    std::fs::remove_dir_all(no_second.join("text_encoder_2")).unwrap();
+    let e = load_error(tmp.path(), "no-second");
+    assert!(e.contains("SDXL") && e.contains("text_encoder_2/"), "{e}");
+
+    // An SD 1 UNet with an SDXL second text encoder beside it.
+    let mixed = copy("sd1-tiny", "mixed");
+    copy_dir_all(
+        &source.join("sdxl-tiny/text_encoder_2"),
+        &mixed.join("text_encoder_2"),
+    );
+    copy_dir_all(
+        &source.join("sdxl-tiny/tokenizer_2"),
+        &mixed.join("tokenizer_2"),
+    );
+    let e = load_error(tmp.path(), "mixed");
+    assert!(e.contains("no SDXL add embedding"), "{e}");
+
+    // SDXL InstructPix2Pix / inpainting UNets are refused before anything is loaded.
+    let wide = copy("sdxl-tiny", "wide");
+    let config = wide.join("unet/config.json");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("\"in_channels\": 4", "\"in_channels\": 8");
+    std::fs::write(&config, text).unwrap();
+    let location = ModelsDir::new(tmp.path()).resolve_id("wide").unwrap();
+    let e = model_store::peek_kind(&location).unwrap_err().to_string();
+    assert!(e.contains("SDXL") && e.contains("8 input channels"), "{e}");
+}
+
+/// A VAE from a single file (no config) takes the SDXL model's scaling factor, as AUTOMATIC1111 does with
+/// `sdxl_vae.safetensors`; SD 1's 0.18215 would scale SDXL latents wrongly.
+#[test]
+fn sdxl_with_a_single_file_vae_keeps_sdxl_scaling() {
+    let model = load_model("sdxl-tiny");
+    assert_eq!(model.vae_config().scaling_factor, 0.13025);
+    let swapped = model_store::variant(&model, &models(), &[], Some("tiny-alt-ldm")).unwrap();
+    assert_eq!(swapped.vae_config().scaling_factor, 0.13025);
+    let sd1 = load_model("sd1-tiny");
+    let swapped = model_store::variant(&sd1, &models(), &[], Some("tiny-alt-ldm")).unwrap();
+    assert_eq!(swapped.vae_config().scaling_factor, 0.18215);
+}
