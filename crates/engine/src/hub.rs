@@ -33,6 +33,8 @@ const COMPONENTS: &[(&str, bool)] = &[
     ("vae", true),
     ("text_encoder", true),
     ("tokenizer", false),
+    ("text_encoder_2", true),
+    ("tokenizer_2", false),
     ("scheduler", false),
     ("safety_checker", true),
     ("feature_extractor", false),
@@ -333,12 +335,20 @@ fn plan_files(repo_id: &str, files: &[String], index: &Value) -> Result<Plan> {
             Err(why) => return Err(download_err(format!("{repo_id}: {component}/ {why}"))),
         }
     }
-    for required in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+    for required in ["unet", "vae", "scheduler"] {
         if index.get(required).is_none() {
             return Err(download_err(format!(
                 "{repo_id}: model_index.json lists no {required}; not a Stable Diffusion pipeline"
             )));
         }
+    }
+    // SD 1/2 and the SDXL base have text_encoder/ + tokenizer/; an SDXL refiner text_encoder_2/ alone.
+    let has = |c: &str| plan.files.iter().any(|f| f.starts_with(&format!("{c}/")));
+    if !(has("text_encoder") && has("tokenizer") || has("text_encoder_2") && has("tokenizer_2")) {
+        return Err(download_err(format!(
+            "{repo_id}: model_index.json lists no text encoder with its tokenizer; not a Stable Diffusion \
+             pipeline"
+        )));
     }
     Ok(plan)
 }
@@ -493,6 +503,63 @@ mod tests {
             ])
         );
         assert!(plan.skipped.is_empty());
+    }
+
+    /// stabilityai/stable-diffusion-xl-refiner-1.0's layout: the second text encoder alone, fp16 variants
+    /// beside full precision (and the base's two encoders, as a variant of the SD 1.5 layout).
+    #[test]
+    fn hub_plan_takes_sdxl_text_encoders() {
+        let index = serde_json::json!({
+            "_class_name": "StableDiffusionXLImg2ImgPipeline",
+            "force_zeros_for_empty_prompt": false,
+            "requires_aesthetics_score": true,
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": [null, null],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": [null, null],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]
+        });
+        let files = strings(&[
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "text_encoder_2/config.json",
+            "text_encoder_2/model.safetensors",
+            "text_encoder_2/model.fp16.safetensors",
+            "tokenizer_2/merges.txt",
+            "tokenizer_2/special_tokens_map.json",
+            "tokenizer_2/tokenizer_config.json",
+            "tokenizer_2/vocab.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+            "sd_xl_refiner_1.0.safetensors",
+        ]);
+        let plan = plan_files("r", &files, &index).unwrap();
+        assert_eq!(
+            plan.files,
+            strings(&[
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors",
+                "vae/config.json",
+                "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder_2/config.json",
+                "text_encoder_2/model.safetensors",
+                "tokenizer_2/merges.txt",
+                "tokenizer_2/special_tokens_map.json",
+                "tokenizer_2/tokenizer_config.json",
+                "tokenizer_2/vocab.json",
+                "scheduler/scheduler_config.json",
+            ])
+        );
+        // Without any text encoder it is not a pipeline Pictor can run.
+        let mut no_text = index.clone();
+        no_text["text_encoder_2"] = serde_json::json!([null, null]);
+        let e = plan_files("r", &files, &no_text).err().unwrap().to_string();
+        assert!(e.contains("no text encoder"), "{e}");
     }
 
     #[test]
