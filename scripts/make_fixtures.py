@@ -302,6 +302,18 @@ def liven(model, gen, cfg=LIVEN):
     assert not missed, f"liven() did not cover {missed}"
 
 
+def scale_vae_latents(vae):
+    """Rescales a drawn VAE's quant_conv so that latents * scaling_factor have roughly unit variance with a
+    small posterior std (see the module docstring)."""
+    with torch.no_grad():
+        lc = vae.config.latent_channels
+        k = LIVEN["vae_latent_gain"]
+        vae.quant_conv.weight[:lc] *= k
+        vae.quant_conv.bias[:lc] *= k
+        vae.quant_conv.bias[lc:] = LIVEN["vae_logvar_bias"]
+        vae.post_quant_conv.weight /= k
+
+
 def build_models(spec):
     torch.manual_seed(spec["seed"])
     gen = torch.Generator("cpu").manual_seed(spec["seed"])
@@ -310,13 +322,7 @@ def build_models(spec):
     text = CLIPTextModel(CLIPTextConfig(**spec["text"]))
     for model in (unet, vae, text):
         liven(model, gen)
-    with torch.no_grad():
-        lc = vae.config.latent_channels
-        k = LIVEN["vae_latent_gain"]
-        vae.quant_conv.weight[:lc] *= k
-        vae.quant_conv.bias[:lc] *= k
-        vae.quant_conv.bias[lc:] = LIVEN["vae_logvar_bias"]
-        vae.post_quant_conv.weight /= k
+    scale_vae_latents(vae)
     # Round to the storage dtype now; the references run in float32 on exactly these values.
     return [m.to(spec["dtype"]).eval() for m in (unet, vae, text)]
 
@@ -971,12 +977,14 @@ def clip_skip_embeds(pipe, case):
     return dict(prompt_embeds=pos, negative_prompt_embeds=neg)
 
 
-def run_case(pipe, case, base_config):
+def call_kwargs(pipe, case, base_config):
+    """Sets the case's scheduler (from the model's config, with the case's overrides) on `pipe` and returns
+    the pipeline-call arguments every pipeline takes."""
     overrides = {k: case[k] for k in ("use_karras_sigmas", "algorithm_type") if case.get(k) is not None}
     pipe.scheduler = SCHEDULERS[case["scheduler"]].from_config(base_config, **overrides)
     image = Image.open(FIX / case["init_image"]).convert("RGB")
     assert image.size == (case["width"], case["height"])
-    kw = dict(
+    return dict(
         prompt=case["prompt"],
         image=image,
         negative_prompt=case["negative_prompt"],
@@ -986,6 +994,10 @@ def run_case(pipe, case, base_config):
         generator=torch.Generator("cpu").manual_seed(case["seed"]),
         output_type="np",
     )
+
+
+def run_case(pipe, case, base_config):
+    kw = call_kwargs(pipe, case, base_config)
     if case["pipeline"] == "img2img":
         kw["strength"] = case["strength"]
         if case["clip_skip"] > 1:

@@ -115,13 +115,7 @@ def alt_vae(gen_seed):
     vae = AutoencoderKL.from_config(cfg)
     gen = torch.Generator("cpu").manual_seed(gen_seed)
     mf.liven(vae, gen)
-    with torch.no_grad():
-        lc = vae.config.latent_channels
-        k = mf.LIVEN["vae_latent_gain"]
-        vae.quant_conv.weight[:lc] *= k
-        vae.quant_conv.bias[:lc] *= k
-        vae.quant_conv.bias[lc:] = mf.LIVEN["vae_logvar_bias"]
-        vae.post_quant_conv.weight /= k
+    mf.scale_vae_latents(vae)
     return vae.eval()
 
 

@@ -116,13 +116,7 @@ def build():
     text_l = drawn(CLIPTextModel(CLIPTextConfig(**TEXT_L)), gen)
     text_g = drawn(CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_G)), gen)
     vae = drawn(AutoencoderKL(**VAE), gen)
-    with torch.no_grad():
-        lc = vae.config.latent_channels
-        k = mf.LIVEN["vae_latent_gain"]
-        vae.quant_conv.weight[:lc] *= k
-        vae.quant_conv.bias[:lc] *= k
-        vae.quant_conv.bias[lc:] = mf.LIVEN["vae_logvar_bias"]
-        vae.post_quant_conv.weight /= k
+    mf.scale_vae_latents(vae)
     base_unet = drawn(UNet2DConditionModel(**unet_config(TEXT_L["hidden_size"] + TEXT_G["hidden_size"], 6)), gen)
     refiner_unet = drawn(UNet2DConditionModel(**unet_config(TEXT_G["hidden_size"], 5)), gen)
     # Stored in fp16 (as SDXL repositories ship); the references run in float32 on exactly these values.
@@ -285,21 +279,7 @@ class Recorder:
 
 
 def run_case(pipe, c, base_config):
-    overrides = {k: c[k] for k in ("use_karras_sigmas", "algorithm_type") if c.get(k) is not None}
-    pipe.scheduler = mf.SCHEDULERS[c["scheduler"]].from_config(base_config, **overrides)
-    image = Image.open(FIX / c["init_image"]).convert("RGB")
-    assert image.size == (c["width"], c["height"])
-    kw = dict(
-        prompt=c["prompt"],
-        image=image,
-        negative_prompt=c["negative_prompt"],
-        num_inference_steps=c["num_inference_steps"],
-        guidance_scale=c["guidance_scale"],
-        strength=c["strength"],
-        num_images_per_prompt=c["samples"],
-        generator=torch.Generator("cpu").manual_seed(c["seed"]),
-        output_type="np",
-    )
+    kw = dict(mf.call_kwargs(pipe, c, base_config), strength=c["strength"])
     if c["clip_skip"] > 1:
         kw["clip_skip"] = c["clip_skip"] - 1
     rec = Recorder(pipe, c["samples"])

@@ -646,28 +646,27 @@ fn infer_unet(
     };
     // SDXL's add embedding: the pooled projection and 6 (base) or 5 (refiner) time ids, 256 wide in every
     // released model; the width that divides what is left decides for others.
-    let (addition_time_embed_dim, projection_class_embeddings_input_dim) = match u
-        .get("label_emb.0.0.weight")
-    {
-        Some(s) if s.len() == 2 => {
-            let rest = s[1].saturating_sub(projection.unwrap_or(0));
-            let time = if rest == 6 * 256 || rest == 5 * 256 {
-                256
-            } else if rest % 6 == 0 && rest > 0 {
-                rest / 6
-            } else if rest % 5 == 0 && rest > 0 {
-                rest / 5
-            } else {
-                return Err(bad(format!(
+    let (addition_time_embed_dim, projection_class_embeddings_input_dim) =
+        match u.get("label_emb.0.0.weight") {
+            Some(s) if s.len() == 2 => {
+                let rest = s[1].saturating_sub(projection.unwrap_or(0));
+                let time = if rest == 6 * 256 || rest == 5 * 256 {
+                    256
+                } else if rest % 6 == 0 && rest > 0 {
+                    rest / 6
+                } else if rest % 5 == 0 && rest > 0 {
+                    rest / 5
+                } else {
+                    return Err(bad(format!(
                     "label_emb reads {} values: not a text projection of {} plus 5 or 6 time ids",
                     s[1],
                     projection.unwrap_or(0)
                 )));
-            };
-            (Some(time), Some(s[1]))
-        }
-        _ => (None, None),
-    };
+                };
+                (Some(time), Some(s[1]))
+            }
+            _ => (None, None),
+        };
 
     let config = UNetConfig {
         in_channels: conv_in[1],

@@ -482,25 +482,39 @@ fn component_error<'a>(
     move |e| EngineError::model(id, format!("{component}: {e}"))
 }
 
+/// Refuses a diffusers folder that lacks one of `components`, naming it.
+fn require_folders(dir: &Path, id: &str, components: &[&str]) -> Result<()> {
+    match components.iter().find(|c| !dir.join(c).is_dir()) {
+        Some(missing) => Err(EngineError::model(
+            id,
+            format!("missing component folder {missing}/ in {}", dir.display()),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A diffusers folder's `unet/config.json`, checked to describe a UNet the engine can build.
+fn unet_config(dir: &Path, id: &str) -> Result<UNetConfig> {
+    let config: UNetConfig = read_json(id, &dir.join("unet/config.json"))?;
+    config
+        .validate()
+        .map_err(|e| EngineError::model(id, format!("unet: {e}")))?;
+    Ok(config)
+}
+
 /// Loads a diffusers-layout folder.
 fn load_diffusers(dir: &Path, id: &str, device: &Device, dtype: DType) -> Result<StableDiffusion> {
     let index: ModelIndex = read_json(id, &dir.join("model_index.json"))?;
     if dir.join("text_encoder_2").is_dir() {
         return load_sdxl_diffusers(dir, id, &index, device, dtype);
     }
-    for component in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
-        if !dir.join(component).is_dir() {
-            return Err(EngineError::model(
-                id,
-                format!("missing component folder {component}/ in {}", dir.display()),
-            ));
-        }
-    }
+    require_folders(
+        dir,
+        id,
+        &["unet", "vae", "text_encoder", "tokenizer", "scheduler"],
+    )?;
     tracing::debug!(model = id, class = %index.class_name, "loading diffusers folder");
-    let unet_cfg: UNetConfig = read_json(id, &dir.join("unet/config.json"))?;
-    unet_cfg
-        .validate()
-        .map_err(|e| EngineError::model(id, format!("unet: {e}")))?;
+    let unet_cfg = unet_config(dir, id)?;
     if unet_cfg.is_sdxl() {
         return Err(EngineError::model(
             id,
@@ -575,19 +589,9 @@ fn load_sdxl_diffusers(
     device: &Device,
     dtype: DType,
 ) -> Result<StableDiffusion> {
-    for component in ["unet", "vae", "tokenizer_2", "scheduler"] {
-        if !dir.join(component).is_dir() {
-            return Err(EngineError::model(
-                id,
-                format!("missing component folder {component}/ in {}", dir.display()),
-            ));
-        }
-    }
+    require_folders(dir, id, &["unet", "vae", "tokenizer_2", "scheduler"])?;
     tracing::debug!(model = id, class = %index.class_name, "loading SDXL diffusers folder");
-    let unet_cfg: UNetConfig = read_json(id, &dir.join("unet/config.json"))?;
-    unet_cfg
-        .validate()
-        .map_err(|e| EngineError::model(id, format!("unet: {e}")))?;
+    let unet_cfg = unet_config(dir, id)?;
     let vae_cfg: VaeConfig = read_json(id, &dir.join("vae/config.json"))?;
     let scheduler_config: serde_json::Value =
         read_json(id, &dir.join("scheduler/scheduler_config.json"))?;

@@ -157,21 +157,8 @@ fn bad_prompts_and_embeddings_are_clear_errors() {
     );
     assert!(e.to_string().contains("character 3"), "{e}");
     let request = Img2ImgRequest {
-        prompt: "a cat".into(),
         negative_prompt: "blurry)".into(),
-        init_image: image::RgbImage::new(64, 64),
-        width: 64,
-        height: 64,
-        samples: 1,
-        num_inference_steps: 2,
-        guidance_scale: 7.5,
-        strength: 0.5,
-        seed: Some(1),
-        scheduler: None,
-        scheduler_options: SchedulerOptions::default(),
-        clip_skip: 1,
-        embeddings: Vec::new(),
-        tome: None,
+        ..support::small_img2img("a cat")
     };
     let e = model.img2img(&request, &mut NoProgress).unwrap_err();
     assert!(

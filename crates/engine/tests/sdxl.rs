@@ -11,11 +11,10 @@ use pictor_engine::embeddings::TextualInversion;
 use pictor_engine::error::EngineError;
 use pictor_engine::lora::Lora;
 use pictor_engine::model_store::{self, ModelsDir};
-use pictor_engine::pipeline::{Img2ImgRequest, NoProgress};
+use pictor_engine::pipeline::NoProgress;
 use pictor_engine::prompt_syntax::escape;
-use pictor_engine::schedulers::SchedulerOptions;
 use pictor_engine::Runtime;
-use support::{copy_dir_all, fixtures, load_model, max_abs_diff, models};
+use support::{copy_dir_all, fixtures, load_model, max_abs_diff, models, small_img2img};
 
 /// The tensors diffusers recorded for an SDXL case.
 fn recorded(case: &str) -> std::collections::HashMap<String, Tensor> {
@@ -92,26 +91,6 @@ fn sdxl_long_prompts_weights_and_break_reach_both_encoders() {
     assert_eq!(split[0].context.dims(), &[1, 154, 128]);
 }
 
-fn request(prompt: &str) -> Img2ImgRequest {
-    Img2ImgRequest {
-        prompt: prompt.into(),
-        negative_prompt: String::new(),
-        init_image: image::RgbImage::from_pixel(64, 64, image::Rgb([120, 80, 40])),
-        width: 64,
-        height: 64,
-        samples: 1,
-        num_inference_steps: 4,
-        guidance_scale: 5.0,
-        strength: 0.5,
-        seed: Some(1),
-        scheduler: None,
-        scheduler_options: SchedulerOptions::default(),
-        clip_skip: 1,
-        embeddings: Vec::new(),
-        tome: None,
-    }
-}
-
 fn invalid_field(e: EngineError) -> (String, String) {
     match e {
         EngineError::InvalidRequest { field, message } => (field.to_string(), message),
@@ -128,7 +107,7 @@ fn sdxl_refuses_what_it_cannot_do_yet_by_name() {
     assert_eq!(field, "lora_model");
     assert!(message.contains("SDXL"), "{message}");
 
-    let mut req = request("a cat");
+    let mut req = small_img2img("a cat");
     req.embeddings = vec![TextualInversion::from_tensor(
         "tiny-emb",
         Tensor::zeros((1, 48), candle_core::DType::F32, &Device::Cpu).unwrap(),
@@ -140,7 +119,7 @@ fn sdxl_refuses_what_it_cannot_do_yet_by_name() {
 
     // clip skip counts from the penultimate layer: 3 layers allow 1 to 3.
     assert_eq!(model.max_clip_skip(), 3);
-    let mut req = request("a cat");
+    let mut req = small_img2img("a cat");
     req.clip_skip = 4;
     let (field, _) = invalid_field(model.img2img(&req, &mut NoProgress).unwrap_err());
     assert_eq!(field, "clip_skip");

@@ -104,21 +104,15 @@ impl StableDiffusion {
         device: Device,
         dtype: DType,
     ) -> Self {
-        StableDiffusion {
+        Self::assemble(
             id,
-            towers: vec![TextTower {
-                tokenizer,
-                encoder: Arc::new(text_encoder),
-            }],
-            sdxl: None,
-            unet: Arc::new(unet),
-            vae: Arc::new(vae),
+            vec![(tokenizer, text_encoder)],
+            None,
+            (unet, vae),
             scheduler_config,
             device,
             dtype,
-            base_weights: None,
-            extra_bytes: 0,
-        }
+        )
     }
 
     /// Assembles an SDXL model: its text encoders with their tokenizers in concatenation order (the last
@@ -134,6 +128,27 @@ impl StableDiffusion {
         device: Device,
         dtype: DType,
     ) -> Self {
+        Self::assemble(
+            id,
+            encoders,
+            Some(settings),
+            (unet, vae),
+            scheduler_config,
+            device,
+            dtype,
+        )
+    }
+
+    /// What both constructors share.
+    fn assemble(
+        id: String,
+        encoders: Vec<(ClipTokenizer, ClipTextModel)>,
+        sdxl: Option<SdxlSettings>,
+        (unet, vae): (UNet, AutoencoderKl),
+        scheduler_config: serde_json::Value,
+        device: Device,
+        dtype: DType,
+    ) -> Self {
         StableDiffusion {
             id,
             towers: encoders
@@ -143,7 +158,7 @@ impl StableDiffusion {
                     encoder: Arc::new(encoder),
                 })
                 .collect(),
-            sdxl: Some(settings),
+            sdxl,
             unet: Arc::new(unet),
             vae: Arc::new(vae),
             scheduler_config,

@@ -201,3 +201,25 @@ pub fn copy_dir_all(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A small img2img request (64 × 64 flat init image, 4 steps, strength 0.5, seed 1) for tests about what a
+/// request is allowed, not what it draws; adjust fields with struct update syntax.
+pub fn small_img2img(prompt: &str) -> Img2ImgRequest {
+    Img2ImgRequest {
+        prompt: prompt.into(),
+        negative_prompt: String::new(),
+        init_image: image::RgbImage::from_pixel(64, 64, image::Rgb([120, 80, 40])),
+        width: 64,
+        height: 64,
+        samples: 1,
+        num_inference_steps: 4,
+        guidance_scale: 5.0,
+        strength: 0.5,
+        seed: Some(1),
+        scheduler: None,
+        scheduler_options: SchedulerOptions::default(),
+        clip_skip: 1,
+        embeddings: Vec::new(),
+        tome: None,
+    }
+}
