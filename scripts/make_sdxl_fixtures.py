@@ -5,7 +5,7 @@ Run by hand from the repository root (never by CI; the outputs are committed):
 
     /work/venv/bin/python scripts/make_sdxl_fixtures.py      # ~1 minute on 2 cores
 
-Needs torch, diffusers, transformers and safetensors (CPU only, no network); reuses make_fixtures.py's
+Needs torch, diffusers, transformers, peft and safetensors (CPU only, no network); reuses make_fixtures.py's
 weight drawing (liven), tokenizer folders and init images.
 
 What it writes:
@@ -23,6 +23,12 @@ What it writes:
         first_stage_model.*, conditioner.embedders.0.transformer.* (CLIP-L, transformers names) and
         conditioner.embedders.1.model.* (OpenCLIP names, text_projection stored transposed); the refiner's one
         embedder is conditioner.embedders.0.model.*. Checked against diffusers' own from_single_file.
+  - tests/fixtures/models/loras/tiny-sdxl-{peft,kohya}.safetensors   one random LoRA on the base's UNet and both
+        text encoders, in diffusers/PEFT naming (unet., text_encoder., text_encoder_2.) and in sd-scripts' SDXL
+        naming (lora_unet_<LDM path>, lora_te1_, lora_te2_, alpha 2 of rank 4); diffusers reads the kohya file
+        with its own converter, and its images at strength s equal the PEFT file's at s / 2
+  - tests/fixtures/sdxl/lora_cases.json + lora/<name>/0.png   diffusers' images with those LoRAs (the
+        tests/fixtures/lora_vae/cases.json format)
   - tests/fixtures/sdxl/cases.json, tests/fixtures/sdxl/cases/<name>/{<i>.png,tensors.safetensors}
         reference generations (same case format as tests/fixtures/cases.json) and their intermediates:
         prompt_embeds, text_embeds, time_ids of the first UNet call, init latents, noise, latents per step
@@ -362,6 +368,87 @@ def write_single_file(model_id):
     return path
 
 
+LORA_RANK = 4
+KOHYA_ALPHA = 2.0
+
+
+def lora_files(model_id):
+    """One random LoRA (rank 4, up random too, as a trained LoRA's is) on the attention and MLP layers of
+    `model_id`'s UNet and both text encoders, written in diffusers/PEFT naming (alpha = rank) and in
+    sd-scripts' SDXL naming (alpha 2). Returns the two paths."""
+    pipe = load_pipeline(model_id)
+    gen = torch.Generator("cpu").manual_seed(3001)
+    unet_cfg_json = json.loads((mf.CKPT / model_id / "unet" / "config.json").read_text())
+
+    def unet_keep(n):
+        return n.split(".")[-1] in ("to_q", "to_k", "to_v", "proj_in", "proj_out") or n.endswith(("to_out.0", "ff.net.2"))
+
+    def text_keep(n):
+        return n.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1")
+
+    peft_sd, kohya_sd = {}, {}
+    for prefix, module, keep in (("unet", pipe.unet, unet_keep), ("text_encoder", pipe.text_encoder, text_keep),
+                                 ("text_encoder_2", pipe.text_encoder_2, text_keep)):
+        for name, m in module.named_modules():
+            if not isinstance(m, torch.nn.Linear) or not keep(name):
+                continue
+            if prefix != "unet" and not name.startswith("text_model."):
+                name = "text_model." + name  # as transformers 4 (and every real LoRA) names it
+            down = (torch.randn((LORA_RANK, m.in_features), generator=gen) / m.in_features ** 0.5).to(torch.float16)
+            up = (torch.randn((m.out_features, LORA_RANK), generator=gen) * 0.15).to(torch.float16)
+            peft_sd[f"{prefix}.{name}.lora_A.weight"] = down
+            peft_sd[f"{prefix}.{name}.lora_B.weight"] = up
+            if prefix == "unet":
+                kohya = "lora_unet_" + unet_key_to_ldm(name + ".weight", unet_cfg_json)[: -len(".weight")].replace(".", "_")
+            else:
+                kohya = ("lora_te1_" if prefix == "text_encoder" else "lora_te2_") + name.replace(".", "_")
+            kohya_sd[f"{kohya}.lora_down.weight"] = down
+            kohya_sd[f"{kohya}.lora_up.weight"] = up
+            kohya_sd[f"{kohya}.alpha"] = torch.tensor(KOHYA_ALPHA, dtype=torch.float16)
+    loras = mf.FIX / "models" / "loras"
+    paths = (loras / "tiny-sdxl-peft.safetensors", loras / "tiny-sdxl-kohya.safetensors")
+    save_file(peft_sd, paths[0], metadata={"format": "pt"})
+    save_file(kohya_sd, paths[1], metadata={"format": "pt", "ss_network_module": "networks.lora"})
+    return paths
+
+
+def lora_cases():
+    """diffusers' images with the SDXL LoRAs, and the check that its kohya reader agrees with our naming."""
+    peft_path, kohya_path = lora_files("sdxl-tiny")
+    base = dict(mf.img2img_case("x", "sdxl-tiny", "EulerDiscreteScheduler", 11, num_inference_steps=8,
+                                strength=0.75, guidance_scale=6.0, negative_prompt="blurry"),
+                prompt="a photo of a cat")
+    runs = [("sdxl-peft-1.0", [("tiny-sdxl-peft", 1.0)], peft_path, 1.0),
+            ("sdxl-kohya-0.8", [("tiny-sdxl-kohya", 0.8)], kohya_path, 0.8),
+            ("sdxl-peft-0.4", [("tiny-sdxl-peft", 0.4)], peft_path, 0.4)]
+    out_dir = OUT / "lora"
+    records, images = [], {}
+    plain = None
+    for name, loras, path, strength in runs:
+        pipe = load_pipeline("sdxl-tiny")
+        if plain is None:
+            plain, _, _ = run_case(pipe, dict(base, name="plain"), dict(pipe.scheduler.config))
+        pipe.load_lora_weights(str(path), adapter_name="a")
+        pipe.set_adapters(["a"], adapter_weights=[strength])
+        c = dict(base, name=name, loras=loras)
+        out, _, _ = run_case(pipe, c, dict(pipe.scheduler.config))
+        d = out_dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        mf.to_png(out[0]).save(d / "0.png")
+        images[name] = out[0]
+        rec = {k: c[k] for k in ("name", "model", "prompt", "negative_prompt", "init_image", "width", "height",
+                                 "samples", "num_inference_steps", "guidance_scale", "strength", "seed",
+                                 "scheduler", "loras")}
+        records.append(dict(rec, images=[f"lora/{name}/0.png"]))
+        print(f"  {name:<28} mean |Δ| to no LoRA {np.abs(out[0] - plain[0]).mean():.3f}", flush=True)
+        assert np.abs(out[0] - plain[0]).mean() > 0.01, f"{name}: the LoRA barely changes the image"
+    # kohya at 0.8 with alpha 2 of rank 4 is the PEFT file (alpha = rank) at 0.4: diffusers' kohya converter
+    # read our SDXL names as the same layers.
+    d = np.abs(images["sdxl-kohya-0.8"] - images["sdxl-peft-0.4"])
+    assert d.max() < 2 / 255, f"kohya naming disagrees with diffusers' converter: max {d.max() * 255:.2f}/255"
+    mf.write_json(OUT / "lora_cases.json", records)
+
+
 def main():
     text_l, text_g, vae, base_unet, refiner_unet = build()
     save_folder("sdxl-tiny", base_unet, vae, text_l, text_g, refiner=False)
@@ -408,6 +495,7 @@ def main():
                             notes=["Single-file checkpoint: the loader must give exactly the folder model; expected "
                                    "output is that of the same_as case."]))
     mf.write_json(OUT / "cases.json", records)
+    lora_cases()
     print(f"done: {len(records)} cases in {OUT}", flush=True)
 
 

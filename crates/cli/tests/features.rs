@@ -100,6 +100,43 @@ fn loras_and_vaes_over_http_match_diffusers() {
     assert!(max > 20, "without lora_model the LoRA must not apply");
 }
 
+/// SDXL LoRAs (sd-scripts' kohya naming with lora_te1_/lora_te2_ and LDM UNet paths, and diffusers/PEFT
+/// naming with text_encoder_2.) over HTTP, against diffusers' images; LoRAs of the other architecture are
+/// refused by name.
+#[test]
+fn sdxl_loras_over_http_match_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let text = std::fs::read_to_string(fixtures().join("sdxl/lora_cases.json")).unwrap();
+    let cases: Vec<Value> = serde_json::from_str(&text).unwrap();
+    for case in cases.iter().take(2) {
+        let (name, strength) = (&case["loras"][0][0], &case["loras"][0][1]);
+        let extra = json!({"lora_model": name, "lora_strength": strength.to_string()});
+        let (_, answer) = server.post("/api/v6/images/img2img", &body(case, extra));
+        let png = png_of(&server, &answer);
+        assert_image_matches(
+            &png,
+            &format!("sdxl/{}", case["images"][0].as_str().unwrap()),
+        );
+    }
+    for (model, lora, words) in [
+        ("sd1-tiny", "tiny-sdxl-kohya", "is it an SDXL LoRA"),
+        ("sdxl-tiny", "tiny-kohya", "another architecture"),
+    ] {
+        let plain = json!({"model_id": model, "lora_model": lora});
+        let (status, answer) =
+            server.post("/api/v6/images/img2img", &body(&cases[0], plain.clone()));
+        // Accepted (the file exists) and failed with the reason, as for SD 1/2 (see below).
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["status"], "failed", "{model} + {lora}: {answer}");
+        let message = answer["message"].as_str().unwrap();
+        assert!(
+            message.contains("lora_model") && message.contains(words),
+            "{model} + {lora}: {message}"
+        );
+    }
+}
+
 #[test]
 fn bad_feature_inputs_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -535,6 +535,93 @@ impl UNetLayout {
     }
 }
 
+/// The LDM (SGM) path of a diffusers UNet module (`down_blocks.1.attentions.0.proj_in` →
+/// `input_blocks.4.1.proj_in` in SDXL), laid out by `config`: how kohya's SDXL LoRAs name modules. `None`
+/// for a path the layout does not have.
+pub fn ldm_unet_module(module: &str, config: &UNetConfig) -> Option<String> {
+    let n = config.block_out_channels.len();
+    let layers = config.layers_per_block.expand(n);
+    let p: Vec<&str> = module.split('.').collect();
+    let num = |s: &str| s.parse::<usize>().ok();
+    let resnet = |rest: &[&str]| -> Option<String> {
+        let (head, tail) = rest.split_first()?;
+        let ldm = match *head {
+            "norm1" => "in_layers.0",
+            "conv1" => "in_layers.2",
+            "time_emb_proj" => "emb_layers.1",
+            "norm2" => "out_layers.0",
+            "conv2" => "out_layers.3",
+            "conv_shortcut" => "skip_connection",
+            _ => return None,
+        };
+        Some(join(&[ldm, &join(tail)]))
+    };
+    // First input slot of down block i: conv_in, then each earlier block's ResNets and down-sampler.
+    let down_slot = |i: usize| 1 + (0..i).map(|k| layers[k] + 1).sum::<usize>();
+    // First output slot of up block i: each earlier up block's ResNets (one more than its down block).
+    let up_slot = |i: usize| (0..i).map(|k| layers[n - 1 - k] + 1).sum::<usize>();
+    let name = match p.as_slice() {
+        ["conv_in", rest @ ..] => join(&["input_blocks.0.0", &join(rest)]),
+        ["time_embedding", "linear_1", rest @ ..] => join(&["time_embed.0", &join(rest)]),
+        ["time_embedding", "linear_2", rest @ ..] => join(&["time_embed.2", &join(rest)]),
+        ["add_embedding", "linear_1", rest @ ..] => join(&["label_emb.0.0", &join(rest)]),
+        ["add_embedding", "linear_2", rest @ ..] => join(&["label_emb.0.2", &join(rest)]),
+        ["conv_norm_out", rest @ ..] => join(&["out.0", &join(rest)]),
+        ["conv_out", rest @ ..] => join(&["out.2", &join(rest)]),
+        ["down_blocks", i, kind, j, rest @ ..] => {
+            let (i, j) = (num(i)?, num(j)?);
+            if i >= n {
+                return None;
+            }
+            let slot = down_slot(i);
+            match *kind {
+                "resnets" => format!("input_blocks.{}.0.{}", slot + j, resnet(rest)?),
+                "attentions" => join(&[&format!("input_blocks.{}.1", slot + j), &join(rest)]),
+                "downsamplers" => match rest {
+                    ["conv", tail @ ..] => join(&[
+                        &format!("input_blocks.{}.0.op", slot + layers[i]),
+                        &join(tail),
+                    ]),
+                    _ => return None,
+                },
+                _ => return None,
+            }
+        }
+        ["mid_block", "resnets", j, rest @ ..] => {
+            format!("middle_block.{}.{}", 2 * num(j)?, resnet(rest)?)
+        }
+        ["mid_block", "attentions", "0", rest @ ..] => join(&["middle_block.1", &join(rest)]),
+        ["up_blocks", i, kind, j, rest @ ..] => {
+            let (i, j) = (num(i)?, num(j)?);
+            if i >= n {
+                return None;
+            }
+            let slot = up_slot(i);
+            match *kind {
+                "resnets" => format!("output_blocks.{}.0.{}", slot + j, resnet(rest)?),
+                "attentions" => join(&[&format!("output_blocks.{}.1", slot + j), &join(rest)]),
+                "upsamplers" => match rest {
+                    ["conv", tail @ ..] => {
+                        let cross = config.up_block_types[i] == "CrossAttnUpBlock2D";
+                        join(&[
+                            &format!(
+                                "output_blocks.{}.{}.conv",
+                                slot + layers[n - 1 - i],
+                                if cross { 2 } else { 1 }
+                            ),
+                            &join(tail),
+                        ])
+                    }
+                    _ => return None,
+                },
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
+    Some(name.trim_end_matches('.').to_string())
+}
+
 /// Infers the UNet config and its name table from the tensors under `model.diffusion_model.`.
 fn infer_unet(
     all: &Shapes,
@@ -1790,6 +1877,26 @@ mod tests {
     #[test]
     fn checkpoint_sdxl_refiner_matches_folder() {
         check_sdxl("sdxl-refiner-tiny", &["text_encoder_2"]);
+    }
+
+    /// `ldm_unet_module` is the inverse of the single-file reader's naming on every UNet tensor of the SD 1,
+    /// SD 2 and SDXL files (3 and 4 levels, attention in the first level or not).
+    #[test]
+    fn ldm_unet_names_invert_the_single_file_naming() {
+        for name in ["sd1-tiny", "sd2-tiny", "sdxl-tiny"] {
+            let Pair { single, .. } = pair(name);
+            let mut checked = 0;
+            for diffusers in single.tensor_names(Component::Unet) {
+                let ldm = single.source_name(Component::Unet, diffusers).unwrap();
+                let ldm = ldm.strip_prefix(UNET_PREFIX).unwrap();
+                let (module, suffix) = diffusers.rsplit_once('.').unwrap();
+                let ours = ldm_unet_module(module, &single.unet)
+                    .unwrap_or_else(|| panic!("{name}: no LDM name for {module}"));
+                assert_eq!(format!("{ours}.{suffix}"), ldm, "{name}: {diffusers}");
+                checked += 1;
+            }
+            assert!(checked > 50, "{name}: {checked}");
+        }
     }
 
     #[test]

@@ -6,10 +6,13 @@
 //!   `.lora_up.weight` and an optional scalar `.alpha`; `lora_te_<module>…` for the text encoder. `<module>`
 //!   is the network's own module path with `.` written as `_` (`down_blocks_0_attentions_0_proj_in`,
 //!   `text_model_encoder_layers_0_self_attn_q_proj`); it is matched against the model's real module names, so
-//!   linear layers, 1×1 projections and (LoCon) 3×3 convolutions all work.
+//!   linear layers, 1×1 projections and (LoCon) 3×3 convolutions all work. SDXL files (sd-scripts) name the
+//!   two text encoders `lora_te1_` / `lora_te2_` and the UNet's modules by their LDM (SGM) paths
+//!   (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), which are matched through the UNet's
+//!   layout ([`crate::checkpoint::ldm_unet_module`]).
 //! - **diffusers / PEFT**: `unet.<module>.lora_A.weight` / `.lora_B.weight` (also the older
 //!   `.lora.down/.up`, `.lora_linear_layer.down/.up` and `attn1.processor.to_q_lora.down/.up` spellings),
-//!   `text_encoder.<module>…`; alphas from `.alpha` tensors or from the `lora_adapter_metadata` JSON that
+//!   `text_encoder.<module>…` (SDXL: `text_encoder_2.<module>…` for the second one); alphas from `.alpha` tensors or from the `lora_adapter_metadata` JSON that
 //!   diffusers writes into the file header (`unet.lora_alpha`, `unet.r`, `…alpha_pattern`).
 //!
 //! # Maths
@@ -18,9 +21,9 @@
 //! weight's shape; `alpha` defaults to the rank, i.e. scale = strength, as kohya and diffusers do). The sum
 //! is taken in float32 and cast back to the weight's type.
 //!
-//! Files for another architecture are refused with the reason: SDXL (`lora_te1_`/`lora_te2_`,
-//! `text_encoder_2.`), layers the model does not have, or shapes that do not fit (e.g. an SD 2 LoRA on
-//! SD 1.5). LyCORIS variants other than plain LoRA/LoCon (LoHa, LoKr, Tucker `lora_mid`, DoRA) are refused
+//! Files for another architecture are refused with the reason: an SDXL LoRA (layers for a second text
+//! encoder) on SD 1.x/2.x, layers the model does not have, or shapes that do not fit (e.g. an SD 2 LoRA on
+//! SD 1.5, an SD 1.5 LoRA on SDXL). LyCORIS variants other than plain LoRA/LoCon (LoHa, LoKr, Tucker `lora_mid`, DoRA) are refused
 //! by name.
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,6 +31,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::config::UNetConfig;
 use crate::error::{EngineError, Result};
 use crate::weights::NamedWeights;
 
@@ -39,8 +43,21 @@ const FIELD: &str = "lora_model";
 pub enum LoraTarget {
     /// The UNet.
     Unet,
-    /// The (first) CLIP text encoder.
+    /// The (first) CLIP text encoder (SDXL: CLIP-L).
     TextEncoder,
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG).
+    TextEncoder2,
+}
+
+impl LoraTarget {
+    /// The network's name in messages.
+    fn network(self) -> &'static str {
+        match self {
+            LoraTarget::Unet => "UNet",
+            LoraTarget::TextEncoder => "text encoder",
+            LoraTarget::TextEncoder2 => "second text encoder",
+        }
+    }
 }
 
 /// How a layer's module is spelt in the file.
@@ -91,7 +108,7 @@ fn bad(name: &str, why: impl std::fmt::Display) -> EngineError {
 }
 
 /// Splits a kohya key into (target, module, part), or explains why the key cannot be used.
-fn kohya_key(lora: &str, key: &str) -> Result<Option<(LoraTarget, ModuleName, String)>> {
+fn kohya_key(key: &str) -> Result<Option<(LoraTarget, ModuleName, String)>> {
     let Some((module, part)) = key.split_once('.') else {
         return Ok(None);
     };
@@ -99,11 +116,10 @@ fn kohya_key(lora: &str, key: &str) -> Result<Option<(LoraTarget, ModuleName, St
         (LoraTarget::Unet, rest)
     } else if let Some(rest) = module.strip_prefix("lora_te_") {
         (LoraTarget::TextEncoder, rest)
-    } else if module.starts_with("lora_te1_") || module.starts_with("lora_te2_") {
-        return Err(bad(
-            lora,
-            "it is an SDXL LoRA (two text encoders); this model is Stable Diffusion 1.x/2.x",
-        ));
+    } else if let Some(rest) = module.strip_prefix("lora_te1_") {
+        (LoraTarget::TextEncoder, rest)
+    } else if let Some(rest) = module.strip_prefix("lora_te2_") {
+        (LoraTarget::TextEncoder2, rest)
     } else {
         return Ok(None);
     };
@@ -115,16 +131,12 @@ fn kohya_key(lora: &str, key: &str) -> Result<Option<(LoraTarget, ModuleName, St
 }
 
 /// Splits a diffusers / PEFT key into (target, module, part).
-fn diffusers_key(lora: &str, key: &str) -> Result<Option<(LoraTarget, ModuleName, String)>> {
+fn diffusers_key(key: &str) -> Result<Option<(LoraTarget, ModuleName, String)>> {
     let key = key.strip_prefix("base_model.model.").unwrap_or(key);
-    if key.starts_with("text_encoder_2.") {
-        return Err(bad(
-            lora,
-            "it is an SDXL LoRA (two text encoders); this model is Stable Diffusion 1.x/2.x",
-        ));
-    }
     let (target, rest) = if let Some(rest) = key.strip_prefix("unet.") {
         (LoraTarget::Unet, rest)
+    } else if let Some(rest) = key.strip_prefix("text_encoder_2.") {
+        (LoraTarget::TextEncoder2, rest)
     } else if let Some(rest) = key.strip_prefix("text_encoder.") {
         (LoraTarget::TextEncoder, rest)
     } else {
@@ -205,6 +217,7 @@ impl HeaderAlphas {
         for (prefix, target) in [
             ("unet", LoraTarget::Unet),
             ("text_encoder", LoraTarget::TextEncoder),
+            ("text_encoder_2", LoraTarget::TextEncoder2),
         ] {
             let get = |k: &str| map.get(&format!("{prefix}.{k}")).and_then(|v| v.as_f64());
             if let (Some(alpha), Some(r)) = (get("lora_alpha"), get("r")) {
@@ -252,9 +265,9 @@ impl Lora {
         let mut parts: BTreeMap<(LoraTarget, ModuleName), Parts> = BTreeMap::new();
         let mut unknown = Vec::new();
         for (key, tensor) in tensors {
-            let split = match kohya_key(name, &key)? {
+            let split = match kohya_key(&key)? {
                 Some(s) => Some(s),
-                None => diffusers_key(name, &key)?,
+                None => diffusers_key(&key)?,
             };
             let Some((target, module, part)) = split else {
                 unknown.push(key);
@@ -329,6 +342,11 @@ impl Lora {
         })
     }
 
+    /// Whether it has layers for `target`.
+    pub fn patches(&self, target: LoraTarget) -> bool {
+        self.layers.iter().any(|l| l.target == target)
+    }
+
     /// How many layers it patches in each network.
     pub fn layer_counts(&self) -> (usize, usize) {
         let unet = self
@@ -347,13 +365,18 @@ struct ModuleIndex {
 }
 
 impl ModuleIndex {
-    fn new(weights: &NamedWeights) -> Self {
+    /// The index of `weights`; with a UNet's config, its modules are also found under their LDM paths.
+    fn new(weights: &NamedWeights, unet: Option<&UNetConfig>) -> Self {
         let mut dotted = HashMap::new();
         let mut underscored = HashMap::new();
         for name in weights.names() {
             if let Some(module) = name.strip_suffix(".weight") {
                 dotted.insert(module.to_string(), name.to_string());
                 underscored.insert(module.replace('.', "_"), name.to_string());
+                if let Some(ldm) = unet.and_then(|c| crate::checkpoint::ldm_unet_module(module, c))
+                {
+                    underscored.insert(ldm.replace('.', "_"), name.to_string());
+                }
             }
         }
         ModuleIndex {
@@ -365,12 +388,16 @@ impl ModuleIndex {
     fn find(&self, module: &ModuleName, target: LoraTarget) -> Option<&String> {
         match module {
             ModuleName::Underscored(m) => self.underscored.get(m).or_else(|| match target {
-                LoraTarget::TextEncoder => self.underscored.get(&format!("text_model_{m}")),
+                LoraTarget::TextEncoder | LoraTarget::TextEncoder2 => {
+                    self.underscored.get(&format!("text_model_{m}"))
+                }
                 LoraTarget::Unet => None,
             }),
             ModuleName::Dotted(m) => self.dotted.get(m).or_else(|| match target {
                 // transformers 4 saved the text encoder with `text_model.`, PEFT files may omit it.
-                LoraTarget::TextEncoder => self.dotted.get(&format!("text_model.{m}")),
+                LoraTarget::TextEncoder | LoraTarget::TextEncoder2 => {
+                    self.dotted.get(&format!("text_model.{m}"))
+                }
                 LoraTarget::Unet => None,
             }),
         }
@@ -411,17 +438,16 @@ fn layer_delta(layer: &LoraLayer, shape: &[usize]) -> std::result::Result<Tensor
 
 /// The weights `loras` (each with its strength) change in a network whose tensors are `weights`: name →
 /// merged tensor in the original's dtype and device. Every layer of every LoRA for `target` must exist in
-/// the network and fit its shape, or the whole merge is refused naming the first that does not.
+/// the network and fit its shape, or the whole merge is refused naming the first that does not. `unet` is
+/// the UNet's config when `target` is the UNet (its modules' LDM paths are accepted too).
 pub fn merged_weights(
     weights: &NamedWeights,
     target: LoraTarget,
     loras: &[(&Lora, f64)],
+    unet: Option<&UNetConfig>,
 ) -> Result<HashMap<String, Tensor>> {
-    let index = ModuleIndex::new(weights);
-    let network = match target {
-        LoraTarget::Unet => "UNet",
-        LoraTarget::TextEncoder => "text encoder",
-    };
+    let index = ModuleIndex::new(weights, unet);
+    let network = target.network();
     let mut sums: HashMap<String, Tensor> = HashMap::new();
     for (lora, strength) in loras {
         let mut missing = Vec::new();
@@ -538,7 +564,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(l.layer_counts(), (2, 0));
-        let merged = merged_weights(&w, LoraTarget::Unet, &[(&l, 2.0)]).unwrap();
+        let merged = merged_weights(&w, LoraTarget::Unet, &[(&l, 2.0)], None).unwrap();
         assert_eq!(merged.len(), 2);
         // to_q: base + 2 × 0.5/1 × up·down.
         let q = values(&merged["blocks.0.to_q.weight"]);
@@ -583,15 +609,17 @@ mod tests {
             ),
         ])
         .unwrap();
-        let merged = merged_weights(&w, LoraTarget::Unet, &[(&a, 0.5), (&b, 0.25)]).unwrap();
+        let merged = merged_weights(&w, LoraTarget::Unet, &[(&a, 0.5), (&b, 0.25)], None).unwrap();
         let q = values(&merged["blocks.0.to_q.weight"]);
         let base = values(w.get("blocks.0.to_q.weight").unwrap());
         for (v, b) in q.iter().zip(base) {
             assert_eq!(*v, b + 0.75);
         }
-        assert!(merged_weights(&w, LoraTarget::TextEncoder, &[(&a, 1.0)])
-            .unwrap()
-            .is_empty());
+        assert!(
+            merged_weights(&w, LoraTarget::TextEncoder, &[(&a, 1.0)], None)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -608,7 +636,7 @@ mod tests {
             ),
         ])
         .unwrap();
-        let e = merged_weights(&w, LoraTarget::Unet, &[(&wrong_shape, 1.0)])
+        let e = merged_weights(&w, LoraTarget::Unet, &[(&wrong_shape, 1.0)], None)
             .unwrap_err()
             .to_string();
         assert!(
@@ -626,19 +654,13 @@ mod tests {
             ),
         ])
         .unwrap();
-        let e = merged_weights(&w, LoraTarget::Unet, &[(&missing, 1.0)])
+        let e = merged_weights(&w, LoraTarget::Unet, &[(&missing, 1.0)], None)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("not in this model's UNet") && e.contains("input_blocks_1_1_proj_in"),
             "{e}"
         );
-        let sdxl = lora(vec![(
-            "lora_te1_text_model_x.lora_down.weight",
-            t(&[1.], &[1, 1]),
-        )])
-        .unwrap_err();
-        assert!(sdxl.to_string().contains("SDXL"), "{sdxl}");
         let loha = lora(vec![(
             "lora_unet_blocks_0_to_q.hada_w1_a",
             t(&[1.], &[1, 1]),

@@ -20,7 +20,7 @@ use crate::lora::Lora;
 use crate::models::{AutoencoderKl, ClipTextModel, UNet};
 use crate::pipeline::{ModelKind, SdxlSettings, StableDiffusion};
 use crate::tokenizer::ClipTokenizer;
-use crate::weights::Recorder;
+use crate::weights::{NamedWeights, Recorder};
 
 /// How a model is stored on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -558,26 +558,31 @@ fn load_diffusers(dir: &Path, id: &str, device: &Device, dtype: DType) -> Result
         device.clone(),
         dtype,
     )
-    .with_base_weights(unet_record.take(), text_record.take()))
+    .with_base_weights(unet_record.take(), vec![text_record.take()]))
 }
 
 /// One text encoder folder (`text_encoder/` or `text_encoder_2/`) with its tokenizer folder, the encoder in
-/// float32 as every text encoder runs.
+/// float32 as every text encoder runs, and the tensors it was built from (for LoRAs).
 fn load_text_tower(
     dir: &Path,
     id: &str,
     encoder: &str,
     tokenizer: &str,
     device: &Device,
-) -> Result<(ClipTokenizer, ClipTextModel)> {
+) -> Result<((ClipTokenizer, ClipTextModel), NamedWeights)> {
     let cfg: ClipTextConfig = read_json(id, &dir.join(encoder).join("config.json"))?;
     cfg.validate()
         .map_err(|e| EngineError::model(id, format!("{encoder}: {e}")))?;
     let tok = ClipTokenizer::from_dir(&dir.join(tokenizer), id)?;
     let files = weight_files(id, &dir.join(encoder))?;
-    let vb = crate::checkpoint::hf_clip_text_vb(id, &files, DType::F32, device)?;
+    let (vb, record) = Recorder::wrap(crate::checkpoint::hf_clip_text_vb(
+        id,
+        &files,
+        DType::F32,
+        device,
+    )?);
     let model = ClipTextModel::new(&cfg, vb).map_err(component_error(id, encoder))?;
-    Ok((tok, model))
+    Ok(((tok, model), record.take()))
 }
 
 /// Loads an SDXL diffusers folder: base (`text_encoder/` + `text_encoder_2/`) or refiner (`text_encoder_2/`
@@ -595,9 +600,9 @@ fn load_sdxl_diffusers(
     let vae_cfg: VaeConfig = read_json(id, &dir.join("vae/config.json"))?;
     let scheduler_config: serde_json::Value =
         read_json(id, &dir.join("scheduler/scheduler_config.json"))?;
-    let mut encoders = Vec::new();
+    let mut towers = Vec::new();
     if dir.join("text_encoder").is_dir() {
-        encoders.push(load_text_tower(
+        towers.push(load_text_tower(
             dir,
             id,
             "text_encoder",
@@ -605,13 +610,14 @@ fn load_sdxl_diffusers(
             device,
         )?);
     }
-    encoders.push(load_text_tower(
+    towers.push(load_text_tower(
         dir,
         id,
         "text_encoder_2",
         "tokenizer_2",
         device,
     )?);
+    let (encoders, text_weights): (Vec<_>, Vec<_>) = towers.into_iter().unzip();
     let texts: Vec<&ClipTextConfig> = encoders.iter().map(|(_, m)| m.config()).collect();
     let requires_aesthetics_score = check_sdxl_compatible(id, &unet_cfg, &vae_cfg, &texts)?;
     if !encoders.last().is_some_and(|(_, m)| m.has_projection()) {
@@ -635,11 +641,9 @@ fn load_sdxl_diffusers(
              following the UNet"
         );
     }
-    let unet = UNet::new(
-        &unet_cfg,
-        component_weights(id, &dir.join("unet"), dtype, device)?,
-    )
-    .map_err(component_error(id, "unet"))?;
+    let (unet_vb, unet_record) =
+        Recorder::wrap_for_bf16_layers(component_weights(id, &dir.join("unet"), dtype, device)?);
+    let unet = UNet::new(&unet_cfg, unet_vb).map_err(component_error(id, "unet"))?;
     let vae = AutoencoderKl::new(
         &vae_cfg,
         component_weights(id, &dir.join("vae"), dtype, device)?,
@@ -654,7 +658,8 @@ fn load_sdxl_diffusers(
         settings,
         device.clone(),
         dtype,
-    ))
+    )
+    .with_base_weights(unet_record.take(), text_weights))
 }
 
 /// Checks that the parts of an SDXL model fit together: the cross-attention reads the encoders' hidden
@@ -768,7 +773,7 @@ fn load_single_file(
         device.clone(),
         dtype,
     )
-    .with_base_weights(unet_record.take(), text_record.take()))
+    .with_base_weights(unet_record.take(), vec![text_record.take()]))
 }
 
 /// Loads an SDXL single-file checkpoint (base or refiner): CLIP's bundled tokenizer for each text encoder
@@ -783,20 +788,22 @@ fn load_sdxl_single_file(
     let mut configs = vec![&ck.text];
     configs.extend(ck.text_2.as_ref());
     let requires_aesthetics_score = check_sdxl_compatible(id, &ck.unet, &ck.vae, &configs)?;
+    let (vb, record) = Recorder::wrap(ck.text_encoder_vb(DType::F32, device)?);
     let mut encoders = vec![(
         ClipTokenizer::bundled(ck.pad_token)?,
-        ClipTextModel::new(&ck.text, ck.text_encoder_vb(DType::F32, device)?)
-            .map_err(component_error(id, "text encoder"))?,
+        ClipTextModel::new(&ck.text, vb).map_err(component_error(id, "text encoder"))?,
     )];
+    let mut text_weights = vec![record.take()];
     if let Some(text_2) = &ck.text_2 {
+        let (vb, record) = Recorder::wrap(ck.text_encoder_2_vb(DType::F32, device)?);
         encoders.push((
             ClipTokenizer::bundled("!")?,
-            ClipTextModel::new(text_2, ck.text_encoder_2_vb(DType::F32, device)?)
-                .map_err(component_error(id, "text encoder 2"))?,
+            ClipTextModel::new(text_2, vb).map_err(component_error(id, "text encoder 2"))?,
         ));
+        text_weights.push(record.take());
     }
-    let unet =
-        UNet::new(&ck.unet, ck.unet_vb(dtype, device)?).map_err(component_error(id, "unet"))?;
+    let (unet_vb, unet_record) = Recorder::wrap_for_bf16_layers(ck.unet_vb(dtype, device)?);
+    let unet = UNet::new(&ck.unet, unet_vb).map_err(component_error(id, "unet"))?;
     let vae = AutoencoderKl::new(&ck.vae, ck.vae_vb(dtype, device)?)
         .map_err(component_error(id, "vae"))?;
     Ok(StableDiffusion::sdxl_from_parts(
@@ -811,7 +818,8 @@ fn load_sdxl_single_file(
         },
         device.clone(),
         dtype,
-    ))
+    )
+    .with_base_weights(unet_record.take(), text_weights))
 }
 
 #[cfg(test)]

@@ -98,14 +98,97 @@ fn invalid_field(e: EngineError) -> (String, String) {
     }
 }
 
+/// One case of tests/fixtures/sdxl/lora_cases.json (written by scripts/make_sdxl_fixtures.py).
+#[derive(serde::Deserialize)]
+struct LoraCase {
+    name: String,
+    prompt: String,
+    negative_prompt: String,
+    seed: u64,
+    num_inference_steps: usize,
+    guidance_scale: f64,
+    strength: f64,
+    scheduler: String,
+    loras: Vec<(String, f64)>,
+    images: Vec<String>,
+}
+
+/// SDXL LoRAs in sd-scripts' naming (lora_te1_/lora_te2_, LDM UNet paths) and diffusers/PEFT naming
+/// (text_encoder_2.) give diffusers' images; the loaded model is left as it was.
+#[test]
+fn sdxl_loras_match_diffusers() {
+    let model = load_model("sdxl-tiny");
+    let text = std::fs::read_to_string(fixtures().join("sdxl/lora_cases.json")).unwrap();
+    let cases: Vec<LoraCase> = serde_json::from_str(&text).unwrap();
+    assert_eq!(cases.len(), 3);
+    let init =
+        pictor_engine::image_io::load_image(&fixtures().join("init-64.png"), 1 << 24).unwrap();
+    let run = |m: &pictor_engine::pipeline::StableDiffusion, case: &LoraCase| {
+        let req = pictor_engine::pipeline::Img2ImgRequest {
+            prompt: case.prompt.clone(),
+            negative_prompt: case.negative_prompt.clone(),
+            init_image: init.clone(),
+            num_inference_steps: case.num_inference_steps,
+            guidance_scale: case.guidance_scale,
+            strength: case.strength,
+            seed: Some(case.seed),
+            scheduler: Some(case.scheduler.clone()),
+            ..small_img2img("")
+        };
+        m.img2img(&req, &mut NoProgress).unwrap().images.remove(0)
+    };
+    let before = run(&model, &cases[0]);
+    for case in &cases {
+        let variant = model_store::variant(&model, &models(), &case.loras, None).unwrap();
+        let ours = run(&variant, case);
+        let theirs = pictor_engine::image_io::load_image(
+            &fixtures().join("sdxl").join(&case.images[0]),
+            1 << 24,
+        )
+        .unwrap();
+        let (max, mean) = support::compare(&ours, &theirs);
+        assert!(
+            max <= 3 && mean <= 0.5,
+            "{}: max {max}, mean {mean:.3}",
+            case.name
+        );
+        assert!(variant.extra_bytes() > 0);
+    }
+    assert_eq!(
+        run(&model, &cases[0]),
+        before,
+        "merging changed the loaded model"
+    );
+}
+
 #[test]
 fn sdxl_refuses_what_it_cannot_do_yet_by_name() {
     let model = load_model("sdxl-tiny");
+    // An SD 1 LoRA's UNet layers are not in an SDXL UNet.
     let lora = Lora::load(&models().resolve_lora("tiny-kohya").unwrap(), "tiny-kohya").unwrap();
-    let e = model.with_loras(&[(&lora, 1.0)]).err().unwrap();
-    let (field, message) = invalid_field(e);
+    let (field, message) = invalid_field(model.with_loras(&[(&lora, 1.0)]).err().unwrap());
     assert_eq!(field, "lora_model");
-    assert!(message.contains("SDXL"), "{message}");
+    assert!(message.contains("another architecture"), "{message}");
+    // An SDXL LoRA on SD 1, and a LoRA for CLIP-L on the refiner (which has only ViT-bigG).
+    let sdxl_lora = Lora::load(
+        &models().resolve_lora("tiny-sdxl-kohya").unwrap(),
+        "tiny-sdxl-kohya",
+    )
+    .unwrap();
+    let (_, message) = invalid_field(
+        load_model("sd1-tiny")
+            .with_loras(&[(&sdxl_lora, 1.0)])
+            .err()
+            .unwrap(),
+    );
+    assert!(message.contains("is it an SDXL LoRA"), "{message}");
+    let (_, message) = invalid_field(
+        load_model("sdxl-refiner-tiny")
+            .with_loras(&[(&sdxl_lora, 1.0)])
+            .err()
+            .unwrap(),
+    );
+    assert!(message.contains("refiner"), "{message}");
 
     let mut req = small_img2img("a cat");
     req.embeddings = vec![TextualInversion::from_tensor(

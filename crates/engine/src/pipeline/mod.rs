@@ -85,10 +85,10 @@ pub struct StableDiffusion {
     extra_bytes: u64,
 }
 
-/// The tensors the UNet and text encoder were built from.
+/// The tensors the UNet and text encoders were built from (one per tower, in tower order).
 struct BaseWeights {
     unet: NamedWeights,
-    text_encoder: NamedWeights,
+    text_encoders: Vec<NamedWeights>,
 }
 
 impl StableDiffusion {
@@ -191,11 +191,28 @@ impl StableDiffusion {
         self.extra_bytes
     }
 
-    /// Keeps the tensors the UNet and text encoder were built from (see [`crate::weights::Recorder`]), which
-    /// [`Self::with_loras`] needs.
-    pub fn with_base_weights(mut self, unet: NamedWeights, text_encoder: NamedWeights) -> Self {
-        self.base_weights = Some(Arc::new(BaseWeights { unet, text_encoder }));
+    /// Keeps the tensors the UNet and text encoders (in tower order) were built from (see
+    /// [`crate::weights::Recorder`]), which [`Self::with_loras`] needs.
+    pub fn with_base_weights(
+        mut self,
+        unet: NamedWeights,
+        text_encoders: Vec<NamedWeights>,
+    ) -> Self {
+        self.base_weights = Some(Arc::new(BaseWeights {
+            unet,
+            text_encoders,
+        }));
         self
+    }
+
+    /// Which LoRA target each text tower is: SD 1/2's one encoder and SDXL's CLIP-L are `TextEncoder`,
+    /// SDXL's ViT-bigG (a refiner's only one) is `TextEncoder2`.
+    fn tower_targets(&self) -> Vec<LoraTarget> {
+        match (self.sdxl, self.towers.len()) {
+            (Some(_), 1) => vec![LoraTarget::TextEncoder2],
+            (Some(_), _) => vec![LoraTarget::TextEncoder, LoraTarget::TextEncoder2],
+            (None, _) => vec![LoraTarget::TextEncoder],
+        }
     }
 
     /// This model with `loras` (each with its strength) merged into its UNet and text encoder: a new model
@@ -204,14 +221,27 @@ impl StableDiffusion {
         if loras.is_empty() {
             return Ok(self.clone());
         }
-        if self.sdxl.is_some() {
-            return Err(EngineError::invalid(
-                "lora_model",
-                format!(
-                    "model {} is SDXL; LoRAs on SDXL models are not supported yet",
-                    self.id
-                ),
-            ));
+        let targets = self.tower_targets();
+        for (lora, _) in loras {
+            for (target, what) in [
+                (LoraTarget::TextEncoder, "first (CLIP-L) text encoder"),
+                (LoraTarget::TextEncoder2, "second text encoder"),
+            ] {
+                if lora.patches(target) && !targets.contains(&target) {
+                    let this = if self.sdxl.is_some() {
+                        "an SDXL refiner, which has only the second"
+                    } else {
+                        "Stable Diffusion 1.x/2.x, with one text encoder (is it an SDXL LoRA?)"
+                    };
+                    return Err(EngineError::invalid(
+                        "lora_model",
+                        format!(
+                            "LoRA {} has layers for a {what}; model {} is {this}",
+                            lora.name, self.id
+                        ),
+                    ));
+                }
+            }
         }
         let base = self.base_weights.as_ref().ok_or_else(|| {
             EngineError::invalid(
@@ -222,12 +252,21 @@ impl StableDiffusion {
                 ),
             )
         })?;
-        let unet_patch = lora::merged_weights(&base.unet, LoraTarget::Unet, loras)?;
-        let text_patch = lora::merged_weights(&base.text_encoder, LoraTarget::TextEncoder, loras)?;
+        let unet_patch = lora::merged_weights(
+            &base.unet,
+            LoraTarget::Unet,
+            loras,
+            Some(self.unet.config()),
+        )?;
+        let text_patches = targets
+            .iter()
+            .zip(&base.text_encoders)
+            .map(|(&target, weights)| lora::merged_weights(weights, target, loras, None))
+            .collect::<Result<Vec<_>>>()?;
         let mut model = self.clone();
         model.extra_bytes += unet_patch
             .values()
-            .chain(text_patch.values())
+            .chain(text_patches.iter().flat_map(|p| p.values()))
             .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
             .sum::<u64>();
         if !unet_patch.is_empty() {
@@ -236,12 +275,17 @@ impl StableDiffusion {
                 .var_builder_with(unet_patch, self.unet.dtype(), &self.device);
             model.unet = Arc::new(UNet::new(self.unet.config(), vb)?);
         }
-        if !text_patch.is_empty() {
-            let encoder = self.text_encoder();
-            let vb = base
-                .text_encoder
-                .var_builder_with(text_patch, encoder.dtype(), &self.device);
-            model.towers[0].encoder = Arc::new(ClipTextModel::new(encoder.config(), vb)?);
+        for (k, (patch, weights)) in text_patches
+            .into_iter()
+            .zip(&base.text_encoders)
+            .enumerate()
+        {
+            if patch.is_empty() {
+                continue;
+            }
+            let encoder = &self.towers[k].encoder;
+            let vb = weights.var_builder_with(patch, encoder.dtype(), &self.device);
+            model.towers[k].encoder = Arc::new(ClipTextModel::new(encoder.config(), vb)?);
         }
         // The variant's own tensors are not a base for further merges: LoRA sets are merged from the
         // original model, never stacked.
