@@ -29,6 +29,9 @@ What it writes:
         with its own converter, and its images at strength s equal the PEFT file's at s / 2
   - tests/fixtures/sdxl/lora_cases.json + lora/<name>/0.png   diffusers' images with those LoRAs (the
         tests/fixtures/lora_vae/cases.json format)
+  - tests/fixtures/sdxl/embeddings/sdxlstyle.safetensors   an SDXL textual-inversion embedding (clip_l 2 × 48,
+        clip_g 2 × 80, random), and sdxl/embedding_cases.json + embedding/<name>/0.png: diffusers' images with it
+        (loaded into both encoders as diffusers' docs do; the refiner takes clip_g alone)
   - tests/fixtures/sdxl/cases.json, tests/fixtures/sdxl/cases/<name>/{<i>.png,tensors.safetensors}
         reference generations (same case format as tests/fixtures/cases.json) and their intermediates:
         prompt_embeds, text_embeds, time_ids of the first UNet call, init latents, noise, latents per step
@@ -408,7 +411,7 @@ def lora_files(model_id):
     loras = mf.FIX / "models" / "loras"
     paths = (loras / "tiny-sdxl-peft.safetensors", loras / "tiny-sdxl-kohya.safetensors")
     save_file(peft_sd, paths[0], metadata={"format": "pt"})
-    save_file(kohya_sd, paths[1], metadata={"format": "pt", "ss_network_module": "networks.lora"})
+    save_file(kohya_sd, paths[1], metadata={"ss_network_module": "networks.lora"})  # one key: a stable header
     return paths
 
 
@@ -447,6 +450,41 @@ def lora_cases():
     d = np.abs(images["sdxl-kohya-0.8"] - images["sdxl-peft-0.4"])
     assert d.max() < 2 / 255, f"kohya naming disagrees with diffusers' converter: max {d.max() * 255:.2f}/255"
     mf.write_json(OUT / "lora_cases.json", records)
+
+
+EMBEDDING = "sdxlstyle"
+
+
+def embedding_cases():
+    """An SDXL embedding (2 vectors per encoder) and diffusers' images with it on the base and the refiner."""
+    gen = torch.Generator("cpu").manual_seed(4001)
+    vectors = {"clip_l": torch.randn((2, TEXT_L["hidden_size"]), generator=gen),
+               "clip_g": torch.randn((2, TEXT_G["hidden_size"]), generator=gen)}
+    path = OUT / "embeddings" / f"{EMBEDDING}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in vectors.items()}, path)
+    stored = {k: v.to(torch.float16).float() for k, v in vectors.items()}
+    records = []
+    for name, model_id, seed in (("sdxl-emb-s13", "sdxl-tiny", 13), ("sdxl-refiner-emb-s13", "sdxl-refiner-tiny", 13)):
+        pipe = load_pipeline(model_id)
+        if pipe.text_encoder is not None:
+            pipe.load_textual_inversion(stored["clip_l"], token=EMBEDDING, text_encoder=pipe.text_encoder,
+                                        tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(stored["clip_g"], token=EMBEDDING, text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
+        c = case(name, model_id, "EulerDiscreteScheduler", seed, prompt=f"a photo of {EMBEDDING} cat",
+                 strength=0.3 if "refiner" in name else 0.75)
+        out, _, timesteps = run_case(pipe, c, dict(pipe.scheduler.config))
+        plain, _, _ = run_case(load_pipeline(model_id), dict(c, prompt="a photo of cat"),
+                               dict(pipe.scheduler.config))
+        assert np.abs(out[0] - plain[0]).mean() > 0.005, f"{name}: the embedding barely changes the image"
+        d = OUT / "embedding" / name
+        d.mkdir(parents=True, exist_ok=True)
+        mf.to_png(out[0]).save(d / "0.png")
+        records.append(dict(c, embeddings=[EMBEDDING], images=[f"sdxl/embedding/{name}/0.png"],
+                            timesteps=[int(x) for x in timesteps], notes=[]))
+        print(f"  {name:<28} mean |Δ| to the plain prompt {np.abs(out[0] - plain[0]).mean():.3f}", flush=True)
+    mf.write_json(OUT / "embedding_cases.json", records)
 
 
 def main():
@@ -496,6 +534,7 @@ def main():
                                    "output is that of the same_as case."]))
     mf.write_json(OUT / "cases.json", records)
     lora_cases()
+    embedding_cases()
     print(f"done: {len(records)} cases in {OUT}", flush=True)
 
 

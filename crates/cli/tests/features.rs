@@ -137,6 +137,34 @@ fn sdxl_loras_over_http_match_diffusers() {
     }
 }
 
+/// An SDXL textual-inversion embedding (clip_l + clip_g) from the models folder over HTTP, against diffusers.
+#[test]
+fn sdxl_embedding_over_http_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = tempfile::tempdir().unwrap();
+    support::copy_dir(
+        &fixtures().join("models/checkpoints/sdxl-tiny"),
+        &models.path().join("checkpoints/sdxl-tiny"),
+    );
+    std::fs::create_dir_all(models.path().join("embeddings")).unwrap();
+    std::fs::copy(
+        fixtures().join("sdxl/embeddings/sdxlstyle.safetensors"),
+        models.path().join("embeddings/sdxlstyle.safetensors"),
+    )
+    .unwrap();
+    let server = Server::start_with_models(dir.path(), models.path(), &[]);
+    let text = std::fs::read_to_string(fixtures().join("sdxl/embedding_cases.json")).unwrap();
+    let cases: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let case = &cases[0];
+    assert_eq!(case["model"], "sdxl-tiny");
+    let (_, answer) = server.post(
+        "/api/v6/images/img2img",
+        &body(case, json!({"embeddings_model": "sdxlstyle"})),
+    );
+    let png = png_of(&server, &answer);
+    assert_image_matches(&png, case["images"][0].as_str().unwrap());
+}
+
 #[test]
 fn bad_feature_inputs_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -7,7 +7,8 @@
 //!   diffusers' `{'<token>': tensor}`. They are read with candle's pickle reader, which only interprets the
 //!   pickle's data and never runs code from it.
 //!
-//! The tensor is one vector (hidden) or several (n, hidden). In a prompt, the embedding's name (its file
+//! The tensor is one vector (hidden) or several (n, hidden). SDXL embeddings hold two, `clip_l` (n, 768) for
+//! CLIP-L and `clip_g` (n, 1280) for ViT-bigG, one row per token in both. In a prompt, the embedding's name (its file
 //! name without extension) is matched token for token, as AUTOMATIC1111 does, and replaced by its n vectors.
 
 use std::path::Path;
@@ -21,8 +22,10 @@ use crate::error::{EngineError, Result};
 pub struct TextualInversion {
     /// The word that calls it up in a prompt (the file name without extension).
     pub name: String,
-    /// The vectors (n, hidden), float32 on the CPU.
+    /// The vectors (n, hidden), float32 on the CPU; an SDXL embedding's `clip_l` half.
     pub vectors: Tensor,
+    /// An SDXL embedding's `clip_g` half (n, 1280) for the second text encoder.
+    pub vectors_g: Option<Tensor>,
 }
 
 /// The Stable Diffusion family whose text encoder has this hidden size, for error messages.
@@ -41,7 +44,17 @@ impl TextualInversion {
         let label = format!("embedding {name}");
         let lower = path.to_string_lossy().to_lowercase();
         let tensor = if lower.ends_with(".safetensors") {
-            load_safetensors(path, &label)?
+            match load_safetensors(path, &label)? {
+                Loaded::One(t) => t,
+                Loaded::Sdxl { clip_l, clip_g } => {
+                    return Self::sdxl_from_tensors(name, clip_l, clip_g).map_err(|e| {
+                        EngineError::model(
+                            format!("embedding {name}"),
+                            format!("{}: {e}", path.display()),
+                        )
+                    })
+                }
+            }
         } else if lower.ends_with(".pt") || lower.ends_with(".bin") {
             load_pickle(path, &label)?
         } else {
@@ -56,6 +69,31 @@ impl TextualInversion {
                 format!("{}: {e}", path.display()),
             )
         })
+    }
+
+    /// An SDXL embedding from its `clip_l` and `clip_g` halves (each one vector or a matrix, the same count).
+    pub fn sdxl_from_tensors(name: &str, clip_l: Tensor, clip_g: Tensor) -> Result<Self> {
+        let l = Self::from_tensor(name, clip_l)?;
+        let g = Self::from_tensor(name, clip_g)?;
+        if l.vector_count() != g.vector_count() {
+            return Err(EngineError::model(
+                format!("embedding {name}"),
+                format!(
+                    "clip_l holds {} vectors and clip_g {}; an SDXL embedding has as many in both",
+                    l.vector_count(),
+                    g.vector_count()
+                ),
+            ));
+        }
+        Ok(TextualInversion {
+            vectors_g: Some(g.vectors),
+            ..l
+        })
+    }
+
+    /// Whether it is an SDXL embedding (`clip_l` and `clip_g`).
+    pub fn is_sdxl(&self) -> bool {
+        self.vectors_g.is_some()
     }
 
     /// An embedding from a tensor of one vector (hidden) or several (n, hidden).
@@ -84,6 +122,7 @@ impl TextualInversion {
         Ok(TextualInversion {
             name: name.to_string(),
             vectors,
+            vectors_g: None,
         })
     }
 
@@ -98,26 +137,38 @@ impl TextualInversion {
     }
 }
 
-/// The embedding tensor of a safetensors file.
-fn load_safetensors(path: &Path, label: &str) -> Result<Tensor> {
+/// What an embedding safetensors file holds.
+enum Loaded {
+    /// One tensor (SD 1/2).
+    One(Tensor),
+    /// SDXL's two halves.
+    Sdxl { clip_l: Tensor, clip_g: Tensor },
+}
+
+/// The embedding tensor(s) of a safetensors file.
+fn load_safetensors(path: &Path, label: &str) -> Result<Loaded> {
     crate::checkpoint::check_safetensors_header(label, path)?;
     let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
         .map_err(|e| EngineError::model(label, format!("{}: {e}", path.display())))?;
     for key in ["emb_params", "string_to_param.*"] {
         if let Some(t) = tensors.remove(key) {
-            return Ok(t);
+            return Ok(Loaded::One(t));
         }
     }
-    if tensors.contains_key("clip_l") || tensors.contains_key("clip_g") {
-        return Err(EngineError::model(
-            label,
-            format!(
-                "{} is an SDXL embedding (clip_l / clip_g); SDXL is not supported",
-                path.display()
-            ),
-        ));
+    match (tensors.remove("clip_l"), tensors.remove("clip_g")) {
+        (Some(clip_l), Some(clip_g)) => return Ok(Loaded::Sdxl { clip_l, clip_g }),
+        (None, None) => {}
+        _ => {
+            return Err(EngineError::model(
+                label,
+                format!(
+                    "{}: an SDXL embedding needs both clip_l and clip_g; this file has one",
+                    path.display()
+                ),
+            ))
+        }
     }
-    single_tensor(tensors.into_iter().collect(), path, label)
+    single_tensor(tensors.into_iter().collect(), path, label).map(Loaded::One)
 }
 
 /// The one tensor of a file, or an error listing what it holds.
@@ -212,6 +263,20 @@ mod tests {
     }
 
     #[test]
+    fn sdxl_embeddings_keep_both_halves() {
+        let d = tempfile::tempdir().unwrap();
+        let l = Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap();
+        let g = Tensor::zeros((2, 6), DType::F16, &Device::Cpu).unwrap();
+        let p = d.path().join("xl.safetensors");
+        candle_core::safetensors::save(&[("clip_l", l), ("clip_g", g)].into_iter().collect(), &p)
+            .unwrap();
+        let e = TextualInversion::load(&p, "xl").unwrap();
+        assert!(e.is_sdxl());
+        assert_eq!((e.vector_count(), e.hidden_size()), (2, 4));
+        assert_eq!(e.vectors_g.unwrap().dims(), &[2, 6]);
+    }
+
+    #[test]
     fn unusable_files_are_clear_errors() {
         let d = tempfile::tempdir().unwrap();
         let v = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
@@ -227,13 +292,19 @@ mod tests {
             "{e}"
         );
         let p = d.path().join("xl.safetensors");
+        candle_core::safetensors::save(&[("clip_l", v.clone())].into_iter().collect(), &p).unwrap();
+        let e = TextualInversion::load(&p, "xl").unwrap_err().to_string();
+        assert!(e.contains("needs both clip_l and clip_g"), "{e}");
+        let three = Tensor::zeros((3, 6), DType::F32, &Device::Cpu).unwrap();
         candle_core::safetensors::save(
-            &[("clip_l", v.clone()), ("clip_g", v)].into_iter().collect(),
+            &[("clip_l", v.clone()), ("clip_g", three)]
+                .into_iter()
+                .collect(),
             &p,
         )
         .unwrap();
         let e = TextualInversion::load(&p, "xl").unwrap_err().to_string();
-        assert!(e.contains("SDXL"), "{e}");
+        assert!(e.contains("as many in both"), "{e}");
         let p = d.path().join("junk.pt");
         std::fs::write(&p, b"not a zip").unwrap();
         let e = TextualInversion::load(&p, "junk").unwrap_err().to_string();

@@ -161,6 +161,64 @@ fn sdxl_loras_match_diffusers() {
     );
 }
 
+/// SDXL textual inversion (clip_l for CLIP-L, clip_g for ViT-bigG; the refiner reads clip_g alone) gives
+/// diffusers' images with the embedding loaded into both encoders.
+#[test]
+fn sdxl_embeddings_match_diffusers() {
+    let text = std::fs::read_to_string(fixtures().join("sdxl/embedding_cases.json")).unwrap();
+    let cases: Vec<support::GenerationCase> = serde_json::from_str(&text).unwrap();
+    let images: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let embedding = TextualInversion::load(
+        &fixtures().join("sdxl/embeddings/sdxlstyle.safetensors"),
+        "sdxlstyle",
+    )
+    .unwrap();
+    assert!(embedding.is_sdxl());
+    for (case, record) in cases.iter().zip(&images) {
+        let model = load_model(&case.model);
+        let init = pictor_engine::image_io::load_image(&fixtures().join(&case.init_image), 1 << 24)
+            .unwrap();
+        let req = pictor_engine::pipeline::Img2ImgRequest {
+            prompt: escape(&case.prompt),
+            negative_prompt: escape(case.negative_prompt.as_deref().unwrap_or_default()),
+            init_image: init,
+            num_inference_steps: case.num_inference_steps,
+            guidance_scale: case.guidance_scale,
+            strength: case.strength.unwrap(),
+            seed: Some(case.seed),
+            scheduler: Some(case.scheduler.clone()),
+            embeddings: vec![embedding.clone()],
+            ..small_img2img("")
+        };
+        let ours = model
+            .img2img(&req, &mut NoProgress)
+            .unwrap()
+            .images
+            .remove(0);
+        let theirs = pictor_engine::image_io::load_image(
+            &fixtures().join(record["images"][0].as_str().unwrap()),
+            1 << 24,
+        )
+        .unwrap();
+        let (max, mean) = support::compare(&ours, &theirs);
+        assert!(
+            max <= 3 && mean <= 0.5,
+            "{}: max {max}, mean {mean:.3}",
+            case.name
+        );
+    }
+    // An SDXL embedding on SD 1 is refused by name.
+    let mut req = small_img2img("sdxlstyle");
+    req.embeddings = vec![embedding];
+    let (field, message) = invalid_field(
+        load_model("sd1-tiny")
+            .img2img(&req, &mut NoProgress)
+            .unwrap_err(),
+    );
+    assert_eq!(field, "embeddings_model");
+    assert!(message.contains("is an SDXL embedding"), "{message}");
+}
+
 #[test]
 fn sdxl_refuses_what_it_cannot_do_yet_by_name() {
     let model = load_model("sdxl-tiny");

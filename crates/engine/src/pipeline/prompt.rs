@@ -6,10 +6,11 @@
 use candle_core::{DType, Tensor};
 
 use super::prompt_chunks::{chunk_prompt, Chunk, Slot, Trigger};
-use super::{StableDiffusion, TextTower};
+use super::StableDiffusion;
 use super::{AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE};
 use crate::embeddings::{family_of_hidden_size, TextualInversion};
 use crate::error::{EngineError, Result};
+use crate::lora::LoraTarget;
 use crate::models::AddedConditions;
 use crate::prompt_syntax::parse;
 
@@ -76,8 +77,7 @@ impl StableDiffusion {
             for (k, tower) in self.towers.iter().enumerate() {
                 let mut tensors = Vec::with_capacity(longest);
                 for (i, chunk) in chunks[k][p].iter().enumerate() {
-                    let (z, chunk_pooled) =
-                        self.encode_chunk(tower, chunk, embeddings, clip_skip)?;
+                    let (z, chunk_pooled) = self.encode_chunk(k, chunk, embeddings, clip_skip)?;
                     if k == last && i == 0 {
                         pooled = chunk_pooled;
                     }
@@ -85,7 +85,7 @@ impl StableDiffusion {
                 }
                 if tensors.len() < longest {
                     let empty = chunk_prompt(&tower.tokenizer, &[], &[])?;
-                    let (empty, _) = self.encode_chunk(tower, &empty[0], &[], clip_skip)?;
+                    let (empty, _) = self.encode_chunk(k, &empty[0], &[], clip_skip)?;
                     tensors.resize(longest, empty);
                 }
                 widths.push(Tensor::cat(&tensors, 1)?);
@@ -98,23 +98,58 @@ impl StableDiffusion {
         Ok(out)
     }
 
-    /// Refuses embeddings that do not fit this model's text encoder.
+    /// The vectors of `e` that text tower `k` reads: SDXL's `clip_g` half for ViT-bigG, else `vectors`.
+    fn tower_vectors<'a>(&self, e: &'a TextualInversion, k: usize) -> Option<&'a Tensor> {
+        match self.tower_targets()[k] {
+            LoraTarget::TextEncoder2 => e.vectors_g.as_ref(),
+            _ => Some(&e.vectors),
+        }
+    }
+
+    /// Refuses embeddings that do not fit this model's text encoders.
     fn check_embeddings(&self, embeddings: &[TextualInversion]) -> Result<()> {
-        let Some(first) = embeddings.first() else {
-            return Ok(());
-        };
         if self.sdxl.is_some() {
-            return Err(EngineError::invalid(
-                "embeddings_model",
-                format!(
-                    "model {} is SDXL; textual-inversion embeddings on SDXL models are not supported yet \
-                     (embedding {})",
-                    self.id, first.name
-                ),
-            ));
+            for e in embeddings {
+                let fits = (0..self.towers.len()).all(|k| {
+                    self.tower_vectors(e, k)
+                        .is_some_and(|v| v.dims()[1] == self.towers[k].encoder.config().hidden_size)
+                });
+                if !fits {
+                    let made_for = if e.is_sdxl() {
+                        "another SDXL-like model (its clip_l / clip_g widths differ)".to_string()
+                    } else {
+                        format!(
+                            "{} ({}-wide vectors)",
+                            family_of_hidden_size(e.hidden_size()),
+                            e.hidden_size()
+                        )
+                    };
+                    return Err(EngineError::invalid(
+                        "embeddings_model",
+                        format!(
+                            "embedding {} was made for {made_for} and does not fit model {}, which is SDXL \
+                             (an SDXL embedding has clip_l and clip_g vectors)",
+                            e.name, self.id
+                        ),
+                    ));
+                }
+            }
+            return Ok(());
         }
         let hidden = self.text_encoder().config().hidden_size;
         for e in embeddings {
+            if e.is_sdxl() {
+                return Err(EngineError::invalid(
+                    "embeddings_model",
+                    format!(
+                        "embedding {} is an SDXL embedding (clip_l / clip_g) and does not fit model {}, which \
+                         is {}",
+                        e.name,
+                        self.id,
+                        family_of_hidden_size(hidden)
+                    ),
+                ));
+            }
             if e.hidden_size() != hidden {
                 return Err(EngineError::invalid(
                     "embeddings_model",
@@ -139,11 +174,12 @@ impl StableDiffusion {
     /// the pooled embedding when the encoder has its projection.
     fn encode_chunk(
         &self,
-        tower: &TextTower,
+        k: usize,
         chunk: &Chunk,
         embeddings: &[TextualInversion],
         clip_skip: usize,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        let tower = &self.towers[k];
         let encoder = &tower.encoder;
         let placeholder = tower.tokenizer.pad_id();
         let ids: Vec<u32> = chunk
@@ -155,12 +191,12 @@ impl StableDiffusion {
             })
             .collect();
         let device = &self.device;
-        let eos = tower.tokenizer.eos_id();
-        let eos_position = chunk
-            .slots
-            .iter()
-            .position(|s| *s == Slot::Token(eos))
-            .unwrap_or(ids.len() - 1);
+        let eos_position = pooled_position(
+            chunk,
+            tower.tokenizer.eos_id(),
+            encoder.config(),
+            embeddings,
+        );
         let ids = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
         let tokens = encoder.embed_tokens(&ids)?;
         let has_vectors = chunk.slots.iter().any(|s| matches!(s, Slot::Vector { .. }));
@@ -171,8 +207,9 @@ impl StableDiffusion {
                 .enumerate()
                 .map(|(i, s)| match s {
                     Slot::Token(_) => tokens.narrow(1, i, 1),
-                    Slot::Vector { embedding, row } => embeddings[*embedding]
-                        .vectors
+                    Slot::Vector { embedding, row } => self
+                        .tower_vectors(&embeddings[*embedding], k)
+                        .expect("checked by check_embeddings")
                         .narrow(0, *row, 1)?
                         .to_device(device)?
                         .to_dtype(tokens.dtype())?
@@ -211,6 +248,46 @@ impl StableDiffusion {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&repeated, 0)?)
     }
+}
+
+/// Where transformers' CLIP takes the pooled output of `chunk`. With the legacy `eos_token_id: 2` in the
+/// config (what SDXL's ViT-bigG ships) it is the position of the *largest* token id, which is the end-of-text
+/// token unless textual-inversion tokens were added to the vocabulary: diffusers adds an embedding's vectors
+/// as new tokens (ids from `vocab_size` on, in loading order), so the pooled output then comes from the
+/// embedding's last vector. Pictor numbers its embedding vectors the same way, in the request's order, and
+/// so pools where diffusers pools. Otherwise it is the first end-of-text token.
+fn pooled_position(
+    chunk: &Chunk,
+    eos: u32,
+    config: &crate::config::ClipTextConfig,
+    embeddings: &[TextualInversion],
+) -> usize {
+    let last = chunk.slots.len().saturating_sub(1);
+    if config.eos_token_id != 2 {
+        return chunk
+            .slots
+            .iter()
+            .position(|s| *s == Slot::Token(eos))
+            .unwrap_or(last);
+    }
+    let mut offsets = Vec::with_capacity(embeddings.len());
+    let mut next = config.vocab_size;
+    for e in embeddings {
+        offsets.push(next);
+        next += e.vector_count();
+    }
+    let id = |s: &Slot| match *s {
+        Slot::Token(id) => id as usize,
+        Slot::Vector { embedding, row } => offsets[embedding] + row,
+    };
+    // The first occurrence of the largest id, as torch's argmax.
+    let mut best = 0;
+    for (i, slot) in chunk.slots.iter().enumerate() {
+        if id(slot) > id(&chunk.slots[best]) {
+            best = i;
+        }
+    }
+    best
 }
 
 impl StableDiffusion {
