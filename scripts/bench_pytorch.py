@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU benchmark of SD 1.5 in PyTorch/diffusers, measured the way `pictor bench` measures Pictor.
+"""CPU benchmark of SD 1.5 or SDXL in PyTorch/diffusers, measured the way `pictor bench` measures Pictor.
 
 Pictor's side is `pictor bench` (crates/engine/src/bench.rs): it builds the full-size SD 1.5 networks with
 random weights, runs one warm-up call, times `--iterations` calls and reports the median seconds and the
@@ -21,10 +21,18 @@ Usage (from the repository root, with the project venv):
     # the issue's set (below), both sides, machine-readable
     /work/venv/bin/python scripts/bench_pytorch.py --suite --compare target/release/pictor --json
 
+    # SDXL base at 1024 x 1024 (UNet step batch 2, VAE encode/decode, both text encoders), both sides
+    /work/venv/bin/python scripts/bench_pytorch.py --arch sdxl --suite --compare target/release/pictor
+
     # plus OpenVINO, every side restricted to AVX2
     /work/venv/bin/python scripts/bench_pytorch.py --suite --compare target/release/pictor --openvino --isa avx2
 
 Options (the same names and defaults as `pictor bench`):
+    --arch sd15|sdxl   which model's full-size networks (default sd15); sdxl: the SDXL base's UNet (text_time
+                     add embedding: pooled [batch, 1280] ~ N(0, 1) and time ids (N, N, 0, 0, N, N)), its VAE,
+                     and as "text-encoder" both encoders (CLIP-L and OpenCLIP-bigG with projection, every
+                     layer); img2img: StableDiffusionXLImg2ImgPipeline with Euler as SDXL ships it. No
+                     OpenVINO side for sdxl.
     --component unet|vae-encode|vae-decode|text-encoder|img2img   (default unet)
     --resolution N   image side in pixels, a multiple of 8 (default 512); latents are N/8
     --batch N        batch size; img2img: images per request (num_images_per_prompt) (default 2)
@@ -34,8 +42,10 @@ Options (the same names and defaults as `pictor bench`):
     --steps N        img2img: steps of the full schedule; strength 0.75 runs 3/4 of them (default 20)
     --suite          run the issue's set instead of one measurement (--precision, --tomesd and
                      --iterations apply to all of it):
-                       UNet step (batch 2) at 256 and 512, VAE encode and decode (batch 1) at 256 and 512,
-                       text encoder (batch 2), img2img 512 x 512, 20 steps, strength 0.75, one image
+                       sd15: UNet step (batch 2) at 256 and 512, VAE encode and decode (batch 1) at 256 and
+                       512, text encoder (batch 2), img2img 512 x 512, 20 steps, strength 0.75, one image
+                       sdxl: UNet step (batch 2), VAE encode and decode (batch 1) at 1024, text encoders
+                       (batch 2)
     --pictor-precision fp32|bf16   Pictor's precision when it should differ from --precision (the issue's
                      bf16 goal: `--precision fp32 --pictor-precision bf16` puts Pictor bf16 next to PyTorch fp32)
     --compare BIN    also run `BIN bench <same arguments> --json` for each measurement (Pictor must be
@@ -201,6 +211,29 @@ CLIP_L = dict(
     hidden_act="quick_gelu", layer_norm_eps=1e-5,
     bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
 )
+# stable-diffusion-xl-base-1.0's unet/config.json, as in crates/engine/src/bench.rs.
+SDXL_UNET = dict(
+    in_channels=4, out_channels=4,
+    block_out_channels=[320, 640, 1280],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    layers_per_block=2, attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10],
+    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32, sample_size=128,
+)
+SDXL_VAE = dict(SD15_VAE, scaling_factor=0.13025, sample_size=1024, force_upcast=True)
+# OpenCLIP ViT-bigG/14's text tower with its projection (SDXL's text_encoder_2).
+CLIP_BIGG = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120,
+    num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77,
+    hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=1280,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+SDXL_EULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    steps_offset=1, timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
+)
 # SD 1.5's scheduler/scheduler_config.json, as Pictor's random model uses it.
 SD15_PNDM = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -271,16 +304,24 @@ def build(make, dtype, torch):
     return randomize(model, torch).to(dtype)
 
 
-def build_unet(dtype, torch):
+def build_unet(dtype, torch, arch="sd15"):
     from diffusers import UNet2DConditionModel
 
-    return build(lambda: UNet2DConditionModel(**SD15_UNET), dtype, torch)
+    config = SDXL_UNET if arch == "sdxl" else SD15_UNET
+    return build(lambda: UNet2DConditionModel(**config), dtype, torch)
 
 
-def build_vae(dtype, torch):
+def build_vae(dtype, torch, arch="sd15"):
     from diffusers import AutoencoderKL
 
-    return build(lambda: AutoencoderKL(**SD15_VAE), dtype, torch)
+    config = SDXL_VAE if arch == "sdxl" else SD15_VAE
+    return build(lambda: AutoencoderKL(**config), dtype, torch)
+
+
+def build_text_encoder_2(dtype, torch):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return build(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG)), dtype, torch)
 
 
 def build_text_encoder(dtype, torch):
@@ -303,6 +344,15 @@ def make_run(opts, torch):
     """Builds the networks and inputs of `opts` and returns (the call to time, what it ran in)."""
     dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
     b, res = opts.batch, opts.resolution
+    if opts.component in ("vae-encode", "vae-decode"):
+        vae = build_vae(dtype, torch, opts.arch)
+        if opts.component == "vae-encode":
+            images = (torch.randn(b, 3, res, res) * 0.5).to(dtype)
+            return (lambda: vae.encode(images).latent_dist), str(dtype)
+        latents = torch.randn(b, 4, res // 8, res // 8).to(dtype)
+        return (lambda: vae.decode(latents).sample), str(dtype)
+    if opts.arch == "sdxl":
+        return make_sdxl_run(opts, torch, dtype)
     if opts.component == "unet":
         unet = build_unet(dtype, torch)
         if opts.tomesd:
@@ -312,13 +362,6 @@ def make_run(opts, torch):
         latents = torch.randn(b, 4, res // 8, res // 8).to(dtype)
         context = torch.randn(b, 77, 768).to(dtype)
         return (lambda: unet(latents, 500, encoder_hidden_states=context, return_dict=False)), str(dtype)
-    if opts.component in ("vae-encode", "vae-decode"):
-        vae = build_vae(dtype, torch)
-        if opts.component == "vae-encode":
-            images = (torch.randn(b, 3, res, res) * 0.5).to(dtype)
-            return (lambda: vae.encode(images).latent_dist), str(dtype)
-        latents = torch.randn(b, 4, res // 8, res // 8).to(dtype)
-        return (lambda: vae.decode(latents).sample), str(dtype)
     if opts.component == "text-encoder":
         # Pictor runs the text encoder in fp32 whatever the precision.
         text = build_text_encoder(torch.float32, torch)
@@ -360,6 +403,59 @@ def make_run(opts, torch):
                 generator=torch.Generator().manual_seed(0),
                 output_type="pil",
             )
+
+        return run, str(dtype)
+    raise ValueError(f"unknown component {opts.component!r}")
+
+
+def make_sdxl_run(opts, torch, dtype):
+    """make_run for the SDXL base's UNet, text encoders and img2img (its VAE is built by make_run)."""
+    b, res = opts.batch, opts.resolution
+    if opts.component == "unet":
+        unet = build_unet(dtype, torch, "sdxl")
+        if opts.tomesd:
+            import tomesd
+
+            tomesd.apply_patch(unet, ratio=0.5)
+        latents = torch.randn(b, 4, res // 8, res // 8).to(dtype)
+        context = torch.randn(b, 77, 2048).to(dtype)
+        added = {"text_embeds": torch.randn(b, 1280).to(dtype),
+                 "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * b, dtype=dtype)}
+        return (lambda: unet(latents, 500, encoder_hidden_states=context, added_cond_kwargs=added,
+                             return_dict=False)), str(dtype)
+    if opts.component == "text-encoder":
+        text = build_text_encoder(torch.float32, torch)
+        text_2 = build_text_encoder_2(torch.float32, torch)
+        ids = torch.tensor([(i * 7919) % 49408 for i in range(b * 77)], dtype=torch.long).reshape(b, 77)
+
+        def run():
+            text(input_ids=ids, output_hidden_states=True)
+            return text_2(input_ids=ids, output_hidden_states=True)
+
+        return run, str(torch.float32)
+    if opts.component == "img2img":
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+        from transformers import CLIPTokenizer
+
+        def tokenizer(pad):
+            return CLIPTokenizer.from_pretrained(TOKENIZER_ASSETS, pad_token=pad, model_max_length=77)
+
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            vae=build_vae(dtype, torch, "sdxl"),
+            text_encoder=build_text_encoder(dtype, torch),
+            text_encoder_2=build_text_encoder_2(dtype, torch),
+            tokenizer=tokenizer("<|endoftext|>"),
+            tokenizer_2=tokenizer("!"),
+            unet=build_unet(dtype, torch, "sdxl"),
+            scheduler=EulerDiscreteScheduler.from_config(SDXL_EULER),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        init = gradient_image(res)
+
+        def run():
+            return pipe(prompt="a photo of a cat", image=init, strength=0.75, num_inference_steps=opts.steps,
+                        guidance_scale=7.5, num_images_per_prompt=b,
+                        generator=torch.Generator().manual_seed(0), output_type="pil")
 
         return run, str(dtype)
     raise ValueError(f"unknown component {opts.component!r}")
@@ -613,7 +709,7 @@ def openvino_worker(opts):
 def measurement_args(m):
     """The command-line arguments of measurement `m`, shared by this script's worker and `pictor bench`."""
     args = [
-        "--component", m["component"], "--resolution", str(m["resolution"]), "--batch", str(m["batch"]),
+        "--arch", m.get("arch", "sd15"), "--component", m["component"], "--resolution", str(m["resolution"]), "--batch", str(m["batch"]),
         "--iterations", str(m["iterations"]), "--precision", m["precision"], "--steps", str(m["steps"]),
     ]
     if m["tomesd"]:
@@ -653,8 +749,15 @@ def run_side(cmd, timeout, env=None):
 
 
 def suite(opts):
-    common = dict(iterations=opts.iterations, precision=opts.precision, tomesd=opts.tomesd, steps=opts.steps)
+    common = dict(arch=opts.arch, iterations=opts.iterations, precision=opts.precision, tomesd=opts.tomesd,
+                  steps=opts.steps)
     rows = []
+    if opts.arch == "sdxl":
+        rows.append(dict(common, component="unet", resolution=1024, batch=2))
+        for comp in ("vae-encode", "vae-decode"):
+            rows.append(dict(common, component=comp, resolution=1024, batch=1))
+        rows.append(dict(common, component="text-encoder", resolution=1024, batch=2))
+        return rows
     for res in (256, 512):
         rows.append(dict(common, component="unet", resolution=res, batch=2))
     for comp in ("vae-encode", "vae-decode"):
@@ -741,7 +844,8 @@ def print_table(info, rows, compare, openvino, isa):
         pt, pc, ov = r.get("pytorch"), r.get("pictor"), r.get("openvino")
         ov_skipped = r.get("openvino_skipped") is not None
         cells = [
-            r["component"] + (f" ({r['steps']} steps)" if r["component"] == "img2img" else ""),
+            ("sdxl " if r.get("arch") == "sdxl" else "")
+            + r["component"] + (f" ({r['steps']} steps)" if r["component"] == "img2img" else ""),
             str(r["resolution"]), str(r["batch"]), r["precision"], "yes" if r["tomesd"] else "no",
             str(r["iterations"]),
             fmt(pt and pt["median_s"], ".3f") if pt else "error",
@@ -785,6 +889,9 @@ def run_openvino(row, m, args, opts, env):
     a fresh one with `env`. Fills row["openvino"], row["openvino_error"] and row["openvino_ir"], or
     row["openvino_skipped"] where there is no OpenVINO side."""
     row["openvino"] = row["openvino_error"] = None
+    if m.get("arch") == "sdxl":
+        row["openvino_skipped"] = "no OpenVINO side for sdxl"
+        return
     if m["component"] not in OPENVINO_COMPONENTS:
         row["openvino_skipped"] = f"no OpenVINO side for {m['component']}"
         return
@@ -813,6 +920,7 @@ def run_openvino(row, m, args, opts, env):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
                                 epilog="See the module docstring (the top of this file) for details.")
+    p.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
     p.add_argument("--component", choices=COMPONENTS, default="unet")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch", type=int, default=2)
@@ -851,7 +959,7 @@ def main():
     if opts.suite:
         measurements = suite(opts)
     else:
-        measurements = [dict(component=opts.component, resolution=opts.resolution, batch=opts.batch,
+        measurements = [dict(arch=opts.arch, component=opts.component, resolution=opts.resolution, batch=opts.batch,
                              iterations=opts.iterations, precision=opts.precision, tomesd=opts.tomesd,
                              steps=opts.steps)]
     compare = None
