@@ -341,3 +341,28 @@ fn sdxl_with_a_single_file_vae_keeps_sdxl_scaling() {
     let swapped = model_store::variant(&sd1, &models(), &[], Some("tiny-alt-ldm")).unwrap();
     assert_eq!(swapped.vae_config().scaling_factor, 0.18215);
 }
+
+/// Token merging works where tomesd works: at the full latent resolution only (`max_downsample` 1), where
+/// SDXL has no attention, so it leaves an SDXL image exactly as it was — as tomesd leaves diffusers'. With
+/// `max_downsample` 2 it reaches SDXL's first attention level and changes the image.
+#[test]
+fn sdxl_token_merging_follows_tomesd_levels() {
+    use pictor_engine::models::TomeSettings;
+    let model = load_model("sdxl-tiny");
+    let plain = model
+        .img2img(&small_img2img("a cat"), &mut NoProgress)
+        .unwrap();
+    let merged = |tome: TomeSettings| {
+        let req = pictor_engine::pipeline::Img2ImgRequest {
+            tome: Some(tome),
+            ..small_img2img("a cat")
+        };
+        model.img2img(&req, &mut NoProgress).unwrap().images
+    };
+    assert_eq!(merged(TomeSettings::default()), plain.images);
+    let deeper = merged(TomeSettings {
+        max_downsample: 2,
+        ..TomeSettings::default()
+    });
+    assert_ne!(deeper, plain.images);
+}
