@@ -934,6 +934,7 @@ fn infer_vae(
         shift_factor: None,
         use_quant_conv: v.contains_key("quant_conv.weight"),
         use_post_quant_conv: v.contains_key("post_quant_conv.weight"),
+        force_upcast: true,
         mid_block_add_attention: has_prefix(&v, "encoder.mid.attn_1."),
         act_fn: "silu".into(),
     };
@@ -983,6 +984,7 @@ fn infer_diffusers_vae(v: &Shapes, model: &str) -> Result<(VaeConfig, HashMap<St
         shift_factor: None,
         use_quant_conv: v.contains_key("quant_conv.weight"),
         use_post_quant_conv: v.contains_key("post_quant_conv.weight"),
+        force_upcast: true,
         mid_block_add_attention: has_prefix(v, "encoder.mid_block.attentions.0."),
         act_fn: "silu".into(),
     };

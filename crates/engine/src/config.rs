@@ -313,6 +313,10 @@ pub struct VaeConfig {
     /// Whether the 1×1 post_quant_conv exists.
     #[serde(default = "default_true")]
     pub use_post_quant_conv: bool,
+    /// SDXL: the VAE overflows in float16, so SDXL pipelines run it in float32 when the model runs in float16
+    /// (diffusers' class default: true; the fp16-fix VAE says false).
+    #[serde(default = "default_true")]
+    pub force_upcast: bool,
     /// Whether the mid blocks have their attention layer.
     #[serde(default = "default_true")]
     pub mid_block_add_attention: bool,

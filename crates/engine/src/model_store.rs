@@ -285,6 +285,7 @@ pub fn variant(
             scaling_factor,
             &base.device,
             base.dtype,
+            base.sdxl().is_some(),
         )?)?;
     }
     Ok(model)
@@ -304,17 +305,26 @@ pub fn safety_checker_path(global: Option<&Path>, model: &ModelLocation) -> Opti
 /// Loads a replacement VAE found by [`ModelsDir::resolve_vae`] (a diffusers folder or a single file). A
 /// single file says nothing of its scaling factor, so it takes `scaling_factor`, the model's own (SDXL's
 /// 0.13025 for `sdxl_vae.safetensors` or the fp16-fix VAE), as AUTOMATIC1111 does; a folder's config.json
-/// gives its own.
+/// gives its own. For an SDXL model (`sdxl`) running in float16, a VAE that says `force_upcast` (a single
+/// file always does) is loaded in float32.
 pub fn load_vae(
     path: &Path,
     name: &str,
     scaling_factor: f64,
     device: &Device,
     dtype: DType,
+    sdxl: bool,
 ) -> Result<AutoencoderKl> {
+    let dtype_for = |cfg: &VaeConfig| {
+        if sdxl {
+            sdxl_vae_dtype(cfg, dtype)
+        } else {
+            dtype
+        }
+    };
     if path.is_dir() {
         let cfg: VaeConfig = read_json(name, &path.join("config.json"))?;
-        let vb = component_weights(name, path, dtype, device)?;
+        let vb = component_weights(name, path, dtype_for(&cfg), device)?;
         return AutoencoderKl::new(&cfg, vb).map_err(component_error(name, "vae"));
     }
     let file = crate::checkpoint::VaeFile::open(path, name)?;
@@ -322,7 +332,7 @@ pub fn load_vae(
         scaling_factor,
         ..file.config.clone()
     };
-    AutoencoderKl::new(&config, file.var_builder(dtype, device))
+    AutoencoderKl::new(&config, file.var_builder(dtype_for(&config), device))
         .map_err(component_error(name, "vae"))
 }
 
@@ -646,7 +656,12 @@ fn load_sdxl_diffusers(
     let unet = UNet::new(&unet_cfg, unet_vb).map_err(component_error(id, "unet"))?;
     let vae = AutoencoderKl::new(
         &vae_cfg,
-        component_weights(id, &dir.join("vae"), dtype, device)?,
+        component_weights(
+            id,
+            &dir.join("vae"),
+            sdxl_vae_dtype(&vae_cfg, dtype),
+            device,
+        )?,
     )
     .map_err(component_error(id, "vae"))?;
     Ok(StableDiffusion::sdxl_from_parts(
@@ -776,6 +791,16 @@ fn load_single_file(
     .with_base_weights(unet_record.take(), vec![text_record.take()]))
 }
 
+/// The dtype an SDXL model's VAE runs in: float32 when the model runs in float16 and the VAE says
+/// `force_upcast` (SDXL's VAE overflows in float16; diffusers' SDXL pipelines upcast it the same way).
+fn sdxl_vae_dtype(vae: &VaeConfig, dtype: DType) -> DType {
+    if dtype == DType::F16 && vae.force_upcast {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
 /// Loads an SDXL single-file checkpoint (base or refiner): CLIP's bundled tokenizer for each text encoder
 /// (pad `<|endoftext|>` for CLIP-L, `!` for ViT-bigG), SDXL's scheduler config; a refiner (5 time ids)
 /// encodes a missing negative prompt as "" as the released refiner's pipeline config says.
@@ -804,7 +829,8 @@ fn load_sdxl_single_file(
     }
     let (unet_vb, unet_record) = Recorder::wrap_for_bf16_layers(ck.unet_vb(dtype, device)?);
     let unet = UNet::new(&ck.unet, unet_vb).map_err(component_error(id, "unet"))?;
-    let vae = AutoencoderKl::new(&ck.vae, ck.vae_vb(dtype, device)?)
+    let vae_dtype = sdxl_vae_dtype(&ck.vae, dtype);
+    let vae = AutoencoderKl::new(&ck.vae, ck.vae_vb(vae_dtype, device)?)
         .map_err(component_error(id, "vae"))?;
     Ok(StableDiffusion::sdxl_from_parts(
         id.to_string(),

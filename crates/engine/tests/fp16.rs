@@ -33,3 +33,29 @@ fn fp16_images_stay_close_to_fp32() {
         },
     );
 }
+
+/// SDXL in float16 (as on a GPU): the UNet in f16, the VAE upcast to f32 (`force_upcast`, as diffusers'
+/// SDXL pipelines do, since SDXL's VAE overflows in f16), and the images close to float32's.
+#[test]
+fn sdxl_fp16_upcasts_its_vae_and_stays_close_to_fp32() {
+    let text = std::fs::read_to_string(support::fixtures().join("sdxl/cases.json")).unwrap();
+    let cases: Vec<support::GenerationCase> = serde_json::from_str(&text).unwrap();
+    for name in [
+        "sdxl-euler-s42",
+        "sdxl-dpm2m-72x56-s7-n2",
+        "sdxl-refiner-euler-s3",
+    ] {
+        let case = cases.iter().find(|c| c.name == name).unwrap();
+        let half = load_f16(&case.model);
+        assert_eq!(half.vae_dtype(), DType::F32, "{name}: VAE upcast");
+        let full = load_model(&case.model);
+        let (a, b) = (
+            generate_case(&full, case, None),
+            generate_case(&half, case, None),
+        );
+        for (x, y) in a.iter().zip(&b) {
+            let db = support::psnr(x, y);
+            assert!(db >= 35.0, "{name}: {db:.1} dB");
+        }
+    }
+}

@@ -98,7 +98,10 @@ fn loras_and_vaes_match_diffusers_and_leave_the_base_model_alone() {
             let rt = Runtime::cpu();
             let path = models().resolve_vae(vae).unwrap();
             model = model
-                .with_vae(model_store::load_vae(&path, vae, 0.18215, &rt.device, rt.dtype).unwrap())
+                .with_vae(
+                    model_store::load_vae(&path, vae, 0.18215, &rt.device, rt.dtype, false)
+                        .unwrap(),
+                )
                 .unwrap();
         }
         let images = generate(&model, &case);
@@ -123,7 +126,8 @@ fn the_ldm_named_vae_file_equals_the_diffusers_folder() {
     let case = cases().into_iter().find(|c| c.vae.is_some()).unwrap();
     let rt = Runtime::cpu();
     let file = models().resolve_vae("tiny-alt-ldm").unwrap();
-    let vae = model_store::load_vae(&file, "tiny-alt-ldm", 0.18215, &rt.device, rt.dtype).unwrap();
+    let vae =
+        model_store::load_vae(&file, "tiny-alt-ldm", 0.18215, &rt.device, rt.dtype, false).unwrap();
     assert_matches(&case, &generate(&base.with_vae(vae).unwrap(), &case));
 }
 
@@ -160,7 +164,7 @@ fn unfit_or_missing_files_are_refused_clearly() {
     // A text encoder's weight file is not a VAE.
     let te = fixtures().join("models/checkpoints/sd1-tiny/text_encoder/model.safetensors");
     let rt = Runtime::cpu();
-    let err = model_store::load_vae(&te, "te", 0.18215, &rt.device, rt.dtype)
+    let err = model_store::load_vae(&te, "te", 0.18215, &rt.device, rt.dtype, false)
         .err()
         .unwrap()
         .to_string();

@@ -250,6 +250,11 @@ impl AutoencoderKl {
         &self.config
     }
 
+    /// The dtype of its weights (and of what it takes and gives).
+    pub fn dtype(&self) -> candle_core::DType {
+        self.encoder.conv_in.dtype()
+    }
+
     /// Encodes images in [−1, 1] (b, 3, h, w) to the latent distribution (unscaled).
     pub fn encode(&self, images: &Tensor) -> Result<LatentDistribution> {
         let mut moments = self.encoder.forward(images)?;

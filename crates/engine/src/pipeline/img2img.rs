@@ -126,9 +126,10 @@ impl StableDiffusion {
         scheduler.set_begin_index(begin);
 
         let image = fit_to_size(&req.init_image, req.width, req.height);
-        let pixels = image_to_tensor(&image, &self.device)?.to_dtype(self.dtype)?;
+        let pixels = image_to_tensor(&image, &self.device)?.to_dtype(self.vae.dtype())?;
         let posterior = self.vae.encode(&pixels)?;
-        let init = (posterior.sample(&mut rng)? * self.vae.config().scaling_factor)?
+        let init = (posterior.sample(&mut rng)?.to_dtype(self.dtype)?
+            * self.vae.config().scaling_factor)?
             .repeat((samples, 1, 1, 1))?;
         let noise = rng.randn_tensor(init.shape(), self.dtype, &self.device)?;
         let mut latents = match scheduler.inversion_timesteps(begin) {

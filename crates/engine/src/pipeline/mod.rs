@@ -329,6 +329,11 @@ impl StableDiffusion {
             .to_string()
     }
 
+    /// The dtype the VAE runs in: the model's, except an SDXL VAE upcast to float32 in a float16 model.
+    pub fn vae_dtype(&self) -> DType {
+        self.vae.dtype()
+    }
+
     /// The VAE's config (scale factor, scaling factor).
     pub fn vae_config(&self) -> &VaeConfig {
         self.vae.config()
@@ -579,7 +584,7 @@ impl StableDiffusion {
         steps_run: usize,
         started: std::time::Instant,
     ) -> Result<Generation> {
-        let scaled = (latents / self.vae.config().scaling_factor)?;
+        let scaled = (latents / self.vae.config().scaling_factor)?.to_dtype(self.vae.dtype())?;
         let decoded = self.vae.decode(&scaled)?.to_dtype(DType::F32)?;
         Ok(Generation {
             images: crate::image_io::tensor_to_images(&decoded)?,

@@ -82,11 +82,12 @@ impl StableDiffusion {
         let timesteps = scheduler.timesteps().to_vec();
 
         let image = fit_to_size(&req.init_image, req.width, req.height);
-        let pixels = image_to_tensor(&image, &self.device)?.to_dtype(self.dtype)?;
+        let pixels = image_to_tensor(&image, &self.device)?.to_dtype(self.vae.dtype())?;
         let image_latents = self
             .vae
             .encode(&pixels)?
             .mode()
+            .to_dtype(self.dtype)?
             .repeat((samples, 1, 1, 1))?;
         let image_latents = if guided {
             let zeros = image_latents.zeros_like()?;
