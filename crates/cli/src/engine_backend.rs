@@ -10,9 +10,8 @@ use pictor_engine::image_io::{decode_image, encode_png};
 use pictor_engine::model_store::{self, ModelFormat, ModelLocation, ModelsDir};
 use pictor_engine::models::TomeSettings;
 use pictor_engine::pipeline::{
-    Img2ImgRequest, ModelKind, Pix2PixRequest, Progress, StableDiffusion,
+    check_prompt_size, Img2ImgRequest, ModelKind, Pix2PixRequest, Progress, StableDiffusion,
 };
-use pictor_engine::prompt_syntax;
 use pictor_engine::safety::{replace_flagged, Replacement, SafetyChecker};
 use pictor_engine::schedulers::{SchedulerOptions, SCHEDULER_NAMES};
 use pictor_engine::{EngineError, Runtime};
@@ -466,9 +465,8 @@ impl Backend for EngineBackend {
     }
 
     fn check(&self, request: &GenerationRequest) -> Result<(), BackendError> {
-        prompt_syntax::parse_field(&request.prompt, "prompt").map_err(engine_error)?;
-        prompt_syntax::parse_field(&request.negative_prompt, "negative_prompt")
-            .map_err(engine_error)?;
+        check_prompt_size(&request.prompt, "prompt").map_err(engine_error)?;
+        check_prompt_size(&request.negative_prompt, "negative_prompt").map_err(engine_error)?;
         for lora in &request.loras {
             self.models_dir
                 .resolve_lora(&lora.name)

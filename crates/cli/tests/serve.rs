@@ -1078,3 +1078,44 @@ fn small_defects_answer_in_the_api_shape() {
         "{body}"
     );
 }
+
+/// Defect 3 of the hardening issue: prompts had no length limit (a 1 MB prompt held the only worker for 94 s
+/// and 2.3 GB). Now a prompt or negative prompt over 16 KiB or 600 tokens is refused at the door, in the
+/// API's error shape naming the field, and nothing is queued.
+#[test]
+fn oversized_prompts_are_refused_at_the_door() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_default(&dir, &["--sync-timeout", "0"]);
+    let ddim = case("sd1-ddim-s42");
+    let megabyte = "a".repeat(1 << 20);
+    let many_tokens = vec!["cat"; 601].join(" ");
+    for (field, text, words) in [
+        ("prompt", &megabyte, "bytes"),
+        ("negative_prompt", &megabyte, "bytes"),
+        ("prompt", &many_tokens, "600 tokens"),
+    ] {
+        let started = std::time::Instant::now();
+        let (status, answer) = server.post(
+            "/api/v6/images/img2img",
+            &body_for(&ddim, json!({"model_id": "sd1-tiny", field: text})),
+        );
+        assert_eq!(status, 200);
+        assert_eq!(answer["status"], "error", "{field}: {answer}");
+        assert!(answer["errors"][field].is_array(), "{field}: {answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains(words),
+            "{field}: {answer}"
+        );
+        assert!(answer.get("id").is_none(), "nothing is queued: {answer}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+    // 600 tokens are still fine.
+    let (_, fine) = server.post(
+        "/api/v6/images/img2img",
+        &body_for(
+            &ddim,
+            json!({"model_id": "sd1-tiny", "prompt": vec!["cat"; 600].join(" ")}),
+        ),
+    );
+    assert_eq!(fine["status"], "processing", "{fine}");
+}

@@ -5,6 +5,9 @@ mod img2img;
 mod pix2pix;
 mod prompt;
 mod prompt_chunks;
+mod prompt_limits;
+
+pub use prompt_limits::{check_prompt_size, MAX_PROMPT_BYTES, MAX_PROMPT_WINDOWS};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

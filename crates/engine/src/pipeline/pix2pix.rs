@@ -50,9 +50,10 @@ impl StableDiffusion {
         let samples = req.samples;
         let guided = req.guidance_scale > 1.0 && req.image_guidance_scale >= 1.0;
 
+        super::check_prompt_size(&req.prompt, "prompt")?;
         if guided {
             // Checked here so that a syntax error names the right field.
-            crate::prompt_syntax::parse_field(&req.negative_prompt, "negative_prompt")?;
+            super::check_prompt_size(&req.negative_prompt, "negative_prompt")?;
         }
         let context = if guided {
             // diffusers applies clip skip to the prompt only; the negative prompt uses the last layer.
