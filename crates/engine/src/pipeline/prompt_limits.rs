@@ -80,7 +80,7 @@ mod tests {
         assert_eq!(field, "prompt");
         assert!(message.contains("1048576 bytes"), "{message}");
         // BREAK starts a window: 9 short windows are too many as well.
-        let breaks = vec!["cat"; 9].join(" BREAK ");
+        let breaks = ["cat"; 9].join(" BREAK ");
         assert!(check_prompt_size(&breaks, "prompt").is_err());
         // Syntax errors name the field, as before.
         let (field, _) = field_of(check_prompt_size("a (cat", "prompt").unwrap_err());
