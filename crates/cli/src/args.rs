@@ -257,7 +257,7 @@ pub struct ServeArgs {
     /// Hours finished jobs stay fetchable.
     #[arg(long, default_value_t = 168)]
     pub retention_hours: u64,
-    /// Seconds between sweeps of expired temp files and old jobs.
+    /// Seconds between sweeps of expired temp files, old jobs and init images older than the retention.
     #[arg(long, default_value_t = 600)]
     pub sweep_interval: u64,
     /// Webhook attempts, the first included.

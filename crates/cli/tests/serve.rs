@@ -1119,3 +1119,48 @@ fn oversized_prompts_are_refused_at_the_door() {
     );
     assert_eq!(fine["status"], "processing", "{fine}");
 }
+
+/// Defect 6 of the hardening issue: stored init images were never deleted. A finished job's is deleted when
+/// it finishes; the sweep deletes any older than the retention (those of cancelled or abandoned jobs) and
+/// leaves newer ones.
+#[test]
+fn init_images_do_not_outlive_their_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("files/inputs");
+    std::fs::create_dir_all(&inputs).unwrap();
+    let stale = inputs.join("stale.png");
+    let fresh = inputs.join("fresh.png");
+    for path in [&stale, &fresh] {
+        std::fs::write(path, b"png").unwrap();
+    }
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
+    let server = start_default(&dir, &["--retention-hours", "1", "--sweep-interval", "1"]);
+    let ddim = case("sd1-ddim-s42");
+    let (_, answer) = server.post(
+        "/api/v6/images/img2img",
+        &body_for(&ddim, json!({"model_id": "sd1-tiny"})),
+    );
+    assert_eq!(answer["status"], "success", "{answer}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut left: Vec<String> = std::fs::read_dir(&inputs)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        if left == ["fresh.png"] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "init images left: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -206,7 +206,13 @@ async fn run(node: &Arc<Node>, job: Job) {
     let deadline = Instant::now() + node.config.lease;
     loop {
         match node.jobs.finish(lease, &outcome).await {
-            Ok(true) => break,
+            Ok(true) => {
+                // The job is over for good: nothing reads its init image again.
+                if let Err(e) = node.storage.delete(&job.spec.init_key).await {
+                    tracing::warn!(job = lease.id, error = %e, "cannot delete the job's init image");
+                }
+                break;
+            }
             Ok(false) => {
                 tracing::warn!(job = lease.id, "the job's lease ended before it finished");
                 break;
@@ -466,7 +472,23 @@ pub async fn report(node: Arc<Node>) {
     }
 }
 
-/// Deletes expired temp files and jobs past retention, every `sweep_interval`, on one node at a time.
+/// Deletes the stored files under `prefix` older than `age`.
+async fn delete_older_than(node: &Node, prefix: &str, age: Duration) {
+    match node.storage.older_than(prefix, age).await {
+        Ok(keys) => {
+            for key in keys {
+                if let Err(e) = node.storage.delete(&key).await {
+                    tracing::warn!(key, error = %e, "cannot delete an expired file");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(prefix, error = %e, "cannot list stored files"),
+    }
+}
+
+/// Deletes expired temp files, jobs past retention and init images older than retention (a finished job's is
+/// deleted when it finishes; these are those of jobs cancelled or abandoned), every `sweep_interval`, on one
+/// node at a time.
 pub async fn sweep(node: Arc<Node>) {
     loop {
         tokio::time::sleep(node.config.sweep_interval).await;
@@ -479,16 +501,8 @@ pub async fn sweep(node: Arc<Node>) {
                 continue;
             }
         }
-        match node.storage.older_than("temp/", node.config.temp_ttl).await {
-            Ok(keys) => {
-                for key in keys {
-                    if let Err(e) = node.storage.delete(&key).await {
-                        tracing::warn!(key, error = %e, "cannot delete an expired temp file");
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot list temp files"),
-        }
+        delete_older_than(&node, "temp/", node.config.temp_ttl).await;
+        delete_older_than(&node, "inputs/", node.config.retention).await;
         let before = crate::jobs::now() - node.config.retention.as_secs_f64();
         match node.jobs.store().delete_finished_before(before).await {
             Ok(0) => {}
