@@ -251,6 +251,10 @@ pub struct ServeArgs {
     /// Largest request body, in MiB.
     #[arg(long, default_value_t = 32)]
     pub max_body_mib: usize,
+    /// Megapixels (2²⁰ pixels) of init images decoded at once across requests; more wait (up to 30 s, then
+    /// 503). Never below the 64-megapixel image limit.
+    #[arg(long, default_value_t = 128)]
+    pub decode_budget_mpx: u64,
     /// Seconds `temp: yes` outputs live.
     #[arg(long, default_value_t = 86_400)]
     pub temp_ttl: u64,

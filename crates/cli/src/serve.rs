@@ -45,6 +45,7 @@ pub fn config(args: &ServeArgs) -> Result<ServerConfig> {
     config.max_queued_per_key = args.max_queued_per_key.max(1);
     config.allow_private_urls = args.allow_private_urls;
     config.max_body_bytes = args.max_body_mib.max(1) << 20;
+    config.decode_budget_pixels = args.decode_budget_mpx << 20;
     config.temp_ttl = Duration::from_secs(args.temp_ttl);
     config.retention = Duration::from_secs(args.retention_hours * 3600);
     config.sweep_interval = Duration::from_secs(args.sweep_interval.max(1));

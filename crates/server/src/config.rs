@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Largest init image in pixels (decompression-bomb guard).
     pub max_image_pixels: u64,
+    /// Pixels this process decodes at once across requests (at least `max_image_pixels`); more wait.
+    pub decode_budget_pixels: u64,
     /// Largest init image download in bytes.
     pub max_download_bytes: u64,
     /// Largest single-file checkpoint `load_model` downloads, in bytes.
@@ -117,6 +119,7 @@ impl ServerConfig {
             allow_private_urls: false,
             max_body_bytes: 32 * 1024 * 1024,
             max_image_pixels: 64 * 1024 * 1024,
+            decode_budget_pixels: 128 * 1024 * 1024,
             max_download_bytes: 25 * 1024 * 1024,
             max_model_download_bytes: 16 * 1024 * 1024 * 1024,
             temp_ttl: Duration::from_secs(24 * 3600),

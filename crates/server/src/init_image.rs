@@ -2,6 +2,8 @@
 //! URI), checked to be a PNG, JPEG or WebP of acceptable size before the job is accepted.
 
 use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine as _;
 
@@ -37,10 +39,56 @@ pub fn decode_base64(text: &str) -> Option<Vec<u8>> {
     engines.iter().find_map(|e| e.decode(&cleaned).ok())
 }
 
-/// Checks that `bytes` are an image we can use, without letting a forged header allocate more than
-/// `max_pixels`.
-pub fn check_image(bytes: Vec<u8>, max_pixels: u64) -> Result<InitImage, ApiError> {
-    let reader = image::ImageReader::new(Cursor::new(&bytes))
+/// How many pixels this process decodes at once, across all requests: a small file whose header claims a big
+/// image costs its full size in memory while it decodes, so concurrent decodes wait for their share of the
+/// budget (in units of 2²⁰ pixels) instead of adding up, and give up with a 503 after `wait`.
+#[derive(Clone)]
+pub struct DecodeBudget {
+    units: Arc<tokio::sync::Semaphore>,
+    total: u32,
+    wait: Duration,
+}
+
+/// Pixels per unit of the decode budget.
+const UNIT: u64 = 1 << 20;
+
+impl DecodeBudget {
+    /// A budget of `pixels` decoded at once (at least one unit); a decode waits at most `wait` for its share.
+    pub fn new(pixels: u64, wait: Duration) -> Self {
+        let total = pixels.div_ceil(UNIT).clamp(1, u32::MAX as u64 / 2) as u32;
+        DecodeBudget {
+            units: Arc::new(tokio::sync::Semaphore::new(total as usize)),
+            total,
+            wait,
+        }
+    }
+
+    /// Checks and decodes `bytes` (see [`check_image`]) once the budget has room for its pixels.
+    pub async fn decode(&self, bytes: Vec<u8>, max_pixels: u64) -> Result<InitImage, ApiError> {
+        let (_, width, height) = inspect(&bytes, max_pixels)?;
+        let units = (width as u64 * height as u64)
+            .div_ceil(UNIT)
+            .clamp(1, self.total as u64) as u32;
+        let permit = tokio::time::timeout(self.wait, self.units.clone().acquire_many_owned(units))
+            .await
+            .map_err(|_| {
+                ApiError::Unavailable(
+                    "the server is busy decoding other images; try again shortly".into(),
+                )
+            })?
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let checked = tokio::task::spawn_blocking(move || check_image(bytes, max_pixels))
+            .await
+            .map_err(|e| ApiError::Internal(format!("image check panicked: {e}")))?;
+        drop(permit);
+        checked
+    }
+}
+
+/// The format and size `bytes` claim in their header, refused when not PNG/JPEG/WebP, empty or over
+/// `max_pixels`; nothing is decoded.
+fn inspect(bytes: &[u8], max_pixels: u64) -> Result<(&'static str, u32, u32), ApiError> {
+    let reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ApiError::field("init_image", format!("cannot read the image: {e}")))?;
     let format = match reader.format() {
@@ -68,6 +116,13 @@ pub fn check_image(bytes: Vec<u8>, max_pixels: u64) -> Result<InitImage, ApiErro
             ),
         ));
     }
+    Ok((format, width, height))
+}
+
+/// Checks that `bytes` are an image we can use, without letting a forged header allocate more than
+/// `max_pixels`.
+pub fn check_image(bytes: Vec<u8>, max_pixels: u64) -> Result<InitImage, ApiError> {
+    let (format, width, height) = inspect(&bytes, max_pixels)?;
     let mut reader = image::ImageReader::new(Cursor::new(&bytes));
     reader.set_format(image::ImageFormat::from_extension(format).expect("known format"));
     let mut limits = image::Limits::default();
@@ -86,12 +141,13 @@ pub fn check_image(bytes: Vec<u8>, max_pixels: u64) -> Result<InitImage, ApiErro
     })
 }
 
-/// Fetches or decodes `source` and checks it.
+/// Fetches or decodes `source` and checks it within the decode `budget`.
 pub async fn resolve(
     source: &str,
     policy: UrlPolicy,
     limits: Limits,
     max_pixels: u64,
+    budget: &DecodeBudget,
 ) -> Result<InitImage, ApiError> {
     let source = source.trim();
     let bytes = if source.starts_with("http://") || source.starts_with("https://") {
@@ -112,10 +168,7 @@ pub async fn resolve(
             )
         })?
     };
-    let owned = bytes;
-    tokio::task::spawn_blocking(move || check_image(owned, max_pixels))
-        .await
-        .map_err(|e| ApiError::Internal(format!("image check panicked: {e}")))?
+    budget.decode(bytes, max_pixels).await
 }
 
 #[cfg(test)]
@@ -154,6 +207,28 @@ mod tests {
             }
         }
         !crc
+    }
+
+    /// Hardening defect 2: decodes share one budget of pixels. With the budget taken, a decode waits, then
+    /// answers 503 (retry) instead of adding its pixels; once the budget is free it goes through, and the
+    /// budget is whole again afterwards.
+    #[tokio::test]
+    async fn decodes_wait_for_the_pixel_budget() {
+        let budget = DecodeBudget::new(2 << 20, Duration::from_millis(200));
+        let image = png(64, 64);
+        let held = budget.units.clone().acquire_many_owned(2).await.unwrap();
+        let started = std::time::Instant::now();
+        let busy = budget.decode(image.clone(), 1 << 26).await.unwrap_err();
+        assert!(matches!(busy, ApiError::Unavailable(_)), "{busy:?}");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        drop(held);
+        let ok = budget.decode(image, 1 << 26).await.unwrap();
+        assert_eq!((ok.width, ok.height), (64, 64));
+        assert_eq!(budget.units.available_permits(), 2);
+        // A header over the size limit is refused before it waits for anything.
+        let _all = budget.units.clone().acquire_many_owned(2).await.unwrap();
+        let e = budget.decode(png(64, 64), 100).await.unwrap_err();
+        assert!(matches!(e, ApiError::Field { .. }), "{e:?}");
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct Node {
     pub clock: Mutex<StepClock>,
     /// When this node last pulled the shared models (one pull at a time).
     last_pull: tokio::sync::Mutex<Option<std::time::Instant>>,
+    /// Pixels being decoded at once (init images, uploads), across requests.
+    pub decode_budget: crate::init_image::DecodeBudget,
 }
 
 /// How often a worker looks for models other nodes published, at most.
@@ -74,6 +76,11 @@ impl Node {
             config.server_name.clone().unwrap_or_else(host_name),
             std::process::id()
         );
+        // Every image the size limit allows must fit the budget on its own.
+        let decode_budget = crate::init_image::DecodeBudget::new(
+            config.decode_budget_pixels.max(config.max_image_pixels),
+            std::time::Duration::from_secs(30),
+        );
         Ok(Node {
             config,
             backend,
@@ -84,6 +91,7 @@ impl Node {
             busy: AtomicI64::new(0),
             clock: Mutex::new(StepClock::default()),
             last_pull: tokio::sync::Mutex::new(None),
+            decode_budget,
         })
     }
 

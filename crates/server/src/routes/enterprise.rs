@@ -194,8 +194,11 @@ async fn dispatch(
             let bytes = init_image::decode_base64(&text)
                 .ok_or_else(|| ApiError::field("base64_image", "is not valid base64"))?;
             let max = app.node.config.max_image_pixels;
-            let image = blocking(move || init_image::check_image(bytes, max))
-                .await?
+            let image = app
+                .node
+                .decode_budget
+                .decode(bytes, max)
+                .await
                 .map_err(|e| match e {
                     ApiError::Field { message, .. } => ApiError::field("base64_image", message),
                     other => other,
@@ -397,6 +400,7 @@ async fn nsfw_image_check(app: &Arc<App>, body: &params::Body) -> Result<Value, 
         app.node.url_policy(),
         app.node.download_limits(),
         app.node.config.max_image_pixels,
+        &app.node.decode_budget,
     )
     .await?;
     let backend = app.node.backend.clone();

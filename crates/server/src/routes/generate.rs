@@ -95,6 +95,7 @@ async fn accept(
         app.node.url_policy(),
         app.node.download_limits(),
         app.node.config.max_image_pixels,
+        &app.node.decode_budget,
     )
     .await?;
     let seed = submission
