@@ -255,6 +255,17 @@ pub struct ServeArgs {
     /// 503). Never below the 64-megapixel image limit.
     #[arg(long, default_value_t = 128)]
     pub decode_budget_mpx: u64,
+    /// Seconds a client may take to send a request's headers; also how long an idle keep-alive connection
+    /// is kept.
+    #[arg(long, default_value_t = 30)]
+    pub header_timeout_secs: u64,
+    /// Seconds a client may take to send a request's body.
+    #[arg(long, default_value_t = 120)]
+    pub body_timeout_secs: u64,
+    /// Most client connections open at once (keep it below the file-descriptor limit, `ulimit -n`); more are
+    /// closed as they arrive.
+    #[arg(long, default_value_t = 1000)]
+    pub max_connections: usize,
     /// Seconds `temp: yes` outputs live.
     #[arg(long, default_value_t = 86_400)]
     pub temp_ttl: u64,

@@ -46,6 +46,9 @@ pub fn config(args: &ServeArgs) -> Result<ServerConfig> {
     config.allow_private_urls = args.allow_private_urls;
     config.max_body_bytes = args.max_body_mib.max(1) << 20;
     config.decode_budget_pixels = args.decode_budget_mpx << 20;
+    config.header_timeout = Duration::from_secs(args.header_timeout_secs.max(1));
+    config.body_timeout = Duration::from_secs(args.body_timeout_secs.max(1));
+    config.max_connections = args.max_connections.max(1);
     config.temp_ttl = Duration::from_secs(args.temp_ttl);
     config.retention = Duration::from_secs(args.retention_hours * 3600);
     config.sweep_interval = Duration::from_secs(args.sweep_interval.max(1));

@@ -1164,3 +1164,61 @@ fn init_images_do_not_outlive_their_jobs() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Defect 5 of the hardening issue: a half-sent request stayed open for minutes, and 300 idle connections made
+/// `/health` time out. Now a client that does not finish its headers within `--header-timeout-secs` (idle
+/// keep-alive connections included) is disconnected, connections over `--max-connections` are closed at once,
+/// and `/health` answers again as soon as the idle ones are gone.
+#[test]
+fn slow_and_idle_clients_are_disconnected() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_default(
+        &dir,
+        &["--header-timeout-secs", "1", "--max-connections", "3"],
+    );
+    let address = server.base.trim_start_matches("http://").to_string();
+    let closed_within = |stream: &mut TcpStream, limit: Duration| {
+        stream.set_read_timeout(Some(limit)).unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 256];
+        // EOF or a reset: the server closed it (a timeout error would mean it is still open).
+        match stream.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!(
+                "unexpected answer: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+            Err(e) => assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "still open after {limit:?}"
+            ),
+        }
+        started.elapsed()
+    };
+    // Half-sent headers, and a connection that sends nothing.
+    let mut half = TcpStream::connect(&address).unwrap();
+    half.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut idle = TcpStream::connect(&address).unwrap();
+    assert!(closed_within(&mut half, Duration::from_secs(5)) < Duration::from_secs(5));
+    assert!(closed_within(&mut idle, Duration::from_secs(5)) < Duration::from_secs(5));
+
+    // Three idle connections fill the cap: a fourth is closed at once, and /health answers once they time out.
+    let mut crowd: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(&address).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = TcpStream::connect(&address).unwrap();
+    let _ = extra.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(closed_within(&mut extra, Duration::from_secs(5)) < Duration::from_millis(900));
+    for c in &mut crowd {
+        closed_within(c, Duration::from_secs(5));
+    }
+    let (status, _) = server.get("/health");
+    assert_eq!(status, 200);
+}

@@ -93,17 +93,76 @@ pub async fn serve(config: ServerConfig, backend: Arc<dyn Backend>) -> anyhow::R
     } else {
         crate::routes::worker_router(app.clone())
     };
+    let router = router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        node.config.body_timeout,
+    ));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     app.ready.store(true, Ordering::Relaxed);
     tracing::info!(address = %listen, public_url = %node.config.public_url, role = ?role, node = %node.name,
         "Pictor is listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    serve_connections(listener, router, &node.config).await;
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Serves HTTP/1.1 connections until Ctrl-C or SIGTERM, then lets the open ones finish. Written out instead of
+/// `axum::serve` for the limits that one does not offer: a header timeout (which also closes idle keep-alive
+/// connections), and a cap on open connections — over it, new connections are closed at once, so a crowd of
+/// idle or slow clients cannot use up the process's file descriptors and starve `/health`.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    config: &crate::config::ServerConfig,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let open = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout)
+        .keep_alive(true);
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut shutdown => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, or a connection reset before it was accepted: wait a little.
+                tracing::warn!(error = %e, "cannot accept a connection");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tracing::warn!(
+                limit = config.max_connections,
+                "too many open connections; closing a new one"
+            );
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(permit);
+        });
+    }
+    // Stop accepting; give open requests a while to finish (a running job is queued again at the next start).
+    if tokio::time::timeout(std::time::Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after 10 s; closing them");
+    }
 }
 
 async fn shutdown_signal() {

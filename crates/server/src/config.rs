@@ -55,6 +55,14 @@ pub struct ServerConfig {
     pub allow_private_urls: bool,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
+    /// How long a client may take to send a request's headers, and how long an idle keep-alive connection is
+    /// kept, before the connection is closed.
+    pub header_timeout: Duration,
+    /// How long a client may take to send a request's body.
+    pub body_timeout: Duration,
+    /// Most client connections open at once; more are closed as they arrive (keep it below the process's
+    /// file-descriptor limit).
+    pub max_connections: usize,
     /// Largest init image in pixels (decompression-bomb guard).
     pub max_image_pixels: u64,
     /// Pixels this process decodes at once across requests (at least `max_image_pixels`); more wait.
@@ -120,6 +128,9 @@ impl ServerConfig {
             max_body_bytes: 32 * 1024 * 1024,
             max_image_pixels: 64 * 1024 * 1024,
             decode_budget_pixels: 128 * 1024 * 1024,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(120),
+            max_connections: 1000,
             max_download_bytes: 25 * 1024 * 1024,
             max_model_download_bytes: 16 * 1024 * 1024 * 1024,
             temp_ttl: Duration::from_secs(24 * 3600),
