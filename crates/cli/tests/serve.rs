@@ -1176,7 +1176,14 @@ fn slow_and_idle_clients_are_disconnected() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_default(
         &dir,
-        &["--header-timeout-secs", "1", "--max-connections", "3"],
+        &[
+            "--header-timeout-secs",
+            "1",
+            "--body-timeout-secs",
+            "2",
+            "--max-connections",
+            "3",
+        ],
     );
     let address = server.base.trim_start_matches("http://").to_string();
     let closed_within = |stream: &mut TcpStream, limit: Duration| {
@@ -1221,4 +1228,27 @@ fn slow_and_idle_clients_are_disconnected() {
     }
     let (status, _) = server.get("/health");
     assert_eq!(status, 200);
+
+    // A body that stops arriving: answered in the API's error shape once --body-timeout-secs has passed, not
+    // held open.
+    let mut slow = TcpStream::connect(&address).unwrap();
+    slow.write_all(
+        b"POST /api/v6/images/img2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"key\": ",
+    )
+    .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let _ = slow.read_to_end(&mut answer);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a stalled body held the connection for {:?}",
+        started.elapsed()
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.contains(r#""status":"error""#) && answer.contains("body could not be read"),
+        "{answer}"
+    );
 }

@@ -98,6 +98,14 @@ fn invalid_field(e: EngineError) -> (String, String) {
     }
 }
 
+/// Asserts that `ours` is diffusers' image `fixture` (a path under tests/fixtures) within the parity
+/// tolerance: max |Δ| ≤ 3, mean |Δ| ≤ 0.5.
+fn assert_like_reference(ours: &image::RgbImage, fixture: &str, case: &str) {
+    let theirs = pictor_engine::image_io::load_image(&fixtures().join(fixture), 1 << 24).unwrap();
+    let (max, mean) = support::compare(ours, &theirs);
+    assert!(max <= 3 && mean <= 0.5, "{case}: max {max}, mean {mean:.3}");
+}
+
 /// One case of tests/fixtures/sdxl/lora_cases.json (written by scripts/make_sdxl_fixtures.py).
 #[derive(serde::Deserialize)]
 struct LoraCase {
@@ -141,17 +149,7 @@ fn sdxl_loras_match_diffusers() {
     for case in &cases {
         let variant = model_store::variant(&model, &models(), &case.loras, None).unwrap();
         let ours = run(&variant, case);
-        let theirs = pictor_engine::image_io::load_image(
-            &fixtures().join("sdxl").join(&case.images[0]),
-            1 << 24,
-        )
-        .unwrap();
-        let (max, mean) = support::compare(&ours, &theirs);
-        assert!(
-            max <= 3 && mean <= 0.5,
-            "{}: max {max}, mean {mean:.3}",
-            case.name
-        );
+        assert_like_reference(&ours, &format!("sdxl/{}", case.images[0]), &case.name);
         assert!(variant.extra_bytes() > 0);
     }
     assert_eq!(
@@ -195,17 +193,7 @@ fn sdxl_embeddings_match_diffusers() {
             .unwrap()
             .images
             .remove(0);
-        let theirs = pictor_engine::image_io::load_image(
-            &fixtures().join(record["images"][0].as_str().unwrap()),
-            1 << 24,
-        )
-        .unwrap();
-        let (max, mean) = support::compare(&ours, &theirs);
-        assert!(
-            max <= 3 && mean <= 0.5,
-            "{}: max {max}, mean {mean:.3}",
-            case.name
-        );
+        assert_like_reference(&ours, record["images"][0].as_str().unwrap(), &case.name);
     }
     // An SDXL embedding on SD 1 is refused by name.
     let mut req = small_img2img("sdxlstyle");
