@@ -532,23 +532,10 @@ fn load_diffusers(dir: &Path, id: &str, device: &Device, dtype: DType) -> Result
         ));
     }
     let vae_cfg: VaeConfig = read_json(id, &dir.join("vae/config.json"))?;
-    let text_cfg: ClipTextConfig = read_json(id, &dir.join("text_encoder/config.json"))?;
-    text_cfg
-        .validate()
-        .map_err(|e| EngineError::model(id, format!("text_encoder: {e}")))?;
     let scheduler_path = dir.join("scheduler/scheduler_config.json");
     let scheduler_config: serde_json::Value = read_json(id, &scheduler_path)?;
-    let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"), id)?;
-
-    let text_files = weight_files(id, &dir.join("text_encoder"))?;
-    let (text_vb, text_record) = Recorder::wrap(crate::checkpoint::hf_clip_text_vb(
-        id,
-        &text_files,
-        DType::F32,
-        device,
-    )?);
-    let text_encoder =
-        ClipTextModel::new(&text_cfg, text_vb).map_err(component_error(id, "text_encoder"))?;
+    let ((tokenizer, text_encoder), text_weights) =
+        load_text_tower(dir, id, "text_encoder", "tokenizer", device)?;
     let (unet_vb, unet_record) =
         Recorder::wrap_for_bf16_layers(component_weights(id, &dir.join("unet"), dtype, device)?);
     let unet = UNet::new(&unet_cfg, unet_vb).map_err(component_error(id, "unet"))?;
@@ -557,7 +544,7 @@ fn load_diffusers(dir: &Path, id: &str, device: &Device, dtype: DType) -> Result
         component_weights(id, &dir.join("vae"), dtype, device)?,
     )
     .map_err(component_error(id, "vae"))?;
-    check_compatible(id, &unet_cfg, &vae_cfg, &text_cfg)?;
+    check_compatible(id, &unet_cfg, &vae_cfg, text_encoder.config())?;
     Ok(StableDiffusion::from_parts(
         id.to_string(),
         tokenizer,
@@ -568,7 +555,7 @@ fn load_diffusers(dir: &Path, id: &str, device: &Device, dtype: DType) -> Result
         device.clone(),
         dtype,
     )
-    .with_base_weights(unet_record.take(), vec![text_record.take()]))
+    .with_base_weights(unet_record.take(), vec![text_weights]))
 }
 
 /// One text encoder folder (`text_encoder/` or `text_encoder_2/`) with its tokenizer folder, the encoder in

@@ -234,14 +234,19 @@ impl ClipTextModel {
                 self.max_clip_skip()
             );
         }
-        let (_, n, _) = token_embeds.dims3()?;
-        let positions = Tensor::arange(0u32, n as u32, token_embeds.device())?.unsqueeze(0)?;
-        let mut xs = token_embeds.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mut xs = self.with_positions(token_embeds)?;
         let keep = self.layers.len() + 1 - clip_skip;
         for layer in &self.layers[..keep] {
             xs = layer.forward(&xs, true)?;
         }
         self.final_layer_norm.forward(&xs)
+    }
+
+    /// Token embeddings (b, tokens, hidden) plus the position embeddings of their places.
+    fn with_positions(&self, token_embeds: &Tensor) -> Result<Tensor> {
+        let (_, n, _) = token_embeds.dims3()?;
+        let positions = Tensor::arange(0u32, n as u32, token_embeds.device())?.unsqueeze(0)?;
+        token_embeds.broadcast_add(&self.position_embedding.forward(&positions)?)
     }
 
     /// Whether the pooled output has its projection (SDXL's second encoder).
@@ -271,9 +276,7 @@ impl ClipTextModel {
                 self.max_sdxl_clip_skip()
             );
         }
-        let (_, n, _) = token_embeds.dims3()?;
-        let positions = Tensor::arange(0u32, n as u32, token_embeds.device())?.unsqueeze(0)?;
-        let mut xs = token_embeds.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mut xs = self.with_positions(token_embeds)?;
         let keep = self.layers.len() - clip_skip;
         let mut hidden = xs.clone();
         let run = if self.text_projection.is_some() {
