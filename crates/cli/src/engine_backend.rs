@@ -10,7 +10,7 @@ use pictor_engine::image_io::{decode_image, encode_png};
 use pictor_engine::model_store::{self, ModelFormat, ModelLocation, ModelsDir};
 use pictor_engine::models::TomeSettings;
 use pictor_engine::pipeline::{
-    check_prompt_size, Img2ImgRequest, ModelKind, Pix2PixRequest, Progress, StableDiffusion,
+    check_prompt_size, GenerateRequest, Mode, ModelKind, Progress, StableDiffusion,
 };
 use pictor_engine::safety::{replace_flagged, Replacement, SafetyChecker};
 use pictor_engine::schedulers::{SchedulerOptions, SCHEDULER_NAMES};
@@ -364,17 +364,19 @@ impl Backend for EngineBackend {
             .map_err(engine_error)?;
         let mut relay = Relay(control);
         let generation = match request.kind {
-            PipelineKind::Img2Img => model.img2img(
-                &Img2ImgRequest {
+            PipelineKind::Img2Img => model.generate(
+                &GenerateRequest {
                     prompt: request.prompt.clone(),
                     negative_prompt: request.negative_prompt.clone(),
-                    init_image: init,
+                    mode: Mode::Img2Img {
+                        init_image: init,
+                        strength: request.strength,
+                    },
                     width: request.width,
                     height: request.height,
                     samples: request.samples as usize,
                     num_inference_steps: request.steps as usize,
                     guidance_scale: request.guidance_scale,
-                    strength: request.strength,
                     seed: Some(request.seed),
                     scheduler: request.scheduler.clone(),
                     scheduler_options: options,
@@ -384,17 +386,19 @@ impl Backend for EngineBackend {
                 },
                 &mut relay,
             ),
-            PipelineKind::Pix2Pix => model.pix2pix(
-                &Pix2PixRequest {
+            PipelineKind::Pix2Pix => model.generate(
+                &GenerateRequest {
                     prompt: request.prompt.clone(),
                     negative_prompt: request.negative_prompt.clone(),
-                    init_image: init,
+                    mode: Mode::Pix2Pix {
+                        init_image: init,
+                        image_guidance_scale: request.image_guidance_scale,
+                    },
                     width: request.width,
                     height: request.height,
                     samples: request.samples as usize,
                     num_inference_steps: request.steps as usize,
                     guidance_scale: request.guidance_scale,
-                    image_guidance_scale: request.image_guidance_scale,
                     seed: Some(request.seed),
                     scheduler: request.scheduler.clone(),
                     scheduler_options: options,

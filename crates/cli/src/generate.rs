@@ -9,9 +9,7 @@ use pictor_engine::embeddings::TextualInversion;
 use pictor_engine::image_io::encode_png;
 use pictor_engine::model_store::{self, ModelsDir};
 use pictor_engine::models::TomeSettings;
-use pictor_engine::pipeline::{
-    Generation, Img2ImgRequest, Pix2PixRequest, Progress, StableDiffusion,
-};
+use pictor_engine::pipeline::{GenerateRequest, Generation, Mode, Progress, StableDiffusion};
 use pictor_engine::safety::{replace_flagged, Replacement, SafetyChecker};
 use pictor_engine::schedulers::SchedulerOptions;
 use pictor_engine::{EngineError, Runtime};
@@ -201,16 +199,18 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
     let prompts = final_prompts(c)?;
     let init = init_image::load(&c.init_image)?;
     let prepared = prepare(c)?;
-    let request = Img2ImgRequest {
+    let request = GenerateRequest {
         prompt: prompts.prompt.clone(),
         negative_prompt: prompts.negative_prompt.clone(),
-        init_image: init,
+        mode: Mode::Img2Img {
+            init_image: init,
+            strength: args.strength,
+        },
         width: args.width,
         height: args.height,
         samples: c.samples,
         num_inference_steps: args.num_inference_steps,
         guidance_scale: args.guidance_scale,
-        strength: args.strength,
         seed: c.seed,
         scheduler: c.scheduler.clone(),
         scheduler_options: scheduler_options(c),
@@ -218,7 +218,7 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
         embeddings: prepared.embeddings.clone(),
         tome: c.tomesd.then(TomeSettings::default),
     };
-    let mut generation = prepared.model.img2img(&request, &mut Bar::new())?;
+    let mut generation = prepared.model.generate(&request, &mut Bar::new())?;
     let flags = filter(&prepared, &mut generation)?;
     let outputs = write_images(&c.out, &generation)?;
     let meta = json!({
@@ -250,16 +250,18 @@ pub fn pix2pix(args: Pix2PixArgs) -> Result<()> {
     let width = args.width.unwrap_or_else(|| round(init.width()));
     let height = args.height.unwrap_or_else(|| round(init.height()));
     let prepared = prepare(c)?;
-    let request = Pix2PixRequest {
+    let request = GenerateRequest {
         prompt: prompts.prompt.clone(),
         negative_prompt: prompts.negative_prompt.clone(),
-        init_image: init,
+        mode: Mode::Pix2Pix {
+            init_image: init,
+            image_guidance_scale: args.image_guidance_scale,
+        },
         width,
         height,
         samples: c.samples,
         num_inference_steps: args.steps,
         guidance_scale: args.guidance_scale,
-        image_guidance_scale: args.image_guidance_scale,
         seed: c.seed,
         scheduler: c.scheduler.clone(),
         scheduler_options: scheduler_options(c),
@@ -267,7 +269,7 @@ pub fn pix2pix(args: Pix2PixArgs) -> Result<()> {
         embeddings: prepared.embeddings.clone(),
         tome: c.tomesd.then(TomeSettings::default),
     };
-    let mut generation = prepared.model.pix2pix(&request, &mut Bar::new())?;
+    let mut generation = prepared.model.generate(&request, &mut Bar::new())?;
     let flags = filter(&prepared, &mut generation)?;
     let outputs = write_images(&c.out, &generation)?;
     let meta = json!({

@@ -15,7 +15,7 @@ use crate::error::{EngineError, Result};
 use crate::models::{
     AddedConditions, AutoencoderKl, ClipTextModel, TokenMerging, TomeSettings, UNet, UNetOptions,
 };
-use crate::pipeline::{Img2ImgRequest, NoProgress, StableDiffusion};
+use crate::pipeline::{GenerateRequest, Mode, NoProgress, StableDiffusion};
 use crate::schedulers::SchedulerOptions;
 use crate::tokenizer::ClipTokenizer;
 
@@ -404,16 +404,18 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
             let init = RgbImage::from_fn(side, side, |x, y| {
                 image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
             });
-            let request = Img2ImgRequest {
+            let request = GenerateRequest {
                 prompt: "a photo of a cat".into(),
                 negative_prompt: String::new(),
-                init_image: init,
+                mode: Mode::Img2Img {
+                    init_image: init,
+                    strength: 0.75,
+                },
                 width: side,
                 height: side,
                 samples: b,
                 num_inference_steps: opts.steps,
                 guidance_scale: 7.5,
-                strength: 0.75,
                 seed: Some(0),
                 scheduler: None,
                 scheduler_options: SchedulerOptions::default(),
@@ -422,7 +424,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
                 embeddings: Vec::new(),
             };
             Box::new(move || {
-                model.img2img(&request, &mut NoProgress)?;
+                model.generate(&request, &mut NoProgress)?;
                 Ok(())
             })
         }

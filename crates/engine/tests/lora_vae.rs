@@ -8,7 +8,7 @@ mod support;
 use pictor_engine::image_io::load_image;
 use pictor_engine::lora::Lora;
 use pictor_engine::model_store::{self};
-use pictor_engine::pipeline::{Img2ImgRequest, NoProgress, StableDiffusion};
+use pictor_engine::pipeline::{GenerateRequest, Mode, NoProgress, StableDiffusion};
 use pictor_engine::schedulers::SchedulerOptions;
 use pictor_engine::Runtime;
 use serde::Deserialize;
@@ -45,17 +45,19 @@ fn lora(name: &str) -> Lora {
     Lora::load(&models().resolve_lora(name).unwrap(), name).unwrap()
 }
 
-fn request(case: &Case) -> Img2ImgRequest {
-    Img2ImgRequest {
+fn request(case: &Case) -> GenerateRequest {
+    GenerateRequest {
         prompt: case.prompt.clone(),
         negative_prompt: case.negative_prompt.clone(),
-        init_image: load_image(&fixtures().join(&case.init_image), 1 << 24).unwrap(),
+        mode: Mode::Img2Img {
+            init_image: load_image(&fixtures().join(&case.init_image), 1 << 24).unwrap(),
+            strength: case.strength,
+        },
         width: case.width,
         height: case.height,
         samples: case.samples,
         num_inference_steps: case.num_inference_steps,
         guidance_scale: case.guidance_scale,
-        strength: case.strength,
         seed: Some(case.seed),
         scheduler: Some(case.scheduler.clone()),
         scheduler_options: SchedulerOptions::default(),
@@ -67,7 +69,7 @@ fn request(case: &Case) -> Img2ImgRequest {
 
 fn generate(model: &StableDiffusion, case: &Case) -> Vec<image::RgbImage> {
     model
-        .img2img(&request(case), &mut NoProgress)
+        .generate(&request(case), &mut NoProgress)
         .unwrap()
         .images
 }

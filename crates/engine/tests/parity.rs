@@ -1,6 +1,7 @@
 //! Image-for-image parity with diffusers: every case in tests/fixtures/cases.json (written by
 //! scripts/make_fixtures.py from diffusers' own pipelines on tiny random models) and in
-//! tests/fixtures/sdxl/cases.json (scripts/make_sdxl_fixtures.py, StableDiffusionXLImg2ImgPipeline) is run
+//! tests/fixtures/sdxl/cases.json (scripts/make_sdxl_fixtures.py, StableDiffusionXLImg2ImgPipeline) and
+//! tests/fixtures/txt2img/cases.json (scripts/make_txt2img_fixtures.py, StableDiffusion(XL)Pipeline) is run
 //! through the engine and must match diffusers' PNGs within max |Δ| ≤ 3 and mean |Δ| ≤ 0.5 on the 0–255
 //! scale.
 
@@ -13,7 +14,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use pictor_engine::image_io::load_image;
 use pictor_engine::kernels::tier::{run_at, Tier};
 use pictor_engine::model_store::{self, ModelsDir};
-use pictor_engine::pipeline::{Img2ImgRequest, NoProgress, Pix2PixRequest, StableDiffusion};
+use pictor_engine::pipeline::{GenerateRequest, Mode, NoProgress, StableDiffusion};
 use pictor_engine::prompt_syntax::escape;
 use pictor_engine::schedulers::SchedulerOptions;
 use pictor_engine::Runtime;
@@ -27,7 +28,7 @@ struct Case {
     pipeline: String,
     prompt: String,
     negative_prompt: Option<String>,
-    init_image: String,
+    init_image: Option<String>,
     width: u32,
     height: u32,
     samples: usize,
@@ -62,58 +63,51 @@ fn model(cache: &ModelCache, name: &str) -> Result<Arc<StableDiffusion>, Failed>
 
 fn run_case(case: &Case, cache: &ModelCache) -> Result<(), Failed> {
     let model = model(cache, &case.model)?;
-    let init = load_image(&fixtures().join(&case.init_image), 1 << 24)?;
-    let options = SchedulerOptions {
-        use_karras_sigmas: case.use_karras_sigmas,
-        algorithm_type: case.algorithm_type.clone(),
+    let init = || -> Result<_, Failed> {
+        let path = case
+            .init_image
+            .as_deref()
+            .ok_or("the case has no init image")?;
+        Ok(load_image(&fixtures().join(path), 1 << 24)?)
+    };
+    let mode = match case.pipeline.as_str() {
+        "txt2img" => Mode::Text2Img,
+        "img2img" => Mode::Img2Img {
+            init_image: init()?,
+            strength: case.strength.ok_or("img2img case without a strength")?,
+        },
+        "pix2pix" => Mode::Pix2Pix {
+            init_image: init()?,
+            image_guidance_scale: case
+                .image_guidance_scale
+                .ok_or("pix2pix case without an image guidance scale")?,
+        },
+        other => return Err(format!("unknown pipeline {other}").into()),
     };
     // The fixtures' prompts are literal text to diffusers (e.g. "((cinematic lighting))"); in Pictor's
     // prompt syntax literal text is escaped text.
-    let prompt = escape(&case.prompt);
-    let negative = escape(case.negative_prompt.as_deref().unwrap_or_default());
-    let generation = match case.pipeline.as_str() {
-        "img2img" => model.img2img(
-            &Img2ImgRequest {
-                prompt: prompt.clone(),
-                negative_prompt: negative,
-                init_image: init,
-                width: case.width,
-                height: case.height,
-                samples: case.samples,
-                num_inference_steps: case.num_inference_steps,
-                guidance_scale: case.guidance_scale,
-                strength: case.strength.expect("img2img case has a strength"),
-                seed: Some(case.seed),
-                scheduler: Some(case.scheduler.clone()),
-                scheduler_options: options.clone(),
-                clip_skip: case.clip_skip,
-                embeddings: Vec::new(),
-                tome: None,
+    let generation = model.generate(
+        &GenerateRequest {
+            mode,
+            prompt: escape(&case.prompt),
+            negative_prompt: escape(case.negative_prompt.as_deref().unwrap_or_default()),
+            width: case.width,
+            height: case.height,
+            samples: case.samples,
+            num_inference_steps: case.num_inference_steps,
+            guidance_scale: case.guidance_scale,
+            seed: Some(case.seed),
+            scheduler: Some(case.scheduler.clone()),
+            scheduler_options: SchedulerOptions {
+                use_karras_sigmas: case.use_karras_sigmas,
+                algorithm_type: case.algorithm_type.clone(),
             },
-            &mut NoProgress,
-        )?,
-        "pix2pix" => model.pix2pix(
-            &Pix2PixRequest {
-                prompt: prompt.clone(),
-                negative_prompt: negative,
-                init_image: init,
-                width: case.width,
-                height: case.height,
-                samples: case.samples,
-                num_inference_steps: case.num_inference_steps,
-                guidance_scale: case.guidance_scale,
-                image_guidance_scale: case.image_guidance_scale.expect("pix2pix case has one"),
-                seed: Some(case.seed),
-                scheduler: Some(case.scheduler.clone()),
-                scheduler_options: options,
-                clip_skip: case.clip_skip,
-                embeddings: Vec::new(),
-                tome: None,
-            },
-            &mut NoProgress,
-        )?,
-        other => return Err(format!("unknown pipeline {other}").into()),
-    };
+            clip_skip: case.clip_skip,
+            embeddings: Vec::new(),
+            tome: None,
+        },
+        &mut NoProgress,
+    )?;
     if generation.images.len() != case.images.len() {
         return Err(format!(
             "{} images, expected {}",
@@ -152,7 +146,7 @@ fn run_case(case: &Case, cache: &ModelCache) -> Result<(), Failed> {
 fn main() {
     let args = Arguments::from_args();
     let mut cases = Vec::new();
-    for file in ["cases.json", "sdxl/cases.json"] {
+    for file in ["cases.json", "sdxl/cases.json", "txt2img/cases.json"] {
         let text = std::fs::read_to_string(fixtures().join(file)).expect(file);
         let more: Vec<Case> = serde_json::from_str(&text).expect(file);
         cases.extend(more);

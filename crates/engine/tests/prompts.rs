@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use pictor_engine::embeddings::TextualInversion;
 use pictor_engine::image_io::load_image;
 use pictor_engine::model_store::ModelsDir;
-use pictor_engine::pipeline::{Img2ImgRequest, NoProgress, StableDiffusion};
+use pictor_engine::pipeline::{GenerateRequest, Mode, NoProgress, StableDiffusion};
 use pictor_engine::prompt_syntax::escape;
 use pictor_engine::schedulers::SchedulerOptions;
 use pictor_engine::EngineError;
@@ -156,11 +156,11 @@ fn bad_prompts_and_embeddings_are_clear_errors() {
         "{e}"
     );
     assert!(e.to_string().contains("character 3"), "{e}");
-    let request = Img2ImgRequest {
+    let request = GenerateRequest {
         negative_prompt: "blurry)".into(),
         ..support::small_img2img("a cat")
     };
-    let e = model.img2img(&request, &mut NoProgress).unwrap_err();
+    let e = model.generate(&request, &mut NoProgress).unwrap_err();
     assert!(
         matches!(
             e,
@@ -230,16 +230,18 @@ fn textual_inversion_img2img_matches_diffusers() {
         let batch = Tensor::cat(&[&encoded[1], &encoded[0]], 0).unwrap();
         let d = max_abs_diff(&batch, &expected_embeds);
         assert!(d <= TOLERANCE, "{folder}: prompt_embeds max |Δ| {d:e}");
-        let request = Img2ImgRequest {
+        let request = GenerateRequest {
             prompt: escape(&s("prompt")),
             negative_prompt: s("negative_prompt"),
-            init_image: load_image(&fixtures().join(s("init_image")), 1 << 24).unwrap(),
+            mode: Mode::Img2Img {
+                init_image: load_image(&fixtures().join(s("init_image")), 1 << 24).unwrap(),
+                strength: case["strength"].as_f64().unwrap(),
+            },
             width: 64,
             height: 64,
             samples: 1,
             num_inference_steps: case["num_inference_steps"].as_u64().unwrap() as usize,
             guidance_scale: case["guidance_scale"].as_f64().unwrap(),
-            strength: case["strength"].as_f64().unwrap(),
             seed: case["seed"].as_u64(),
             scheduler: None,
             scheduler_options: SchedulerOptions::default(),
@@ -247,7 +249,7 @@ fn textual_inversion_img2img_matches_diffusers() {
             embeddings,
             tome: None,
         };
-        let generation = model.img2img(&request, &mut NoProgress).unwrap();
+        let generation = model.generate(&request, &mut NoProgress).unwrap();
         let (max, mean) = compare(&generation.images[0], &theirs);
         assert!(
             max <= 3 && mean <= 0.5,
@@ -256,8 +258,8 @@ fn textual_inversion_img2img_matches_diffusers() {
         // Without the embedding the image is different: the vectors were used.
         if folder == "embeddings" {
             let plain = model
-                .img2img(
-                    &Img2ImgRequest {
+                .generate(
+                    &GenerateRequest {
                         embeddings: Vec::new(),
                         tome: None,
                         ..request.clone()

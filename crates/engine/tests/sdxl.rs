@@ -11,7 +11,7 @@ use pictor_engine::embeddings::TextualInversion;
 use pictor_engine::error::EngineError;
 use pictor_engine::lora::Lora;
 use pictor_engine::model_store::{self, ModelsDir};
-use pictor_engine::pipeline::NoProgress;
+use pictor_engine::pipeline::{Mode, NoProgress};
 use pictor_engine::prompt_syntax::escape;
 use pictor_engine::Runtime;
 use support::{copy_dir_all, fixtures, load_model, max_abs_diff, models, small_img2img};
@@ -132,18 +132,20 @@ fn sdxl_loras_match_diffusers() {
     let init =
         pictor_engine::image_io::load_image(&fixtures().join("init-64.png"), 1 << 24).unwrap();
     let run = |m: &pictor_engine::pipeline::StableDiffusion, case: &LoraCase| {
-        let req = pictor_engine::pipeline::Img2ImgRequest {
+        let req = pictor_engine::pipeline::GenerateRequest {
             prompt: case.prompt.clone(),
             negative_prompt: case.negative_prompt.clone(),
-            init_image: init.clone(),
+            mode: Mode::Img2Img {
+                init_image: init.clone(),
+                strength: case.strength,
+            },
             num_inference_steps: case.num_inference_steps,
             guidance_scale: case.guidance_scale,
-            strength: case.strength,
             seed: Some(case.seed),
             scheduler: Some(case.scheduler.clone()),
             ..small_img2img("")
         };
-        m.img2img(&req, &mut NoProgress).unwrap().images.remove(0)
+        m.generate(&req, &mut NoProgress).unwrap().images.remove(0)
     };
     let before = run(&model, &cases[0]);
     for case in &cases {
@@ -176,20 +178,22 @@ fn sdxl_embeddings_match_diffusers() {
         let model = load_model(&case.model);
         let init = pictor_engine::image_io::load_image(&fixtures().join(&case.init_image), 1 << 24)
             .unwrap();
-        let req = pictor_engine::pipeline::Img2ImgRequest {
+        let req = pictor_engine::pipeline::GenerateRequest {
             prompt: escape(&case.prompt),
             negative_prompt: escape(case.negative_prompt.as_deref().unwrap_or_default()),
-            init_image: init,
+            mode: Mode::Img2Img {
+                init_image: init,
+                strength: case.strength.unwrap(),
+            },
             num_inference_steps: case.num_inference_steps,
             guidance_scale: case.guidance_scale,
-            strength: case.strength.unwrap(),
             seed: Some(case.seed),
             scheduler: Some(case.scheduler.clone()),
             embeddings: vec![embedding.clone()],
             ..small_img2img("")
         };
         let ours = model
-            .img2img(&req, &mut NoProgress)
+            .generate(&req, &mut NoProgress)
             .unwrap()
             .images
             .remove(0);
@@ -200,7 +204,7 @@ fn sdxl_embeddings_match_diffusers() {
     req.embeddings = vec![embedding];
     let (field, message) = invalid_field(
         load_model("sd1-tiny")
-            .img2img(&req, &mut NoProgress)
+            .generate(&req, &mut NoProgress)
             .unwrap_err(),
     );
     assert_eq!(field, "embeddings_model");
@@ -242,19 +246,30 @@ fn sdxl_refuses_what_it_cannot_do_yet_by_name() {
         Tensor::zeros((1, 48), candle_core::DType::F32, &Device::Cpu).unwrap(),
     )
     .unwrap()];
-    let (field, message) = invalid_field(model.img2img(&req, &mut NoProgress).unwrap_err());
+    let (field, message) = invalid_field(model.generate(&req, &mut NoProgress).unwrap_err());
     assert_eq!(field, "embeddings_model");
     assert!(message.contains("SDXL"), "{message}");
+
+    // The refiner cannot start from text; validate says so before anything runs.
+    let text = pictor_engine::pipeline::GenerateRequest {
+        mode: Mode::Text2Img,
+        ..small_img2img("a cat")
+    };
+    let (field, message) =
+        invalid_field(load_model("sdxl-refiner-tiny").validate(&text).unwrap_err());
+    assert_eq!(field, "model_id");
+    assert!(message.contains("refiner"), "{message}");
+    assert!(model.validate(&text).is_ok());
 
     // clip skip counts from the penultimate layer: 3 layers allow 1 to 3.
     assert_eq!(model.max_clip_skip(), 3);
     let mut req = small_img2img("a cat");
     req.clip_skip = 4;
-    let (field, _) = invalid_field(model.img2img(&req, &mut NoProgress).unwrap_err());
+    let (field, _) = invalid_field(model.generate(&req, &mut NoProgress).unwrap_err());
     assert_eq!(field, "clip_skip");
     req.clip_skip = 3;
     assert_eq!(
-        model.img2img(&req, &mut NoProgress).unwrap().images.len(),
+        model.generate(&req, &mut NoProgress).unwrap().images.len(),
         1
     );
 }
@@ -338,14 +353,14 @@ fn sdxl_token_merging_follows_tomesd_levels() {
     use pictor_engine::models::TomeSettings;
     let model = load_model("sdxl-tiny");
     let plain = model
-        .img2img(&small_img2img("a cat"), &mut NoProgress)
+        .generate(&small_img2img("a cat"), &mut NoProgress)
         .unwrap();
     let merged = |tome: TomeSettings| {
-        let req = pictor_engine::pipeline::Img2ImgRequest {
+        let req = pictor_engine::pipeline::GenerateRequest {
             tome: Some(tome),
             ..small_img2img("a cat")
         };
-        model.img2img(&req, &mut NoProgress).unwrap().images
+        model.generate(&req, &mut NoProgress).unwrap().images
     };
     assert_eq!(merged(TomeSettings::default()), plain.images);
     let deeper = merged(TomeSettings {

@@ -1,8 +1,8 @@
-//! The generation pipelines over a loaded model: img2img (diffusers' StableDiffusionImg2ImgPipeline) and
-//! InstructPix2Pix (StableDiffusionInstructPix2PixPipeline), step for step and draw for draw.
+//! The generation pipelines over a loaded model: text-to-image (diffusers' StableDiffusionPipeline), img2img
+//! (StableDiffusionImg2ImgPipeline) and InstructPix2Pix (StableDiffusionInstructPix2PixPipeline), and their
+//! SDXL forms, step for step and draw for draw, through one loop ([`StableDiffusion::generate`]).
 
-mod img2img;
-mod pix2pix;
+mod generate;
 mod prompt;
 mod prompt_chunks;
 mod prompt_limits;
@@ -368,13 +368,13 @@ impl StableDiffusion {
         schedulers::build(&name, config, steps, opts)
     }
 
-    /// The scheduler config as diffusers' img2img pipeline rewrites it when it is constructed: a
-    /// `steps_offset` other than 1 becomes 1, and `clip_sample` that is on (explicitly, or by the class
-    /// default of DDIM/DDPM) is turned off. InstructPix2Pix and SDXL (whose pipelines do not rewrite it) keep
-    /// the config as it is.
-    pub(crate) fn img2img_scheduler_config(&self) -> serde_json::Value {
+    /// The scheduler config as diffusers' pipeline for `mode` rewrites it when it is constructed: the SD
+    /// text-to-image and img2img pipelines turn a `steps_offset` other than 1 into 1, and `clip_sample` that is
+    /// on (explicitly, or by the class default of DDIM/DDPM) off. InstructPix2Pix and SDXL (whose pipelines do
+    /// not rewrite it) keep the config as it is.
+    pub(crate) fn scheduler_config_for(&self, mode: &Mode) -> serde_json::Value {
         let mut config = self.scheduler_config.clone();
-        if self.sdxl.is_some() {
+        if self.sdxl.is_some() || matches!(mode, Mode::Pix2Pix { .. }) {
             // diffusers' SDXL pipelines use the scheduler config as it is.
             return config;
         }
@@ -427,27 +427,58 @@ impl CancelFlag {
     }
 }
 
-/// An img2img request in engine terms (the API's field names, already parsed and defaulted).
+/// What a generation starts from, and the values only that mode has.
 #[derive(Debug, Clone)]
-pub struct Img2ImgRequest {
-    /// What the image should show.
+pub enum Mode {
+    /// Text-to-image: the latents start as noise.
+    Text2Img,
+    /// img2img: the init image's latents, noised to `strength`.
+    Img2Img {
+        /// The starting image, any size: it is fitted to width × height (cover and centre-crop).
+        init_image: RgbImage,
+        /// How much of the init image is replaced by noise, 0 to 1 (`floor(steps × strength)` steps run).
+        strength: f64,
+    },
+    /// InstructPix2Pix: the image's latents condition every step.
+    Pix2Pix {
+        /// The image to edit, fitted to width × height.
+        init_image: RgbImage,
+        /// How closely to keep the input image.
+        image_guidance_scale: f64,
+    },
+}
+
+impl Mode {
+    /// The mode's name as the API and the CLI spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Text2Img => "txt2img",
+            Mode::Img2Img { .. } => "img2img",
+            Mode::Pix2Pix { .. } => "pix2pix",
+        }
+    }
+}
+
+/// One generation request in engine terms (the API's field names, already parsed and defaulted), whatever its
+/// mode.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Text-to-image, img2img or InstructPix2Pix, with that mode's own values.
+    pub mode: Mode,
+    /// What the image should show (InstructPix2Pix: the edit instruction).
     pub prompt: String,
     /// What it should not show; empty for none.
     pub negative_prompt: String,
-    /// The starting image, any size: it is fitted to width × height (cover and centre-crop).
-    pub init_image: RgbImage,
     /// Output width in pixels, a multiple of 8 up to [`MAX_SIDE`].
     pub width: u32,
     /// Output height in pixels, a multiple of 8 up to [`MAX_SIDE`].
     pub height: u32,
     /// Images to make in one batch, 1 to [`MAX_SAMPLES`].
     pub samples: usize,
-    /// Denoising steps of the full schedule (img2img runs `floor(steps × strength)` of them).
+    /// Denoising steps of the full schedule.
     pub num_inference_steps: usize,
     /// Classifier-free guidance scale; 1 or less turns guidance off as in diffusers.
     pub guidance_scale: f64,
-    /// How much of the init image is replaced by noise, 0 to 1.
-    pub strength: f64,
     /// The seed; `None` picks a random one, reported in the result.
     pub seed: Option<u64>,
     /// Scheduler name as the API spells it; `None` uses the model's own.
@@ -455,41 +486,6 @@ pub struct Img2ImgRequest {
     /// Sampler options (Karras sigmas, DPM-Solver algorithm).
     pub scheduler_options: SchedulerOptions,
     /// A1111 clip skip: 1 = last CLIP layer.
-    pub clip_skip: usize,
-    /// Textual-inversion embeddings the prompts may call up by name.
-    pub embeddings: Vec<TextualInversion>,
-    /// Token merging (the API's `tomesd`); `None` runs the UNet on every token.
-    pub tome: Option<TomeSettings>,
-}
-
-/// An InstructPix2Pix request.
-#[derive(Debug, Clone)]
-pub struct Pix2PixRequest {
-    /// The edit instruction.
-    pub prompt: String,
-    /// What it should not show; empty for none.
-    pub negative_prompt: String,
-    /// The image to edit; fitted to width × height.
-    pub init_image: RgbImage,
-    /// Output width (defaults to the init image's, rounded down to a multiple of 8, by the caller).
-    pub width: u32,
-    /// Output height.
-    pub height: u32,
-    /// Images to make, 1 to [`MAX_SAMPLES`].
-    pub samples: usize,
-    /// Denoising steps.
-    pub num_inference_steps: usize,
-    /// Text guidance scale.
-    pub guidance_scale: f64,
-    /// Image guidance scale (how closely to keep the input image).
-    pub image_guidance_scale: f64,
-    /// The seed; `None` picks a random one.
-    pub seed: Option<u64>,
-    /// Scheduler name; `None` uses the model's own.
-    pub scheduler: Option<String>,
-    /// Sampler options.
-    pub scheduler_options: SchedulerOptions,
-    /// A1111 clip skip.
     pub clip_skip: usize,
     /// Textual-inversion embeddings the prompts may call up by name.
     pub embeddings: Vec<TextualInversion>,

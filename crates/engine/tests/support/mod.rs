@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use pictor_engine::image_io::load_image;
 use pictor_engine::model_store::{self, ModelsDir};
 use pictor_engine::models::TomeSettings;
-use pictor_engine::pipeline::{Img2ImgRequest, NoProgress, Pix2PixRequest, StableDiffusion};
+use pictor_engine::pipeline::{GenerateRequest, Mode, NoProgress, StableDiffusion};
 use pictor_engine::prompt_syntax::escape;
 use pictor_engine::schedulers::SchedulerOptions;
 use pictor_engine::Runtime;
@@ -90,17 +90,19 @@ pub fn generate_case(
     let init = load_image(&fixtures().join(&case.init_image), 1 << 24).unwrap();
     let negative = escape(&case.negative_prompt.clone().unwrap_or_default());
     let generation = match case.pipeline.as_str() {
-        "img2img" => model.img2img(
-            &Img2ImgRequest {
+        "img2img" => model.generate(
+            &GenerateRequest {
                 prompt: escape(&case.prompt),
                 negative_prompt: negative,
-                init_image: init,
+                mode: Mode::Img2Img {
+                    init_image: init,
+                    strength: case.strength.unwrap(),
+                },
                 width: case.width,
                 height: case.height,
                 samples: case.samples,
                 num_inference_steps: case.num_inference_steps,
                 guidance_scale: case.guidance_scale,
-                strength: case.strength.unwrap(),
                 seed: Some(case.seed),
                 scheduler: Some(case.scheduler.clone()),
                 scheduler_options: SchedulerOptions::default(),
@@ -110,17 +112,19 @@ pub fn generate_case(
             },
             &mut NoProgress,
         ),
-        _ => model.pix2pix(
-            &Pix2PixRequest {
+        _ => model.generate(
+            &GenerateRequest {
                 prompt: escape(&case.prompt),
                 negative_prompt: negative,
-                init_image: init,
+                mode: Mode::Pix2Pix {
+                    init_image: init,
+                    image_guidance_scale: case.image_guidance_scale.unwrap(),
+                },
                 width: case.width,
                 height: case.height,
                 samples: case.samples,
                 num_inference_steps: case.num_inference_steps,
                 guidance_scale: case.guidance_scale,
-                image_guidance_scale: case.image_guidance_scale.unwrap(),
                 seed: Some(case.seed),
                 scheduler: Some(case.scheduler.clone()),
                 scheduler_options: SchedulerOptions::default(),
@@ -204,17 +208,19 @@ pub fn copy_dir_all(from: &Path, to: &Path) {
 
 /// A small img2img request (64 × 64 flat init image, 4 steps, strength 0.5, seed 1) for tests about what a
 /// request is allowed, not what it draws; adjust fields with struct update syntax.
-pub fn small_img2img(prompt: &str) -> Img2ImgRequest {
-    Img2ImgRequest {
+pub fn small_img2img(prompt: &str) -> GenerateRequest {
+    GenerateRequest {
         prompt: prompt.into(),
         negative_prompt: String::new(),
-        init_image: image::RgbImage::from_pixel(64, 64, image::Rgb([120, 80, 40])),
+        mode: Mode::Img2Img {
+            init_image: image::RgbImage::from_pixel(64, 64, image::Rgb([120, 80, 40])),
+            strength: 0.5,
+        },
         width: 64,
         height: 64,
         samples: 1,
         num_inference_steps: 4,
         guidance_scale: 5.0,
-        strength: 0.5,
         seed: Some(1),
         scheduler: None,
         scheduler_options: SchedulerOptions::default(),
