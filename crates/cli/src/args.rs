@@ -17,6 +17,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Make an image from a prompt (the API's text2img).
+    Txt2img(Txt2ImgArgs),
     /// Transform an image guided by a prompt (the API's img2img).
     Img2img(Img2ImgArgs),
     /// Edit an image by instruction with an InstructPix2Pix model (the API's v5 pix2pix).
@@ -78,7 +80,7 @@ pub fn yes_no(s: &str) -> Result<bool, String> {
     }
 }
 
-/// Options shared by both generation commands.
+/// Options shared by the generation commands.
 #[derive(Args, Debug)]
 pub struct CommonArgs {
     /// The models folder (ROOT/checkpoints/<model_id>/ or <model_id>.safetensors).
@@ -91,9 +93,6 @@ pub struct CommonArgs {
     /// Model id in ROOT/checkpoints, or a path to a model folder or .safetensors checkpoint.
     #[arg(long)]
     pub model: String,
-    /// The starting image: a file path or an http(s) URL (PNG, JPEG or WebP).
-    #[arg(long)]
-    pub init_image: String,
     /// What the result should show.
     #[arg(long)]
     pub prompt: String,
@@ -155,12 +154,35 @@ pub struct CommonArgs {
     pub out: PathBuf,
 }
 
+/// `pictor txt2img …`
+#[derive(Args, Debug)]
+pub struct Txt2ImgArgs {
+    #[command(flatten)]
+    /// Shared options.
+    pub common: CommonArgs,
+    /// Output width, a multiple of 8 up to 1024.
+    #[arg(long, default_value_t = 512)]
+    pub width: u32,
+    /// Output height, a multiple of 8 up to 1024.
+    #[arg(long, default_value_t = 512)]
+    pub height: u32,
+    /// Denoising steps, 1–50.
+    #[arg(long, default_value_t = 30)]
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance scale, 1–20 (≤ 1 turns guidance off).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+}
+
 /// `pictor img2img …`
 #[derive(Args, Debug)]
 pub struct Img2ImgArgs {
     #[command(flatten)]
     /// Shared options.
     pub common: CommonArgs,
+    /// The starting image: a file path or an http(s) URL (PNG, JPEG or WebP).
+    #[arg(long)]
+    pub init_image: String,
     /// Output width, a multiple of 8 up to 1024.
     #[arg(long, default_value_t = 512)]
     pub width: u32,
@@ -184,6 +206,9 @@ pub struct Pix2PixArgs {
     #[command(flatten)]
     /// Shared options.
     pub common: CommonArgs,
+    /// The image to edit: a file path or an http(s) URL (PNG, JPEG or WebP).
+    #[arg(long)]
+    pub init_image: String,
     /// Output width (default: the init image's, rounded down to a multiple of 8, at most 1024).
     #[arg(long)]
     pub width: Option<u32>,

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::UNIX_EPOCH;
 
+use image::RgbImage;
 use pictor_engine::image_io::{decode_image, encode_png};
 use pictor_engine::model_store::{self, ModelFormat, ModelLocation, ModelsDir};
 use pictor_engine::models::TomeSettings;
@@ -298,6 +299,54 @@ impl Progress for Relay<'_> {
     }
 }
 
+/// The engine's request for the service's canonical one, with its decoded init image (when its kind takes
+/// one) and the embeddings loaded from the models folder.
+fn engine_request(
+    request: &GenerationRequest,
+    init_image: Option<RgbImage>,
+    models_dir: &ModelsDir,
+) -> Result<GenerateRequest, BackendError> {
+    let mut init_image = init_image;
+    let mut init = || {
+        init_image.take().ok_or_else(|| BackendError::Invalid {
+            field: "init_image".into(),
+            message: "this request needs an init image".into(),
+        })
+    };
+    let mode = match request.kind {
+        PipelineKind::Text2Img => Mode::Text2Img,
+        PipelineKind::Img2Img => Mode::Img2Img {
+            init_image: init()?,
+            strength: request.strength,
+        },
+        PipelineKind::Pix2Pix => Mode::Pix2Pix {
+            init_image: init()?,
+            image_guidance_scale: request.image_guidance_scale,
+        },
+    };
+    Ok(GenerateRequest {
+        mode,
+        prompt: request.prompt.clone(),
+        negative_prompt: request.negative_prompt.clone(),
+        width: request.width,
+        height: request.height,
+        samples: request.samples as usize,
+        num_inference_steps: request.steps as usize,
+        guidance_scale: request.guidance_scale,
+        seed: Some(request.seed),
+        scheduler: request.scheduler.clone(),
+        scheduler_options: SchedulerOptions {
+            use_karras_sigmas: Some(request.use_karras_sigmas),
+            algorithm_type: request.algorithm_type.clone(),
+        },
+        clip_skip: request.clip_skip as usize,
+        embeddings: models_dir
+            .load_embeddings(&request.embeddings)
+            .map_err(engine_error)?,
+        tome: request.tomesd.then(TomeSettings::default),
+    })
+}
+
 impl Backend for EngineBackend {
     fn models_root(&self) -> Option<std::path::PathBuf> {
         Some(self.models_dir.root().to_path_buf())
@@ -349,67 +398,18 @@ impl Backend for EngineBackend {
     fn generate(
         &self,
         request: &GenerationRequest,
-        init_image: &[u8],
+        init_image: Option<&[u8]>,
         control: &dyn JobControl,
     ) -> Result<Generated, BackendError> {
         let model = self.model_for(request)?;
-        let init = decode_image(init_image, MAX_PIXELS).map_err(engine_error)?;
-        let options = SchedulerOptions {
-            use_karras_sigmas: Some(request.use_karras_sigmas),
-            algorithm_type: request.algorithm_type.clone(),
-        };
-        let embeddings = self
-            .models_dir
-            .load_embeddings(&request.embeddings)
+        let init = init_image
+            .map(|bytes| decode_image(bytes, MAX_PIXELS))
+            .transpose()
             .map_err(engine_error)?;
-        let mut relay = Relay(control);
-        let generation = match request.kind {
-            PipelineKind::Img2Img => model.generate(
-                &GenerateRequest {
-                    prompt: request.prompt.clone(),
-                    negative_prompt: request.negative_prompt.clone(),
-                    mode: Mode::Img2Img {
-                        init_image: init,
-                        strength: request.strength,
-                    },
-                    width: request.width,
-                    height: request.height,
-                    samples: request.samples as usize,
-                    num_inference_steps: request.steps as usize,
-                    guidance_scale: request.guidance_scale,
-                    seed: Some(request.seed),
-                    scheduler: request.scheduler.clone(),
-                    scheduler_options: options,
-                    clip_skip: request.clip_skip as usize,
-                    embeddings,
-                    tome: request.tomesd.then(TomeSettings::default),
-                },
-                &mut relay,
-            ),
-            PipelineKind::Pix2Pix => model.generate(
-                &GenerateRequest {
-                    prompt: request.prompt.clone(),
-                    negative_prompt: request.negative_prompt.clone(),
-                    mode: Mode::Pix2Pix {
-                        init_image: init,
-                        image_guidance_scale: request.image_guidance_scale,
-                    },
-                    width: request.width,
-                    height: request.height,
-                    samples: request.samples as usize,
-                    num_inference_steps: request.steps as usize,
-                    guidance_scale: request.guidance_scale,
-                    seed: Some(request.seed),
-                    scheduler: request.scheduler.clone(),
-                    scheduler_options: options,
-                    clip_skip: request.clip_skip as usize,
-                    embeddings,
-                    tome: request.tomesd.then(TomeSettings::default),
-                },
-                &mut relay,
-            ),
-        }
-        .map_err(engine_error)?;
+        let engine_request = engine_request(request, init, &self.models_dir)?;
+        let generation = model
+            .generate(&engine_request, &mut Relay(control))
+            .map_err(engine_error)?;
         let mut images = generation.images;
         let mut nsfw_content_detected = Vec::new();
         let mut notes = Vec::new();
@@ -483,6 +483,14 @@ impl Backend for EngineBackend {
             self.models_dir
                 .resolve_embedding(name)
                 .map_err(engine_error)?;
+        }
+        // A loaded model checks the rest now (mode, clip skip, scheduler, embeddings' architecture); loading
+        // one here would hold the request for seconds, so an unloaded model's job checks them when it runs.
+        if let Some(model) = self.cached(&request.model_id) {
+            // validate() does not read the image: a placeholder stands in for it.
+            let placeholder = request.kind.takes_image().then(|| RgbImage::new(8, 8));
+            let engine_request = engine_request(request, placeholder, &self.models_dir)?;
+            model.validate(&engine_request).map_err(engine_error)?;
         }
         Ok(())
     }

@@ -17,7 +17,7 @@ use pictor_server::prompt_enhance::{self, EnhancedPrompt, UnknownStyle};
 use pictor_server::request::pair_loras;
 use serde_json::{json, Value};
 
-use crate::args::{CommonArgs, Img2ImgArgs, Pix2PixArgs};
+use crate::args::{CommonArgs, Img2ImgArgs, Pix2PixArgs, Txt2ImgArgs};
 use crate::init_image;
 
 /// A terminal progress bar, one tick per denoising step (hidden when stderr is not a terminal).
@@ -193,24 +193,27 @@ fn print_meta(
     );
 }
 
-/// `pictor img2img`.
-pub fn img2img(args: Img2ImgArgs) -> Result<()> {
-    let c = &args.common;
+/// One generation of any mode with the shared options: prepare the model, run, filter, write the images, print
+/// the meta (`meta` holds the mode's own keys).
+fn run(
+    c: &CommonArgs,
+    mode: Mode,
+    (width, height): (u32, u32),
+    num_inference_steps: usize,
+    guidance_scale: f64,
+    meta: Value,
+) -> Result<()> {
     let prompts = final_prompts(c)?;
-    let init = init_image::load(&c.init_image)?;
     let prepared = prepare(c)?;
     let request = GenerateRequest {
+        mode,
         prompt: prompts.prompt.clone(),
         negative_prompt: prompts.negative_prompt.clone(),
-        mode: Mode::Img2Img {
-            init_image: init,
-            strength: args.strength,
-        },
-        width: args.width,
-        height: args.height,
+        width,
+        height,
         samples: c.samples,
-        num_inference_steps: args.num_inference_steps,
-        guidance_scale: args.guidance_scale,
+        num_inference_steps,
+        guidance_scale,
         seed: c.seed,
         scheduler: c.scheduler.clone(),
         scheduler_options: scheduler_options(c),
@@ -221,16 +224,12 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
     let mut generation = prepared.model.generate(&request, &mut Bar::new())?;
     let flags = filter(&prepared, &mut generation)?;
     let outputs = write_images(&c.out, &generation)?;
-    let meta = json!({
-        "guidance_scale": args.guidance_scale,
-        "num_inference_steps": args.num_inference_steps,
-        "strength": args.strength,
-        "n_samples": c.samples,
-        "clip_skip": c.clip_skip,
-        "use_karras_sigmas": if c.use_karras_sigmas { "yes" } else { "no" },
-        "algorithm_type": c.algorithm_type,
-        "init_image": c.init_image,
-    });
+    let mut meta = meta;
+    if let Value::Object(m) = &mut meta {
+        m.insert("guidance_scale".into(), json!(guidance_scale));
+        m.insert("n_samples".into(), json!(c.samples));
+        m.insert("clip_skip".into(), json!(c.clip_skip));
+    }
     print_meta(
         meta,
         prompt_meta(c, &prompts),
@@ -241,53 +240,73 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
     Ok(())
 }
 
+/// `pictor txt2img`.
+pub fn txt2img(args: Txt2ImgArgs) -> Result<()> {
+    let c = &args.common;
+    let meta = json!({
+        "num_inference_steps": args.num_inference_steps,
+        "use_karras_sigmas": if c.use_karras_sigmas { "yes" } else { "no" },
+        "algorithm_type": c.algorithm_type,
+    });
+    run(
+        c,
+        Mode::Text2Img,
+        (args.width, args.height),
+        args.num_inference_steps,
+        args.guidance_scale,
+        meta,
+    )
+}
+
+/// `pictor img2img`.
+pub fn img2img(args: Img2ImgArgs) -> Result<()> {
+    let c = &args.common;
+    let init = init_image::load(&args.init_image)?;
+    let meta = json!({
+        "num_inference_steps": args.num_inference_steps,
+        "strength": args.strength,
+        "use_karras_sigmas": if c.use_karras_sigmas { "yes" } else { "no" },
+        "algorithm_type": c.algorithm_type,
+        "init_image": args.init_image,
+    });
+    let mode = Mode::Img2Img {
+        init_image: init,
+        strength: args.strength,
+    };
+    run(
+        c,
+        mode,
+        (args.width, args.height),
+        args.num_inference_steps,
+        args.guidance_scale,
+        meta,
+    )
+}
+
 /// `pictor pix2pix`.
 pub fn pix2pix(args: Pix2PixArgs) -> Result<()> {
     let c = &args.common;
-    let prompts = final_prompts(c)?;
-    let init = init_image::load(&c.init_image)?;
+    let init = init_image::load(&args.init_image)?;
     let round = |v: u32| (v.min(1024) / 8 * 8).max(8);
     let width = args.width.unwrap_or_else(|| round(init.width()));
     let height = args.height.unwrap_or_else(|| round(init.height()));
-    let prepared = prepare(c)?;
-    let request = GenerateRequest {
-        prompt: prompts.prompt.clone(),
-        negative_prompt: prompts.negative_prompt.clone(),
-        mode: Mode::Pix2Pix {
-            init_image: init,
-            image_guidance_scale: args.image_guidance_scale,
-        },
-        width,
-        height,
-        samples: c.samples,
-        num_inference_steps: args.steps,
-        guidance_scale: args.guidance_scale,
-        seed: c.seed,
-        scheduler: c.scheduler.clone(),
-        scheduler_options: scheduler_options(c),
-        clip_skip: c.clip_skip,
-        embeddings: prepared.embeddings.clone(),
-        tome: c.tomesd.then(TomeSettings::default),
-    };
-    let mut generation = prepared.model.generate(&request, &mut Bar::new())?;
-    let flags = filter(&prepared, &mut generation)?;
-    let outputs = write_images(&c.out, &generation)?;
     let meta = json!({
-        "guidance_scale": args.guidance_scale,
         "image_guidance_scale": args.image_guidance_scale,
         "steps": args.steps,
-        "n_samples": c.samples,
-        "clip_skip": c.clip_skip,
-        "init_image": c.init_image,
+        "init_image": args.init_image,
     });
-    print_meta(
+    let mode = Mode::Pix2Pix {
+        init_image: init,
+        image_guidance_scale: args.image_guidance_scale,
+    };
+    run(
+        c,
+        mode,
+        (width, height),
+        args.steps,
+        args.guidance_scale,
         meta,
-        prompt_meta(c, &prompts),
-        extras_meta(c, flags),
-        &generation,
-        outputs,
-    );
-    Ok(())
+    )
 }
 
 /// `pictor styles [NAME]`: every id, one per line; or one style's texts.

@@ -1,4 +1,5 @@
-//! `pictor`: the command-line front of Pictor. Runs img2img and InstructPix2Pix on a local models folder,
+//! `pictor`: the command-line front of Pictor. Runs text-to-image, img2img and InstructPix2Pix on a local models
+//! folder,
 //! manages models, and makes a demo model.
 
 mod args;
@@ -54,6 +55,7 @@ fn main() -> ExitCode {
     );
     let result = match cli.command {
         Command::Serve(a) => serve::serve(*a),
+        Command::Txt2img(a) => generate::txt2img(a),
         Command::Img2img(a) => generate::img2img(a),
         Command::Bench(a) => bench::bench(&a),
         Command::Pix2pix(a) => generate::pix2pix(a),

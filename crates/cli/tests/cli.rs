@@ -553,12 +553,14 @@ fn pix2pix_and_img2img_refuse_the_other_kind_of_model() {
 // 4. Parity with diffusers through the CLI
 // ---------------------------------------------------------------------------------------------------
 
-/// Runs the reference case `name` of tests/fixtures/cases.json or sdxl/cases.json through `pictor img2img`
-/// (Karras sigmas as the case says) and compares with the committed images: max |Δ| ≤ 3, mean |Δ| ≤ 0.5.
-fn img2img_parity(name: &str) {
+/// Runs the reference case `name` of tests/fixtures/cases.json, sdxl/cases.json or txt2img/cases.json through
+/// `pictor img2img` or `pictor txt2img` (Karras sigmas and algorithm as the case says) and compares with the
+/// committed images: max |Δ| ≤ 3, mean |Δ| ≤ 0.5.
+fn cli_parity(name: &str) {
     let fx = fixtures();
     let case = support::case(name);
-    assert_eq!(case["pipeline"], "img2img");
+    let pipeline = case["pipeline"].as_str().unwrap();
+    assert!(matches!(pipeline, "img2img" | "txt2img"), "{pipeline}");
     let s = |k: &str| match &case[k] {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
@@ -566,14 +568,12 @@ fn img2img_parity(name: &str) {
     };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let args: Vec<String> = vec![
-        "img2img".into(),
+    let mut args: Vec<String> = vec![
+        pipeline.into(),
         "--models-dir".into(),
         fx.join("models").display().to_string(),
         "--model".into(),
         s("model").trim_end_matches(".safetensors").to_string(),
-        "--init-image".into(),
-        fx.join(s("init_image")).display().to_string(),
         // diffusers took the fixture prompts literally; literal text is escaped text in Pictor's syntax.
         "--prompt".into(),
         escape(&s("prompt")),
@@ -587,8 +587,6 @@ fn img2img_parity(name: &str) {
         s("samples"),
         "--num-inference-steps".into(),
         s("num_inference_steps"),
-        "--strength".into(),
-        s("strength"),
         "--guidance-scale".into(),
         s("guidance_scale"),
         "--seed".into(),
@@ -607,6 +605,17 @@ fn img2img_parity(name: &str) {
         "--out".into(),
         out.display().to_string(),
     ];
+    if pipeline == "img2img" {
+        args.extend([
+            "--init-image".into(),
+            fx.join(s("init_image")).display().to_string(),
+            "--strength".into(),
+            s("strength"),
+        ]);
+    }
+    if let Some(algorithm) = case["algorithm_type"].as_str() {
+        args.extend(["--algorithm-type".into(), algorithm.into()]);
+    }
     let o = pictor(&args);
     assert_ok(&o, &format!("parity case {name}"));
     let m = meta(&o);
@@ -688,48 +697,65 @@ fn img2img_with_loras_and_a_vae_matches_diffusers() {
 
 #[test]
 fn img2img_matches_diffusers_sd1_ddim() {
-    img2img_parity("sd1-ddim-s42");
+    cli_parity("sd1-ddim-s42");
 }
 
 /// Euler is where `--use-karras-sigmas no` matters: the reference was made without Karras sigmas while the
 /// CLI's default is yes.
 #[test]
 fn img2img_matches_diffusers_sd1_euler_without_karras() {
-    img2img_parity("sd1-euler-s42");
+    cli_parity("sd1-euler-s42");
 }
 
 /// SDXL base: two text encoders, DPM++ 2M Karras, two samples of a non-square size.
 #[test]
 fn img2img_matches_diffusers_sdxl_base() {
-    img2img_parity("sdxl-dpm2m-karras-s42");
-    img2img_parity("sdxl-dpm2m-72x56-s7-n2");
+    cli_parity("sdxl-dpm2m-karras-s42");
+    cli_parity("sdxl-dpm2m-72x56-s7-n2");
 }
 
 /// SDXL without a negative prompt (zero unconditional embedding) and with clip skip 2 on both encoders.
 #[test]
 fn img2img_matches_diffusers_sdxl_without_negative_prompt_and_with_clip_skip() {
-    img2img_parity("sdxl-euler-noneg-s0-n2");
-    img2img_parity("sdxl-euler-clipskip2-s0");
+    cli_parity("sdxl-euler-noneg-s0-n2");
+    cli_parity("sdxl-euler-clipskip2-s0");
 }
 
 /// The SDXL refiner: the second text encoder alone and aesthetic-score time ids.
 #[test]
 fn img2img_matches_diffusers_sdxl_refiner() {
-    img2img_parity("sdxl-refiner-euler-s3");
+    cli_parity("sdxl-refiner-euler-s3");
 }
 
 /// SDXL-Turbo's recipe (trailing timesteps, 2 steps at strength 0.5, guidance 0) and LCM sampling.
 #[test]
 fn img2img_matches_diffusers_sdxl_turbo_and_lcm() {
-    img2img_parity("sdxl-turbo-eulera-s5");
-    img2img_parity("sdxl-turbo-lcm-s5");
+    cli_parity("sdxl-turbo-eulera-s5");
+    cli_parity("sdxl-turbo-lcm-s5");
+}
+
+/// `pictor txt2img` equals diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline: SD 1 with DPM++ 2M SDE
+/// Karras (through --algorithm-type), two samples of a non-square size, clip skip, SD 2 v-prediction, SDXL
+/// without a negative prompt and SDXL-Turbo's one step.
+#[test]
+fn txt2img_matches_diffusers() {
+    for name in [
+        "t2i-sd1-dpm2msde-karras-s11",
+        "t2i-sd1-eulera-80x48-s3-n2",
+        "t2i-sd1-euler-clipskip2-s0",
+        "t2i-sd2-euler-72x56-s5-n2",
+        "t2i-sdxl-euler-noneg-s0",
+        "t2i-sdxl-turbo-eulera-s5",
+    ] {
+        cli_parity(name);
+    }
 }
 
 /// SDXL single-file checkpoints as CivitAI ships them (`conditioner.embedders.*`), base and refiner.
 #[test]
 fn img2img_matches_diffusers_sdxl_single_files() {
-    img2img_parity("sdxl-single-euler-s42");
-    img2img_parity("sdxl-single-refiner-euler-s3");
+    cli_parity("sdxl-single-euler-s42");
+    cli_parity("sdxl-single-refiner-euler-s3");
 }
 
 // ---------------------------------------------------------------------------------------------------

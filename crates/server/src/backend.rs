@@ -3,9 +3,13 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Which pipeline a request runs.
+/// Which pipeline a request runs (and, for a model, which pipelines it serves: a 4-channel model is listed as
+/// `Img2Img` and also serves text-to-image).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PipelineKind {
+    /// Stable Diffusion text-to-image (4-channel UNet).
+    #[serde(rename = "txt2img")]
+    Text2Img,
     /// Stable Diffusion img2img (4-channel UNet).
     #[serde(rename = "img2img")]
     Img2Img,
@@ -14,11 +18,26 @@ pub enum PipelineKind {
     Pix2Pix,
 }
 
+impl PipelineKind {
+    /// The kind of model that runs it: text-to-image runs on img2img (4-channel) models.
+    pub fn model_kind(self) -> PipelineKind {
+        match self {
+            PipelineKind::Text2Img => PipelineKind::Img2Img,
+            other => other,
+        }
+    }
+
+    /// Whether it starts from an init image.
+    pub fn takes_image(self) -> bool {
+        self != PipelineKind::Text2Img
+    }
+}
+
 /// One generation, fully resolved: every default applied, the seed chosen, the model picked. This is what the job
 /// store keeps, so a job re-run after a restart gives the same images.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerationRequest {
-    /// img2img or pix2pix.
+    /// txt2img, img2img or pix2pix.
     pub kind: PipelineKind,
     /// The model id in the models folder.
     pub model_id: String,
@@ -228,11 +247,11 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// The scheduler names accepted in `scheduler`.
     fn schedulers(&self) -> Vec<String>;
-    /// Runs one request on `init_image` (the encoded image file as received).
+    /// Runs one request, on `init_image` (the encoded image file as received) when its kind takes one.
     fn generate(
         &self,
         request: &GenerationRequest,
-        init_image: &[u8],
+        init_image: Option<&[u8]>,
         control: &dyn JobControl,
     ) -> Result<Generated, BackendError>;
     /// Adds a model to the models folder under `model_id`, replacing nothing: an existing id is an error.

@@ -38,16 +38,33 @@ impl Family {
         Family::EnterpriseRealtime,
     ];
 
-    /// The pipeline its generation route runs.
-    pub fn pipeline(self) -> PipelineKind {
+    /// The pipeline its image-to-image route runs (img2img, or pix2pix on v5).
+    pub fn image_pipeline(self) -> PipelineKind {
         match self {
             Family::V5Pix2Pix => PipelineKind::Pix2Pix,
             _ => PipelineKind::Img2Img,
         }
     }
 
-    /// The routes that create jobs of this family.
-    pub fn generation_paths(self) -> &'static [&'static str] {
+    /// The routes that create jobs of `kind` in this family (none where the family has no such route).
+    pub fn generation_paths(self, kind: PipelineKind) -> &'static [&'static str] {
+        if kind == PipelineKind::Text2Img {
+            return match self {
+                Family::V3 => &["/api/v3/text2img"],
+                Family::V4Dreambooth => &["/api/v4/dreambooth"],
+                Family::V5Pix2Pix => &[],
+                Family::V6Images => &["/api/v6/images/text2img"],
+                Family::V6Realtime => &["/api/v6/realtime/text2img"],
+                Family::Enterprise => &[
+                    "/api/v1/enterprise/text2img",
+                    "/api/v1/enterprise/images/text2img",
+                ],
+                Family::EnterpriseRealtime => &["/api/v1/enterprise/realtime/text2img"],
+            };
+        }
+        if kind != self.image_pipeline() {
+            return &[];
+        }
         match self {
             Family::V3 => &["/api/v3/img2img"],
             Family::V4Dreambooth => &["/api/v4/dreambooth/img2img"],
@@ -169,7 +186,11 @@ mod tests {
     #[test]
     fn every_family_has_routes() {
         for f in Family::ALL {
-            assert!(!f.generation_paths().is_empty());
+            assert!(!f.generation_paths(f.image_pipeline()).is_empty());
+            assert_eq!(
+                f.generation_paths(PipelineKind::Text2Img).is_empty(),
+                f == Family::V5Pix2Pix
+            );
             assert!(f.fetch_path().ends_with("/fetch/"));
         }
     }

@@ -28,25 +28,26 @@ fn generation_schema(kind: PipelineKind) -> Value {
         json!({"type": "string", "description": "API key"}),
     );
     p.insert("prompt".into(), string());
+    let size_default = if kind.takes_image() {
+        "8–1024, rounded down to a multiple of 8; default: the init image's size"
+    } else {
+        "8–1024, rounded down to a multiple of 8; default 512"
+    };
     p.insert(
         "negative_prompt".into(),
         json!({"type": ["string", "null"]}),
     );
-    p.insert(
-        "init_image".into(),
-        json!({"type": "string",
-        "description": "http(s) URL, base64 or data URI of a PNG, JPEG or WebP image"}),
-    );
+    if kind.takes_image() {
+        p.insert(
+            "init_image".into(),
+            json!({"type": "string",
+            "description": "http(s) URL, base64 or data URI of a PNG, JPEG or WebP image"}),
+        );
+    }
     p.insert("model_id".into(), json!({"type": ["string", "null"],
         "description": "Model in the models folder; default: --default-model (v5: --pix2pix-model)"}));
-    p.insert(
-        "width".into(),
-        int_or_string("8–1024, rounded down to a multiple of 8; default: the init image's size"),
-    );
-    p.insert(
-        "height".into(),
-        int_or_string("8–1024, rounded down to a multiple of 8; default: the init image's size"),
-    );
+    p.insert("width".into(), int_or_string(size_default));
+    p.insert("height".into(), int_or_string(size_default));
     p.insert("samples".into(), int_or_string("1–4"));
     p.insert("guidance_scale".into(), num_or_string("1–20, default 7.5"));
     p.insert(
@@ -70,6 +71,12 @@ fn generation_schema(kind: PipelineKind) -> Value {
     p.insert("webhook".into(), json!({"type": ["string", "null"]}));
     p.insert("track_id".into(), json!({"type": ["string", "null"]}));
     match kind {
+        PipelineKind::Text2Img => {
+            p.insert(
+                "num_inference_steps".into(),
+                int_or_string("1–50, default 30"),
+            );
+        }
         PipelineKind::Img2Img => {
             p.insert(
                 "num_inference_steps".into(),
@@ -85,7 +92,12 @@ fn generation_schema(kind: PipelineKind) -> Value {
             );
         }
     }
-    json!({"type": "object", "required": ["key", "prompt", "init_image"], "properties": p})
+    let required = if kind.takes_image() {
+        json!(["key", "prompt", "init_image"])
+    } else {
+        json!(["key", "prompt"])
+    };
+    json!({"type": "object", "required": required, "properties": p})
 }
 
 fn body(schema: Value) -> Value {
@@ -101,16 +113,17 @@ pub fn document(server_url: &str) -> Value {
     let mut paths = Map::new();
     for route in table() {
         let (summary, request, responses) = match route.kind {
-            RouteKind::Generate(family) => (
+            RouteKind::Generate(family, kind) => (
                 format!(
                     "{} generation ({})",
                     family.label(),
-                    match family.pipeline() {
+                    match kind {
+                        PipelineKind::Text2Img => "text-to-image",
                         PipelineKind::Img2Img => "img2img",
                         PipelineKind::Pix2Pix => "InstructPix2Pix",
                     }
                 ),
-                Some(body(generation_schema(family.pipeline()))),
+                Some(body(generation_schema(kind))),
                 answer(
                     "status success (output URLs), processing (fetch_result, eta), error or failed",
                 ),

@@ -161,7 +161,9 @@ pub fn meta(job: &Job) -> Value {
     put("negative_prompt", json!(r.negative_prompt));
     put("scheduler", json!(scheduler));
     put("guidance_scale", json!(r.guidance_scale));
-    put("init_image", json!(s.echo.init_image));
+    if r.kind.takes_image() {
+        put("init_image", json!(s.echo.init_image));
+    }
     put("steps", json!(r.steps));
     put("n_samples", json!(r.samples));
     if r.kind == crate::backend::PipelineKind::Img2Img {

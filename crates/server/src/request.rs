@@ -37,7 +37,7 @@ pub struct Delivery {
 /// Values the request asked for that are echoed in `meta` but do not change the generation.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Echo {
-    /// `init_image` as sent when it was a URL, else `"base64"`.
+    /// `init_image` as sent when it was a URL, else `"base64"` (`""` for text-to-image).
     pub init_image: String,
     /// `safety_checker_type` as sent.
     pub safety_checker_type: Option<String>,
@@ -55,14 +55,16 @@ pub struct Echo {
 pub struct Submission {
     /// The family it came in through.
     pub family: Family,
+    /// The pipeline its route runs.
+    pub kind: PipelineKind,
     /// `model_id` as sent.
     pub model_id: Option<String>,
     /// The final prompt: as sent, then `enhance_style` and `enhance_prompt` applied.
     pub prompt: String,
     /// The final negative prompt ("" for none), likewise.
     pub negative_prompt: String,
-    /// `init_image` as sent: a URL or base64.
-    pub init_image: String,
+    /// `init_image` as sent: a URL or base64 (none for text-to-image).
+    pub init_image: Option<String>,
     /// Requested width, rounded down to a multiple of 8.
     pub width: Option<u32>,
     /// Requested height, rounded down to a multiple of 8.
@@ -259,14 +261,19 @@ fn rounded_side(body: &Body, name: &str) -> Result<Option<u32>, ApiError> {
         .map(|v| (v as u32) / 8 * 8))
 }
 
-/// Reads a generation body of `family`.
-pub fn parse(family: Family, body: &Body) -> Result<Submission, ApiError> {
+/// Reads a generation body of `family` for a route running `kind`.
+pub fn parse(family: Family, kind: PipelineKind, body: &Body) -> Result<Submission, ApiError> {
     let prompt = body
         .string(&["prompt"])?
         .ok_or_else(|| ApiError::required("prompt"))?;
-    let init_image = body
-        .string(&["init_image", "image"])?
-        .ok_or_else(|| ApiError::required("init_image"))?;
+    let init_image = if kind.takes_image() {
+        Some(
+            body.string(&["init_image", "image"])?
+                .ok_or_else(|| ApiError::required("init_image"))?,
+        )
+    } else {
+        None
+    };
     for (field, why) in REFUSED {
         if body.get(&[field]).is_some() {
             return Err(ApiError::field(*field, *why));
@@ -300,7 +307,7 @@ pub fn parse(family: Family, body: &Body) -> Result<Submission, ApiError> {
         enhance_style,
     )
     .map_err(|e| ApiError::field(prompt_enhance::UnknownStyle::FIELD, e.to_string()))?;
-    let pix2pix = family.pipeline() == PipelineKind::Pix2Pix;
+    let pix2pix = kind == PipelineKind::Pix2Pix;
     let steps_names: &[&str] = if pix2pix {
         &["steps", "num_inference_steps"]
     } else {
@@ -310,13 +317,12 @@ pub fn parse(family: Family, body: &Body) -> Result<Submission, ApiError> {
     let algorithm_type = body
         .string(&["algorithm_type"])?
         .filter(|a| !matches!(a.as_str(), "no" | "none"));
-    let is_url = init_image.starts_with("http://") || init_image.starts_with("https://");
     let steps = body
         .integer_in(steps_names, 1, MAX_STEPS)?
         .unwrap_or(if pix2pix { 20 } else { 30 }) as u32;
     let strength = body.float_in(&["strength"], 0.0, 1.0)?.unwrap_or(0.7);
     // img2img denoises int(steps × strength) steps (diffusers' rule): fewer than one cannot run.
-    if !pix2pix && (steps as f64 * strength).floor() < 1.0 {
+    if kind == PipelineKind::Img2Img && (steps as f64 * strength).floor() < 1.0 {
         return Err(ApiError::field(
             "strength",
             format!(
@@ -327,14 +333,17 @@ pub fn parse(family: Family, body: &Body) -> Result<Submission, ApiError> {
     }
     Ok(Submission {
         family,
+        kind,
         model_id: body.string(&["model_id"])?,
         prompt: enhanced.prompt,
         negative_prompt: enhanced.negative_prompt,
         echo: Echo {
-            init_image: if is_url {
-                init_image.clone()
-            } else {
-                "base64".into()
+            init_image: match &init_image {
+                Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+                    url.clone()
+                }
+                Some(_) => "base64".into(),
+                None => String::new(),
             },
             safety_checker_type: body.string(&["safety_checker_type"])?,
             enhance_prompt,
@@ -396,10 +405,10 @@ pub fn choose_model(
     models: &[ModelInfo],
     defaults: &Defaults,
 ) -> Result<String, ApiError> {
-    let kind = submission.family.pipeline();
+    let kind = submission.kind.model_kind();
     let wanted = submission.model_id.clone().or_else(|| match kind {
         PipelineKind::Pix2Pix => defaults.pix2pix_model.clone(),
-        PipelineKind::Img2Img => defaults.default_model.clone(),
+        _ => defaults.default_model.clone(),
     });
     let candidates: Vec<&ModelInfo> = models.iter().filter(|m| m.kind == kind).collect();
     let id = match wanted {
@@ -408,7 +417,7 @@ pub fn choose_model(
         None => {
             let what = match kind {
                 PipelineKind::Pix2Pix => "InstructPix2Pix (8-channel) models",
-                PipelineKind::Img2Img => "img2img models",
+                _ => "Stable Diffusion (4-channel) models",
             };
             return Err(ApiError::field(
                 "model_id",
@@ -425,9 +434,7 @@ pub fn choose_model(
     if model.kind != kind {
         let needs = match kind {
             PipelineKind::Pix2Pix => "an InstructPix2Pix model (8 input channels)",
-            PipelineKind::Img2Img => {
-                "an img2img model (4 input channels); use /api/v5/pix2pix for it"
-            }
+            _ => "a Stable Diffusion model (4 input channels); use /api/v5/pix2pix for it",
         };
         return Err(ApiError::field(
             "model_id",
@@ -446,16 +453,23 @@ pub fn size_from_image(width: u32, height: u32) -> (u32, u32) {
     (fit(width), fit(height))
 }
 
-/// The canonical request, once the model, the init image's size and the seed are known.
+/// The output size of text-to-image when the request gives none (the API's documented default).
+pub const DEFAULT_TEXT2IMG_SIDE: u32 = 512;
+
+/// The canonical request, once the model, the init image's size (none for text-to-image) and the seed are
+/// known.
 pub fn finish(
     s: &Submission,
     model_id: String,
-    image_size: (u32, u32),
+    image_size: Option<(u32, u32)>,
     seed: u64,
 ) -> GenerationRequest {
-    let (iw, ih) = size_from_image(image_size.0, image_size.1);
+    let (iw, ih) = match image_size {
+        Some((w, h)) => size_from_image(w, h),
+        None => (DEFAULT_TEXT2IMG_SIDE, DEFAULT_TEXT2IMG_SIDE),
+    };
     GenerationRequest {
-        kind: s.family.pipeline(),
+        kind: s.kind,
         model_id,
         prompt: s.prompt.clone(),
         negative_prompt: s.negative_prompt.clone(),
@@ -502,6 +516,7 @@ mod tests {
     fn documented_example_parses() {
         let s = parse(
             Family::V3,
+            Family::V3.image_pipeline(),
             &body(json!({
                 "key": "", "prompt": "a cat sitting on a bench", "negative_prompt": null,
                 "init_image": "https://example.com/a.png", "width": "512", "height": "512",
@@ -535,7 +550,7 @@ mod tests {
         let suffixed = format!("a cat, {}", prompt_enhance::QUALITY_SUFFIX);
         let negative = format!("blurry, {}", prompt_enhance::DEFAULT_NEGATIVE);
         for family in Family::ALL {
-            let s = parse(family, &body(plain.clone())).unwrap();
+            let s = parse(family, family.image_pipeline(), &body(plain.clone())).unwrap();
             let on = matches!(
                 family,
                 Family::V3 | Family::V4Dreambooth | Family::V6Images | Family::Enterprise
@@ -557,18 +572,23 @@ mod tests {
         // Sent values win: "no" on v3, JSON true on realtime.
         let mut off = plain.clone();
         off["enhance_prompt"] = json!("no");
-        let s = parse(Family::V3, &body(off)).unwrap();
+        let s = parse(Family::V3, Family::V3.image_pipeline(), &body(off)).unwrap();
         assert_eq!((s.prompt.as_str(), s.echo.enhance_prompt), ("a cat", false));
         let mut on = plain.clone();
         on["enhance_prompt"] = json!(true);
-        let s = parse(Family::V6Realtime, &body(on)).unwrap();
+        let s = parse(
+            Family::V6Realtime,
+            Family::V6Realtime.image_pipeline(),
+            &body(on),
+        )
+        .unwrap();
         assert_eq!(s.prompt, suffixed);
     }
 
     #[test]
     fn enhance_style_wraps_the_prompt_and_is_echoed() {
         let b = body(json!({"prompt": "a cat", "init_image": "x", "enhance_style": "Pixel-Art"}));
-        let s = parse(Family::V6Realtime, &b).unwrap();
+        let s = parse(Family::V6Realtime, Family::V6Realtime.image_pipeline(), &b).unwrap();
         let (_, style_negative) = prompt_enhance::describe("pixel-art").unwrap();
         assert!(s.prompt.starts_with("pixel art, a cat, "), "{}", s.prompt);
         assert!(!s.prompt.contains(prompt_enhance::QUALITY_SUFFIX));
@@ -576,7 +596,7 @@ mod tests {
         assert_eq!(s.echo.enhance_style.as_deref(), Some("pixel-art"));
 
         // Style first, then the suffix (v6 images enhances by default).
-        let s = parse(Family::V6Images, &b).unwrap();
+        let s = parse(Family::V6Images, Family::V6Images.image_pipeline(), &b).unwrap();
         assert!(s.prompt.starts_with("pixel art, a cat, "));
         assert!(s.prompt.ends_with(prompt_enhance::QUALITY_SUFFIX));
         assert_eq!(
@@ -587,6 +607,7 @@ mod tests {
         // pix2pix: the instruction is wrapped only when asked.
         let s = parse(
             Family::V5Pix2Pix,
+            Family::V5Pix2Pix.image_pipeline(),
             &body(json!({"prompt": "make it snow", "init_image": "x", "enhance_style": "anime"})),
         )
         .unwrap();
@@ -595,6 +616,7 @@ mod tests {
         // No-op ids are accepted and said to do nothing.
         let s = parse(
             Family::V5Pix2Pix,
+            Family::V5Pix2Pix.image_pipeline(),
             &body(json!({"prompt": "a cat", "init_image": "x", "enhance_style": "nsfw"})),
         )
         .unwrap();
@@ -603,6 +625,7 @@ mod tests {
 
         let err = parse(
             Family::V3,
+            Family::V3.image_pipeline(),
             &body(json!({"prompt": "a cat", "init_image": "x", "enhance_style": "animee"})),
         )
         .unwrap_err();
@@ -610,6 +633,7 @@ mod tests {
         assert!(err.to_string().contains("anime"), "{err}");
         let err = parse(
             Family::V3,
+            Family::V3.image_pipeline(),
             &body(json!({"prompt": "a cat", "init_image": "x", "enhance_prompt": "maybe"})),
         )
         .unwrap_err();
@@ -635,10 +659,20 @@ mod tests {
         for (field, value) in cases {
             let mut b = base.clone();
             b[field] = value;
-            let err = parse(Family::V6Images, &body(b)).unwrap_err();
+            let err = parse(
+                Family::V6Images,
+                Family::V6Images.image_pipeline(),
+                &body(b),
+            )
+            .unwrap_err();
             assert_eq!(err.field_name(), Some(field), "{err}");
         }
-        let err = parse(Family::V6Images, &body(json!({"prompt": "p"}))).unwrap_err();
+        let err = parse(
+            Family::V6Images,
+            Family::V6Images.image_pipeline(),
+            &body(json!({"prompt": "p"})),
+        )
+        .unwrap_err();
         assert_eq!(err.to_string(), "The init image field is required.");
     }
 
@@ -649,7 +683,12 @@ mod tests {
             for (k, x) in v.as_object().unwrap() {
                 b[k] = x.clone();
             }
-            parse(Family::V6Images, &body(b)).unwrap()
+            parse(
+                Family::V6Images,
+                Family::V6Images.image_pipeline(),
+                &body(b),
+            )
+            .unwrap()
         };
         let pairs = |s: &Submission| -> Vec<(String, f64)> {
             s.loras
@@ -685,6 +724,7 @@ mod tests {
         );
         let rt = parse(
             Family::V6Realtime,
+            Family::V6Realtime.image_pipeline(),
             &body(json!({"prompt": "p", "init_image": "x"})),
         )
         .unwrap();
@@ -692,6 +732,7 @@ mod tests {
         assert_eq!(rt.safety_checker, None);
         let err = parse(
             Family::V6Images,
+            Family::V6Images.image_pipeline(),
             &body(json!({"prompt": "p", "init_image": "x", "lora_model": "a,b,c", "lora_strength": "1,1"})),
         )
         .unwrap_err();
@@ -702,6 +743,7 @@ mod tests {
     fn sizes_round_down_and_default_to_the_image() {
         let s = parse(
             Family::V6Images,
+            Family::V6Images.image_pipeline(),
             &body(json!({"prompt": "p", "init_image": "x", "width": 515, "height": "767"})),
         )
         .unwrap();
@@ -718,16 +760,23 @@ mod tests {
             model("p", PipelineKind::Pix2Pix),
         ];
         let d = Defaults::default();
-        let s = parse(Family::V3, &body(json!({"prompt": "p", "init_image": "x"}))).unwrap();
+        let s = parse(
+            Family::V3,
+            Family::V3.image_pipeline(),
+            &body(json!({"prompt": "p", "init_image": "x"})),
+        )
+        .unwrap();
         assert_eq!(choose_model(&s, &models, &d).unwrap(), "a");
         let s = parse(
             Family::V5Pix2Pix,
+            Family::V5Pix2Pix.image_pipeline(),
             &body(json!({"prompt": "p", "init_image": "x"})),
         )
         .unwrap();
         assert_eq!(choose_model(&s, &models, &d).unwrap(), "p");
         let s = parse(
             Family::V6Images,
+            Family::V6Images.image_pipeline(),
             &body(json!({"prompt": "p", "init_image": "x", "model_id": "nope"})),
         )
         .unwrap();
@@ -737,6 +786,7 @@ mod tests {
             .contains("not found"));
         let s = parse(
             Family::V6Images,
+            Family::V6Images.image_pipeline(),
             &body(json!({"prompt": "p", "init_image": "x", "model_id": "p"})),
         )
         .unwrap();

@@ -208,7 +208,11 @@ async fn run(node: &Arc<Node>, job: Job) {
         match node.jobs.finish(lease, &outcome).await {
             Ok(true) => {
                 // The job is over for good: nothing reads its init image again.
-                if let Err(e) = node.storage.delete(&job.spec.init_key).await {
+                let deleted = match &job.spec.init_key {
+                    Some(key) => node.storage.delete(key).await,
+                    None => Ok(()),
+                };
+                if let Err(e) = deleted {
                     tracing::warn!(job = lease.id, error = %e, "cannot delete the job's init image");
                 }
                 break;
@@ -280,21 +284,26 @@ async fn keep_lease(node: Arc<Node>, lease: Lease, running: Arc<Running>, lost: 
 
 async fn generate(node: &Arc<Node>, job: &Job, running: Arc<Running>) -> Result<JobResult, String> {
     node.pull_models_for(&job.spec.request.model_id).await;
-    let init = node
-        .storage
-        .get(&job.spec.init_key)
-        .await?
-        .ok_or_else(|| "the stored init image is missing".to_string())?;
+    let init = match &job.spec.init_key {
+        Some(key) => Some(
+            node.storage
+                .get(key)
+                .await?
+                .ok_or_else(|| "the stored init image is missing".to_string())?,
+        ),
+        None => None,
+    };
     let backend = node.backend.clone();
     let request = job.spec.request.clone();
-    let generated =
-        tokio::task::spawn_blocking(move || backend.generate(&request, &init, running.as_ref()))
-            .await
-            .map_err(|e| format!("the generation crashed: {e}"))?
-            .map_err(|e| match e {
-                BackendError::Cancelled => "Cancelled".to_string(),
-                other => other.to_string(),
-            })?;
+    let generated = tokio::task::spawn_blocking(move || {
+        backend.generate(&request, init.as_deref(), running.as_ref())
+    })
+    .await
+    .map_err(|e| format!("the generation crashed: {e}"))?
+    .map_err(|e| match e {
+        BackendError::Cancelled => "Cancelled".to_string(),
+        other => other.to_string(),
+    })?;
     if generated.png_images.len() != job.spec.output_keys.len() {
         return Err(format!(
             "the backend returned {} images for {} samples",

@@ -43,9 +43,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// One reference case from `tests/fixtures/cases.json` or `tests/fixtures/sdxl/cases.json`.
+/// One reference case from `tests/fixtures/cases.json`, `sdxl/cases.json` or `txt2img/cases.json`.
 pub fn case(name: &str) -> Value {
-    ["cases.json", "sdxl/cases.json"]
+    ["cases.json", "sdxl/cases.json", "txt2img/cases.json"]
         .iter()
         .flat_map(|file| {
             let text = std::fs::read_to_string(fixtures().join(file)).unwrap();
@@ -57,13 +57,11 @@ pub fn case(name: &str) -> Value {
 
 /// The API body that asks for `case` (init image as base64), merged with `extra`.
 pub fn body_for(case: &Value, extra: Value) -> Value {
-    let pix2pix = case["pipeline"] == "pix2pix";
     let mut body = json!({
         "key": KEY,
         // diffusers took the fixture prompts literally; literal text is escaped text in Pictor's syntax.
         "prompt": escape(case["prompt"].as_str().unwrap()),
         "negative_prompt": case["negative_prompt"].as_str().map(escape),
-        "init_image": fixture_base64(case["init_image"].as_str().unwrap()),
         "width": case["width"].to_string(),
         "height": case["height"].to_string(),
         "samples": case["samples"].to_string(),
@@ -76,12 +74,22 @@ pub fn body_for(case: &Value, extra: Value) -> Value {
         "tomesd": "no",
         "safety_checker": "no",
     });
-    if pix2pix {
-        body["steps"] = case["num_inference_steps"].clone();
-        body["image_guidance_scale"] = case["image_guidance_scale"].clone();
-    } else {
-        body["num_inference_steps"] = json!(case["num_inference_steps"].to_string());
-        body["strength"] = case["strength"].clone();
+    if let Some(image) = case["init_image"].as_str() {
+        body["init_image"] = json!(fixture_base64(image));
+    }
+    if let Some(algorithm) = case["algorithm_type"].as_str() {
+        body["algorithm_type"] = json!(algorithm);
+    }
+    match case["pipeline"].as_str().unwrap() {
+        "pix2pix" => {
+            body["steps"] = case["num_inference_steps"].clone();
+            body["image_guidance_scale"] = case["image_guidance_scale"].clone();
+        }
+        "img2img" => {
+            body["num_inference_steps"] = json!(case["num_inference_steps"].to_string());
+            body["strength"] = case["strength"].clone();
+        }
+        _ => body["num_inference_steps"] = json!(case["num_inference_steps"].to_string()),
     }
     for (k, v) in extra.as_object().unwrap() {
         body[k] = v.clone();

@@ -70,8 +70,9 @@ struct Conditioning {
 
 impl StableDiffusion {
     /// Checks everything about `req` that does not need the networks: that the model can run its mode, sizes,
-    /// counts, scales, strength × steps, clip skip, token merging and the scheduler (name and options). A
-    /// request that passes runs unless its prompt or embeddings are wrong.
+    /// counts, scales, strength × steps, clip skip, token merging, the scheduler (name and options) and that
+    /// the embeddings fit the text encoders. The init image is not read. A request that passes runs unless its
+    /// prompt is wrong.
     pub fn validate(&self, req: &GenerateRequest) -> Result<()> {
         match (&req.mode, self.kind()) {
             (Mode::Pix2Pix { .. }, ModelKind::Img2Img) => {
@@ -149,6 +150,7 @@ impl StableDiffusion {
                 }
             }
         }
+        self.check_embeddings(&req.embeddings)?;
         if let Some(tome) = &req.tome {
             tome.validate()
                 .map_err(|msg| EngineError::invalid("tomesd", msg))?;

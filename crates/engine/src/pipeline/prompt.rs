@@ -107,7 +107,7 @@ impl StableDiffusion {
     }
 
     /// Refuses embeddings that do not fit this model's text encoders.
-    fn check_embeddings(&self, embeddings: &[TextualInversion]) -> Result<()> {
+    pub(crate) fn check_embeddings(&self, embeddings: &[TextualInversion]) -> Result<()> {
         if self.sdxl.is_some() {
             for e in embeddings {
                 let fits = (0..self.towers.len()).all(|k| {

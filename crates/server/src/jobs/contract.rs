@@ -44,7 +44,7 @@ pub fn spec() -> JobSpec {
         delivery: Default::default(),
         echo: Default::default(),
         file_prefix: "u".into(),
-        init_key: "inputs/u.png".into(),
+        init_key: Some("inputs/u.png".into()),
         output_keys: vec!["generations/0-u.png".into()],
     }
 }

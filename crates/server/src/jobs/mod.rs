@@ -78,8 +78,9 @@ pub struct JobSpec {
     pub echo: Echo,
     /// The uuid every output file name carries.
     pub file_prefix: String,
-    /// Storage key of the stored init image.
-    pub init_key: String,
+    /// Storage key of the stored init image (none for text-to-image).
+    #[serde(default)]
+    pub init_key: Option<String>,
     /// Storage keys the outputs will have (known in advance for `future_links`).
     pub output_keys: Vec<String>,
 }

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::app::App;
+use crate::backend::PipelineKind;
 use crate::family::Family;
 use crate::init_image;
 use crate::jobs::{Job, JobSpec, JobStatus};
@@ -18,9 +19,15 @@ use crate::request::{self, Defaults};
 use crate::responses::ApiError;
 use crate::worker;
 
-/// `POST` of a generation route of `family`.
-pub async fn handle(app: Arc<App>, family: Family, headers: HeaderMap, body: Body) -> Response {
-    match accept(&app, family, &headers, body).await {
+/// `POST` of a generation route of `family` running `kind`.
+pub async fn handle(
+    app: Arc<App>,
+    family: Family,
+    kind: PipelineKind,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match accept(&app, family, kind, &headers, body).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
@@ -29,12 +36,13 @@ pub async fn handle(app: Arc<App>, family: Family, headers: HeaderMap, body: Bod
 async fn accept(
     app: &Arc<App>,
     family: Family,
+    kind: PipelineKind,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = super::auth::read_body(app, body).await?;
     let caller = super::auth::caller(app, &body, headers)?;
-    let submission = request::parse(family, &body)?;
+    let submission = request::parse(family, kind, &body)?;
 
     // A cheap early refusal, before any image is read; the insert enforces the limit exactly.
     let active = app.node.jobs.store().active_for_owner(&caller.id).await?;
@@ -90,18 +98,28 @@ async fn accept(
         }
     }
 
-    let init = init_image::resolve(
-        &submission.init_image,
-        app.node.url_policy(),
-        app.node.download_limits(),
-        app.node.config.max_image_pixels,
-        &app.node.decode_budget,
-    )
-    .await?;
+    let init = match &submission.init_image {
+        Some(source) => Some(
+            init_image::resolve(
+                source,
+                app.node.url_policy(),
+                app.node.download_limits(),
+                app.node.config.max_image_pixels,
+                &app.node.decode_budget,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let seed = submission
         .seed
         .unwrap_or_else(|| rand::random::<u32>() as u64);
-    let generation = request::finish(&submission, model_id, (init.width, init.height), seed);
+    let generation = request::finish(
+        &submission,
+        model_id,
+        init.as_ref().map(|i| (i.width, i.height)),
+        seed,
+    );
     let backend = app.node.backend.clone();
     let checked = generation.clone();
     tokio::task::spawn_blocking(move || backend.check(&checked))
@@ -109,12 +127,18 @@ async fn accept(
         .map_err(|e| ApiError::Internal(e.to_string()))??;
 
     let file_prefix = uuid::Uuid::new_v4().to_string();
-    let init_key = format!("inputs/{file_prefix}.{}", init.format);
-    app.node
-        .storage
-        .put(&init_key, init.bytes)
-        .await
-        .map_err(ApiError::Internal)?;
+    let init_key = match init {
+        Some(init) => {
+            let key = format!("inputs/{file_prefix}.{}", init.format);
+            app.node
+                .storage
+                .put(&key, init.bytes)
+                .await
+                .map_err(ApiError::Internal)?;
+            Some(key)
+        }
+        None => None,
+    };
     let folder = if submission.delivery.temp {
         "temp"
     } else {
@@ -156,7 +180,9 @@ async fn accept(
         .await?
     else {
         // Others of this key were accepted while this one was being read: the limit holds at the insert too.
-        let _ = app.node.storage.delete(&spec.init_key).await;
+        if let Some(key) = &spec.init_key {
+            let _ = app.node.storage.delete(key).await;
+        }
         return Err(ApiError::QueueFull { limit });
     };
     tracing::info!(job = id, family = family.label(), "job queued");

@@ -19,13 +19,14 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::app::App;
+use crate::backend::PipelineKind;
 use crate::family::Family;
 
 /// What a route does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteKind {
-    /// Creates an img2img or pix2pix job of a family.
-    Generate(Family),
+    /// Creates a text-to-image, img2img or pix2pix job of a family.
+    Generate(Family, PipelineKind),
     /// Fetches a job; the id in the path.
     FetchById,
     /// Fetches a job; `request_id` in the body.
@@ -104,8 +105,14 @@ pub fn table() -> Vec<RouteInfo> {
         routes.push(RouteInfo { method, path, kind });
     };
     for family in Family::ALL {
-        for path in family.generation_paths() {
-            add("POST", path.to_string(), RouteKind::Generate(family));
+        for kind in [
+            PipelineKind::Text2Img,
+            PipelineKind::Img2Img,
+            PipelineKind::Pix2Pix,
+        ] {
+            for path in family.generation_paths(kind) {
+                add("POST", path.to_string(), RouteKind::Generate(family, kind));
+            }
         }
     }
     for path in FETCH_PATHS {
@@ -131,11 +138,11 @@ pub fn router(app: Arc<App>) -> Router {
     let mut router: Router<Arc<App>> = Router::new();
     for route in table() {
         router = match route.kind {
-            RouteKind::Generate(family) => router.route(
+            RouteKind::Generate(family, kind) => router.route(
                 &route.path,
                 post(
                     move |State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes| {
-                        generate::handle(app, family, headers, body)
+                        generate::handle(app, family, kind, headers, body)
                     },
                 ),
             ),
