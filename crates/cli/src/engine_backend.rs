@@ -395,6 +395,23 @@ impl Backend for EngineBackend {
         SCHEDULER_NAMES.iter().map(|s| s.to_string()).collect()
     }
 
+    fn loras(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.models_dir.loras())
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().to_string();
+                        name.strip_suffix(".safetensors").map(str::to_string)
+                    })
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
     fn generate(
         &self,
         request: &GenerationRequest,

@@ -10,7 +10,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
 use support::{Server, KEY};
@@ -67,69 +67,13 @@ const APIS: &[Api] = &[
     },
 ];
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("workspace root exists")
-}
-
-fn run(command: &mut Command, what: &str) -> Output {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: could not start it: {e}"));
-    assert!(
-        output.status.success(),
-        "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn venv_python(venv: &Path) -> PathBuf {
-    if cfg!(windows) {
-        venv.join("Scripts").join("python.exe")
-    } else {
-        venv.join("bin").join("python")
-    }
-}
-
-/// Whether `python` imports the SDK at the version under test.
-fn sdk_installed(python: &Path) -> bool {
-    let check = "import importlib.metadata as m, modelslab_py, requests\n\
-                 assert m.version('modelslab_py') == '0.2.3', m.version('modelslab_py')";
-    python.exists()
-        && Command::new(python)
-            .args(["-c", check])
-            .output()
-            .is_ok_and(|o| o.status.success())
-}
-
 /// The venv's Python with the SDK installed, made on first use.
 fn sdk_python() -> PathBuf {
-    let venv = workspace().join("target").join("sdk-venv");
-    let python = venv_python(&venv);
-    if sdk_installed(&python) {
-        return python;
-    }
-    run(
-        Command::new("python3").arg("-m").arg("venv").arg(&venv),
-        "`python3 -m venv target/sdk-venv` (this test needs Python 3.9+ with the venv module)",
-    );
-    run(
-        Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", SDK])
-            .args(UNDECLARED_DEPENDENCIES),
-        &format!("`pip install {SDK}` into target/sdk-venv (this test needs PyPI)"),
-    );
-    assert!(
-        sdk_installed(&python),
-        "{SDK} was installed into {} but does not import",
-        venv.display()
-    );
-    python
+    let check = "import importlib.metadata as m, modelslab_py, requests\n\
+                 assert m.version('modelslab_py') == '0.2.3', m.version('modelslab_py')";
+    let mut packages = vec![SDK];
+    packages.extend_from_slice(UNDECLARED_DEPENDENCIES);
+    support::python_venv("sdk-venv", &packages, check)
 }
 
 /// Runs `sdk_client.py` against `server`; returns what it wrote.

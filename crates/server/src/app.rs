@@ -21,6 +21,8 @@ pub struct App {
     pub model_loads: Arc<ModelLoads>,
     /// Set once the service accepts requests.
     pub ready: AtomicBool,
+    /// The AUTOMATIC1111 dialect's per-key state (current model, requests in flight).
+    pub a1111: crate::a1111::Sessions,
 }
 
 impl App {
@@ -57,6 +59,7 @@ impl App {
             keys: RwLock::new(keys),
             model_loads: Arc::new(ModelLoads::default()),
             ready: AtomicBool::new(false),
+            a1111: Default::default(),
         });
         Ok((app, generated))
     }

@@ -247,6 +247,10 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// The scheduler names accepted in `scheduler`.
     fn schedulers(&self) -> Vec<String>;
+    /// The LoRAs requests may name (`lora_model`), by name. The default lists none.
+    fn loras(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Runs one request, on `init_image` (the encoded image file as received) when its kind takes one.
     fn generate(
         &self,

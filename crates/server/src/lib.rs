@@ -2,6 +2,7 @@
 //! pool, output storage and webhooks. The generation itself is behind the [`backend::Backend`] trait, which the
 //! `pictor` binary implements with the engine: this crate never touches tensors.
 
+pub mod a1111;
 pub mod app;
 pub mod backend;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod render;
 pub mod request;
 pub mod responses;
 pub mod routes;
+pub mod samplers;
 pub mod shared_models;
 pub mod storage;
 pub mod webhook;

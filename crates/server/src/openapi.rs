@@ -167,6 +167,11 @@ pub fn document(server_url: &str) -> Value {
                 json!({"200": {"description": "text exposition format"}}),
             ),
             RouteKind::OpenApi => ("This document".into(), None, answer("OpenAPI 3.1")),
+            RouteKind::Sdapi(name) => (
+                format!("AUTOMATIC1111 API: {name} (HTTP Basic with the API key as password, or Bearer)"),
+                (route.method == "POST").then(|| body(json!({"type": "object"}))),
+                answer("as AUTOMATIC1111 answers it"),
+            ),
         };
         let mut op = Map::new();
         op.insert("summary".into(), json!(summary));

@@ -234,10 +234,22 @@ pub fn post_json(url: &str, body: &Value) -> (u16, Value) {
 
 /// POSTs raw bytes as JSON.
 pub fn post_raw(url: &str, body: Vec<u8>) -> (u16, Value) {
-    let result = ureq::post(url)
+    post_raw_with(url, body, &[])
+}
+
+/// POSTs a JSON body with extra headers.
+pub fn post_json_with(url: &str, body: &Value, headers: &[(&str, String)]) -> (u16, Value) {
+    post_raw_with(url, body.to_string().into_bytes(), headers)
+}
+
+fn post_raw_with(url: &str, body: Vec<u8>, headers: &[(&str, String)]) -> (u16, Value) {
+    let mut request = ureq::post(url)
         .set("Content-Type", "application/json")
-        .timeout(Duration::from_secs(300))
-        .send_bytes(&body);
+        .timeout(Duration::from_secs(300));
+    for (name, value) in headers {
+        request = request.set(name, value);
+    }
+    let result = request.send_bytes(&body);
     let response = match result {
         Ok(r) => r,
         Err(ureq::Error::Status(_, r)) => r,
@@ -425,4 +437,60 @@ pub fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+/// A Python venv under `<workspace>/target/NAME` with `packages` installed from PyPI, made on first use (when
+/// `check`, a Python snippet, does not run). Python or pip failing makes the calling test fail: a client test
+/// never passes without having run the client.
+pub fn python_venv(name: &str, packages: &[&str], check: &str) -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root exists");
+    let venv = workspace.join("target").join(name);
+    let python = venv.join("bin").join("python");
+    let works = |python: &Path| {
+        python.exists()
+            && Command::new(python)
+                .args(["-c", check])
+                .output()
+                .is_ok_and(|o| o.status.success())
+    };
+    if works(&python) {
+        return python;
+    }
+    let run = |command: &mut Command, what: &str| {
+        let output = command
+            .output()
+            .unwrap_or_else(|e| panic!("{what}: could not start it: {e}"));
+        assert!(
+            output.status.success(),
+            "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(
+        Command::new("python3").arg("-m").arg("venv").arg(&venv),
+        &format!(
+            "`python3 -m venv target/{name}` (this test needs Python 3.9+ with the venv module)"
+        ),
+    );
+    run(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(packages),
+        &format!(
+            "`pip install {}` into target/{name} (this test needs PyPI)",
+            packages.join(" ")
+        ),
+    );
+    assert!(
+        works(&python),
+        "{} were installed into {} but do not import",
+        packages.join(" "),
+        venv.display()
+    );
+    python
 }

@@ -13,9 +13,10 @@ use crate::backend::PipelineKind;
 use crate::family::Family;
 use crate::init_image;
 use crate::jobs::{Job, JobSpec, JobStatus};
+use crate::keys::Caller;
 use crate::net_guard;
 use crate::render;
-use crate::request::{self, Defaults};
+use crate::request::{self, Defaults, Submission};
 use crate::responses::ApiError;
 use crate::worker;
 
@@ -43,7 +44,31 @@ async fn accept(
     let body = super::auth::read_body(app, body).await?;
     let caller = super::auth::caller(app, &body, headers)?;
     let submission = request::parse(family, kind, &body)?;
+    let id = submit(app, &caller, &submission).await?;
 
+    let wait = if submission.delivery.instant_response {
+        Duration::ZERO
+    } else {
+        app.node.config.sync_timeout
+    };
+    let job = app
+        .node
+        .jobs
+        .wait_final(id, wait)
+        .await?
+        .ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
+    Ok(answer(app, &job).await)
+}
+
+/// Queues `submission` for `caller`, whatever dialect it came in: the queue limit, the webhook's address, the
+/// model, the scheduler, the init image (fetched or decoded, then stored) and the backend's own checks; then
+/// the job. Returns its id.
+pub(crate) async fn submit(
+    app: &Arc<App>,
+    caller: &Caller,
+    submission: &Submission,
+) -> Result<i64, ApiError> {
+    let family = submission.family;
     // A cheap early refusal, before any image is read; the insert enforces the limit exactly.
     let active = app.node.jobs.store().active_for_owner(&caller.id).await?;
     if active as usize >= app.node.config.max_queued_per_key {
@@ -70,7 +95,7 @@ async fn accept(
         default_model: app.node.config.default_model.clone(),
         pix2pix_model: app.node.config.pix2pix_model.clone(),
     };
-    let model_id = match request::choose_model(&submission, &models, &defaults) {
+    let model_id = match request::choose_model(submission, &models, &defaults) {
         Ok(id) => id,
         // Another node may have published it: look (at most every few seconds) and decide again if anything
         // arrived.
@@ -83,7 +108,7 @@ async fn accept(
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))?
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
-            request::choose_model(&submission, &models, &defaults).map_err(|_| e)?
+            request::choose_model(submission, &models, &defaults).map_err(|_| e)?
         }
     };
     if let Some(name) = &submission.scheduler {
@@ -115,7 +140,7 @@ async fn accept(
         .seed
         .unwrap_or_else(|| rand::random::<u32>() as u64);
     let generation = request::finish(
-        &submission,
+        submission,
         model_id,
         init.as_ref().map(|i| (i.width, i.height)),
         seed,
@@ -186,19 +211,7 @@ async fn accept(
         return Err(ApiError::QueueFull { limit });
     };
     tracing::info!(job = id, family = family.label(), "job queued");
-
-    let wait = if submission.delivery.instant_response {
-        Duration::ZERO
-    } else {
-        app.node.config.sync_timeout
-    };
-    let job = app
-        .node
-        .jobs
-        .wait_final(id, wait)
-        .await?
-        .ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
-    Ok(answer(app, &job).await)
+    Ok(id)
 }
 
 /// The body for a job just submitted.

@@ -6,6 +6,7 @@ mod enterprise;
 mod fetch;
 mod files;
 mod generate;
+mod sdapi;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -43,6 +44,8 @@ pub enum RouteKind {
     OpenApi,
     /// `POST /api/v3/system_load`.
     SystemLoad,
+    /// An AUTOMATIC1111 route under `/sdapi/v1/`, by name.
+    Sdapi(&'static str),
 }
 
 /// One route of the table.
@@ -125,6 +128,9 @@ pub fn table() -> Vec<RouteInfo> {
         }
     }
     add("POST", "/api/v3/system_load".into(), RouteKind::SystemLoad);
+    for (method, name) in sdapi::ROUTES {
+        add(method, format!("/sdapi/v1/{name}"), RouteKind::Sdapi(name));
+    }
     add("GET", "/generations/{*key}".into(), RouteKind::File);
     add("GET", "/temp/{*key}".into(), RouteKind::File);
     add("GET", "/health".into(), RouteKind::Health);
@@ -138,6 +144,21 @@ pub fn router(app: Arc<App>) -> Router {
     let mut router: Router<Arc<App>> = Router::new();
     for route in table() {
         router = match route.kind {
+            RouteKind::Sdapi(name) => {
+                let method = route.method;
+                let handler =
+                    move |State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes| {
+                        sdapi::handle(app, method, name, headers, body)
+                    };
+                router.route(
+                    &route.path,
+                    if method == "GET" {
+                        get(handler)
+                    } else {
+                        post(handler)
+                    },
+                )
+            }
             RouteKind::Generate(family, kind) => router.route(
                 &route.path,
                 post(

@@ -1,0 +1,207 @@
+//! Clients nobody here wrote, installed from PyPI, pointed at the real `pictor serve`: `webuiapi` (the
+//! AUTOMATIC1111 API client). Each is installed into `<workspace>/target/<name>-venv` on first use; Python or pip
+//! failing makes the test fail, it never passes without having run the client.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{json, Value};
+use support::{assert_image_matches, body_for, case, fixtures, Server, KEY};
+
+/// Runs `script` with `python` against `server`; returns what it wrote to `out/out.json`.
+fn run_client(python: &Path, script: &str, server: &Server, args: &[&str], out: &Path) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(script);
+    let output = Command::new(python)
+        .arg(&script)
+        .arg(&server.base)
+        .arg(KEY)
+        .args(args)
+        .arg(out)
+        .output()
+        .expect("the client script starts");
+    assert!(
+        output.status.success(),
+        "{} failed ({}):\n--- stdout\n{}\n--- stderr\n{}\n--- server log\n{}",
+        script.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        server.log()
+    );
+    let text = std::fs::read_to_string(out.join("out.json")).expect("the script wrote out.json");
+    serde_json::from_str(&text).expect("out.json is JSON")
+}
+
+fn no_errors(out: &Value, server: &Server) {
+    for (k, v) in out.as_object().unwrap() {
+        assert!(
+            !k.ends_with("_error"),
+            "{k}:\n{}\n--- server log\n{}",
+            v.as_str().unwrap_or_default(),
+            server.log()
+        );
+    }
+}
+
+fn image_at(out: &Value, name: &str, i: usize) -> Vec<u8> {
+    let path = out[name]["images"][i]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name}: no image {i}: {out}"));
+    std::fs::read(path).unwrap()
+}
+
+/// webuiapi 0.9.17: Basic auth with the key, model listing and switching through options, txt2img and img2img
+/// equal to diffusers for the same settings (so equal to the ModelsLab routes, checked here too), a batch with
+/// A1111's seed-per-image rule, progress, interrupt, and a sampler Pictor lacks refused in FastAPI's shape.
+#[test]
+fn webuiapi_drives_the_automatic1111_api() {
+    let python = support::python_venv(
+        "webuiapi-venv",
+        &["webuiapi==0.9.17"],
+        "import importlib.metadata as m, webuiapi\nassert m.version('webuiapi') == '0.9.17'",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data"), &["--default-model", "sd2-tiny"]);
+    let out_dir = tmp.path().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let init = fixtures().join("init-64.png");
+    let out = run_client(
+        &python,
+        "webuiapi_client.py",
+        &server,
+        &[init.to_str().unwrap()],
+        &out_dir,
+    );
+    no_errors(&out, &server);
+
+    let models = out["models"].as_array().unwrap();
+    assert!(
+        models.contains(&json!("sd1-tiny")) && models.contains(&json!("sdxl-tiny")),
+        "{out}"
+    );
+    assert_eq!(out["current_model"], "sd1-tiny");
+    assert_eq!(out["switched_model"], "sd2-tiny");
+    let samplers = out["samplers"].as_array().unwrap();
+    for name in ["Euler a", "DPM++ 2M", "DDIM", "UniPC"] {
+        assert!(samplers.contains(&json!(name)), "{name}: {samplers:?}");
+    }
+    assert!(out["schedulers"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("karras")));
+    assert!(
+        out["loras"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("tiny-kohya")),
+        "{out}"
+    );
+
+    // txt2img (Euler, uniform) and img2img (DDIM) equal diffusers' images for those settings.
+    assert_image_matches(
+        &image_at(&out, "txt2img", 0),
+        "txt2img/cases/t2i-sd1-euler-s7/0.png",
+    );
+    assert_image_matches(&image_at(&out, "img2img", 0), "cases/sd1-ddim-s42/0.png");
+    assert_image_matches(
+        &image_at(&out, "sd2", 0),
+        "txt2img/cases/t2i-sd2-ddim-s5/0.png",
+    );
+    let info = &out["txt2img"]["info"];
+    assert_eq!(info["seed"], 7, "{info}");
+    assert_eq!(info["sampler_name"], "Euler", "{info}");
+    assert_eq!(info["sd_model_name"], "sd1-tiny", "{info}");
+    let infotext = info["infotexts"][0].as_str().unwrap();
+    assert!(
+        infotext.contains("Negative prompt: blurry")
+            && infotext.contains("Steps: 8, Sampler: Euler, Schedule type: Uniform, CFG scale: 7.5, Seed: 7, Size: 64x64, Model: sd1-tiny"),
+        "{infotext}"
+    );
+    assert_eq!(out["img2img"]["info"]["denoising_strength"], 0.75);
+
+    // A batch of two: A1111 gives image i the seed + i; the first is the single image above.
+    assert_eq!(out["batch"]["info"]["all_seeds"], json!([7, 8]));
+    assert_eq!(
+        image_at(&out, "batch", 0),
+        image_at(&out, "txt2img", 0),
+        "the first image of the batch is seed 7's"
+    );
+    assert_ne!(image_at(&out, "batch", 1), image_at(&out, "batch", 0));
+
+    // The same settings on the ModelsLab route give the same image.
+    let reference = case("t2i-sd1-euler-s7");
+    let (status, answer) = server.post(
+        "/api/v6/images/text2img",
+        &body_for(&reference, json!({"model_id": "sd1-tiny"})),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let (_, png) = server.get(answer["output"][0].as_str().unwrap());
+    assert_eq!(
+        image::load_from_memory(&png).unwrap().to_rgb8(),
+        image::load_from_memory(&image_at(&out, "txt2img", 0))
+            .unwrap()
+            .to_rgb8(),
+        "webuiapi's txt2img and the ModelsLab text2img route differ"
+    );
+
+    assert_eq!(out["progress"]["state"]["job_count"], 0, "{out}");
+    assert_eq!(out["bad_sampler"]["status"], 422, "{out}");
+    let detail = &out["bad_sampler"]["body"]["detail"][0];
+    assert_eq!(detail["loc"], json!(["body", "sampler_name"]), "{out}");
+    assert!(
+        detail["msg"].as_str().unwrap().contains("DPM++ 2S a"),
+        "{out}"
+    );
+}
+
+/// Without the key the A1111 routes answer 401 with `WWW-Authenticate: Basic`, as A1111's `--api-auth` does;
+/// bad bodies get FastAPI's 422 shape.
+#[test]
+fn automatic1111_api_refuses_in_its_own_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data"), &["--default-model", "sd1-tiny"]);
+    let (status, body) = support::post_json(
+        &format!("{}/sdapi/v1/txt2img", server.base),
+        &json!({"prompt": "a cat"}),
+    );
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["detail"], "Incorrect username or password");
+    let (status, body) = server.post("/sdapi/v1/txt2img", &json!({"key": KEY, "prompt": "a"}));
+    assert_eq!(
+        status, 401,
+        "the key goes in Authorization, not the body: {body}"
+    );
+
+    let bearer = |path: &str, body: Value| {
+        support::post_json_with(
+            &format!("{}{path}", server.base),
+            &body,
+            &[("Authorization", format!("Bearer {KEY}"))],
+        )
+    };
+    for (body, field) in [
+        (json!({"prompt": "a", "width": 5000}), "width"),
+        (json!({"prompt": "a", "steps": 0}), "steps"),
+        (json!({"prompt": "a", "enable_hr": true}), "enable_hr"),
+        (
+            json!({"prompt": "a", "override_settings": {"sd_model_checkpoint": "nope"}}),
+            "sd_model_checkpoint",
+        ),
+    ] {
+        let (status, answer) = bearer("/sdapi/v1/txt2img", body.clone());
+        assert_eq!(status, 422, "{body}: {answer}");
+        assert_eq!(answer["detail"][0]["loc"][1], field, "{body}: {answer}");
+    }
+    let (status, answer) = bearer("/sdapi/v1/img2img", json!({"prompt": "a"}));
+    assert_eq!(
+        (status, &answer["detail"][0]["loc"][1]),
+        (422, &json!("init_images")),
+        "{answer}"
+    );
+    let (status, answer) = bearer("/sdapi/v1/options", json!({"sd_model_checkpoint": "nope"}));
+    assert_eq!(status, 422, "{answer}");
+}
