@@ -1,5 +1,5 @@
 //! Clients nobody here wrote, installed from PyPI, pointed at the real `pictor serve`: `webuiapi` (the
-//! AUTOMATIC1111 API client). Each is installed into `<workspace>/target/<name>-venv` on first use; Python or pip
+//! AUTOMATIC1111 API client) and the official `openai` SDK (the OpenAI Images API). Each is installed into `<workspace>/target/<name>-venv` on first use; Python or pip
 //! failing makes the test fail, it never passes without having run the client.
 
 mod support;
@@ -204,4 +204,64 @@ fn automatic1111_api_refuses_in_its_own_shapes() {
     );
     let (status, answer) = bearer("/sdapi/v1/options", json!({"sd_model_checkpoint": "nope"}));
     assert_eq!(status, 422, "{answer}");
+}
+
+/// The official `openai` SDK 3.63: `images.generate` (both response formats) equal to diffusers' text-to-image,
+/// `images.edit` as img2img and, with an InstructPix2Pix model, as pix2pix, `models.list`, and the SDK's own
+/// exceptions for a mask, a bad size and a wrong key (OpenAI's error shape).
+#[test]
+fn openai_sdk_drives_the_images_api() {
+    let python = support::python_venv(
+        "openai-venv",
+        &["openai==3.63.0"],
+        "import importlib.metadata as m, openai\nassert m.version('openai') == '3.63.0'",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data"), &["--default-model", "sd1-tiny"]);
+    let out_dir = tmp.path().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let init = fixtures().join("init-64.png");
+    let out = run_client(
+        &python,
+        "openai_client.py",
+        &server,
+        &[init.to_str().unwrap()],
+        &out_dir,
+    );
+    no_errors(&out, &server);
+
+    let models = out["models"].as_array().unwrap();
+    assert!(
+        models.contains(&json!("sd1-tiny")) && models.contains(&json!("pix2pix-tiny")),
+        "{out}"
+    );
+    for name in ["generate_b64", "generate_url"] {
+        assert_image_matches(
+            &image_at(&out, name, 0),
+            "txt2img/cases/t2i-sd1-pndm-s42/0.png",
+        );
+        assert_eq!(out[name]["size"], "64x64", "{out}");
+        assert!(
+            out[name]["created"].as_i64().unwrap() > 1_700_000_000,
+            "{out}"
+        );
+    }
+    assert!(out["generate_url"]["urls"][0]
+        .as_str()
+        .unwrap()
+        .starts_with(&server.base));
+    assert_image_matches(&image_at(&out, "edit_b64", 0), "cases/sd1-pndm-s42/0.png");
+    assert_image_matches(
+        &image_at(&out, "edit_pix2pix", 0),
+        "cases/p2p-eulera-s3/0.png",
+    );
+
+    assert_eq!(out["mask"]["status"], 400, "{out}");
+    assert_eq!(out["mask"]["class"], "BadRequestError", "{out}");
+    assert_eq!(out["mask"]["body"]["param"], "mask", "{out}");
+    assert_eq!(out["bad_size"]["status"], 400, "{out}");
+    assert_eq!(out["bad_size"]["body"]["param"], "size", "{out}");
+    assert_eq!(out["wrong_key"]["status"], 401, "{out}");
+    assert_eq!(out["wrong_key"]["class"], "AuthenticationError", "{out}");
+    assert_eq!(out["wrong_key"]["body"]["code"], "invalid_api_key", "{out}");
 }

@@ -8,15 +8,10 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 
 use crate::backend::{LoraChoice, PipelineKind};
-use crate::family::Family;
 use crate::params::Body;
-use crate::request::{pair_loras, Delivery, Echo, Submission, MAX_SAMPLES, MAX_SIDE, MAX_STEPS};
+use crate::request::{pair_loras, Echo, Submission, MAX_SAMPLES, MAX_SIDE, MAX_STEPS};
 use crate::responses::ApiError;
 use crate::samplers::{self, SchedulerChoice};
-
-/// The family whose shapes A1111 jobs are stored in (their answers are made here; the ModelsLab fetch routes
-/// answer for them in the v6 shape).
-pub const STORED_AS: Family = Family::V6Images;
 
 /// An error in A1111's shapes: FastAPI's `{"detail": …}` (422 with a list for bad fields) or A1111's own
 /// exception body (`{"error", "detail", "body", "errors"}`) for failures.
@@ -270,15 +265,11 @@ pub fn parse(
         }
     };
     let base = Submission {
-        family: STORED_AS,
-        kind,
         model_id,
-        prompt,
         negative_prompt,
         init_image: init_image.clone(),
         width: Some(side(body, "width")?),
         height: Some(side(body, "height")?),
-        samples: 1,
         steps,
         guidance_scale: body.float_in(&["cfg_scale"], 1.0, 30.0)?.unwrap_or(7.0),
         strength,
@@ -292,13 +283,6 @@ pub fn parse(
         clip_skip,
         loras,
         vae,
-        embeddings: Vec::new(),
-        tomesd: false,
-        safety_checker: None,
-        delivery: Delivery {
-            temp: true,
-            ..Delivery::default()
-        },
         echo: Echo {
             init_image: if init_image.is_some() {
                 "base64".into()
@@ -307,6 +291,7 @@ pub fn parse(
             },
             ..Echo::default()
         },
+        ..Submission::plain(kind, prompt)
     };
     let submissions = (0..batch_size * n_iter)
         .map(|i| Submission {

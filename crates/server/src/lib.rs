@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model_loads;
 pub mod net_guard;
 pub mod node;
+pub mod openai;
 pub mod openapi;
 pub mod params;
 pub mod prompt_enhance;

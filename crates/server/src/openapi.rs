@@ -167,6 +167,32 @@ pub fn document(server_url: &str) -> Value {
                 json!({"200": {"description": "text exposition format"}}),
             ),
             RouteKind::OpenApi => ("This document".into(), None, answer("OpenAPI 3.1")),
+            RouteKind::OpenAiGenerations => (
+                "OpenAI Images API: generate (Bearer key; model = a Pictor model id)".into(),
+                Some(body(json!({"type": "object", "required": ["prompt"], "properties": {
+                    "prompt": string(), "model": string(), "n": json!({"type": "integer"}),
+                    "size": json!({"type": "string", "description": "WIDTHxHEIGHT or auto"}),
+                    "response_format": json!({"type": "string", "enum": ["url", "b64_json"]}),
+                    "negative_prompt": string(), "seed": json!({"type": "integer"}),
+                    "num_inference_steps": json!({"type": "integer"}),
+                    "guidance_scale": json!({"type": "number"})}}))),
+                answer("{created, data: [{url | b64_json, revised_prompt}]} or {error}"),
+            ),
+            RouteKind::OpenAiEdits => (
+                "OpenAI Images API: edit an image (multipart; img2img, or InstructPix2Pix for such a model)"
+                    .into(),
+                Some(json!({"required": true, "content": {"multipart/form-data": {"schema": {
+                    "type": "object", "required": ["image", "prompt"], "properties": {
+                        "image": {"type": "string", "format": "binary"}, "prompt": string(),
+                        "model": string(), "n": string(), "size": string(),
+                        "response_format": string(), "strength": string()}}}}})),
+                answer("{created, data: [{url | b64_json, revised_prompt}]} or {error}"),
+            ),
+            RouteKind::OpenAiModels => (
+                "OpenAI: the models (Bearer key)".into(),
+                None,
+                answer("{object: list, data: [{id, object, created, owned_by}]}"),
+            ),
             RouteKind::Sdapi(name) => (
                 format!("AUTOMATIC1111 API: {name} (HTTP Basic with the API key as password, or Bearer)"),
                 (route.method == "POST").then(|| body(json!({"type": "object"}))),

@@ -105,6 +105,48 @@ pub struct Submission {
     pub echo: Echo,
 }
 
+/// The family whose shapes jobs of the other dialects (AUTOMATIC1111, OpenAI) are stored in: their answers are
+/// made by their own handlers; the ModelsLab fetch routes answer for them in the v6 shape.
+pub const FOREIGN_FAMILY: Family = Family::V6Images;
+
+impl Submission {
+    /// A submission of another dialect: `kind` with `prompt`, no model named, and the plain defaults (no prompt
+    /// enhancement, token merging or safety check, outputs under `/temp/`, random seed, 512 × 512 for
+    /// text-to-image, 30 steps, guidance 7.5, strength 0.75). The dialect fills in what its request says.
+    pub fn plain(kind: PipelineKind, prompt: String) -> Submission {
+        Submission {
+            family: FOREIGN_FAMILY,
+            kind,
+            model_id: None,
+            prompt,
+            negative_prompt: String::new(),
+            init_image: None,
+            width: None,
+            height: None,
+            samples: 1,
+            steps: 30,
+            guidance_scale: 7.5,
+            strength: 0.75,
+            image_guidance_scale: 1.5,
+            scheduler: None,
+            use_karras_sigmas: false,
+            algorithm_type: None,
+            seed: None,
+            clip_skip: 1,
+            loras: Vec::new(),
+            vae: None,
+            embeddings: Vec::new(),
+            tomesd: false,
+            safety_checker: None,
+            delivery: Delivery {
+                temp: true,
+                ..Delivery::default()
+            },
+            echo: Echo::default(),
+        }
+    }
+}
+
 /// Most LoRAs one request may merge.
 pub const MAX_LORAS: usize = 5;
 /// Strongest LoRA strength accepted (either sign).

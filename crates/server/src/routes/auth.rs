@@ -71,6 +71,43 @@ pub fn caller(app: &App, body: &params::Body, headers: &HeaderMap) -> Result<Cal
         .ok_or(ApiError::InvalidKey)
 }
 
+/// The key a request carries in its headers: `Authorization: Basic` (the password, or the user name when the
+/// password is empty: AUTOMATIC1111's `--api-auth` clients), `Authorization: Bearer` (OpenAI's SDK), or a
+/// `key` header.
+fn header_key(headers: &HeaderMap) -> Option<String> {
+    use base64::Engine as _;
+    let auth = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    if let Some(encoded) = auth.and_then(|a| a.strip_prefix("Basic ")) {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .ok()?;
+        let text = String::from_utf8(decoded).ok()?;
+        let (user, password) = text.split_once(':').unwrap_or((&text, ""));
+        return Some(if password.is_empty() { user } else { password }.to_string());
+    }
+    if let Some(token) = auth.and_then(|a| a.strip_prefix("Bearer ")) {
+        return Some(token.trim().to_string());
+    }
+    headers
+        .get("key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// The caller from the headers alone (the dialects whose key never travels in the body), or the invalid-key
+/// error.
+pub fn caller_from_headers(app: &App, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let key = header_key(headers).ok_or(ApiError::InvalidKey)?;
+    app.keys
+        .read()
+        .expect("key store")
+        .check(key.trim())
+        .ok_or(ApiError::InvalidKey)
+}
+
 /// The caller, who must hold an admin key.
 pub fn admin(app: &App, body: &params::Body, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let c = caller(app, body, headers)?;

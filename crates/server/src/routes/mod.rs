@@ -6,13 +6,14 @@ mod enterprise;
 mod fetch;
 mod files;
 mod generate;
+mod openai;
 mod sdapi;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body as Bytes;
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -46,6 +47,12 @@ pub enum RouteKind {
     SystemLoad,
     /// An AUTOMATIC1111 route under `/sdapi/v1/`, by name.
     Sdapi(&'static str),
+    /// `POST /v1/images/generations` (OpenAI).
+    OpenAiGenerations,
+    /// `POST /v1/images/edits` (OpenAI, multipart).
+    OpenAiEdits,
+    /// `GET /v1/models` (OpenAI).
+    OpenAiModels,
 }
 
 /// One route of the table.
@@ -131,6 +138,13 @@ pub fn table() -> Vec<RouteInfo> {
     for (method, name) in sdapi::ROUTES {
         add(method, format!("/sdapi/v1/{name}"), RouteKind::Sdapi(name));
     }
+    add(
+        "POST",
+        "/v1/images/generations".into(),
+        RouteKind::OpenAiGenerations,
+    );
+    add("POST", "/v1/images/edits".into(), RouteKind::OpenAiEdits);
+    add("GET", "/v1/models".into(), RouteKind::OpenAiModels);
     add("GET", "/generations/{*key}".into(), RouteKind::File);
     add("GET", "/temp/{*key}".into(), RouteKind::File);
     add("GET", "/health".into(), RouteKind::Health);
@@ -166,6 +180,25 @@ pub fn router(app: Arc<App>) -> Router {
                         generate::handle(app, family, kind, headers, body)
                     },
                 ),
+            ),
+            RouteKind::OpenAiGenerations => router.route(
+                &route.path,
+                post(
+                    |State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes| {
+                        openai::generations(app, headers, body)
+                    },
+                ),
+            ),
+            RouteKind::OpenAiEdits => router.route(
+                &route.path,
+                post(|State(app): State<Arc<App>>, request: Request| openai::edits(app, request))
+                    .layer(DefaultBodyLimit::max(app.node.config.max_body_bytes)),
+            ),
+            RouteKind::OpenAiModels => router.route(
+                &route.path,
+                get(|State(app): State<Arc<App>>, headers: HeaderMap| {
+                    openai::list_models(app, headers)
+                }),
             ),
             RouteKind::FetchByBody => router.route(
                 &route.path,

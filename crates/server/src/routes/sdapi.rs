@@ -39,38 +39,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "skip"),
 ];
 
-/// The key from `Authorization: Basic` (the password, or the user name when the password is empty),
-/// `Authorization: Bearer`, or a `key` header.
-fn presented_key(headers: &HeaderMap) -> Option<String> {
-    let auth = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim);
-    if let Some(encoded) = auth.and_then(|a| a.strip_prefix("Basic ")) {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(encoded.trim())
-            .ok()?;
-        let text = String::from_utf8(decoded).ok()?;
-        let (user, password) = text.split_once(':').unwrap_or((&text, ""));
-        return Some(if password.is_empty() { user } else { password }.to_string());
-    }
-    if let Some(token) = auth.and_then(|a| a.strip_prefix("Bearer ")) {
-        return Some(token.trim().to_string());
-    }
-    headers
-        .get("key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-}
-
 fn caller(app: &App, headers: &HeaderMap) -> Result<Caller, A1111Error> {
-    let key = presented_key(headers).ok_or(ApiError::InvalidKey)?;
-    Ok(app
-        .keys
-        .read()
-        .expect("key store")
-        .check(key.trim())
-        .ok_or(ApiError::InvalidKey)?)
+    Ok(super::auth::caller_from_headers(app, headers)?)
 }
 
 /// Dispatches one A1111 route.

@@ -1,0 +1,192 @@
+//! The OpenAI Images API, as the `openai` SDKs call it: `POST /v1/images/generations` (JSON),
+//! `POST /v1/images/edits` (multipart: `image`, optional `mask` refused until inpainting exists) and
+//! `GET /v1/models`, with the key as `Authorization: Bearer`. Synchronous: the answer carries the images.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Multipart, Request};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+
+use crate::app::App;
+use crate::backend::PipelineKind;
+use crate::jobs::JobStatus;
+use crate::openai::{self, OpenAiError, ResponseFormat};
+use crate::params;
+use crate::render;
+use crate::responses::ApiError;
+
+/// How long a request waits for its images.
+const MAX_WAIT: Duration = Duration::from_secs(6 * 3600);
+
+/// `POST /v1/images/generations`.
+pub async fn generations(app: Arc<App>, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let caller = super::auth::caller_from_headers(&app, &headers)?;
+        let body = super::auth::read_body(&app, body).await?;
+        let request = openai::parse(PipelineKind::Text2Img, &body, None)?;
+        run(&app, &caller, request).await
+    };
+    respond(result.await)
+}
+
+/// `POST /v1/images/edits`: img2img, or InstructPix2Pix when `model` is an InstructPix2Pix model.
+pub async fn edits(app: Arc<App>, request: Request) -> Response {
+    let result = async {
+        let caller = super::auth::caller_from_headers(&app, request.headers())?;
+        let (fields, image) = read_form(request).await?;
+        let image = image.ok_or_else(|| ApiError::field("image", "image is required"))?;
+        let pix2pix = match fields.string(&["model"])? {
+            Some(id) => models(&app)
+                .await?
+                .iter()
+                .any(|m| m.id == id && m.kind == PipelineKind::Pix2Pix),
+            None => false,
+        };
+        let kind = if pix2pix {
+            PipelineKind::Pix2Pix
+        } else {
+            PipelineKind::Img2Img
+        };
+        let request = openai::parse(kind, &fields, Some(image))?;
+        run(&app, &caller, request).await
+    };
+    respond(result.await)
+}
+
+/// `GET /v1/models`.
+pub async fn list_models(app: Arc<App>, headers: HeaderMap) -> Response {
+    let result = async {
+        super::auth::caller_from_headers(&app, &headers)?;
+        let data: Vec<Value> = models(&app)
+            .await?
+            .into_iter()
+            .map(|m| {
+                json!({"id": m.id, "object": "model", "created": m.added_at.unwrap_or(0),
+                       "owned_by": "pictor"})
+            })
+            .collect();
+        Ok(json!({"object": "list", "data": data}))
+    };
+    respond(result.await)
+}
+
+fn respond(result: Result<Value, ApiError>) -> Response {
+    match result {
+        Ok(value) => Json(value).into_response(),
+        Err(e) => OpenAiError(e).into_response(),
+    }
+}
+
+async fn models(app: &Arc<App>) -> Result<Vec<crate::backend::ModelInfo>, ApiError> {
+    let backend = app.node.backend.clone();
+    tokio::task::spawn_blocking(move || backend.models())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// The form's text fields, and its `image` (or first `image[]`) file as base64. More than one image is refused.
+async fn read_form(request: Request) -> Result<(params::Body, Option<String>), ApiError> {
+    let mut form = Multipart::from_request(request, &())
+        .await
+        .map_err(|e| ApiError::message(format!("the body must be multipart/form-data: {e}")))?;
+    let mut fields = Map::new();
+    let mut image = None;
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| ApiError::message(format!("the form could not be read: {e}")))?
+    {
+        let name = field.name().unwrap_or_default().to_string();
+        let is_file = field.file_name().is_some();
+        let bytes = field
+            .bytes()
+            .await
+            .map_err(|e| ApiError::message(format!("the form could not be read: {e}")))?;
+        match name.as_str() {
+            "image" | "image[]" => {
+                if image.is_some() {
+                    return Err(ApiError::field("image", "one image per edit is supported"));
+                }
+                image = Some(base64::engine::general_purpose::STANDARD.encode(&bytes));
+            }
+            "mask" => {
+                fields.insert("mask".into(), json!("file"));
+            }
+            _ if is_file => {
+                return Err(ApiError::field(name, "unexpected file"));
+            }
+            _ => {
+                let text = String::from_utf8(bytes.to_vec())
+                    .map_err(|_| ApiError::field(name.clone(), "must be UTF-8 text"))?;
+                fields.insert(name, Value::String(text));
+            }
+        }
+    }
+    Ok((params::Body(fields), image))
+}
+
+/// Queues the request as one job of `n` samples, waits for it, and answers in OpenAI's shape.
+async fn run(
+    app: &Arc<App>,
+    caller: &crate::keys::Caller,
+    request: openai::OpenAiRequest,
+) -> Result<Value, ApiError> {
+    let id = super::generate::submit(app, caller, &request.submission).await?;
+    let job = app
+        .node
+        .jobs
+        .wait_final(id, MAX_WAIT)
+        .await?
+        .ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
+    match job.status {
+        JobStatus::Success => {}
+        JobStatus::Failed => {
+            return Err(ApiError::Internal(
+                job.error.unwrap_or_else(|| "the generation failed".into()),
+            ))
+        }
+        JobStatus::Queued | JobStatus::Running => {
+            return Err(ApiError::Internal(format!(
+                "job {id} did not finish in time"
+            )))
+        }
+    }
+    let prompt = &job.spec.request.prompt;
+    let data: Vec<Value> = match request.response_format {
+        ResponseFormat::Url => render::output_urls(&job, app.node.storage.as_ref())
+            .into_iter()
+            .map(|url| json!({"url": url, "revised_prompt": prompt}))
+            .collect(),
+        ResponseFormat::B64Json => {
+            let mut data = Vec::new();
+            for key in &job.spec.output_keys {
+                let png = app
+                    .node
+                    .storage
+                    .get(key)
+                    .await
+                    .map_err(ApiError::Internal)?
+                    .ok_or_else(|| ApiError::Internal(format!("output {key} is missing")))?;
+                data.push(
+                    json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(png),
+                                 "revised_prompt": prompt}),
+                );
+            }
+            data
+        }
+    };
+    let r = &job.spec.request;
+    Ok(json!({
+        "created": job.finished_at.unwrap_or(job.created_at) as i64,
+        "data": data,
+        "size": format!("{}x{}", r.width, r.height),
+        "output_format": "png",
+    }))
+}
