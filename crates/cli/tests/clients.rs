@@ -265,3 +265,181 @@ fn openai_sdk_drives_the_images_api() {
     assert_eq!(out["wrong_key"]["class"], "AuthenticationError", "{out}");
     assert_eq!(out["wrong_key"]["body"]["code"], "invalid_api_key", "{out}");
 }
+
+/// Runs ModelsLab's own CLI (`modelslab`, from the `modelslab-cli` wheel) against `server` with `args`; its
+/// JSON output.
+fn modelslab(cli: &Path, server: &Server, home: &Path, args: &[&str]) -> Value {
+    let output = Command::new(cli)
+        .env("HOME", home)
+        .current_dir(home)
+        .args([
+            "--base-url",
+            &server.base,
+            "--api-key",
+            KEY,
+            "--no-update-check",
+            "-o",
+            "json",
+        ])
+        .args(args)
+        .output()
+        .expect("modelslab starts");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "modelslab {args:?} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}\n--- server log\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr),
+        server.log()
+    );
+    // The JSON object is printed first; download notes may follow.
+    let start = stdout
+        .find('{')
+        .unwrap_or_else(|| panic!("no JSON from modelslab {args:?}: {stdout}"));
+    let mut values = serde_json::Deserializer::from_str(&stdout[start..]).into_iter::<Value>();
+    values
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("no JSON from modelslab {args:?}: {stdout}"))
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The PNG files `modelslab` downloaded into `dir`.
+fn downloads(dir: &Path) -> Vec<Vec<u8>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+/// ModelsLab's own CLI, `modelslab-cli` 0.2.2, on the v7 routes: `generate image` (text-to-image equal to
+/// diffusers), waiting and with `--no-wait` then `generate fetch`, on a server that queues every job; and
+/// `generate image-to-image` of that image by its URL.
+#[test]
+fn modelslab_cli_generates_on_the_v7_routes() {
+    let python = support::python_venv(
+        "modelslab-cli-venv",
+        &["modelslab-cli==0.2.2"],
+        "import importlib.metadata as m\nassert m.version('modelslab-cli') == '0.2.2'",
+    );
+    let cli = python.parent().unwrap().join("modelslab");
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let server = Server::start(
+        &tmp.path().join("data"),
+        &[
+            "--default-model",
+            "sd1-tiny",
+            "--sync-timeout",
+            "0",
+            "--allow-private-urls",
+        ],
+    );
+    // Case t2i-sd1-ddim-s42 (DDIM ignores the Karras default).
+    let prompt = r"a photo of a cat, \(\(cinematic lighting\)\)";
+    let image_args = |dir: &str| -> Vec<String> {
+        [
+            "generate",
+            "image",
+            "--prompt",
+            prompt,
+            "--negative-prompt",
+            "blurry",
+            "--model",
+            "sd1-tiny",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--seed",
+            "42",
+            "--steps",
+            "8",
+            "--guidance",
+            "7.5",
+            "--scheduler",
+            "DDIMScheduler",
+            "--output-dir",
+            dir,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+
+    // Waiting: the CLI polls /api/v7/images/fetch/{id} until success, then downloads.
+    let waited_dir = home.join("waited");
+    let args = image_args(waited_dir.to_str().unwrap());
+    let done = modelslab(&cli, &server, &home, &strs(&args));
+    assert_eq!(done["status"], "success", "{done}");
+    let pngs = downloads(&waited_dir);
+    assert_eq!(pngs.len(), 1, "{done}");
+    assert_image_matches(&pngs[0], "txt2img/cases/t2i-sd1-ddim-s42/0.png");
+    let url = done["output"][0].as_str().unwrap().to_string();
+    assert!(url.starts_with(&server.base), "{done}");
+
+    // --no-wait: processing with the id; `generate fetch --id` until it is done.
+    let mut args = image_args(home.join("later").to_str().unwrap());
+    args.push("--no-wait".into());
+    let queued = modelslab(&cli, &server, &home, &strs(&args));
+    assert_eq!(queued["status"], "processing", "{queued}");
+    let id = queued["id"].to_string();
+    let fetched_dir = home.join("fetched");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let fetched = loop {
+        let f = modelslab(
+            &cli,
+            &server,
+            &home,
+            &[
+                "generate",
+                "fetch",
+                "--id",
+                &id,
+                "--output-dir",
+                fetched_dir.to_str().unwrap(),
+            ],
+        );
+        if f["status"] != "processing" || std::time::Instant::now() > deadline {
+            break f;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    assert_eq!(fetched["status"], "success", "{fetched}");
+    assert_image_matches(
+        &downloads(&fetched_dir)[0],
+        "txt2img/cases/t2i-sd1-ddim-s42/0.png",
+    );
+
+    // image-to-image of the generated image, by its URL.
+    let i2i_dir = home.join("i2i");
+    let result = modelslab(
+        &cli,
+        &server,
+        &home,
+        &[
+            "generate",
+            "image-to-image",
+            "--prompt",
+            "a painting of a cat",
+            "--model",
+            "sd1-tiny",
+            "--init-image",
+            &url,
+            "--strength",
+            "0.5",
+            "--output-dir",
+            i2i_dir.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(result["status"], "success", "{result}");
+    assert_eq!(result["meta"]["init_image"], url, "{result}");
+    let png = &downloads(&i2i_dir)[0];
+    let image = image::load_from_memory(png).unwrap();
+    assert_eq!((image.width(), image.height()), (64, 64));
+}

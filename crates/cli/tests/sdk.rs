@@ -199,6 +199,44 @@ fn check_api(server: &Server, api: &Api, entry: &Value, queued: bool) -> Vec<Str
     polls
 }
 
+/// The SDK's `text_to_image` through the same four APIs: the route it called, and the fetched image equal to
+/// diffusers' text-to-image for the settings sent (DDIM on v6 / enterprise images, the model's own PNDM on the
+/// realtime APIs, whose schema has no scheduler).
+fn check_text2img(server: &Server, out: &Value) {
+    for api in APIS {
+        let name = format!("{}_text2img", api.name);
+        let entry = &out["results"][&name];
+        for error in ["submit_error", "fetch_error"] {
+            assert!(
+                entry.get(error).is_none(),
+                "{name}: the SDK raised:\n{}\n--- server log\n{}",
+                entry[error].as_str().unwrap_or_default(),
+                server.log()
+            );
+        }
+        let path = api.submit_path.replace("img2img", "text2img");
+        assert_eq!(
+            entry["submit_calls"][0]["url"],
+            format!("{}{path}", server.base),
+            "{name}: {entry}"
+        );
+        let fetched = &entry["fetch"];
+        assert_eq!(fetched["status"], "success", "{name}: {entry}");
+        assert!(
+            fetched["meta"].get("init_image").is_none(),
+            "{name}: {fetched}"
+        );
+        let expected = if api.scheduler == "DDIMScheduler" {
+            "txt2img/cases/t2i-sd1-ddim-s42/0.png"
+        } else {
+            "txt2img/cases/t2i-sd1-pndm-s42/0.png"
+        };
+        let (status, png) = support::get(&output_url(fetched, &name));
+        assert_eq!(status, 200, "{name}");
+        support::assert_image_matches(&png, expected);
+    }
+}
+
 #[test]
 fn modelslab_python_sdk_runs_img2img_and_fetch() {
     let python = sdk_python();
@@ -212,6 +250,7 @@ fn modelslab_python_sdk_runs_img2img_and_fetch() {
         for api in APIS {
             check_api(&server, api, &out["results"][api.name], false);
         }
+        check_text2img(&server, &out);
     }
 
     // A queueing server: every API answers processing; the SDK's own `fetch` polls until success.
@@ -225,6 +264,7 @@ fn modelslab_python_sdk_runs_img2img_and_fetch() {
         let polls = check_api(&server, api, &out["results"][api.name], true);
         saw_processing |= polls.len() > 1;
     }
+    check_text2img(&server, &out);
     assert!(
         saw_processing,
         "no fetch poll answered processing, so the SDK's retry loop was not exercised: {out}"

@@ -21,8 +21,8 @@ import traceback
 from modelslab_py.core.apis.community import Community
 from modelslab_py.core.apis.realtime import Realtime
 from modelslab_py.core.client import Client
-from modelslab_py.schemas.community import Image2Image
-from modelslab_py.schemas.realtime import RealtimeImage2ImageSchema
+from modelslab_py.schemas.community import Image2Image, Text2Image
+from modelslab_py.schemas.realtime import RealtimeImage2ImageSchema, RealtimeText2ImageSchema
 
 # Case `sd1-ddim-s42` of tests/fixtures/cases.json.
 # diffusers took the prompt literally; in Pictor's (AUTOMATIC1111) prompt syntax literal brackets are escaped.
@@ -77,6 +77,23 @@ def realtime_schema(init_image):
         height=SIZE,
         samples=1,
     )
+
+
+# Text-to-image: cases t2i-sd1-ddim-s42 (v6 / enterprise images, DDIM) and t2i-sd1-pndm-s42 (realtime: the
+# model's own PNDM).
+TEXT_STEPS = 8
+
+
+def community_text_schema():
+    return Text2Image(prompt=PROMPT, model_id=MODEL_ID, negative_prompt=NEGATIVE_PROMPT, width=SIZE, height=SIZE,
+                      samples=1, num_inference_steps=TEXT_STEPS, seed=SEED, guidance_scale=GUIDANCE,
+                      scheduler=SCHEDULER, clip_skip=1, enhance_prompt="no", tomesd="no")
+
+
+def realtime_text_schema():
+    return RealtimeText2ImageSchema(prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT, seed=SEED,
+                                    guidance_scale=GUIDANCE, num_inference_steps=TEXT_STEPS, width=SIZE,
+                                    height=SIZE, samples=1)
 
 
 def shorten(value):
@@ -137,6 +154,19 @@ def main():
         except Exception:
             entry["submit_error"] = traceback.format_exc()
         entry["submit_calls"] = calls[first:]
+    # Text-to-image through the same four APIs (`<name>_text2img`).
+    text_schemas = {"v6_images": community_text_schema, "enterprise_images": community_text_schema,
+                    "v6_realtime": realtime_text_schema, "enterprise_realtime": realtime_text_schema}
+    for name, api, _ in list(apis):
+        entry = {"api_base_url": api.base_url}
+        results[name + "_text2img"] = entry
+        first = len(calls)
+        try:
+            entry["submit"] = api.text_to_image(text_schemas[name]())
+        except Exception:
+            entry["submit_error"] = traceback.format_exc()
+        entry["submit_calls"] = calls[first:]
+        apis.append((name + "_text2img", api, None))
     for name, api, _ in apis:
         entry = results[name]
         submitted = entry.get("submit")

@@ -24,11 +24,14 @@ pub enum Family {
     Enterprise,
     /// `/api/v1/enterprise/realtime/img2img`.
     EnterpriseRealtime,
+    /// `/api/v7/images/text-to-image` and `/api/v7/images/image-to-image` (the current API, and
+    /// `modelslab-cli`'s): the v6 fields, key in a `key` header or the body.
+    V7,
 }
 
 impl Family {
     /// Every family, for route tables.
-    pub const ALL: [Family; 7] = [
+    pub const ALL: [Family; 8] = [
         Family::V3,
         Family::V4Dreambooth,
         Family::V5Pix2Pix,
@@ -36,6 +39,7 @@ impl Family {
         Family::V6Realtime,
         Family::Enterprise,
         Family::EnterpriseRealtime,
+        Family::V7,
     ];
 
     /// The pipeline its image-to-image route runs (img2img, or pix2pix on v5).
@@ -60,6 +64,7 @@ impl Family {
                     "/api/v1/enterprise/images/text2img",
                 ],
                 Family::EnterpriseRealtime => &["/api/v1/enterprise/realtime/text2img"],
+                Family::V7 => &["/api/v7/images/text-to-image"],
             };
         }
         if kind != self.image_pipeline() {
@@ -76,6 +81,7 @@ impl Family {
                 "/api/v1/enterprise/images/img2img",
             ],
             Family::EnterpriseRealtime => &["/api/v1/enterprise/realtime/img2img"],
+            Family::V7 => &["/api/v7/images/image-to-image"],
         }
     }
 
@@ -88,6 +94,7 @@ impl Family {
             Family::V6Realtime => "/api/v6/realtime/fetch/",
             Family::Enterprise => "/api/v1/enterprise/fetch/",
             Family::EnterpriseRealtime => "/api/v1/enterprise/realtime/fetch/",
+            Family::V7 => "/api/v7/images/fetch/",
         }
     }
 
@@ -166,6 +173,7 @@ impl Family {
             Family::V6Realtime => "v6_realtime",
             Family::Enterprise => "enterprise",
             Family::EnterpriseRealtime => "enterprise_realtime",
+            Family::V7 => "v7",
         }
     }
 }

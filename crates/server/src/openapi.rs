@@ -193,6 +193,11 @@ pub fn document(server_url: &str) -> Value {
                 None,
                 answer("{object: list, data: [{id, object, created, owned_by}]}"),
             ),
+            RouteKind::NotYet(what) => (
+                format!("Not available on this server: {what}"),
+                None,
+                answer("status error, with the message"),
+            ),
             RouteKind::Sdapi(name) => (
                 format!("AUTOMATIC1111 API: {name} (HTTP Basic with the API key as password, or Bearer)"),
                 (route.method == "POST").then(|| body(json!({"type": "object"}))),

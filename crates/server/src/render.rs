@@ -106,7 +106,7 @@ pub fn meta(job: &Job) -> Value {
             put("lora_strength", lora_strength.clone());
             put("tomesd", json!(yes_no(r.tomesd)));
         }
-        Family::V4Dreambooth | Family::Enterprise | Family::V6Images => {
+        Family::V4Dreambooth | Family::Enterprise | Family::V6Images | Family::V7 => {
             put("model_id", json!(r.model_id));
             put("W", json!(r.width));
             put("H", json!(r.height));
@@ -126,7 +126,7 @@ pub fn meta(job: &Job) -> Value {
             put("lora", loras.clone());
             put("lora_strength", lora_strength.clone());
             put("embeddings", embeddings.clone());
-            if s.family == Family::V6Images {
+            if matches!(s.family, Family::V6Images | Family::V7) {
                 put("safety_checker", json!(safety));
                 put("safety_checker_type", safety_type("sensitive_content_text"));
                 put("instant_response", json!(yes_no(d.instant_response)));

@@ -53,6 +53,8 @@ pub enum RouteKind {
     OpenAiEdits,
     /// `GET /v1/models` (OpenAI).
     OpenAiModels,
+    /// A hosted-API route for something Pictor cannot do yet; the message says what.
+    NotYet(&'static str),
 }
 
 /// One route of the table.
@@ -79,6 +81,36 @@ pub const FETCH_PATHS: &[&str] = &[
     "/api/v1/enterprise/images/fetch",
     "/api/v1/enterprise/realtime/fetch",
     "/api/v1/enterprise/fetch_queue_image",
+    "/api/v7/images/fetch",
+];
+
+/// Routes of the hosted API for what Pictor cannot do yet: answered with an error that says so (in the API's
+/// shape) instead of a 404.
+pub const NOT_YET: &[(&str, &str)] = &[
+    ("/api/v3/inpaint", "inpainting is not supported yet"),
+    (
+        "/api/v4/dreambooth/inpaint",
+        "inpainting is not supported yet",
+    ),
+    ("/api/v6/images/inpaint", "inpainting is not supported yet"),
+    (
+        "/api/v6/realtime/inpaint",
+        "inpainting is not supported yet",
+    ),
+    (
+        "/api/v1/enterprise/inpaint",
+        "inpainting is not supported yet",
+    ),
+    ("/api/v7/images/inpaint", "inpainting is not supported yet"),
+    (
+        "/api/v6/images/controlnet",
+        "ControlNet is not supported yet",
+    ),
+    ("/api/v5/controlnet", "ControlNet is not supported yet"),
+    (
+        "/api/v1/enterprise/controlnet",
+        "ControlNet is not supported yet",
+    ),
 ];
 
 /// Enterprise management calls, served under each enterprise prefix.
@@ -145,6 +177,9 @@ pub fn table() -> Vec<RouteInfo> {
     );
     add("POST", "/v1/images/edits".into(), RouteKind::OpenAiEdits);
     add("GET", "/v1/models".into(), RouteKind::OpenAiModels);
+    for (path, what) in NOT_YET {
+        add("POST", path.to_string(), RouteKind::NotYet(what));
+    }
     add("GET", "/generations/{*key}".into(), RouteKind::File);
     add("GET", "/temp/{*key}".into(), RouteKind::File);
     add("GET", "/health".into(), RouteKind::Health);
@@ -198,6 +233,14 @@ pub fn router(app: Arc<App>) -> Router {
                 &route.path,
                 get(|State(app): State<Arc<App>>, headers: HeaderMap| {
                     openai::list_models(app, headers)
+                }),
+            ),
+            RouteKind::NotYet(what) => router.route(
+                &route.path,
+                post(move || async move {
+                    axum::response::IntoResponse::into_response(
+                        crate::responses::ApiError::message(what),
+                    )
                 }),
             ),
             RouteKind::FetchByBody => router.route(
