@@ -159,7 +159,7 @@ fn webuiapi_drives_the_automatic1111_api() {
 }
 
 /// Without the key the A1111 routes answer 401 with `WWW-Authenticate: Basic`, as A1111's `--api-auth` does;
-/// bad bodies get FastAPI's 422 shape.
+/// bad bodies get FastAPI's 422 shape, also when the fault shows only when the job runs.
 #[test]
 fn automatic1111_api_refuses_in_its_own_shapes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -204,6 +204,26 @@ fn automatic1111_api_refuses_in_its_own_shapes() {
     );
     let (status, answer) = bearer("/sdapi/v1/options", json!({"sd_model_checkpoint": "nope"}));
     assert_eq!(status, 422, "{answer}");
+    // Found only when the job runs (the refiner was not loaded when the request came): still the requester's
+    // fault, in the dialect's shape, never a 500. OpenAI's shape likewise.
+    let refiner = json!({"prompt": "a", "width": 64, "height": 64, "steps": 2,
+                         "override_settings": {"sd_model_checkpoint": "sdxl-refiner-tiny"}});
+    let (status, answer) = bearer("/sdapi/v1/txt2img", refiner);
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["detail"][0]["loc"][1], "model_id", "{answer}");
+    assert!(
+        answer["detail"][0]["msg"]
+            .as_str()
+            .unwrap()
+            .contains("refiner"),
+        "{answer}"
+    );
+    let (status, answer) = bearer(
+        "/v1/images/generations",
+        json!({"prompt": "a", "model": "sdxl-refiner-tiny", "size": "64x64", "num_inference_steps": 2}),
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["param"], "model_id", "{answer}");
 }
 
 /// The official `openai` SDK 3.63: `images.generate` (both response formats) equal to diffusers' text-to-image,

@@ -160,10 +160,16 @@ fn text2img_answers_every_family_with_the_reference_image() {
     let (status, _) = server.post("/api/v5/text2img", &json!({"key": KEY, "prompt": "a"}));
     assert_eq!(status, 404);
     // What the hosted API has and Pictor not yet is refused by name, not a 404.
-    let (status, err) = server.post("/api/v7/images/inpaint", &json!({"key": KEY, "prompt": "a"}));
+    let (status, err) = server.post(
+        "/api/v7/images/inpaint",
+        &json!({"key": KEY, "prompt": "a"}),
+    );
     assert_eq!(status, 200);
     assert_eq!(err["status"], "error", "{err}");
-    assert!(err["message"].as_str().unwrap().contains("inpainting"), "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("inpainting"),
+        "{err}"
+    );
     let (_, err) = server.post(
         "/api/v6/images/text2img",
         &json!({"key": KEY, "prompt": "a", "model_id": "pix2pix-tiny", "width": 64, "height": 64}),

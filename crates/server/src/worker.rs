@@ -301,7 +301,13 @@ async fn generate(node: &Arc<Node>, job: &Job, running: Arc<Running>) -> Result<
     .await
     .map_err(|e| format!("the generation crashed: {e}"))?
     .map_err(|e| match e {
-        BackendError::Cancelled => "Cancelled".to_string(),
+        BackendError::Cancelled => crate::jobs::CANCELLED.to_string(),
+        BackendError::Invalid { field, message } => {
+            crate::jobs::invalid_request_failure(&field, &message)
+        }
+        BackendError::ModelNotFound(id) => {
+            crate::jobs::invalid_request_failure("model_id", &format!("Model id not found: {id}"))
+        }
         other => other.to_string(),
     })?;
     if generated.png_images.len() != job.spec.output_keys.len() {

@@ -420,6 +420,33 @@ fn webhook_state(spec: &JobSpec) -> &'static str {
     }
 }
 
+/// The failure message of a job stopped at its owner's request (or the admin's).
+pub const CANCELLED: &str = "Cancelled";
+
+/// How a failure message says the request itself was at fault (found only when the job ran, e.g. a model
+/// loaded after the request was accepted cannot run its mode): the prefix, then `field: message`.
+const INVALID_REQUEST: &str = "Invalid request: ";
+
+/// The failure message of a job whose request was at fault in `field`.
+pub fn invalid_request_failure(field: &str, message: &str) -> String {
+    format!("{INVALID_REQUEST}{field}: {message}")
+}
+
+/// The field and message of a failure made by [`invalid_request_failure`]; `None` for other failures.
+pub fn invalid_request_of(failure: &str) -> Option<(&str, &str)> {
+    failure.strip_prefix(INVALID_REQUEST)?.split_once(": ")
+}
+
+/// The error a synchronous dialect answers for a failed job: the request's fault as a field error, anything
+/// else as the service's.
+pub fn failure(error: Option<&str>) -> crate::responses::ApiError {
+    let error = error.unwrap_or("the generation failed");
+    match invalid_request_of(error) {
+        Some((field, message)) => crate::responses::ApiError::field(field, message),
+        None => crate::responses::ApiError::Internal(error.to_string()),
+    }
+}
+
 /// A job that will want its webhook sent once it finishes.
 const WEBHOOK_WAITING: &str = "waiting";
 

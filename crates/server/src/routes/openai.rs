@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 
 use crate::app::App;
 use crate::backend::PipelineKind;
-use crate::jobs::JobStatus;
+use crate::jobs::{failure, JobStatus};
 use crate::openai::{self, OpenAiError, ResponseFormat};
 use crate::params;
 use crate::render;
@@ -147,11 +147,7 @@ async fn run(
         .ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
     match job.status {
         JobStatus::Success => {}
-        JobStatus::Failed => {
-            return Err(ApiError::Internal(
-                job.error.unwrap_or_else(|| "the generation failed".into()),
-            ))
-        }
+        JobStatus::Failed => return Err(failure(job.error.as_deref())),
         JobStatus::Queued | JobStatus::Running => {
             return Err(ApiError::Internal(format!(
                 "job {id} did not finish in time"

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use crate::a1111::{self, A1111Error};
 use crate::app::App;
 use crate::backend::PipelineKind;
-use crate::jobs::JobStatus;
+use crate::jobs::{failure, JobStatus, CANCELLED};
 use crate::keys::Caller;
 use crate::responses::ApiError;
 use crate::samplers;
@@ -112,7 +112,7 @@ async fn generate(
             Ok(id) => ids.push(id),
             Err(e) => {
                 for id in ids {
-                    let _ = app.node.jobs.cancel(id, "Cancelled").await;
+                    let _ = app.node.jobs.cancel(id, CANCELLED).await;
                 }
                 return Err(e.into());
             }
@@ -140,13 +140,8 @@ async fn generate(
         match job.status {
             JobStatus::Success => {}
             // Interrupted: A1111 answers with what was made.
-            JobStatus::Failed if job.error.as_deref() == Some("Cancelled") => continue,
-            JobStatus::Failed => {
-                return Err(ApiError::Internal(
-                    job.error.unwrap_or_else(|| "the generation failed".into()),
-                )
-                .into())
-            }
+            JobStatus::Failed if job.error.as_deref() == Some(CANCELLED) => continue,
+            JobStatus::Failed => return Err(failure(job.error.as_deref()).into()),
             JobStatus::Queued | JobStatus::Running => {
                 return Err(ApiError::Internal(format!("job {id} did not finish in time")).into())
             }
@@ -309,7 +304,7 @@ async fn interrupt(
         }
         app.node
             .jobs
-            .cancel(id, "Cancelled")
+            .cancel(id, CANCELLED)
             .await
             .map_err(ApiError::from)?;
         if only_current {
