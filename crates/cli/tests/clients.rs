@@ -36,6 +36,36 @@ fn run_client(python: &Path, script: &str, server: &Server, args: &[&str], out: 
     serde_json::from_str(&text).expect("out.json is JSON")
 }
 
+/// A server on the fixture models (`--default-model default_model`) and what `script` (run with a venv holding
+/// `package`, checked by `check`) wrote against it, given the init image's path; the temporary folder lives as
+/// long as the server.
+fn run_python_client(
+    venv: &str,
+    package: &str,
+    check: &str,
+    script: &str,
+    default_model: &str,
+) -> (Server, Value, tempfile::TempDir) {
+    let python = support::python_venv(venv, &[package], check);
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &tmp.path().join("data"),
+        &["--default-model", default_model],
+    );
+    let out_dir = tmp.path().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let init = fixtures().join("init-64.png");
+    let out = run_client(
+        &python,
+        script,
+        &server,
+        &[init.to_str().unwrap()],
+        &out_dir,
+    );
+    no_errors(&out, &server);
+    (server, out, tmp)
+}
+
 fn no_errors(out: &Value, server: &Server) {
     for (k, v) in out.as_object().unwrap() {
         assert!(
@@ -59,24 +89,13 @@ fn image_at(out: &Value, name: &str, i: usize) -> Vec<u8> {
 /// A1111's seed-per-image rule, progress, interrupt, and a sampler Pictor lacks refused in FastAPI's shape.
 #[test]
 fn webuiapi_drives_the_automatic1111_api() {
-    let python = support::python_venv(
+    let (server, out, _tmp) = run_python_client(
         "webuiapi-venv",
-        &["webuiapi==0.9.17"],
+        "webuiapi==0.9.17",
         "import importlib.metadata as m, webuiapi\nassert m.version('webuiapi') == '0.9.17'",
-    );
-    let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start(&tmp.path().join("data"), &["--default-model", "sd2-tiny"]);
-    let out_dir = tmp.path().join("out");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let init = fixtures().join("init-64.png");
-    let out = run_client(
-        &python,
         "webuiapi_client.py",
-        &server,
-        &[init.to_str().unwrap()],
-        &out_dir,
+        "sd2-tiny",
     );
-    no_errors(&out, &server);
 
     let models = out["models"].as_array().unwrap();
     assert!(
@@ -231,24 +250,13 @@ fn automatic1111_api_refuses_in_its_own_shapes() {
 /// exceptions for a mask, a bad size and a wrong key (OpenAI's error shape).
 #[test]
 fn openai_sdk_drives_the_images_api() {
-    let python = support::python_venv(
+    let (server, out, _tmp) = run_python_client(
         "openai-venv",
-        &["openai==3.63.0"],
+        "openai==3.63.0",
         "import importlib.metadata as m, openai\nassert m.version('openai') == '3.63.0'",
-    );
-    let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start(&tmp.path().join("data"), &["--default-model", "sd1-tiny"]);
-    let out_dir = tmp.path().join("out");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let init = fixtures().join("init-64.png");
-    let out = run_client(
-        &python,
         "openai_client.py",
-        &server,
-        &[init.to_str().unwrap()],
-        &out_dir,
+        "sd1-tiny",
     );
-    no_errors(&out, &server);
 
     let models = out["models"].as_array().unwrap();
     assert!(

@@ -214,6 +214,42 @@ pub(crate) async fn submit(
     Ok(id)
 }
 
+/// How long a synchronous dialect (AUTOMATIC1111, OpenAI) waits for a job.
+const MAX_SYNC_WAIT: Duration = Duration::from_secs(6 * 3600);
+
+/// Waits for job `id` to finish, for the synchronous dialects: the finished job (success or failure).
+pub(crate) async fn wait_finished(app: &Arc<App>, id: i64) -> Result<Job, ApiError> {
+    let job = app
+        .node
+        .jobs
+        .wait_final(id, MAX_SYNC_WAIT)
+        .await?
+        .ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
+    if !job.status.is_final() {
+        return Err(ApiError::Internal(format!(
+            "job {id} did not finish in time"
+        )));
+    }
+    Ok(job)
+}
+
+/// A finished job's output files as base64, for the dialects that answer with the images.
+pub(crate) async fn outputs_base64(app: &Arc<App>, job: &Job) -> Result<Vec<String>, ApiError> {
+    use base64::Engine as _;
+    let mut images = Vec::with_capacity(job.spec.output_keys.len());
+    for key in &job.spec.output_keys {
+        let png = app
+            .node
+            .storage
+            .get(key)
+            .await
+            .map_err(ApiError::Internal)?
+            .ok_or_else(|| ApiError::Internal(format!("output {key} is missing")))?;
+        images.push(base64::engine::general_purpose::STANDARD.encode(png));
+    }
+    Ok(images)
+}
+
 /// The body for a job just submitted.
 async fn answer(app: &Arc<App>, job: &Job) -> Response {
     let body = match job.status {

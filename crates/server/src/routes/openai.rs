@@ -3,7 +3,6 @@
 //! `GET /v1/models`, with the key as `Authorization: Bearer`. Synchronous: the answer carries the images.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Request};
@@ -20,9 +19,6 @@ use crate::openai::{self, OpenAiError, ResponseFormat};
 use crate::params;
 use crate::render;
 use crate::responses::ApiError;
-
-/// How long a request waits for its images.
-const MAX_WAIT: Duration = Duration::from_secs(6 * 3600);
 
 /// `POST /v1/images/generations`.
 pub async fn generations(app: Arc<App>, headers: HeaderMap, body: Body) -> Response {
@@ -139,20 +135,9 @@ async fn run(
     request: openai::OpenAiRequest,
 ) -> Result<Value, ApiError> {
     let id = super::generate::submit(app, caller, &request.submission).await?;
-    let job = app
-        .node
-        .jobs
-        .wait_final(id, MAX_WAIT)
-        .await?
-        .ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
-    match job.status {
-        JobStatus::Success => {}
-        JobStatus::Failed => return Err(failure(job.error.as_deref())),
-        JobStatus::Queued | JobStatus::Running => {
-            return Err(ApiError::Internal(format!(
-                "job {id} did not finish in time"
-            )))
-        }
+    let job = super::generate::wait_finished(app, id).await?;
+    if job.status == JobStatus::Failed {
+        return Err(failure(job.error.as_deref()));
     }
     let prompt = &job.spec.request.prompt;
     let data: Vec<Value> = match request.response_format {
@@ -160,23 +145,11 @@ async fn run(
             .into_iter()
             .map(|url| json!({"url": url, "revised_prompt": prompt}))
             .collect(),
-        ResponseFormat::B64Json => {
-            let mut data = Vec::new();
-            for key in &job.spec.output_keys {
-                let png = app
-                    .node
-                    .storage
-                    .get(key)
-                    .await
-                    .map_err(ApiError::Internal)?
-                    .ok_or_else(|| ApiError::Internal(format!("output {key} is missing")))?;
-                data.push(
-                    json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(png),
-                                 "revised_prompt": prompt}),
-                );
-            }
-            data
-        }
+        ResponseFormat::B64Json => super::generate::outputs_base64(app, &job)
+            .await?
+            .into_iter()
+            .map(|b64| json!({"b64_json": b64, "revised_prompt": prompt}))
+            .collect(),
     };
     let r = &job.spec.request;
     Ok(json!({

@@ -4,13 +4,11 @@
 //! send it: HTTP Basic with the API key as the password (or the user name), or `Authorization: Bearer`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::a1111::{self, A1111Error};
@@ -20,9 +18,6 @@ use crate::jobs::{failure, JobStatus, CANCELLED};
 use crate::keys::Caller;
 use crate::responses::ApiError;
 use crate::samplers;
-
-/// How long a synchronous A1111 request waits for its images.
-const MAX_WAIT: Duration = Duration::from_secs(6 * 3600);
 
 /// The A1111 routes under `/sdapi/v1/`: (method, name).
 pub const ROUTES: &[(&str, &str)] = &[
@@ -130,21 +125,11 @@ async fn generate(
     let mut infotexts = Vec::new();
     let mut model_id = String::new();
     for (id, submission) in ids.iter().zip(&request.submissions) {
-        let job = app
-            .node
-            .jobs
-            .wait_final(*id, MAX_WAIT)
-            .await
-            .map_err(ApiError::from)?
-            .ok_or_else(|| ApiError::Internal(format!("job {id} vanished")))?;
+        let job = super::generate::wait_finished(app, *id).await?;
         match job.status {
-            JobStatus::Success => {}
-            // Interrupted: A1111 answers with what was made.
             JobStatus::Failed if job.error.as_deref() == Some(CANCELLED) => continue,
             JobStatus::Failed => return Err(failure(job.error.as_deref()).into()),
-            JobStatus::Queued | JobStatus::Running => {
-                return Err(ApiError::Internal(format!("job {id} did not finish in time")).into())
-            }
+            _ => {}
         }
         let r = &job.spec.request;
         model_id = r.model_id.clone();
@@ -154,16 +139,7 @@ async fn generate(
         ));
         seeds.push(r.seed);
         if request.send_images {
-            for key in &job.spec.output_keys {
-                let png = app
-                    .node
-                    .storage
-                    .get(key)
-                    .await
-                    .map_err(ApiError::Internal)?
-                    .ok_or_else(|| ApiError::Internal(format!("output {key} is missing")))?;
-                images.push(base64::engine::general_purpose::STANDARD.encode(png));
-            }
+            images.extend(super::generate::outputs_base64(app, &job).await?);
         }
     }
     let info = a1111::info(&request, &model_id, &seeds, &infotexts);
