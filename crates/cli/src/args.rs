@@ -154,24 +154,32 @@ pub struct CommonArgs {
     pub out: PathBuf,
 }
 
-/// `pictor txt2img …`
+/// The size, steps and guidance of text-to-image and img2img.
 #[derive(Args, Debug)]
-pub struct Txt2ImgArgs {
-    #[command(flatten)]
-    /// Shared options.
-    pub common: CommonArgs,
+pub struct SizeAndSteps {
     /// Output width, a multiple of 8 up to 1024.
     #[arg(long, default_value_t = 512)]
     pub width: u32,
     /// Output height, a multiple of 8 up to 1024.
     #[arg(long, default_value_t = 512)]
     pub height: u32,
-    /// Denoising steps, 1–50.
+    /// Denoising steps of the full schedule, 1–50 (img2img runs steps × strength of them).
     #[arg(long, default_value_t = 30)]
     pub num_inference_steps: usize,
     /// Classifier-free guidance scale, 1–20 (≤ 1 turns guidance off).
     #[arg(long, default_value_t = 7.5)]
     pub guidance_scale: f64,
+}
+
+/// `pictor txt2img …`
+#[derive(Args, Debug)]
+pub struct Txt2ImgArgs {
+    #[command(flatten)]
+    /// Shared options.
+    pub common: CommonArgs,
+    #[command(flatten)]
+    /// Size, steps and guidance.
+    pub size: SizeAndSteps,
 }
 
 /// `pictor img2img …`
@@ -183,18 +191,9 @@ pub struct Img2ImgArgs {
     /// The starting image: a file path or an http(s) URL (PNG, JPEG or WebP).
     #[arg(long)]
     pub init_image: String,
-    /// Output width, a multiple of 8 up to 1024.
-    #[arg(long, default_value_t = 512)]
-    pub width: u32,
-    /// Output height, a multiple of 8 up to 1024.
-    #[arg(long, default_value_t = 512)]
-    pub height: u32,
-    /// Denoising steps of the full schedule, 1–50 (img2img runs steps × strength of them).
-    #[arg(long, default_value_t = 30)]
-    pub num_inference_steps: usize,
-    /// Classifier-free guidance scale, 1–20.
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance_scale: f64,
+    #[command(flatten)]
+    /// Size, steps and guidance.
+    pub size: SizeAndSteps,
     /// How much of the init image to replace, 0–1 (1 = all of it).
     #[arg(long, default_value_t = 0.7)]
     pub strength: f64,

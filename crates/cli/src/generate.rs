@@ -244,16 +244,16 @@ fn run(
 pub fn txt2img(args: Txt2ImgArgs) -> Result<()> {
     let c = &args.common;
     let meta = json!({
-        "num_inference_steps": args.num_inference_steps,
+        "num_inference_steps": args.size.num_inference_steps,
         "use_karras_sigmas": if c.use_karras_sigmas { "yes" } else { "no" },
         "algorithm_type": c.algorithm_type,
     });
     run(
         c,
         Mode::Text2Img,
-        (args.width, args.height),
-        args.num_inference_steps,
-        args.guidance_scale,
+        (args.size.width, args.size.height),
+        args.size.num_inference_steps,
+        args.size.guidance_scale,
         meta,
     )
 }
@@ -263,7 +263,7 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
     let c = &args.common;
     let init = init_image::load(&args.init_image)?;
     let meta = json!({
-        "num_inference_steps": args.num_inference_steps,
+        "num_inference_steps": args.size.num_inference_steps,
         "strength": args.strength,
         "use_karras_sigmas": if c.use_karras_sigmas { "yes" } else { "no" },
         "algorithm_type": c.algorithm_type,
@@ -276,9 +276,9 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
     run(
         c,
         mode,
-        (args.width, args.height),
-        args.num_inference_steps,
-        args.guidance_scale,
+        (args.size.width, args.size.height),
+        args.size.num_inference_steps,
+        args.size.guidance_scale,
         meta,
     )
 }

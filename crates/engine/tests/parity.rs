@@ -14,37 +14,11 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use pictor_engine::image_io::load_image;
 use pictor_engine::kernels::tier::{run_at, Tier};
 use pictor_engine::model_store::{self, ModelsDir};
-use pictor_engine::pipeline::{GenerateRequest, Mode, NoProgress, StableDiffusion};
-use pictor_engine::prompt_syntax::escape;
-use pictor_engine::schedulers::SchedulerOptions;
+use pictor_engine::pipeline::{NoProgress, StableDiffusion};
 use pictor_engine::Runtime;
-use serde::Deserialize;
 use support::{compare, fixtures};
 
-#[derive(Debug, Clone, Deserialize)]
-struct Case {
-    name: String,
-    model: String,
-    pipeline: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    init_image: Option<String>,
-    width: u32,
-    height: u32,
-    samples: usize,
-    num_inference_steps: usize,
-    guidance_scale: f64,
-    strength: Option<f64>,
-    image_guidance_scale: Option<f64>,
-    seed: u64,
-    scheduler: String,
-    #[serde(default)]
-    use_karras_sigmas: Option<bool>,
-    #[serde(default)]
-    algorithm_type: Option<String>,
-    clip_skip: usize,
-    images: Vec<String>,
-}
+type Case = support::GenerationCase;
 
 type ModelCache = Arc<Mutex<HashMap<String, Arc<StableDiffusion>>>>;
 
@@ -63,51 +37,7 @@ fn model(cache: &ModelCache, name: &str) -> Result<Arc<StableDiffusion>, Failed>
 
 fn run_case(case: &Case, cache: &ModelCache) -> Result<(), Failed> {
     let model = model(cache, &case.model)?;
-    let init = || -> Result<_, Failed> {
-        let path = case
-            .init_image
-            .as_deref()
-            .ok_or("the case has no init image")?;
-        Ok(load_image(&fixtures().join(path), 1 << 24)?)
-    };
-    let mode = match case.pipeline.as_str() {
-        "txt2img" => Mode::Text2Img,
-        "img2img" => Mode::Img2Img {
-            init_image: init()?,
-            strength: case.strength.ok_or("img2img case without a strength")?,
-        },
-        "pix2pix" => Mode::Pix2Pix {
-            init_image: init()?,
-            image_guidance_scale: case
-                .image_guidance_scale
-                .ok_or("pix2pix case without an image guidance scale")?,
-        },
-        other => return Err(format!("unknown pipeline {other}").into()),
-    };
-    // The fixtures' prompts are literal text to diffusers (e.g. "((cinematic lighting))"); in Pictor's
-    // prompt syntax literal text is escaped text.
-    let generation = model.generate(
-        &GenerateRequest {
-            mode,
-            prompt: escape(&case.prompt),
-            negative_prompt: escape(case.negative_prompt.as_deref().unwrap_or_default()),
-            width: case.width,
-            height: case.height,
-            samples: case.samples,
-            num_inference_steps: case.num_inference_steps,
-            guidance_scale: case.guidance_scale,
-            seed: Some(case.seed),
-            scheduler: Some(case.scheduler.clone()),
-            scheduler_options: SchedulerOptions {
-                use_karras_sigmas: case.use_karras_sigmas,
-                algorithm_type: case.algorithm_type.clone(),
-            },
-            clip_skip: case.clip_skip,
-            embeddings: Vec::new(),
-            tome: None,
-        },
-        &mut NoProgress,
-    )?;
+    let generation = model.generate(&support::request_for(case, None)?, &mut NoProgress)?;
     if generation.images.len() != case.images.len() {
         return Err(format!(
             "{} images, expected {}",

@@ -176,21 +176,9 @@ fn sdxl_embeddings_match_diffusers() {
     assert!(embedding.is_sdxl());
     for (case, record) in cases.iter().zip(&images) {
         let model = load_model(&case.model);
-        let init = pictor_engine::image_io::load_image(&fixtures().join(&case.init_image), 1 << 24)
-            .unwrap();
         let req = pictor_engine::pipeline::GenerateRequest {
-            prompt: escape(&case.prompt),
-            negative_prompt: escape(case.negative_prompt.as_deref().unwrap_or_default()),
-            mode: Mode::Img2Img {
-                init_image: init,
-                strength: case.strength.unwrap(),
-            },
-            num_inference_steps: case.num_inference_steps,
-            guidance_scale: case.guidance_scale,
-            seed: Some(case.seed),
-            scheduler: Some(case.scheduler.clone()),
             embeddings: vec![embedding.clone()],
-            ..small_img2img("")
+            ..support::request_for(case, None).unwrap()
         };
         let ours = model
             .generate(&req, &mut NoProgress)

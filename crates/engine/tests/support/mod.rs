@@ -59,7 +59,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-/// The generation a fixture case describes (the fields `cases.json` and `tome/cases.json` share).
+/// The generation a fixture case describes (the fields every `cases.json` shares).
 #[derive(Debug, Clone, Deserialize)]
 pub struct GenerationCase {
     pub name: String,
@@ -67,7 +67,7 @@ pub struct GenerationCase {
     pub pipeline: String,
     pub prompt: String,
     pub negative_prompt: Option<String>,
-    pub init_image: String,
+    pub init_image: Option<String>,
     pub width: u32,
     pub height: u32,
     pub samples: usize,
@@ -77,65 +77,71 @@ pub struct GenerationCase {
     pub image_guidance_scale: Option<f64>,
     pub seed: u64,
     pub scheduler: String,
+    #[serde(default)]
+    pub use_karras_sigmas: Option<bool>,
+    #[serde(default)]
+    pub algorithm_type: Option<String>,
     pub clip_skip: usize,
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
-/// Runs a fixture case through the engine (its prompts are plain text, so they are escaped), with token
-/// merging when `tome` is given.
+/// The engine request a fixture case describes (its prompts are plain text to diffusers, so they are escaped
+/// for Pictor's prompt syntax), with token merging when `tome` is given.
+pub fn request_for(
+    case: &GenerationCase,
+    tome: Option<TomeSettings>,
+) -> Result<GenerateRequest, String> {
+    let init = || -> Result<_, String> {
+        let path = case.init_image.as_deref().ok_or("the case has no init image")?;
+        load_image(&fixtures().join(path), 1 << 24).map_err(|e| e.to_string())
+    };
+    let mode = match case.pipeline.as_str() {
+        "txt2img" => Mode::Text2Img,
+        "img2img" => Mode::Img2Img {
+            init_image: init()?,
+            strength: case.strength.ok_or("img2img case without a strength")?,
+        },
+        "pix2pix" => Mode::Pix2Pix {
+            init_image: init()?,
+            image_guidance_scale: case
+                .image_guidance_scale
+                .ok_or("pix2pix case without an image guidance scale")?,
+        },
+        other => return Err(format!("unknown pipeline {other}")),
+    };
+    Ok(GenerateRequest {
+        mode,
+        prompt: escape(&case.prompt),
+        negative_prompt: escape(case.negative_prompt.as_deref().unwrap_or_default()),
+        width: case.width,
+        height: case.height,
+        samples: case.samples,
+        num_inference_steps: case.num_inference_steps,
+        guidance_scale: case.guidance_scale,
+        seed: Some(case.seed),
+        scheduler: Some(case.scheduler.clone()),
+        scheduler_options: SchedulerOptions {
+            use_karras_sigmas: case.use_karras_sigmas,
+            algorithm_type: case.algorithm_type.clone(),
+        },
+        clip_skip: case.clip_skip,
+        embeddings: Vec::new(),
+        tome,
+    })
+}
+
+/// Runs a fixture case through the engine, with token merging when `tome` is given.
 pub fn generate_case(
     model: &StableDiffusion,
     case: &GenerationCase,
     tome: Option<TomeSettings>,
 ) -> Vec<image::RgbImage> {
-    let init = load_image(&fixtures().join(&case.init_image), 1 << 24).unwrap();
-    let negative = escape(&case.negative_prompt.clone().unwrap_or_default());
-    let generation = match case.pipeline.as_str() {
-        "img2img" => model.generate(
-            &GenerateRequest {
-                prompt: escape(&case.prompt),
-                negative_prompt: negative,
-                mode: Mode::Img2Img {
-                    init_image: init,
-                    strength: case.strength.unwrap(),
-                },
-                width: case.width,
-                height: case.height,
-                samples: case.samples,
-                num_inference_steps: case.num_inference_steps,
-                guidance_scale: case.guidance_scale,
-                seed: Some(case.seed),
-                scheduler: Some(case.scheduler.clone()),
-                scheduler_options: SchedulerOptions::default(),
-                clip_skip: case.clip_skip,
-                tome,
-                embeddings: Vec::new(),
-            },
-            &mut NoProgress,
-        ),
-        _ => model.generate(
-            &GenerateRequest {
-                prompt: escape(&case.prompt),
-                negative_prompt: negative,
-                mode: Mode::Pix2Pix {
-                    init_image: init,
-                    image_guidance_scale: case.image_guidance_scale.unwrap(),
-                },
-                width: case.width,
-                height: case.height,
-                samples: case.samples,
-                num_inference_steps: case.num_inference_steps,
-                guidance_scale: case.guidance_scale,
-                seed: Some(case.seed),
-                scheduler: Some(case.scheduler.clone()),
-                scheduler_options: SchedulerOptions::default(),
-                clip_skip: case.clip_skip,
-                tome,
-                embeddings: Vec::new(),
-            },
-            &mut NoProgress,
-        ),
-    };
-    generation.expect("generation runs").images
+    let request = request_for(case, tome).unwrap();
+    model
+        .generate(&request, &mut NoProgress)
+        .expect("generation runs")
+        .images
 }
 
 /// Peak signal-to-noise ratio of `b` against `a` in dB on the 0–255 scale (infinite when equal).
