@@ -1354,3 +1354,148 @@ fn slow_and_idle_clients_are_disconnected() {
         "{answer}"
     );
 }
+
+/// Reads a Server-Sent Events stream to its end: (event, data as JSON) in order.
+fn read_events(url: &str) -> Vec<(String, Value)> {
+    use std::io::BufRead;
+    let response = ureq::get(url)
+        .timeout(Duration::from_secs(120))
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert_eq!(response.header("Content-Type"), Some("text/event-stream"));
+    let mut events = Vec::new();
+    let mut name = String::new();
+    for line in std::io::BufReader::new(response.into_reader()).lines() {
+        let line = line.unwrap();
+        if let Some(n) = line.strip_prefix("event: ") {
+            name = n.to_string();
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            events.push((name.clone(), serde_json::from_str(d).unwrap()));
+        }
+    }
+    events
+}
+
+/// The progress stream: ordered steps of the running job, then `done` with the fetch body, then the stream
+/// closes; another key gets the API's error. Per-job cancel: a queued job never runs, a running one stops
+/// within a step, both then fetch as failed "Cancelled"; another key cannot cancel; the next job is still right.
+#[test]
+fn progress_streams_and_jobs_cancel() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_default(
+        &dir,
+        &[
+            "--sync-timeout",
+            "0",
+            "--debug-step-delay-ms",
+            "150",
+            "--api-key",
+            "other-key",
+        ],
+    );
+    let reference = case("t2i-sd1-euler-s7");
+    let body = body_for(&reference, json!({"model_id": "sd1-tiny"}));
+    let (_, queued) = server.post("/api/v6/images/text2img", &body);
+    let id = queued["id"].as_i64().unwrap();
+
+    // Another key sees nothing.
+    let (status, err) = support::get(&format!(
+        "{}/api/v1/jobs/{id}/events?key=other-key",
+        server.base
+    ));
+    assert_eq!(status, 200);
+    let err: Value = serde_json::from_slice(&err).unwrap();
+    assert_eq!(err["status"], "error", "{err}");
+
+    let events = read_events(&format!(
+        "{}/api/v1/jobs/{id}/events?key={KEY}",
+        server.base
+    ));
+    let (last, progress) = events.split_last().unwrap();
+    assert_eq!(last.0, "done", "{events:?}");
+    assert_eq!(last.1["status"], "success", "{events:?}");
+    assert_outputs_match(&server, last.1["output"].as_array().unwrap(), &reference);
+    let steps: Vec<i64> = progress
+        .iter()
+        .filter(|(e, d)| e == "progress" && d["status"] == "running")
+        .map(|(_, d)| d["step"].as_i64().unwrap())
+        .collect();
+    assert!(steps.len() >= 3, "few progress events: {events:?}");
+    assert!(
+        steps.windows(2).all(|w| w[0] < w[1]),
+        "steps out of order: {steps:?}"
+    );
+    assert!(progress
+        .iter()
+        .all(|(_, d)| d["steps"].as_i64().unwrap() <= 8 && d["eta"].is_number()));
+
+    // Cancel: one running, one queued behind it.
+    let (_, running) = server.post("/api/v6/images/text2img", &body);
+    let (_, waiting) = server.post("/api/v6/images/text2img", &body);
+    let (running, waiting) = (
+        running["id"].as_i64().unwrap(),
+        waiting["id"].as_i64().unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, f) = server.post(
+            &format!("/api/v6/images/fetch/{running}"),
+            &json!({"key": KEY}),
+        );
+        if f["step"].as_i64().unwrap_or(0) >= 1 || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, refused) = server.post(
+        &format!("/api/v1/jobs/{waiting}/cancel"),
+        &json!({"key": "other-key"}),
+    );
+    assert_eq!(refused["status"], "error", "{refused}");
+    let (_, c) = server.post(
+        &format!("/api/v1/jobs/{waiting}/cancel"),
+        &json!({"key": KEY}),
+    );
+    assert_eq!(
+        (c["status"].as_str(), c["state"].as_str()),
+        (Some("success"), Some("dequeued")),
+        "{c}"
+    );
+    let (_, c) = server.post(
+        &format!("/api/v1/jobs/{running}/cancel"),
+        &json!({"key": KEY}),
+    );
+    assert_eq!(c["state"], "stopping", "{c}");
+    for id in [running, waiting] {
+        let done = server.wait_for(
+            &format!("{}/api/v6/images/fetch/{id}", server.base),
+            Duration::from_secs(60),
+        );
+        assert_eq!(done["status"], "failed", "{done}");
+        assert_eq!(done["message"], "Cancelled", "{done}");
+    }
+    let (_, again) = server.post(
+        &format!("/api/v1/jobs/{running}/cancel"),
+        &json!({"key": KEY}),
+    );
+    assert_eq!(again["state"], "finished", "{again}");
+    let (_, metrics) = server.get("/metrics");
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(
+        metrics.contains(r#"pictor_job_cancels_total{result="dequeued"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"pictor_job_cancels_total{result="stopping"} 1"#),
+        "{metrics}"
+    );
+
+    // The next job runs and is right.
+    let (_, next) = server.post("/api/v6/images/text2img", &body);
+    let done = server.wait_for(
+        next["fetch_result"].as_str().unwrap(),
+        Duration::from_secs(60),
+    );
+    assert_eq!(done["status"], "success", "{done}");
+    assert_outputs_match(&server, done["output"].as_array().unwrap(), &reference);
+}

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub job_seconds: HistogramVec,
     /// Seconds per denoising step by model.
     pub step_seconds: HistogramVec,
+    /// Cancel requests by what they did (`dequeued`, `stopping`, `finished`).
+    pub cancels: IntCounterVec,
 }
 
 impl Metrics {
@@ -50,11 +52,20 @@ impl Metrics {
             &["model"],
         )
         .expect("valid metric");
+        let cancels = IntCounterVec::new(
+            Opts::new(
+                "pictor_job_cancels_total",
+                "Per-job cancels by what they did",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(queue.clone()),
             Box::new(job_seconds.clone()),
             Box::new(step_seconds.clone()),
+            Box::new(cancels.clone()),
         ] {
             registry.register(m).expect("unique metric");
         }
@@ -64,6 +75,7 @@ impl Metrics {
             queue,
             job_seconds,
             step_seconds,
+            cancels,
         }
     }
 

@@ -193,6 +193,18 @@ pub fn document(server_url: &str) -> Value {
                 None,
                 answer("{object: list, data: [{id, object, created, owned_by}]}"),
             ),
+            RouteKind::JobEvents => (
+                "A job's progress as Server-Sent Events: `progress` (status, step, steps, progress, eta), then \
+                 `done` with the fetch body (owner or admin key: Bearer, key header, or ?key=)"
+                    .into(),
+                None,
+                json!({"200": {"description": "text/event-stream"}}),
+            ),
+            RouteKind::JobCancel => (
+                "Cancel a job (owner or admin key): queued never runs, running stops within a step".into(),
+                Some(body(json!({"type": "object", "properties": {"key": string()}}))),
+                answer("status success with state dequeued, stopping or finished; or error"),
+            ),
             RouteKind::NotYet(what) => (
                 format!("Not available on this server: {what}"),
                 None,

@@ -23,9 +23,14 @@ pub struct Running {
     steps_done: AtomicUsize,
     steps_total: AtomicUsize,
     last_step: Mutex<Instant>,
+    /// Woken at every step, so that progress reaches the job store (and the progress streams) soon.
+    stepped: tokio::sync::Notify,
     model: String,
     node: Arc<Node>,
 }
+
+/// Progress is written to the job store at most this often (besides the lease's own heartbeats).
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(300);
 
 impl Running {
     /// Asks the job to stop at its next step.
@@ -53,6 +58,7 @@ impl JobControl for Running {
         };
         self.steps_done.store(done, Ordering::Relaxed);
         self.steps_total.store(total, Ordering::Relaxed);
+        self.stepped.notify_one();
         let secs = elapsed.as_secs_f64();
         self.node
             .metrics
@@ -168,6 +174,7 @@ async fn run(node: &Arc<Node>, job: Job) {
         steps_done: AtomicUsize::new(0),
         steps_total: AtomicUsize::new(0),
         last_step: Mutex::new(Instant::now()),
+        stepped: tokio::sync::Notify::new(),
         model: job.spec.request.model_id.clone(),
         node: node.clone(),
     });
@@ -248,6 +255,7 @@ async fn keep_lease(node: Arc<Node>, lease: Lease, running: Arc<Running>, lost: 
     let period = node.config.lease / 3;
     let mut tick = tokio::time::interval(period);
     tick.tick().await;
+    let mut last_beat = Instant::now();
     loop {
         tokio::select! {
             announced = cancels.recv() => {
@@ -257,7 +265,14 @@ async fn keep_lease(node: Arc<Node>, lease: Lease, running: Arc<Running>, lost: 
                 continue;
             }
             _ = tick.tick() => {}
+            _ = running.stepped.notified() => {
+                let since = last_beat.elapsed();
+                if since < PROGRESS_INTERVAL {
+                    tokio::time::sleep(PROGRESS_INTERVAL - since).await;
+                }
+            }
         }
+        last_beat = Instant::now();
         let (done, total) = running.progress();
         match node
             .jobs

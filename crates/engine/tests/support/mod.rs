@@ -93,7 +93,10 @@ pub fn request_for(
     tome: Option<TomeSettings>,
 ) -> Result<GenerateRequest, String> {
     let init = || -> Result<_, String> {
-        let path = case.init_image.as_deref().ok_or("the case has no init image")?;
+        let path = case
+            .init_image
+            .as_deref()
+            .ok_or("the case has no init image")?;
         load_image(&fixtures().join(path), 1 << 24).map_err(|e| e.to_string())
     };
     let mode = match case.pipeline.as_str() {

@@ -6,6 +6,7 @@ mod enterprise;
 mod fetch;
 mod files;
 mod generate;
+mod jobs;
 mod openai;
 mod sdapi;
 
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body as Bytes;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -55,6 +56,10 @@ pub enum RouteKind {
     OpenAiModels,
     /// A hosted-API route for something Pictor cannot do yet; the message says what.
     NotYet(&'static str),
+    /// `GET /api/v1/jobs/{id}/events`: the job's progress as Server-Sent Events.
+    JobEvents,
+    /// `POST /api/v1/jobs/{id}/cancel`.
+    JobCancel,
 }
 
 /// One route of the table.
@@ -140,6 +145,13 @@ const ENTERPRISE_PREFIXES: &[&str] = &[
     "/api/v1/enterprise/realtime/",
 ];
 
+/// `?key=` on routes a browser's EventSource calls.
+#[derive(Debug, serde::Deserialize)]
+pub struct KeyQuery {
+    /// The API key.
+    pub key: Option<String>,
+}
+
 /// Every route the service answers.
 pub fn table() -> Vec<RouteInfo> {
     let mut routes = Vec::new();
@@ -177,6 +189,16 @@ pub fn table() -> Vec<RouteInfo> {
     );
     add("POST", "/v1/images/edits".into(), RouteKind::OpenAiEdits);
     add("GET", "/v1/models".into(), RouteKind::OpenAiModels);
+    add(
+        "GET",
+        "/api/v1/jobs/{id}/events".into(),
+        RouteKind::JobEvents,
+    );
+    add(
+        "POST",
+        "/api/v1/jobs/{id}/cancel".into(),
+        RouteKind::JobCancel,
+    );
     for (path, what) in NOT_YET {
         add("POST", path.to_string(), RouteKind::NotYet(what));
     }
@@ -234,6 +256,26 @@ pub fn router(app: Arc<App>) -> Router {
                 get(|State(app): State<Arc<App>>, headers: HeaderMap| {
                     openai::list_models(app, headers)
                 }),
+            ),
+            RouteKind::JobEvents => router.route(
+                &route.path,
+                get(
+                    |State(app): State<Arc<App>>,
+                     Path(id): Path<String>,
+                     Query(query): Query<KeyQuery>,
+                     headers: HeaderMap| {
+                        jobs::events(app, id, query.key, headers)
+                    },
+                ),
+            ),
+            RouteKind::JobCancel => router.route(
+                &route.path,
+                post(
+                    |State(app): State<Arc<App>>,
+                     Path(id): Path<String>,
+                     headers: HeaderMap,
+                     body: Bytes| { jobs::cancel(app, id, headers, body) },
+                ),
             ),
             RouteKind::NotYet(what) => router.route(
                 &route.path,
