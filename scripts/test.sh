@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test: `cargo test --workspace`, with a throwaway PostgreSQL server for the job-store contract tests.
+# Runs every test: `cargo test --workspace`, with a throwaway PostgreSQL server for the job-store contract tests
+# and Debian's chromium + chromium-driver for the playground's browser test (installed here when missing).
 # PostgreSQL comes from Debian's `postgresql` package (installed here when missing and this user may install);
 # the server lives in a temporary folder on a free loopback port and is stopped and deleted at the end.
 # Set PICTOR_TEST_DATABASE_URL to use a server of your own instead (a user that may create databases).
@@ -9,10 +10,16 @@ cd "$(dirname "$0")/.."
 
 . scripts/lib/throwaway_postgres.sh
 
+if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+if ! command -v chromedriver >/dev/null || ! { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then
+    echo "test.sh: installing chromium and chromium-driver (Debian packages) for the browser test" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
 if [ -z "${PICTOR_TEST_DATABASE_URL:-}" ]; then
     if [ -z "$(pg_bin)" ]; then
         echo "test.sh: installing PostgreSQL (Debian package postgresql)" >&2
-        if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
         $SUDO apt-get update -qq
         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
     fi

@@ -193,6 +193,17 @@ pub fn document(server_url: &str) -> Value {
                 None,
                 answer("{object: list, data: [{id, object, created, owned_by}]}"),
             ),
+            RouteKind::Playground => (
+                "The playground page (HTML)".into(),
+                None,
+                json!({"200": {"description": "text/html"}}),
+            ),
+            RouteKind::Options => (
+                "Models, schedulers, LoRAs and styles for the playground (any key: Bearer, key header or ?key=)"
+                    .into(),
+                None,
+                answer("{models: [{id, kind}], schedulers, loras, styles, default_model, pix2pix_model}"),
+            ),
             RouteKind::JobEvents => (
                 "A job's progress as Server-Sent Events: `progress` (status, step, steps, progress, eta), then \
                  `done` with the fetch body (owner or admin key: Bearer, key header, or ?key=)"

@@ -8,6 +8,7 @@ mod files;
 mod generate;
 mod jobs;
 mod openai;
+mod playground;
 mod sdapi;
 
 use std::sync::Arc;
@@ -60,6 +61,10 @@ pub enum RouteKind {
     JobEvents,
     /// `POST /api/v1/jobs/{id}/cancel`.
     JobCancel,
+    /// `GET /`: the playground page.
+    Playground,
+    /// `GET /api/v1/options`: the lists the playground offers.
+    Options,
 }
 
 /// One route of the table.
@@ -199,6 +204,8 @@ pub fn table() -> Vec<RouteInfo> {
         "/api/v1/jobs/{id}/cancel".into(),
         RouteKind::JobCancel,
     );
+    add("GET", "/".into(), RouteKind::Playground);
+    add("GET", "/api/v1/options".into(), RouteKind::Options);
     for (path, what) in NOT_YET {
         add("POST", path.to_string(), RouteKind::NotYet(what));
     }
@@ -265,6 +272,17 @@ pub fn router(app: Arc<App>) -> Router {
                      Query(query): Query<KeyQuery>,
                      headers: HeaderMap| {
                         jobs::events(app, id, query.key, headers)
+                    },
+                ),
+            ),
+            RouteKind::Playground => router.route(&route.path, get(playground::page)),
+            RouteKind::Options => router.route(
+                &route.path,
+                get(
+                    |State(app): State<Arc<App>>,
+                     Query(query): Query<KeyQuery>,
+                     headers: HeaderMap| {
+                        playground::options(app, query.key, headers)
                     },
                 ),
             ),
