@@ -90,12 +90,18 @@ pub struct CommonArgs {
     /// but not equal).
     #[arg(long, value_enum, default_value = "fp32", env = "PICTOR_PRECISION")]
     pub precision: PrecisionArg,
-    /// Model id in ROOT/checkpoints, or a path to a model folder or .safetensors checkpoint.
-    #[arg(long)]
+    /// Model id in ROOT/checkpoints, or a path to a model folder or .safetensors checkpoint (required unless
+    /// --from-png names one).
+    #[arg(long, default_value = "")]
     pub model: String,
-    /// What the result should show.
-    #[arg(long)]
+    /// What the result should show (required unless --from-png gives it).
+    #[arg(long, default_value = "")]
     pub prompt: String,
+    /// Take the settings from a PNG's `parameters` text (Pictor's outputs and AUTOMATIC1111's carry it): prompt,
+    /// negative prompt, seed, steps, guidance, size, sampler, strength, clip skip and model. Options given on
+    /// the command line win.
+    #[arg(long)]
+    pub from_png: Option<PathBuf>,
     /// What it should not show.
     #[arg(long, default_value = "")]
     pub negative_prompt: String,

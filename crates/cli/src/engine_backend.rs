@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::UNIX_EPOCH;
 
 use image::RgbImage;
-use pictor_engine::image_io::{decode_image, encode_png};
+use pictor_engine::image_io::{decode_image, encode_png_with_text};
 use pictor_engine::model_store::{self, ModelFormat, ModelLocation, ModelsDir};
 use pictor_engine::models::TomeSettings;
 use pictor_engine::pipeline::{
@@ -446,7 +446,13 @@ impl Backend for EngineBackend {
         }
         let png_images = images
             .iter()
-            .map(encode_png)
+            .map(|image| {
+                encode_png_with_text(
+                    image,
+                    "parameters",
+                    &pictor_server::infotext::format(request, &generation.meta.scheduler),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(engine_error)?;
         Ok(Generated {

@@ -6,18 +6,21 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use pictor_engine::embeddings::TextualInversion;
-use pictor_engine::image_io::encode_png;
+use pictor_engine::image_io::encode_png_with_text;
 use pictor_engine::model_store::{self, ModelsDir};
 use pictor_engine::models::TomeSettings;
 use pictor_engine::pipeline::{GenerateRequest, Generation, Mode, Progress, StableDiffusion};
 use pictor_engine::safety::{replace_flagged, Replacement, SafetyChecker};
 use pictor_engine::schedulers::SchedulerOptions;
 use pictor_engine::{EngineError, Runtime};
+use pictor_server::backend::{GenerationRequest, LoraChoice, PipelineKind};
+use pictor_server::infotext;
 use pictor_server::prompt_enhance::{self, EnhancedPrompt, UnknownStyle};
 use pictor_server::request::pair_loras;
 use serde_json::{json, Value};
 
 use crate::args::{CommonArgs, Img2ImgArgs, Pix2PixArgs, Txt2ImgArgs};
+use crate::from_png::{self, Explicit};
 use crate::init_image;
 
 /// A terminal progress bar, one tick per denoising step (hidden when stderr is not a terminal).
@@ -74,6 +77,8 @@ struct Prepared {
     model: StableDiffusion,
     safety: Option<(SafetyChecker, Replacement)>,
     embeddings: Vec<TextualInversion>,
+    /// The LoRAs merged in, with their strengths.
+    loras: Vec<LoraChoice>,
 }
 
 fn prepare(common: &CommonArgs) -> Result<Prepared> {
@@ -97,10 +102,10 @@ fn prepare(common: &CommonArgs) -> Result<Prepared> {
             })
         })
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let loras: Vec<(String, f64)> = pair_loras(split(&common.lora_model), strengths)
-        .map_err(|e| anyhow!("{e}"))?
-        .into_iter()
-        .map(|l| (l.name, l.strength))
+    let choices = pair_loras(split(&common.lora_model), strengths).map_err(|e| anyhow!("{e}"))?;
+    let loras: Vec<(String, f64)> = choices
+        .iter()
+        .map(|l| (l.name.clone(), l.strength))
         .collect();
     let base = model_store::load(&location, &runtime.device, runtime.dtype)?;
     let model = model_store::variant(&base, &dir, &loras, common.vae.as_deref())?;
@@ -124,6 +129,7 @@ fn prepare(common: &CommonArgs) -> Result<Prepared> {
         model,
         safety,
         embeddings,
+        loras: choices,
     })
 }
 
@@ -159,13 +165,17 @@ fn scheduler_options(common: &CommonArgs) -> SchedulerOptions {
 }
 
 /// Writes DIR/0.png … and returns their paths.
-fn write_images(out: &Path, generation: &Generation) -> Result<Vec<String>> {
+/// Writes the images as `DIR/<i>.png`, each carrying `parameters` (the infotext) as a PNG text chunk.
+fn write_images(out: &Path, generation: &Generation, parameters: &str) -> Result<Vec<String>> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut paths = Vec::new();
     for (i, image) in generation.images.iter().enumerate() {
         let path = out.join(format!("{i}.png"));
-        std::fs::write(&path, encode_png(image)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(
+            &path,
+            encode_png_with_text(image, "parameters", parameters)?,
+        )
+        .with_context(|| format!("cannot write {}", path.display()))?;
         paths.push(path.display().to_string());
     }
     Ok(paths)
@@ -203,6 +213,12 @@ fn run(
     guidance_scale: f64,
     meta: Value,
 ) -> Result<()> {
+    if c.model.is_empty() {
+        bail!("--model is required (or --from-png with a PNG that names its model)");
+    }
+    if c.prompt.is_empty() && c.from_png.is_none() {
+        bail!("--prompt is required (or --from-png)");
+    }
     let prompts = final_prompts(c)?;
     let prepared = prepare(c)?;
     let request = GenerateRequest {
@@ -223,7 +239,11 @@ fn run(
     };
     let mut generation = prepared.model.generate(&request, &mut Bar::new())?;
     let flags = filter(&prepared, &mut generation)?;
-    let outputs = write_images(&c.out, &generation)?;
+    let parameters = infotext::format(
+        &ran(c, &request, &prepared, &generation),
+        &generation.meta.scheduler,
+    );
+    let outputs = write_images(&c.out, &generation, &parameters)?;
     let mut meta = meta;
     if let Value::Object(m) = &mut meta {
         m.insert("guidance_scale".into(), json!(guidance_scale));
@@ -240,8 +260,53 @@ fn run(
     Ok(())
 }
 
+/// What a command ran, as the service's canonical request (for the infotext its PNGs carry).
+fn ran(
+    c: &CommonArgs,
+    request: &GenerateRequest,
+    prepared: &Prepared,
+    generation: &Generation,
+) -> GenerationRequest {
+    let (kind, strength, image_guidance_scale) = match &request.mode {
+        Mode::Text2Img => (PipelineKind::Text2Img, 0.0, 0.0),
+        Mode::Img2Img { strength, .. } => (PipelineKind::Img2Img, *strength, 0.0),
+        Mode::Pix2Pix {
+            image_guidance_scale,
+            ..
+        } => (PipelineKind::Pix2Pix, 0.0, *image_guidance_scale),
+    };
+    GenerationRequest {
+        kind,
+        model_id: prepared.model.id.clone(),
+        prompt: request.prompt.clone(),
+        negative_prompt: request.negative_prompt.clone(),
+        width: request.width,
+        height: request.height,
+        samples: request.samples as u32,
+        steps: request.num_inference_steps as u32,
+        guidance_scale: request.guidance_scale,
+        strength,
+        image_guidance_scale,
+        scheduler: Some(generation.meta.scheduler.clone()),
+        use_karras_sigmas: c.use_karras_sigmas,
+        algorithm_type: c.algorithm_type.clone(),
+        seed: generation.meta.seed,
+        clip_skip: request.clip_skip as u32,
+        loras: prepared.loras.clone(),
+        vae: c.vae.clone(),
+        embeddings: request.embeddings.iter().map(|e| e.name.clone()).collect(),
+        tomesd: c.tomesd,
+        safety_checker: None,
+    }
+}
+
 /// `pictor txt2img`.
-pub fn txt2img(args: Txt2ImgArgs) -> Result<()> {
+pub fn txt2img(mut args: Txt2ImgArgs, explicit: Explicit) -> Result<()> {
+    if let Some(path) = args.common.from_png.clone() {
+        let p = from_png::read(&path)?;
+        from_png::restore_common(&mut args.common, &p, explicit)?;
+        from_png::restore_size(&mut args.size, &p, explicit)?;
+    }
     let c = &args.common;
     let meta = json!({
         "num_inference_steps": args.size.num_inference_steps,
@@ -259,7 +324,13 @@ pub fn txt2img(args: Txt2ImgArgs) -> Result<()> {
 }
 
 /// `pictor img2img`.
-pub fn img2img(args: Img2ImgArgs) -> Result<()> {
+pub fn img2img(mut args: Img2ImgArgs, explicit: Explicit) -> Result<()> {
+    if let Some(path) = args.common.from_png.clone() {
+        let p = from_png::read(&path)?;
+        from_png::restore_common(&mut args.common, &p, explicit)?;
+        from_png::restore_size(&mut args.size, &p, explicit)?;
+        from_png::restore_strength(&mut args.strength, &p, explicit)?;
+    }
     let c = &args.common;
     let init = init_image::load(&args.init_image)?;
     let meta = json!({
@@ -284,7 +355,11 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
 }
 
 /// `pictor pix2pix`.
-pub fn pix2pix(args: Pix2PixArgs) -> Result<()> {
+pub fn pix2pix(mut args: Pix2PixArgs, explicit: Explicit) -> Result<()> {
+    if let Some(path) = args.common.from_png.clone() {
+        let p = from_png::read(&path)?;
+        from_png::restore_common(&mut args.common, &p, explicit)?;
+    }
     let c = &args.common;
     let init = init_image::load(&args.init_image)?;
     let round = |v: u32| (v.min(1024) / 8 * 8).max(8);

@@ -5,6 +5,7 @@
 mod args;
 mod bench;
 mod engine_backend;
+mod from_png;
 mod generate;
 mod huge_pages;
 mod init_image;
@@ -12,7 +13,7 @@ mod serve;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 use args::{Cli, Command, ModelsCommand};
 
@@ -20,7 +21,24 @@ use args::{Cli, Command, ModelsCommand};
 static ALLOCATOR: huge_pages::HugePages = huge_pages::HugePages;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // The options given on the command line (or in the environment), which --from-png never replaces.
+    let explicit = |id: &str| {
+        matches.subcommand().is_some_and(|(_, m)| {
+            m.try_contains_id(id).unwrap_or(false)
+                && matches!(
+                    m.value_source(id),
+                    Some(
+                        clap::parser::ValueSource::CommandLine
+                            | clap::parser::ValueSource::EnvVariable
+                    )
+                )
+        })
+    };
     // The service logs its progress; the one-shot commands only warnings.
     let (default_level, json) = match &cli.command {
         Command::Serve(a) => ("info", a.log_json),
@@ -55,10 +73,10 @@ fn main() -> ExitCode {
     );
     let result = match cli.command {
         Command::Serve(a) => serve::serve(*a),
-        Command::Txt2img(a) => generate::txt2img(a),
-        Command::Img2img(a) => generate::img2img(a),
+        Command::Txt2img(a) => generate::txt2img(a, &explicit),
+        Command::Img2img(a) => generate::img2img(a, &explicit),
         Command::Bench(a) => bench::bench(&a),
-        Command::Pix2pix(a) => generate::pix2pix(a),
+        Command::Pix2pix(a) => generate::pix2pix(a, &explicit),
         Command::Styles { name } => generate::styles(name.as_deref()),
         Command::Models(ModelsCommand::List { models_dir }) => generate::list_models(&models_dir),
         Command::Models(ModelsCommand::Pull {

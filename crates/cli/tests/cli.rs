@@ -557,6 +557,12 @@ fn pix2pix_and_img2img_refuse_the_other_kind_of_model() {
 /// `pictor img2img` or `pictor txt2img` (Karras sigmas and algorithm as the case says) and compares with the
 /// committed images: max |Δ| ≤ 3, mean |Δ| ≤ 0.5.
 fn cli_parity(name: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    cli_parity_into(name, &tmp.path().join("out"));
+}
+
+/// [`cli_parity`], writing the images into `out`.
+fn cli_parity_into(name: &str, out: &Path) {
     let fx = fixtures();
     let case = support::case(name);
     let pipeline = case["pipeline"].as_str().unwrap();
@@ -566,8 +572,6 @@ fn cli_parity(name: &str) {
         Value::Null => String::new(),
         v => v.to_string(),
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("out");
     let mut args: Vec<String> = vec![
         pipeline.into(),
         "--models-dir".into(),
@@ -1121,5 +1125,116 @@ fn models_pull_fails_cleanly_without_network() {
         entries(&root.join("checkpoints")),
         BTreeSet::from(["demo".to_string()]),
         "models pull left something in checkpoints/"
+    );
+}
+
+/// Every PNG carries its settings as AUTOMATIC1111's `parameters` text, and `--from-png` restores them: the
+/// same image again without repeating a single option; options given on the command line win; an A1111 PNG's
+/// sampler names map through the sampler table ("DPM++ 2M" + "Karras").
+#[test]
+fn pngs_carry_their_parameters_and_from_png_restores_them() {
+    use pictor_engine::image_io::{encode_png_with_text, png_text};
+    let fx = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let models = fx.join("models").display().to_string();
+    let init = fx.join("init-64.png").display().to_string();
+    let first = tmp.path().join("first");
+    cli_parity_into("sd1-ddim-s42", &first);
+    let png = std::fs::read(first.join("0.png")).unwrap();
+    let text = png_text(&png, "parameters").expect("the PNG carries its parameters");
+    assert!(
+        text.starts_with(r"a photo of a cat, \(\(cinematic lighting\)\)")
+            && text.contains("\nNegative prompt: blurry\n")
+            && text.contains("Steps: 10, Sampler: DDIM, Schedule type: Uniform, CFG scale: 7.5, Seed: 42, Size: 64x64, Model: sd1-tiny, Denoising strength: 0.75"),
+        "{text}"
+    );
+
+    // Again from the PNG alone (model, prompts, seed, steps, sampler, size, strength all from it).
+    let again = tmp.path().join("again");
+    let from = first.join("0.png").display().to_string();
+    let o = pictor([
+        "img2img",
+        "--models-dir",
+        &models,
+        "--init-image",
+        &init,
+        "--from-png",
+        &from,
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert_ok(&o, "img2img --from-png");
+    assert_eq!(meta(&o)["seed"], 42);
+    assert_image_matches(
+        &std::fs::read(again.join("0.png")).unwrap(),
+        "cases/sd1-ddim-s42/0.png",
+    );
+
+    // The command line wins over the PNG.
+    let other = tmp.path().join("other");
+    let o = pictor([
+        "img2img",
+        "--models-dir",
+        &models,
+        "--init-image",
+        &init,
+        "--from-png",
+        &from,
+        "--seed",
+        "43",
+        "--out",
+        other.to_str().unwrap(),
+    ]);
+    assert_ok(&o, "img2img --from-png --seed 43");
+    assert_eq!(meta(&o)["seed"], 43);
+
+    // AUTOMATIC1111's own infotext: DPM++ 2M with the Karras schedule is case sd1-dpm2m-karras-s11.
+    let a1111 = tmp.path().join("a1111.png");
+    let infotext = "a photo of a cat, \\(\\(cinematic lighting\\)\\)\nNegative prompt: blurry\nSteps: 6, Sampler: \
+                    DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 11, Size: 64x64, Model hash: 6ce0161689, \
+                    Model: sd1-tiny, Denoising strength: 0.75, Version: v1.10.1";
+    let blank = image::RgbImage::new(64, 64);
+    std::fs::write(
+        &a1111,
+        encode_png_with_text(&blank, "parameters", infotext).unwrap(),
+    )
+    .unwrap();
+    let out = tmp.path().join("from-a1111");
+    let o = pictor([
+        "img2img",
+        "--models-dir",
+        &models,
+        "--init-image",
+        &init,
+        "--from-png",
+        a1111.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_ok(&o, "img2img --from-png (AUTOMATIC1111)");
+    let m = meta(&o);
+    assert_eq!(m["scheduler"], "DPMSolverMultistepScheduler", "{m}");
+    assert_eq!(m["use_karras_sigmas"], "yes", "{m}");
+    assert_image_matches(
+        &std::fs::read(out.join("0.png")).unwrap(),
+        "cases/sd1-dpm2m-karras-s11/0.png",
+    );
+
+    // A PNG without parameters is refused clearly.
+    let o = pictor([
+        "img2img",
+        "--models-dir",
+        &models,
+        "--init-image",
+        &init,
+        "--from-png",
+        &init,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no parameters text"),
+        "{err}"
     );
 }

@@ -150,6 +150,13 @@ fn text2img_answers_every_family_with_the_reference_image() {
     let done = server.wait_for(&fetch, Duration::from_secs(120));
     assert_eq!(done["status"], "success", "{done}");
     assert_outputs_match(&server, done["output"].as_array().unwrap(), &reference);
+    // Its PNG carries the settings as AUTOMATIC1111's `parameters` text.
+    let (_, png) = server.get(done["output"][0].as_str().unwrap());
+    let text = pictor_engine::image_io::png_text(&png, "parameters").expect("parameters text");
+    assert!(
+        text.contains("Steps: 8, Sampler: Euler, Schedule type: Uniform, CFG scale: 7.5, Seed: 7, Size: 64x64, Model: sd1-tiny"),
+        "{text}"
+    );
 
     // Bad input in the API's shape; no text2img on v5 (pix2pix needs an image); the refiner cannot start
     // from text; an InstructPix2Pix model is not a text2img model.

@@ -253,9 +253,77 @@ pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Encodes an RGB image as PNG with one text chunk `keyword` = `text` (tEXt when the text is Latin-1, else
+/// UTF-8 iTXt, as AUTOMATIC1111 writes its `parameters`).
+pub fn encode_png_with_text(img: &RgbImage, keyword: &str, text: &str) -> Result<Vec<u8>> {
+    let failed = |e: png::EncodingError| {
+        EngineError::io(
+            PathBuf::from("<PNG encoder>"),
+            std::io::Error::other(e.to_string()),
+        )
+    };
+    let mut out = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut out, img.width(), img.height());
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        if text.chars().all(|c| (c as u32) < 256) {
+            encoder
+                .add_text_chunk(keyword.to_string(), text.to_string())
+                .map_err(failed)?;
+        } else {
+            encoder
+                .add_itxt_chunk(keyword.to_string(), text.to_string())
+                .map_err(failed)?;
+        }
+        let mut writer = encoder.write_header().map_err(failed)?;
+        writer.write_image_data(img.as_raw()).map_err(failed)?;
+        writer.finish().map_err(failed)?;
+    }
+    Ok(out)
+}
+
+/// The text chunk `keyword` of a PNG file (tEXt, zTXt or iTXt), if it has one.
+pub fn png_text(bytes: &[u8], keyword: &str) -> Option<String> {
+    let reader = png::Decoder::new(Cursor::new(bytes)).read_info().ok()?;
+    let info = reader.info();
+    if let Some(t) = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == keyword)
+    {
+        return Some(t.text.clone());
+    }
+    if let Some(t) = info
+        .compressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == keyword)
+    {
+        return t.get_text().ok();
+    }
+    info.utf8_text
+        .iter()
+        .find(|t| t.keyword == keyword)
+        .and_then(|t| t.get_text().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn png_text_chunks_round_trip() {
+        let img = RgbImage::from_fn(5, 3, |x, y| image::Rgb([x as u8 * 40, y as u8 * 80, 7]));
+        for text in ["a cat\nSteps: 20, Seed: 1", "a café, 猫\nSteps: 2"] {
+            let png = encode_png_with_text(&img, "parameters", text).unwrap();
+            assert_eq!(png_text(&png, "parameters").as_deref(), Some(text));
+            assert_eq!(png_text(&png, "other"), None);
+            let back = image::load_from_memory(&png).unwrap().to_rgb8();
+            assert_eq!(back, img);
+        }
+        assert_eq!(png_text(&encode_png(&img).unwrap(), "parameters"), None);
+        assert_eq!(png_text(b"not a png", "parameters"), None);
+    }
     use image::{GrayImage, Rgb, Rgba, RgbaImage};
 
     const MAX: u64 = 4096 * 4096;

@@ -331,52 +331,6 @@ pub fn model_id_of_title(title: &str) -> String {
         .to_string()
 }
 
-/// A1111's infotext for one image: the prompt, the negative prompt, then `Key: value` pairs — what A1111 shows
-/// under an image and writes into its PNGs.
-pub fn infotext(
-    s: &Submission,
-    model_id: &str,
-    sampler: &str,
-    schedule: &str,
-    seed: u64,
-) -> String {
-    let mut text = s.prompt.clone();
-    if !s.negative_prompt.is_empty() {
-        text.push_str(&format!("\nNegative prompt: {}", s.negative_prompt));
-    }
-    let mut pairs = vec![
-        format!("Steps: {}", s.steps),
-        format!("Sampler: {sampler}"),
-        format!("Schedule type: {schedule}"),
-        format!("CFG scale: {}", s.guidance_scale),
-        format!("Seed: {seed}"),
-        format!(
-            "Size: {}x{}",
-            s.width.unwrap_or(512),
-            s.height.unwrap_or(512)
-        ),
-        format!("Model: {model_id}"),
-    ];
-    if s.kind == PipelineKind::Img2Img {
-        pairs.push(format!("Denoising strength: {}", s.strength));
-    }
-    if s.clip_skip > 1 {
-        pairs.push(format!("Clip skip: {}", s.clip_skip));
-    }
-    if !s.loras.is_empty() {
-        let hashes: Vec<String> = s
-            .loras
-            .iter()
-            .map(|l| format!("{}: {}", l.name, l.strength))
-            .collect();
-        pairs.push(format!("Lora weights: \"{}\"", hashes.join(", ")));
-    }
-    pairs.push(format!("Version: pictor {}", env!("CARGO_PKG_VERSION")));
-    text.push('\n');
-    text.push_str(&pairs.join(", "));
-    text
-}
-
 /// The `info` JSON (as A1111 builds it) for a finished request: `seeds` are the images' seeds in order.
 pub fn info(req: &A1111Request, model_id: &str, seeds: &[u64], infotexts: &[String]) -> Value {
     let first = &req.submissions[0];

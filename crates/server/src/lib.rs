@@ -8,6 +8,7 @@ pub mod backend;
 pub mod config;
 pub mod destination;
 pub mod family;
+pub mod infotext;
 pub mod init_image;
 pub mod jobs;
 pub mod keys;

@@ -215,12 +215,16 @@ pub fn a1111_schedules_json() -> Value {
     )
 }
 
-/// The A1111 sampler name and schedule label for a scheduler that ran (for A1111's infotext): the first sampler
-/// that maps to it, else the class name itself.
-pub fn a1111_name_of(scheduler: &str, karras: bool) -> (String, &'static str) {
+/// The A1111 sampler name and schedule label for a scheduler that ran with `algorithm_type` (for A1111's
+/// infotext): the sampler that maps to it, else the class name itself.
+pub fn a1111_name_of(
+    scheduler: &str,
+    algorithm_type: Option<&str>,
+    karras: bool,
+) -> (String, &'static str) {
     let name = A1111_SAMPLERS
         .iter()
-        .find(|s| s.scheduler == Some(scheduler) && s.algorithm_type.is_none())
+        .find(|s| s.scheduler == Some(scheduler) && s.algorithm_type == algorithm_type)
         .map(|s| s.name.to_string())
         .unwrap_or_else(|| scheduler.to_string());
     (name, if karras { "Karras" } else { "Uniform" })
@@ -267,9 +271,7 @@ mod tests {
         // Every listed sampler resolves; names for infotext go back to A1111's.
         for name in a1111_sampler_names() {
             let c = choice(name, None);
-            if c.algorithm_type.is_none() {
-                assert_eq!(a1111_name_of(c.scheduler, false).0, name);
-            }
+            assert_eq!(a1111_name_of(c.scheduler, c.algorithm_type, false).0, name);
         }
     }
 }

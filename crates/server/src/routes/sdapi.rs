@@ -124,7 +124,7 @@ async fn generate(
     let mut seeds = Vec::new();
     let mut infotexts = Vec::new();
     let mut model_id = String::new();
-    for (id, submission) in ids.iter().zip(&request.submissions) {
+    for id in &ids {
         let job = super::generate::wait_finished(app, *id).await?;
         match job.status {
             JobStatus::Failed if job.error.as_deref() == Some(CANCELLED) => continue,
@@ -133,9 +133,10 @@ async fn generate(
         }
         let r = &job.spec.request;
         model_id = r.model_id.clone();
-        let (sampler, schedule) = (&request.sampler_name, request.schedule);
-        infotexts.push(a1111::infotext(
-            submission, &model_id, sampler, schedule, r.seed,
+        let ran = job.result.as_ref().map(|x| x.scheduler.as_str());
+        infotexts.push(crate::infotext::format(
+            r,
+            ran.or(r.scheduler.as_deref()).unwrap_or_default(),
         ));
         seeds.push(r.seed);
         if request.send_images {
