@@ -1389,6 +1389,7 @@ fn read_events(url: &str) -> Vec<(String, Value)> {
 #[test]
 fn progress_streams_and_jobs_cancel() {
     let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start();
     let server = start_default(
         &dir,
         &[
@@ -1398,6 +1399,7 @@ fn progress_streams_and_jobs_cancel() {
             "150",
             "--api-key",
             "other-key",
+            "--allow-private-urls",
         ],
     );
     let reference = case("t2i-sd1-euler-s7");
@@ -1438,7 +1440,10 @@ fn progress_streams_and_jobs_cancel() {
 
     // Cancel: one running, one queued behind it.
     let (_, running) = server.post("/api/v6/images/text2img", &body);
-    let (_, waiting) = server.post("/api/v6/images/text2img", &body);
+    let mut hooked = body.clone();
+    hooked["webhook"] = json!(format!("{}/cancelled", receiver.base));
+    hooked["track_id"] = json!("t-1");
+    let (_, waiting) = server.post("/api/v6/images/text2img", &hooked);
     let (running, waiting) = (
         running["id"].as_i64().unwrap(),
         waiting["id"].as_i64().unwrap(),
@@ -1481,6 +1486,17 @@ fn progress_streams_and_jobs_cancel() {
         assert_eq!(done["status"], "failed", "{done}");
         assert_eq!(done["message"], "Cancelled", "{done}");
     }
+    // The cancelled job's webhook says so.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while receiver.posts_to("/cancelled").is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let hook = &receiver.posts_to("/cancelled")[0].json;
+    assert_eq!(
+        (&hook["status"], &hook["message"], &hook["track_id"]),
+        (&json!("failed"), &json!("Cancelled"), &json!("t-1")),
+        "{hook}"
+    );
     let (_, again) = server.post(
         &format!("/api/v1/jobs/{running}/cancel"),
         &json!({"key": KEY}),
