@@ -256,6 +256,36 @@ fn variant_key(request: &GenerationRequest) -> String {
     )
 }
 
+/// The names in `dir`: files with one of `extensions` (without it) and, with `folders`, sub-folders; hidden
+/// entries skipped; sorted.
+fn names_in(dir: &Path, extensions: &[&str], folders: bool) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let path = e.path();
+                    let name = e.file_name().to_string_lossy().to_string();
+                    if name.starts_with('.') {
+                        return None;
+                    }
+                    if folders && path.is_dir() {
+                        return Some(name);
+                    }
+                    let ext = path.extension()?.to_str()?;
+                    extensions
+                        .contains(&ext)
+                        .then(|| path.file_stem()?.to_str().map(str::to_string))
+                        .flatten()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// Bytes of weights a model holds in memory, estimated from its files on disk.
 fn weight_bytes(location: &ModelLocation) -> u64 {
     files_bytes(&location.path)
@@ -396,20 +426,19 @@ impl Backend for EngineBackend {
     }
 
     fn loras(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.models_dir.loras())
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter_map(|e| {
-                        let name = e.file_name().to_string_lossy().to_string();
-                        name.strip_suffix(".safetensors").map(str::to_string)
-                    })
-                    .filter(|n| !n.starts_with('.'))
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
+        names_in(&self.models_dir.loras(), &["safetensors"], false)
+    }
+
+    fn vaes(&self) -> Vec<String> {
+        names_in(&self.models_dir.vaes(), &["safetensors"], true)
+    }
+
+    fn embeddings(&self) -> Vec<String> {
+        names_in(
+            &self.models_dir.embeddings(),
+            &["safetensors", "pt", "bin"],
+            false,
+        )
     }
 
     fn generate(

@@ -209,6 +209,25 @@ fn the_playground_generates_shows_progress_cancels_and_shows_field_errors() {
         "return [...document.getElementById('model').options].some(o => o.value === 'sd1-tiny')",
     );
 
+    // The server's lists: models by what they run, schedulers, LoRAs, VAEs.
+    let lists = browser.run(
+        "const values = id => [...document.getElementById(id).options].map(o => o.value); \
+         return [values('scheduler'), values('loras'), values('vaes')]",
+        json!([]),
+    );
+    assert!(
+        lists[0]
+            .as_array()
+            .unwrap()
+            .contains(&json!("DDIMScheduler")),
+        "{lists}"
+    );
+    assert!(
+        lists[1].as_array().unwrap().contains(&json!("tiny-kohya")),
+        "{lists}"
+    );
+    assert_eq!(lists[2], json!(["tiny-alt", "tiny-alt-ldm"]), "{lists}");
+
     // Case sd1-ddim-s42: the prompt typed, the init image dropped on the page.
     browser.type_into("#prompt", r"a photo of a cat, \(\(cinematic lighting\)\)");
     browser.type_into("#negative_prompt", "blurry");
@@ -319,6 +338,39 @@ fn the_playground_generates_shows_progress_cancels_and_shows_field_errors() {
     );
     assert!(message.as_str().unwrap().contains("1024"), "{message}");
     browser.screenshot("5-field-error");
+
+    // Dropping a PNG that carries its parameters restores the settings it was made with.
+    use base64::Engine as _;
+    set_fields(
+        &browser,
+        json!({"seed": "", "num_inference_steps": "30", "prompt": "", "width": "512",
+               "scheduler": "", "model": "sd2-tiny"}),
+    );
+    browser.run(
+        "const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0)); \
+         const dt = new DataTransfer(); dt.items.add(new File([bytes], 'result.png', {type: 'image/png'})); \
+         document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));",
+        json!([base64::engine::general_purpose::STANDARD.encode(&png)]),
+    );
+    let restored = browser.wait(
+        "the settings from the dropped PNG",
+        "const v = id => document.getElementById(id).value; \
+         return v('seed') === '42' ? [v('prompt'), v('negative_prompt'), v('num_inference_steps'), v('width'), \
+                                      v('strength'), v('guidance_scale'), v('scheduler'), v('model')] : null",
+    );
+    assert_eq!(
+        restored,
+        json!([
+            r"a photo of a cat, \(\(cinematic lighting\)\)",
+            "blurry",
+            "10",
+            "64",
+            "0.75",
+            "7.5",
+            "DDIMScheduler",
+            "sd1-tiny"
+        ]),
+    );
 
     // Copy as curl shows the request for the form.
     set_fields(&browser, json!({"width": "64"}));

@@ -251,6 +251,14 @@ pub trait Backend: Send + Sync + 'static {
     fn loras(&self) -> Vec<String> {
         Vec::new()
     }
+    /// The VAEs requests may name (`vae`). The default lists none.
+    fn vaes(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// The textual-inversion embeddings requests may name (`embeddings_model`). The default lists none.
+    fn embeddings(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Runs one request, on `init_image` (the encoded image file as received) when its kind takes one.
     fn generate(
         &self,

@@ -201,6 +201,23 @@ pub fn a1111_samplers_json() -> Value {
     )
 }
 
+/// The A1111 samplers Pictor runs, by name: `{name: {scheduler, algorithm_type}}` (for clients that turn an
+/// A1111 infotext back into a ModelsLab request, such as the playground).
+pub fn a1111_sampler_map_json() -> Value {
+    Value::Object(
+        A1111_SAMPLERS
+            .iter()
+            .filter_map(|s| {
+                let scheduler = s.scheduler?;
+                Some((
+                    s.name.to_string(),
+                    json!({"scheduler": scheduler, "algorithm_type": s.algorithm_type}),
+                ))
+            })
+            .collect(),
+    )
+}
+
 /// `GET /sdapi/v1/schedulers`: the schedule types Pictor runs, in A1111's shape.
 pub fn a1111_schedules_json() -> Value {
     Value::Array(

@@ -29,7 +29,7 @@ pub async fn page() -> Response {
 }
 
 /// `GET /api/v1/options` (any valid key, as Bearer, `key` header or `?key=`): the models (with the pipeline each
-/// runs), scheduler names, LoRAs, enhance styles and the server's default models.
+/// runs), scheduler names, LoRAs, VAEs, embeddings, enhance styles and the server's default models.
 pub async fn options(app: Arc<App>, query_key: Option<String>, headers: HeaderMap) -> Response {
     let result = async {
         match query_key {
@@ -45,11 +45,16 @@ pub async fn options(app: Arc<App>, query_key: Option<String>, headers: HeaderMa
             }
         }
         let backend = app.node.backend.clone();
-        let (models, schedulers, loras) = tokio::task::spawn_blocking(move || {
-            (backend.models(), backend.schedulers(), backend.loras())
-        })
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let (models, schedulers, (loras, vaes, embeddings)) =
+            tokio::task::spawn_blocking(move || {
+                (
+                    backend.models(),
+                    backend.schedulers(),
+                    (backend.loras(), backend.vaes(), backend.embeddings()),
+                )
+            })
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         let models = models.map_err(|e| ApiError::Internal(e.to_string()))?;
         let models: Vec<_> = models
             .into_iter()
@@ -64,7 +69,10 @@ pub async fn options(app: Arc<App>, query_key: Option<String>, headers: HeaderMa
             "models": models,
             "schedulers": schedulers,
             "loras": loras,
+            "vaes": vaes,
+            "embeddings": embeddings,
             "styles": prompt_enhance::style_ids().collect::<Vec<_>>(),
+            "a1111_samplers": crate::samplers::a1111_sampler_map_json(),
             "default_model": app.node.config.default_model,
             "pix2pix_model": app.node.config.pix2pix_model,
         }))
