@@ -1149,20 +1149,27 @@ fn pngs_carry_their_parameters_and_from_png_restores_them() {
         "{text}"
     );
 
+    // `pictor img2img --from-png PNG [more…]` into a fresh folder.
+    let from_png = |png: &str, more: &[&str], out: &Path| {
+        let mut args = vec![
+            "img2img".to_string(),
+            "--models-dir".into(),
+            models.clone(),
+            "--init-image".into(),
+            init.clone(),
+            "--from-png".into(),
+            png.to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        args.extend(more.iter().map(|a| a.to_string()));
+        pictor(args)
+    };
+
     // Again from the PNG alone (model, prompts, seed, steps, sampler, size, strength all from it).
     let again = tmp.path().join("again");
     let from = first.join("0.png").display().to_string();
-    let o = pictor([
-        "img2img",
-        "--models-dir",
-        &models,
-        "--init-image",
-        &init,
-        "--from-png",
-        &from,
-        "--out",
-        again.to_str().unwrap(),
-    ]);
+    let o = from_png(&from, &[], &again);
     assert_ok(&o, "img2img --from-png");
     assert_eq!(meta(&o)["seed"], 42);
     assert_image_matches(
@@ -1171,20 +1178,7 @@ fn pngs_carry_their_parameters_and_from_png_restores_them() {
     );
 
     // The command line wins over the PNG.
-    let other = tmp.path().join("other");
-    let o = pictor([
-        "img2img",
-        "--models-dir",
-        &models,
-        "--init-image",
-        &init,
-        "--from-png",
-        &from,
-        "--seed",
-        "43",
-        "--out",
-        other.to_str().unwrap(),
-    ]);
+    let o = from_png(&from, &["--seed", "43"], &tmp.path().join("other"));
     assert_ok(&o, "img2img --from-png --seed 43");
     assert_eq!(meta(&o)["seed"], 43);
 
@@ -1200,17 +1194,7 @@ fn pngs_carry_their_parameters_and_from_png_restores_them() {
     )
     .unwrap();
     let out = tmp.path().join("from-a1111");
-    let o = pictor([
-        "img2img",
-        "--models-dir",
-        &models,
-        "--init-image",
-        &init,
-        "--from-png",
-        a1111.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = from_png(a1111.to_str().unwrap(), &[], &out);
     assert_ok(&o, "img2img --from-png (AUTOMATIC1111)");
     let m = meta(&o);
     assert_eq!(m["scheduler"], "DPMSolverMultistepScheduler", "{m}");
@@ -1221,17 +1205,7 @@ fn pngs_carry_their_parameters_and_from_png_restores_them() {
     );
 
     // A PNG without parameters is refused clearly.
-    let o = pictor([
-        "img2img",
-        "--models-dir",
-        &models,
-        "--init-image",
-        &init,
-        "--from-png",
-        &init,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = from_png(&init, &[], &out);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("no parameters text"),
