@@ -372,6 +372,23 @@ fn the_playground_generates_shows_progress_cancels_and_shows_field_errors() {
         ]),
     );
 
+    // On a phone-sized window nothing overflows sideways.
+    browser.call("POST", "/window/rect", json!({"width": 390, "height": 844}));
+    let overflow = browser.run(
+        "return document.documentElement.scrollWidth - window.innerWidth",
+        json!([]),
+    );
+    assert!(
+        overflow.as_i64().unwrap() <= 0,
+        "wider than the phone by {overflow} px"
+    );
+    browser.screenshot("6-phone");
+    browser.call(
+        "POST",
+        "/window/rect",
+        json!({"width": 1280, "height": 1100}),
+    );
+
     // Copy as curl shows the request for the form.
     set_fields(&browser, json!({"width": "64"}));
     browser.click("#copy_curl");
