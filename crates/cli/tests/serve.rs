@@ -1522,3 +1522,50 @@ fn progress_streams_and_jobs_cancel() {
     assert_eq!(done["status"], "success", "{done}");
     assert_outputs_match(&server, done["output"].as_array().unwrap(), &reference);
 }
+
+/// A client that lost the answer and sends its request again gets the first job, not a second one: with an
+/// `Idempotency-Key` header, or with the same body (same `track_id`); the same track_id on another body is a new
+/// request. The queue limit does not refuse a retry.
+#[test]
+fn retries_answer_the_first_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_default(&dir, &["--sync-timeout", "0", "--max-queued-per-key", "2"]);
+    let reference = case("t2i-sd1-euler-s7");
+    let body = body_for(&reference, json!({"model_id": "sd1-tiny"}));
+    let url = format!("{}/api/v6/images/text2img", server.base);
+    let with_key =
+        |key: &str| support::post_json_with(&url, &body, &[("Idempotency-Key", key.to_string())]).1;
+    let first = with_key("order-17");
+    let again = with_key("order-17");
+    assert_eq!(first["status"], "processing", "{first}");
+    assert_eq!(again["id"], first["id"], "{again}");
+    assert_eq!(again["meta"]["file_prefix"], first["meta"]["file_prefix"]);
+    let other = with_key("order-18");
+    assert_ne!(other["id"], first["id"]);
+    // The queue (limit 2) is full now, but a retry is still answered with its job.
+    assert_eq!(with_key("order-18")["id"], other["id"]);
+    let (status, full) =
+        support::post_json_with(&url, &body, &[("Idempotency-Key", "order-19".into())]);
+    assert_eq!(status, 429, "{full}");
+
+    // The same body with a track_id, sent twice; then the same track_id with another prompt.
+    for id in [&first["id"], &other["id"]] {
+        let done = server.wait_for(
+            &format!("{}/api/v6/images/fetch/{id}", server.base),
+            Duration::from_secs(60),
+        );
+        assert_eq!(done["status"], "success", "{done}");
+    }
+    let mut tracked = body.clone();
+    tracked["track_id"] = json!("t-9");
+    let (_, a) = server.post("/api/v6/images/text2img", &tracked);
+    let (_, b) = server.post("/api/v6/images/text2img", &tracked);
+    assert_eq!(a["id"], b["id"], "{a} {b}");
+    tracked["prompt"] = json!("a dog");
+    let (_, c) = server.post("/api/v6/images/text2img", &tracked);
+    assert_ne!(c["id"], a["id"], "{c}");
+    let (status, bad) =
+        support::post_json_with(&url, &body, &[("Idempotency-Key", "x".repeat(300))]);
+    assert_eq!(status, 200);
+    assert_eq!(bad["status"], "error", "{bad}");
+}

@@ -32,6 +32,10 @@ pub struct Delivery {
     /// `loadbalancer: yes`: any worker may run it, even for a key bound to a worker group.
     #[serde(default)]
     pub loadbalancer: bool,
+    /// The client's key for retries of this request (`Idempotency-Key` header, else `track_id`): a retry within
+    /// [`crate::jobs::IDEMPOTENCY_WINDOW`] answers the first job instead of making another.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// Values the request asked for that are echoed in `meta` but do not change the generation.
@@ -428,6 +432,14 @@ pub fn parse(family: Family, kind: PipelineKind, body: &Body) -> Result<Submissi
             track_id: body.string(&["track_id"])?,
             instant_response: body.flag(&["instant_response"])?.unwrap_or(false),
             loadbalancer: body.flag(&["loadbalancer"])?.unwrap_or(false),
+            // A retry (the same body, so the same track_id) is the same request; another body with the same
+            // track_id is not. An Idempotency-Key header overrides.
+            idempotency_key: body.string(&["track_id"])?.map(|t| {
+                use sha2::{Digest, Sha256};
+                let digest = Sha256::digest(serde_json::Value::Object(body.0.clone()).to_string());
+                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+                format!("track_id:{t}:{hex}")
+            }),
         },
     })
 }

@@ -485,6 +485,7 @@ macro_rules! contract {
 }
 
 async fn the_per_key_limit_holds_under_concurrency(store: Arc<dyn JobStore>) {
+    let new = |i: Inserted| matches!(i, Inserted::New(_));
     let mut tasks = Vec::new();
     for _ in 0..40 {
         let store = store.clone();
@@ -494,35 +495,96 @@ async fn the_per_key_limit_holds_under_concurrency(store: Arc<dyn JobStore>) {
     }
     let mut accepted = 0;
     for t in tasks {
-        accepted += usize::from(t.await.unwrap().is_some());
+        let inserted = t.await.unwrap();
+        assert!(matches!(inserted, Inserted::New(_) | Inserted::Full));
+        accepted += usize::from(new(inserted));
     }
     assert_eq!(accepted, 10);
     assert_eq!(store.active_for_owner("k").await.unwrap(), 10);
-    assert!(store
+    assert!(new(store
         .insert_within("other", &spec(), None, 10)
         .await
-        .unwrap()
-        .is_some());
+        .unwrap()));
     // A finished job frees its place.
     let job = store.claim(&worker("w"), LONG).await.unwrap().unwrap();
-    assert!(store
-        .insert_within(&job.owner, &spec(), None, 10)
-        .await
-        .unwrap()
-        .is_none());
+    assert_eq!(
+        store
+            .insert_within(&job.owner, &spec(), None, 10)
+            .await
+            .unwrap(),
+        Inserted::Full
+    );
     store
         .finish(job.lease(), &Outcome::Failed("x".into()))
         .await
         .unwrap();
-    assert!(store
+    assert!(new(store
         .insert_within(&job.owner, &spec(), None, 10)
         .await
-        .unwrap()
-        .is_some());
+        .unwrap()));
+}
+
+/// A request's retries (the same idempotency key from the same owner) get its first job, also when they race
+/// and when the owner's queue is full; another owner's key of the same text is its own.
+async fn retries_with_an_idempotency_key_get_the_first_job(store: Arc<dyn JobStore>) {
+    let keyed = |key: &str| {
+        let mut s = spec();
+        s.delivery.idempotency_key = Some(key.into());
+        s
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let store = store.clone();
+        let spec = keyed("retry-1");
+        tasks.push(tokio::spawn(async move {
+            store.insert_within("k", &spec, None, 10).await.unwrap()
+        }));
+    }
+    let mut new = Vec::new();
+    let mut existing = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Inserted::New(id) => new.push(id),
+            Inserted::Existing(id) => existing.push(id),
+            Inserted::Full => panic!("a retry was refused as a full queue"),
+        }
+    }
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert!(existing.iter().all(|id| *id == new[0]), "{existing:?}");
+    assert_eq!(store.active_for_owner("k").await.unwrap(), 1);
+    // Another owner, the same text: its own job. Another key: a new job.
+    let other = store
+        .insert_within("k2", &keyed("retry-1"), None, 10)
+        .await
+        .unwrap();
+    assert!(matches!(other, Inserted::New(id) if id != new[0]));
+    assert!(matches!(
+        store
+            .insert_within("k", &keyed("retry-2"), None, 10)
+            .await
+            .unwrap(),
+        Inserted::New(_)
+    ));
+    // With the queue full, a retry still gets its job; a new request does not.
+    assert_eq!(
+        store
+            .insert_within("k", &keyed("retry-1"), None, 2)
+            .await
+            .unwrap(),
+        Inserted::Existing(new[0])
+    );
+    assert_eq!(
+        store
+            .insert_within("k", &keyed("retry-3"), None, 2)
+            .await
+            .unwrap(),
+        Inserted::Full
+    );
 }
 
 contract!(
     the_per_key_limit_holds_under_concurrency,
+    retries_with_an_idempotency_key_get_the_first_job,
     lifecycle,
     expired_leases_are_fenced,
     attempts_are_bounded,

@@ -264,15 +264,16 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait JobStore: Send + Sync + 'static {
     /// Stores a new queued job (pinned to `group` when given) and returns its id.
     async fn insert(&self, owner: &str, spec: &JobSpec, group: Option<&str>) -> StoreResult<i64>;
-    /// Like [`JobStore::insert`], unless `owner` already has `limit` jobs queued or running (then `None`): the
-    /// count and the insert are one step, so concurrent requests cannot pass the limit together.
+    /// Like [`JobStore::insert`], unless `owner` already has `limit` jobs queued or running (`Full`), or a job
+    /// with the spec's idempotency key from within [`IDEMPOTENCY_WINDOW`] (`Existing`, that job): the checks and
+    /// the insert are one step, so concurrent requests cannot pass the limit, or both take one key, together.
     async fn insert_within(
         &self,
         owner: &str,
         spec: &JobSpec,
         group: Option<&str>,
         limit: i64,
-    ) -> StoreResult<Option<i64>>;
+    ) -> StoreResult<Inserted>;
     /// One job.
     async fn get(&self, id: i64) -> StoreResult<Option<Job>>;
     /// Takes the next job `worker` may run and leases it for `lease`: keys take turns (the key served longest
@@ -418,6 +419,20 @@ fn webhook_state(spec: &JobSpec) -> &'static str {
     } else {
         ""
     }
+}
+
+/// How long a request's idempotency key answers with its first job.
+pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// What [`JobStore::insert_within`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// A new job, queued.
+    New(i64),
+    /// Nothing: the owner's job with the same idempotency key (a retry of the request that made it).
+    Existing(i64),
+    /// Nothing: the owner's queue is full.
+    Full,
 }
 
 /// The failure message of a job stopped at its owner's request (or the admin's).

@@ -10,7 +10,9 @@ use tokio::sync::{broadcast, Notify};
 
 use super::postgres::PostgresJobs;
 use super::sqlite::SqliteJobs;
-use super::{Cancelled, Job, JobSpec, JobStore, Lease, Outcome, Reaped, StoreError, StoreResult};
+use super::{
+    Cancelled, Inserted, Job, JobSpec, JobStore, Lease, Outcome, Reaped, StoreError, StoreResult,
+};
 
 /// How often a waiter looks at the store when no signal came.
 pub const POLL: Duration = Duration::from_secs(1);
@@ -144,22 +146,23 @@ impl JobService {
         &self.signals
     }
 
-    /// Queues a job unless `owner` already has `limit` queued or running (then `None`), and wakes a worker.
+    /// Queues a job unless `owner` already has `limit` queued or running or a job with the spec's idempotency
+    /// key (see [`JobStore::insert_within`]), and wakes a worker.
     pub async fn submit(
         &self,
         owner: &str,
         spec: &JobSpec,
         group: Option<&str>,
         limit: usize,
-    ) -> StoreResult<Option<i64>> {
-        let id = self
+    ) -> StoreResult<Inserted> {
+        let inserted = self
             .store
             .insert_within(owner, spec, group, limit as i64)
             .await?;
-        if id.is_some() {
+        if matches!(inserted, Inserted::New(_)) {
             self.signals.queued();
         }
-        Ok(id)
+        Ok(inserted)
     }
 
     /// The job once it has finished, or as it is after `timeout`; `None` if it does not exist.

@@ -32,13 +32,21 @@ impl Dialect {
     }
 }
 
-/// Queues a job unless its owner already has `$6` queued or running. `$1` owner, `$2` spec, `$3` model,
-/// `$4` group, `$5` webhook state.
+/// Queues a job unless its owner already has `$6` queued or running, or a job with idempotency key `$7`.
+/// `$1` owner, `$2` spec, `$3` model, `$4` group, `$5` webhook state, `$7` idempotency key (or NULL).
 pub const INSERT_WITHIN: &str = "
-INSERT INTO jobs (owner, status, spec, model_id, pinned_group, webhook_status, created_at)
-SELECT $1, 'queued', $2, $3, $4, $5, NOW()
+INSERT INTO jobs (owner, status, spec, model_id, pinned_group, webhook_status, created_at, idempotency_key)
+SELECT $1, 'queued', $2, $3, $4, $5, NOW(), $7
 WHERE (SELECT COUNT(*) FROM jobs WHERE owner = $1 AND status IN ('queued', 'running')) < $6
+    AND NOT EXISTS (SELECT 1 FROM jobs WHERE owner = $1 AND idempotency_key = $7)
 RETURNING id";
+
+/// Frees idempotency key `$2` of owner `$1` from a job older than `$3` seconds (the key's window).
+pub const EXPIRE_IDEMPOTENCY: &str = "
+UPDATE jobs SET idempotency_key = NULL WHERE owner = $1 AND idempotency_key = $2 AND created_at < NOW() - $3";
+
+/// The job holding idempotency key `$2` of owner `$1`.
+pub const BY_IDEMPOTENCY: &str = "SELECT id FROM jobs WHERE owner = $1 AND idempotency_key = $2";
 
 /// Puts the next job a worker may run under its lease: keys take turns, then loaded models, then age.
 /// `$1` worker group, `$2` loaded models (JSON), `$3` worker name, `$4` lease seconds.
@@ -200,8 +208,12 @@ macro_rules! job_store {
                 spec: &$crate::jobs::JobSpec,
                 group: Option<&str>,
             ) -> $crate::jobs::StoreResult<i64> {
-                let id = self.insert_within(owner, spec, group, i64::MAX).await?;
-                Ok(id.expect("no limit"))
+                match self.insert_within(owner, spec, group, i64::MAX).await? {
+                    $crate::jobs::Inserted::New(id) | $crate::jobs::Inserted::Existing(id) => {
+                        Ok(id)
+                    }
+                    $crate::jobs::Inserted::Full => unreachable!("no limit"),
+                }
             }
 
             async fn insert_within(
@@ -210,11 +222,20 @@ macro_rules! job_store {
                 spec: &$crate::jobs::JobSpec,
                 group: Option<&str>,
                 limit: i64,
-            ) -> $crate::jobs::StoreResult<Option<i64>> {
+            ) -> $crate::jobs::StoreResult<$crate::jobs::Inserted> {
                 let text = serde_json::to_string(spec)?;
+                let key = spec.delivery.idempotency_key.as_deref();
                 let mut tx = self.pool.begin().await?;
                 if let Some(lock) = Self::DIALECT.owner_lock {
                     sqlx::query(lock).bind(owner).execute(&mut *tx).await?;
+                }
+                if let Some(key) = key {
+                    sqlx::query(&Self::DIALECT.sql($crate::jobs::sql::EXPIRE_IDEMPOTENCY))
+                        .bind(owner)
+                        .bind(key)
+                        .bind($crate::jobs::IDEMPOTENCY_WINDOW.as_secs_f64())
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 let row = sqlx::query(&Self::DIALECT.sql($crate::jobs::sql::INSERT_WITHIN))
                     .bind(owner)
@@ -223,13 +244,29 @@ macro_rules! job_store {
                     .bind(group)
                     .bind($crate::jobs::webhook_state(spec))
                     .bind(limit)
+                    .bind(key)
                     .fetch_optional(&mut *tx)
                     .await?;
+                let inserted = match (row, key) {
+                    (Some(row), _) => $crate::jobs::Inserted::New(sqlx::Row::try_get(&row, 0)?),
+                    (None, Some(key)) => {
+                        let existing =
+                            sqlx::query(&Self::DIALECT.sql($crate::jobs::sql::BY_IDEMPOTENCY))
+                                .bind(owner)
+                                .bind(key)
+                                .fetch_optional(&mut *tx)
+                                .await?;
+                        match existing {
+                            Some(row) => {
+                                $crate::jobs::Inserted::Existing(sqlx::Row::try_get(&row, 0)?)
+                            }
+                            None => $crate::jobs::Inserted::Full,
+                        }
+                    }
+                    (None, None) => $crate::jobs::Inserted::Full,
+                };
                 tx.commit().await?;
-                Ok(match row {
-                    Some(row) => Some(sqlx::Row::try_get(&row, 0)?),
-                    None => None,
-                })
+                Ok(inserted)
             }
 
             async fn get(&self, id: i64) -> $crate::jobs::StoreResult<Option<$crate::jobs::Job>> {

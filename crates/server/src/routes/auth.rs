@@ -108,6 +108,25 @@ pub fn caller_from_headers(app: &App, headers: &HeaderMap) -> Result<Caller, Api
         .ok_or(ApiError::InvalidKey)
 }
 
+/// The request's `Idempotency-Key` header: a retry carrying the same one answers the first request's job.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| {
+            ApiError::field(
+                "Idempotency-Key",
+                "must be printable text of at most 255 characters",
+            )
+        })?;
+    Ok(Some(format!("header:{key}")))
+}
+
 /// The caller, who must hold an admin key.
 pub fn admin(app: &App, body: &params::Body, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let c = caller(app, body, headers)?;

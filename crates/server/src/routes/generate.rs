@@ -12,7 +12,7 @@ use crate::app::App;
 use crate::backend::PipelineKind;
 use crate::family::Family;
 use crate::init_image;
-use crate::jobs::{Job, JobSpec, JobStatus};
+use crate::jobs::{Inserted, Job, JobSpec, JobStatus};
 use crate::keys::Caller;
 use crate::net_guard;
 use crate::render;
@@ -43,7 +43,10 @@ async fn accept(
 ) -> Result<Response, ApiError> {
     let body = super::auth::read_body(app, body).await?;
     let caller = super::auth::caller(app, &body, headers)?;
-    let submission = request::parse(family, kind, &body)?;
+    let mut submission = request::parse(family, kind, &body)?;
+    if let Some(key) = super::auth::idempotency_key(headers)? {
+        submission.delivery.idempotency_key = Some(key);
+    }
     let id = submit(app, &caller, &submission).await?;
 
     let wait = if submission.delivery.instant_response {
@@ -69,9 +72,12 @@ pub(crate) async fn submit(
     submission: &Submission,
 ) -> Result<i64, ApiError> {
     let family = submission.family;
-    // A cheap early refusal, before any image is read; the insert enforces the limit exactly.
+    // A cheap early refusal, before any image is read; the insert enforces the limit exactly. (Not for a request
+    // with an idempotency key: a retry of an accepted one gets its job even when the queue is full.)
     let active = app.node.jobs.store().active_for_owner(&caller.id).await?;
-    if active as usize >= app.node.config.max_queued_per_key {
+    if submission.delivery.idempotency_key.is_none()
+        && active as usize >= app.node.config.max_queued_per_key
+    {
         return Err(ApiError::QueueFull {
             limit: app.node.config.max_queued_per_key,
         });
@@ -198,20 +204,29 @@ pub(crate) async fn submit(
         .as_deref()
         .filter(|_| !submission.delivery.loadbalancer);
     let limit = app.node.config.max_queued_per_key;
-    let Some(id) = app
+    let inserted = app
         .node
         .jobs
         .submit(&caller.id, &spec, group, limit)
-        .await?
-    else {
-        // Others of this key were accepted while this one was being read: the limit holds at the insert too.
+        .await?;
+    if !matches!(inserted, Inserted::New(_)) {
+        // A retry of an accepted request, or others of this key were accepted while this one was being read
+        // (the limit holds at the insert too): this request's stored init image is not needed.
         if let Some(key) = &spec.init_key {
             let _ = app.node.storage.delete(key).await;
         }
-        return Err(ApiError::QueueFull { limit });
-    };
-    tracing::info!(job = id, family = family.label(), "job queued");
-    Ok(id)
+    }
+    match inserted {
+        Inserted::New(id) => {
+            tracing::info!(job = id, family = family.label(), "job queued");
+            Ok(id)
+        }
+        Inserted::Existing(id) => {
+            tracing::info!(job = id, "a retry answered with its first job");
+            Ok(id)
+        }
+        Inserted::Full => Err(ApiError::QueueFull { limit }),
+    }
 }
 
 /// How long a synchronous dialect (AUTOMATIC1111, OpenAI) waits for a job.

@@ -25,7 +25,8 @@ pub async fn generations(app: Arc<App>, headers: HeaderMap, body: Body) -> Respo
     let result = async {
         let caller = super::auth::caller_from_headers(&app, &headers)?;
         let body = super::auth::read_body(&app, body).await?;
-        let request = openai::parse(PipelineKind::Text2Img, &body, None)?;
+        let mut request = openai::parse(PipelineKind::Text2Img, &body, None)?;
+        request.submission.delivery.idempotency_key = super::auth::idempotency_key(&headers)?;
         run(&app, &caller, request).await
     };
     respond(result.await)
@@ -35,6 +36,7 @@ pub async fn generations(app: Arc<App>, headers: HeaderMap, body: Body) -> Respo
 pub async fn edits(app: Arc<App>, request: Request) -> Response {
     let result = async {
         let caller = super::auth::caller_from_headers(&app, request.headers())?;
+        let idempotency = super::auth::idempotency_key(request.headers())?;
         let (fields, image) = read_form(request).await?;
         let image = image.ok_or_else(|| ApiError::field("image", "image is required"))?;
         let pix2pix = match fields.string(&["model"])? {
@@ -49,7 +51,8 @@ pub async fn edits(app: Arc<App>, request: Request) -> Response {
         } else {
             PipelineKind::Img2Img
         };
-        let request = openai::parse(kind, &fields, Some(image))?;
+        let mut request = openai::parse(kind, &fields, Some(image))?;
+        request.submission.delivery.idempotency_key = idempotency;
         run(&app, &caller, request).await
     };
     respond(result.await)

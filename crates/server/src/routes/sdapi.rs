@@ -101,8 +101,13 @@ async fn generate(
             .into());
         }
     }
+    let idempotency = super::auth::idempotency_key(headers)?;
     let mut ids = Vec::with_capacity(request.submissions.len());
-    for submission in &request.submissions {
+    for (i, submission) in request.submissions.iter().enumerate() {
+        let mut submission = submission.clone();
+        // One job per image: image i of a retried request is the first request's image i.
+        submission.delivery.idempotency_key = idempotency.as_ref().map(|k| format!("{k}#{i}"));
+        let submission = &submission;
         match super::generate::submit(app, &caller, submission).await {
             Ok(id) => ids.push(id),
             Err(e) => {
