@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Load and fault run against a real `pictor serve` on loopback, bounded in count and time (never in CI).
+
+    cargo build --release -p pictor-cli
+    python3 scripts/load_fault.py [--clients 8] [--requests 6] [--keys 3] [--kills 2] [--disk-mib 0] [--seconds 300]
+
+N client threads send requests across K keys (mixed sizes and routes: v6 img2img and text2img, v7 text-to-image),
+each with an Idempotency-Key, and resend a request whose answer they lost (connection refused or reset while the
+server is down) with the same key, as a careful client would. Meanwhile the server is killed with SIGKILL at
+random moments and started again on the same data folder. With `--disk-mib N` (root only) the data folder is a
+tmpfs of N MiB, so the disk fills up during the run. At the end every accepted job is polled until it is final.
+
+Prints one JSON object: accepted, rejected (by reason), finished, failed, lost (accepted ids that never became
+final or vanished), duplicated (idempotency keys that got more than one job), kills, peak RSS of the server,
+p50/p95 of the answer time and of the time to a final job. Standard library only.
+"""
+
+import argparse
+import base64
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "tests" / "fixtures"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, binary, data, port, keys, extra):
+        self.binary, self.data, self.port, self.keys, self.extra = binary, data, port, keys, extra
+        self.proc = None
+        self.peak_rss_kib = 0
+        self.log = open(Path(data).parent / "server.log", "ab")
+
+    def start(self):
+        args = [str(self.binary), "serve", "--listen", f"127.0.0.1:{self.port}", "--no-demo",
+                "--models-dir", str(FIX / "models"), "--data-dir", str(self.data),
+                "--default-model", "sd1-tiny", "--admin-key", "admin-key-load"] + self.extra
+        for k in self.keys:
+            args += ["--api-key", k]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2)
+                return
+            except Exception:  # noqa: BLE001 -- not up yet
+                time.sleep(0.1)
+        raise SystemExit("the server did not become healthy")
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def sample_rss(self):
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    self.peak_rss_kib = max(self.peak_rss_kib, int(line.split()[1]))
+        except (OSError, AttributeError):
+            pass
+
+
+def post(url, body, headers=None, timeout=120):
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read() or b"null")
+        except ValueError:
+            return e.code, None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=6, help="per client")
+    ap.add_argument("--keys", type=int, default=3)
+    ap.add_argument("--kills", type=int, default=2)
+    ap.add_argument("--disk-mib", type=int, default=0, help="data folder on a tmpfs this large (root only)")
+    ap.add_argument("--seconds", type=int, default=300, help="bound on the whole run")
+    ap.add_argument("--binary", default=str(ROOT / "target" / "release" / "pictor"))
+    args = ap.parse_args()
+    started = time.time()
+    deadline = started + args.seconds
+
+    tmp = Path(tempfile.mkdtemp(prefix="pictor-load-"))
+    data = tmp / "data"
+    data.mkdir()
+    mounted = False
+    if args.disk_mib:
+        if os.geteuid() != 0:
+            raise SystemExit("--disk-mib needs root (it mounts a tmpfs)")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={args.disk_mib}m", "tmpfs", str(data)], check=True)
+        mounted = True
+    keys = [f"load-key-{i}" for i in range(args.keys)]
+    port = free_port()
+    server = ServerProcess(args.binary, data, port, keys, ["--workers", "1", "--max-queued-per-key", "20"])
+    server.start()
+    base = f"http://127.0.0.1:{port}"
+    inits = {name: base64.b64encode((FIX / name).read_bytes()).decode() for name in ("init-64.png", "init-72x56.png")}
+
+    lock = threading.Lock()
+    accepted = {}  # idempotency key -> set of job ids
+    owners = {}  # job id -> key
+    rejected = {}
+    answer_times = []
+
+    def client(c):
+        rng = random.Random(c)
+        for r in range(args.requests):
+            if time.time() > deadline:
+                return
+            key = keys[(c + r) % len(keys)]
+            idem = f"client{c}-req{r}"
+            kind = rng.choice(["img2img", "text2img", "v7"])
+            size = rng.choice([(64, 64), (72, 56), (128, 128)])
+            body = {"key": key, "prompt": f"load test {c}/{r}", "width": size[0], "height": size[1],
+                    "num_inference_steps": rng.choice([2, 4, 8]), "seed": rng.randrange(2**32),
+                    "enhance_prompt": "no", "tomesd": "no", "safety_checker": "no", "instant_response": "yes"}
+            if kind == "img2img":
+                body.update(init_image=inits[rng.choice(list(inits))], strength=0.75)
+                route = "/api/v6/images/img2img"
+            elif kind == "text2img":
+                route = "/api/v6/images/text2img"
+            else:
+                route = "/api/v7/images/text-to-image"
+            while time.time() < deadline:
+                t0 = time.time()
+                try:
+                    status, answer = post(base + route, body, {"Idempotency-Key": idem}, timeout=30)
+                except (urllib.error.URLError, ConnectionError, socket.timeout, OSError):
+                    time.sleep(0.5)  # the server is down: send the same request again
+                    continue
+                with lock:
+                    answer_times.append(time.time() - t0)
+                    if isinstance(answer, dict) and answer.get("id") is not None and answer.get("status") in (
+                            "processing", "success"):
+                        accepted.setdefault(idem, set()).add(int(answer["id"]))
+                        owners[int(answer["id"])] = key
+                    else:
+                        reason = f"{status} {answer.get('message', '') if isinstance(answer, dict) else ''}"[:80]
+                        rejected[reason] = rejected.get(reason, 0) + 1
+                break
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
+    for t in threads:
+        t.start()
+    # Kills at random moments of the first 20 s: while requests arrive and while jobs run.
+    kills = 0
+    kill_times = sorted(random.Random(99).uniform(0.5, 20) for _ in range(args.kills))
+
+    def maybe_kill():
+        nonlocal kills
+        server.sample_rss()
+        if kill_times and time.time() - started > kill_times[0]:
+            kill_times.pop(0)
+            server.kill()
+            kills += 1
+            time.sleep(random.Random(kills).uniform(0.2, 2.0))
+            server.start()
+
+    while any(t.is_alive() for t in threads) and time.time() < deadline:
+        maybe_kill()
+        time.sleep(0.1)
+    for t in threads:
+        t.join(timeout=max(1, deadline - time.time()))
+
+    # Every accepted job must end.
+    finals = {}
+    final_times = []
+    pending = set(owners)
+    while (pending or kill_times) and time.time() < deadline:
+        maybe_kill()
+        for job_id in list(pending):
+            try:
+                status, answer = post(f"{base}/api/v6/images/fetch/{job_id}", {"key": owners[job_id]}, timeout=10)
+            except OSError:
+                continue
+            if isinstance(answer, dict) and answer.get("status") in ("success", "failed"):
+                finals[job_id] = answer["status"]
+                final_times.append(time.time() - started)
+                pending.discard(job_id)
+            elif isinstance(answer, dict) and answer.get("status") == "error":
+                finals[job_id] = "lost"
+                pending.discard(job_id)
+        time.sleep(0.5)
+    server.kill()
+    if mounted:
+        subprocess.run(["umount", str(data)], check=False)
+
+    def pct(values, p):
+        if not values:
+            return None
+        values = sorted(values)
+        return round(values[min(len(values) - 1, int(p / 100 * len(values)))], 3)
+
+    summary = {
+        "clients": args.clients, "requests_per_client": args.requests, "keys": args.keys,
+        "disk_mib": args.disk_mib or None,
+        "accepted": len(owners),
+        "rejected": rejected,
+        "finished": sum(1 for s in finals.values() if s == "success"),
+        "failed": sum(1 for s in finals.values() if s == "failed"),
+        "lost": sum(1 for s in finals.values() if s == "lost") + len(pending),
+        "duplicated": sum(1 for ids in accepted.values() if len(ids) > 1),
+        "kills": kills,
+        "peak_rss_mib": round(server.peak_rss_kib / 1024, 1),
+        "answer_seconds_p50": pct(answer_times, 50),
+        "answer_seconds_p95": pct(answer_times, 95),
+        "final_seconds_p50": pct(final_times, 50),
+        "final_seconds_p95": pct(final_times, 95),
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["lost"] == 0 and summary["duplicated"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
