@@ -9,7 +9,9 @@ use serde_json::{json, Map, Value};
 
 use crate::backend::{LoraChoice, PipelineKind};
 use crate::params::Body;
-use crate::request::{pair_loras, Echo, Submission, MAX_SAMPLES, MAX_SIDE, MAX_STEPS};
+use crate::request::{
+    check_denoising_steps, pair_loras, Echo, Submission, MAX_SAMPLES, MAX_SIDE, MAX_STEPS,
+};
 use crate::responses::ApiError;
 use crate::samplers::{self, SchedulerChoice};
 
@@ -248,11 +250,8 @@ pub fn parse(
             .unwrap_or(0.75),
         _ => 0.0,
     };
-    if kind == PipelineKind::Img2Img && (steps as f64 * strength).floor() < 1.0 {
-        return Err(ApiError::field(
-            "denoising_strength",
-            format!("{strength} × {steps} steps leaves no denoising step: raise either"),
-        ));
+    if kind == PipelineKind::Img2Img {
+        check_denoising_steps(("denoising_strength", strength), ("steps", steps))?;
     }
     let seed = match body.integer(&["seed"])? {
         None | Some(-1) => rand::random::<u32>() as u64,

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::backend::PipelineKind;
 use crate::params::Body;
-use crate::request::{Submission, MAX_SAMPLES, MAX_SIDE, MAX_STEPS};
+use crate::request::{check_denoising_steps, Submission, MAX_SAMPLES, MAX_SIDE, MAX_STEPS};
 use crate::responses::ApiError;
 
 /// An error in OpenAI's shape.
@@ -178,11 +178,8 @@ pub fn parse(
         .integer_in(&["num_inference_steps", "steps"], 1, MAX_STEPS)?
         .unwrap_or(30) as u32;
     let strength = body.float_in(&["strength"], 0.0, 1.0)?.unwrap_or(0.75);
-    if kind == PipelineKind::Img2Img && (steps as f64 * strength).floor() < 1.0 {
-        return Err(ApiError::field(
-            "strength",
-            format!("{strength} × {steps} steps leaves no denoising step: raise either"),
-        ));
+    if kind == PipelineKind::Img2Img {
+        check_denoising_steps(("strength", strength), ("num_inference_steps", steps))?;
     }
     Ok(OpenAiRequest {
         submission: Submission {

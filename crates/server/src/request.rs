@@ -367,15 +367,8 @@ pub fn parse(family: Family, kind: PipelineKind, body: &Body) -> Result<Submissi
         .integer_in(steps_names, 1, MAX_STEPS)?
         .unwrap_or(if pix2pix { 20 } else { 30 }) as u32;
     let strength = body.float_in(&["strength"], 0.0, 1.0)?.unwrap_or(0.7);
-    // img2img denoises int(steps × strength) steps (diffusers' rule): fewer than one cannot run.
-    if kind == PipelineKind::Img2Img && (steps as f64 * strength).floor() < 1.0 {
-        return Err(ApiError::field(
-            "strength",
-            format!(
-                "{strength} × {steps} steps leaves no denoising step: raise strength or num_inference_steps \
-                 so that their product is at least 1"
-            ),
-        ));
+    if kind == PipelineKind::Img2Img {
+        check_denoising_steps(("strength", strength), (steps_names[0], steps))?;
     }
     Ok(Submission {
         family,
@@ -442,6 +435,24 @@ pub fn parse(family: Family, kind: PipelineKind, body: &Body) -> Result<Submissi
             }),
         },
     })
+}
+
+/// img2img denoises `floor(steps × strength)` steps (diffusers' rule): refuses fewer than one, naming the dialect's
+/// strength field and steps field.
+pub fn check_denoising_steps(
+    (strength_field, strength): (&str, f64),
+    (steps_field, steps): (&str, u32),
+) -> Result<(), ApiError> {
+    if (steps as f64 * strength).floor() < 1.0 {
+        return Err(ApiError::field(
+            strength_field,
+            format!(
+                "{strength} × {steps} steps leaves no denoising step: raise {strength_field} or {steps_field} \
+                 so that their product is at least 1"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Server settings that resolve what a request leaves open.

@@ -61,14 +61,19 @@ fn presented_key<'a>(body: &'a params::Body, headers: &'a HeaderMap) -> Option<S
         .map(str::to_string)
 }
 
-/// The caller, or the API's invalid-key error.
-pub fn caller(app: &App, body: &params::Body, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    let key = presented_key(body, headers).ok_or(ApiError::InvalidKey)?;
+/// The caller a key stands for, or the API's invalid-key error.
+fn caller_of(app: &App, key: Option<&str>) -> Result<Caller, ApiError> {
+    let key = key.ok_or(ApiError::InvalidKey)?;
     app.keys
         .read()
         .expect("key store")
         .check(key.trim())
         .ok_or(ApiError::InvalidKey)
+}
+
+/// The caller, or the API's invalid-key error.
+pub fn caller(app: &App, body: &params::Body, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    caller_of(app, presented_key(body, headers).as_deref())
 }
 
 /// The key a request carries in its headers: `Authorization: Basic` (the password, or the user name when the
@@ -100,12 +105,19 @@ fn header_key(headers: &HeaderMap) -> Option<String> {
 /// The caller from the headers alone (the dialects whose key never travels in the body), or the invalid-key
 /// error.
 pub fn caller_from_headers(app: &App, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    let key = header_key(headers).ok_or(ApiError::InvalidKey)?;
-    app.keys
-        .read()
-        .expect("key store")
-        .check(key.trim())
-        .ok_or(ApiError::InvalidKey)
+    caller_of(app, header_key(headers).as_deref())
+}
+
+/// The caller from `?key=` (a browser's EventSource cannot set headers), else from the headers.
+pub fn caller_from_query_or_headers(
+    app: &App,
+    query_key: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Caller, ApiError> {
+    match query_key {
+        Some(key) => caller_of(app, Some(key)),
+        None => caller_from_headers(app, headers),
+    }
 }
 
 /// The request's `Idempotency-Key` header: a retry carrying the same one answers the first request's job.

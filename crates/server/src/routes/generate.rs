@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::app::App;
-use crate::backend::PipelineKind;
+use crate::backend::{ModelInfo, PipelineKind};
 use crate::family::Family;
 use crate::init_image;
 use crate::jobs::{Inserted, Job, JobSpec, JobStatus};
@@ -109,11 +109,7 @@ pub(crate) async fn submit(
             if !app.node.pull_models(false).await {
                 return Err(e);
             }
-            let backend = app.node.backend.clone();
-            let models = tokio::task::spawn_blocking(move || backend.models())
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let models = self::models(app).await?;
             request::choose_model(submission, &models, &defaults).map_err(|_| e)?
         }
     };
@@ -227,6 +223,15 @@ pub(crate) async fn submit(
         }
         Inserted::Full => Err(ApiError::QueueFull { limit }),
     }
+}
+
+/// Every model the backend has (read on a blocking thread).
+pub(crate) async fn models(app: &Arc<App>) -> Result<Vec<ModelInfo>, ApiError> {
+    let backend = app.node.backend.clone();
+    tokio::task::spawn_blocking(move || backend.models())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 /// How long a synchronous dialect (AUTOMATIC1111, OpenAI) waits for a job.

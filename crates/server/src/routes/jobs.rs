@@ -48,15 +48,7 @@ pub async fn events(
     query_key: Option<String>,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match query_key {
-        Some(key) => app
-            .keys
-            .read()
-            .expect("key store")
-            .check(key.trim())
-            .ok_or(ApiError::InvalidKey),
-        None => super::auth::caller_from_headers(&app, &headers),
-    };
+    let caller = super::auth::caller_from_query_or_headers(&app, query_key.as_deref(), &headers);
     let job = match caller {
         Ok(caller) => owned_job(&app, &caller, &raw_id).await,
         Err(e) => Err(e),

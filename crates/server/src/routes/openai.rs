@@ -40,7 +40,7 @@ pub async fn edits(app: Arc<App>, request: Request) -> Response {
         let (fields, image) = read_form(request).await?;
         let image = image.ok_or_else(|| ApiError::field("image", "image is required"))?;
         let pix2pix = match fields.string(&["model"])? {
-            Some(id) => models(&app)
+            Some(id) => super::generate::models(&app)
                 .await?
                 .iter()
                 .any(|m| m.id == id && m.kind == PipelineKind::Pix2Pix),
@@ -62,7 +62,7 @@ pub async fn edits(app: Arc<App>, request: Request) -> Response {
 pub async fn list_models(app: Arc<App>, headers: HeaderMap) -> Response {
     let result = async {
         super::auth::caller_from_headers(&app, &headers)?;
-        let data: Vec<Value> = models(&app)
+        let data: Vec<Value> = super::generate::models(&app)
             .await?
             .into_iter()
             .map(|m| {
@@ -80,14 +80,6 @@ fn respond(result: Result<Value, ApiError>) -> Response {
         Ok(value) => Json(value).into_response(),
         Err(e) => OpenAiError(e).into_response(),
     }
-}
-
-async fn models(app: &Arc<App>) -> Result<Vec<crate::backend::ModelInfo>, ApiError> {
-    let backend = app.node.backend.clone();
-    tokio::task::spawn_blocking(move || backend.models())
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 /// The form's text fields, and its `image` (or first `image[]`) file as base64. More than one image is refused.

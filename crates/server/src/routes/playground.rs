@@ -32,18 +32,7 @@ pub async fn page() -> Response {
 /// runs), scheduler names, LoRAs, VAEs, embeddings, enhance styles and the server's default models.
 pub async fn options(app: Arc<App>, query_key: Option<String>, headers: HeaderMap) -> Response {
     let result = async {
-        match query_key {
-            Some(key) => {
-                app.keys
-                    .read()
-                    .expect("key store")
-                    .check(key.trim())
-                    .ok_or(ApiError::InvalidKey)?;
-            }
-            None => {
-                super::auth::caller_from_headers(&app, &headers)?;
-            }
-        }
+        super::auth::caller_from_query_or_headers(&app, query_key.as_deref(), &headers)?;
         let backend = app.node.backend.clone();
         let (models, schedulers, (loras, vaes, embeddings)) =
             tokio::task::spawn_blocking(move || {

@@ -93,7 +93,11 @@ async fn generate(
     let body = super::auth::read_body(app, body).await?;
     let request = a1111::parse(kind, &body, current_model(app, &caller).as_deref())?;
     if let Some(id) = &request.submissions[0].model_id {
-        if !models(app).await?.iter().any(|m| &m.id == id) {
+        if !super::generate::models(app)
+            .await?
+            .iter()
+            .any(|m| &m.id == id)
+        {
             return Err(ApiError::field(
                 "sd_model_checkpoint",
                 format!("no model {id:?}; GET /sdapi/v1/sd-models lists them"),
@@ -163,7 +167,7 @@ async fn set_options(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Result<
     let body = super::auth::read_body(app, body).await?;
     if let Some(title) = body.string(&["sd_model_checkpoint"])? {
         let id = a1111::model_id_of_title(&title);
-        let models = models(app).await?;
+        let models = super::generate::models(app).await?;
         let model = models.iter().find(|m| m.id == id).ok_or_else(|| {
             ApiError::field(
                 "sd_model_checkpoint",
@@ -175,20 +179,12 @@ async fn set_options(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Result<
     Ok(Value::Null)
 }
 
-async fn models(app: &Arc<App>) -> Result<Vec<crate::backend::ModelInfo>, ApiError> {
-    let backend = app.node.backend.clone();
-    tokio::task::spawn_blocking(move || backend.models())
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))
-}
-
 /// The GET lists: models, samplers, schedule types, LoRAs, options.
 async fn lists(app: &Arc<App>, name: &str, headers: &HeaderMap) -> Result<Value, A1111Error> {
     let caller = caller(app, headers)?;
     Ok(match name {
         "sd-models" => Value::Array(
-            models(app)
+            super::generate::models(app)
                 .await?
                 .into_iter()
                 .map(|m| {
@@ -214,7 +210,11 @@ async fn lists(app: &Arc<App>, name: &str, headers: &HeaderMap) -> Result<Value,
         "options" => {
             let model = match current_model(app, &caller) {
                 Some(m) => Some(m),
-                None => models(app).await?.into_iter().next().map(|m| m.id),
+                None => super::generate::models(app)
+                    .await?
+                    .into_iter()
+                    .next()
+                    .map(|m| m.id),
             };
             json!({"sd_model_checkpoint": model, "sd_checkpoint_hash": null,
                    "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"})
