@@ -2,13 +2,15 @@
 """Load and fault run against a real `pictor serve` on loopback, bounded in count and time (never in CI).
 
     cargo build --release -p pictor-cli
-    python3 scripts/load_fault.py [--clients 8] [--requests 6] [--keys 3] [--kills 2] [--disk-mib 0] [--seconds 300]
+    python3 scripts/load_fault.py [--clients 8] [--requests 6] [--keys 3] [--kills 2] [--disk-mib 0]
+                                  [--min-free-mib 1] [--grow-after S] [--pace 0] [--seconds 300]
 
 N client threads send requests across K keys (mixed sizes and routes: v6 img2img and text2img, v7 text-to-image),
 each with an Idempotency-Key, and resend a request whose answer they lost (connection refused or reset while the
 server is down) with the same key, as a careful client would. Meanwhile the server is killed with SIGKILL at
 random moments and started again on the same data folder. With `--disk-mib N` (root only) the data folder is a
-tmpfs of N MiB, so the disk fills up during the run. At the end every accepted job is polled until it is final.
+tmpfs of N MiB, so the disk fills up during the run, and is made 8 times larger at `--grow-after` seconds (an
+operator freeing space), so that jobs held back by the full disk can be seen to finish. At the end every accepted job is polled until it is final.
 
 Prints one JSON object: accepted, rejected (by reason), finished, failed, lost (accepted ids that never became
 final or vanished), duplicated (idempotency keys that got more than one job), kills, peak RSS of the server,
@@ -99,6 +101,12 @@ def main():
     ap.add_argument("--keys", type=int, default=3)
     ap.add_argument("--kills", type=int, default=2)
     ap.add_argument("--disk-mib", type=int, default=0, help="data folder on a tmpfs this large (root only)")
+    ap.add_argument("--min-free-mib", type=int, default=1,
+                    help="with --disk-mib: the server's --min-free-disk-mib (new jobs get 503 below it)")
+    ap.add_argument("--grow-after", type=float, default=None,
+                    help="with --disk-mib: seconds after the start at which the tmpfs is made 8 times larger, as an "
+                         "operator freeing space would (default: half of --seconds)")
+    ap.add_argument("--pace", type=float, default=0.0, help="seconds between one client's requests")
     ap.add_argument("--seconds", type=int, default=300, help="bound on the whole run")
     ap.add_argument("--binary", default=str(ROOT / "target" / "release" / "pictor"))
     args = ap.parse_args()
@@ -116,7 +124,10 @@ def main():
         mounted = True
     keys = [f"load-key-{i}" for i in range(args.keys)]
     port = free_port()
-    server = ServerProcess(args.binary, data, port, keys, ["--workers", "1", "--max-queued-per-key", "20"])
+    extra = ["--workers", "1", "--max-queued-per-key", "20"]
+    if args.disk_mib:
+        extra += ["--min-free-disk-mib", str(args.min_free_mib)]
+    server = ServerProcess(args.binary, data, port, keys, extra)
     server.start()
     base = f"http://127.0.0.1:{port}"
     inits = {name: base64.b64encode((FIX / name).read_bytes()).decode() for name in ("init-64.png", "init-72x56.png")}
@@ -132,6 +143,8 @@ def main():
         for r in range(args.requests):
             if time.time() > deadline:
                 return
+            if r:
+                time.sleep(args.pace)
             key = keys[(c + r) % len(keys)]
             idem = f"client{c}-req{r}"
             kind = rng.choice(["img2img", "text2img", "v7"])
@@ -171,9 +184,17 @@ def main():
     kills = 0
     kill_times = sorted(random.Random(99).uniform(0.5, 20) for _ in range(args.kills))
 
+    grow_at = None
+    if mounted:
+        grow_at = started + (args.grow_after if args.grow_after is not None else args.seconds / 2)
+    grown_at = None
+
     def maybe_kill():
-        nonlocal kills
+        nonlocal kills, grow_at, grown_at
         server.sample_rss()
+        if grow_at is not None and time.time() > grow_at:
+            subprocess.run(["mount", "-o", f"remount,size={8 * args.disk_mib}m", str(data)], check=True)
+            grow_at, grown_at = None, round(time.time() - started, 1)
         if kill_times and time.time() - started > kill_times[0]:
             kill_times.pop(0)
             server.kill()
@@ -226,6 +247,7 @@ def main():
         "lost": sum(1 for s in finals.values() if s == "lost") + len(pending),
         "duplicated": sum(1 for ids in accepted.values() if len(ids) > 1),
         "kills": kills,
+        "disk_grown_at_seconds": grown_at,
         "peak_rss_mib": round(server.peak_rss_kib / 1024, 1),
         "answer_seconds_p50": pct(answer_times, 50),
         "answer_seconds_p95": pct(answer_times, 95),

@@ -285,6 +285,11 @@ pub struct ServeArgs {
     /// 503). Never below the 64-megapixel image limit.
     #[arg(long, default_value_t = 128)]
     pub decode_budget_mpx: u64,
+    /// MiB that must stay free on the data folder's disk (and the SQLite file's and the file storage's, when
+    /// local) for new jobs to be accepted and started; below it job-making routes answer 503 and workers leave
+    /// queued jobs waiting until there is room. 0 turns the check off.
+    #[arg(long, default_value_t = 64)]
+    pub min_free_disk_mib: u64,
     /// Seconds a client may take to send a request's headers; also how long an idle keep-alive connection
     /// is kept.
     #[arg(long, default_value_t = 30)]

@@ -46,6 +46,7 @@ pub fn config(args: &ServeArgs) -> Result<ServerConfig> {
     config.allow_private_urls = args.allow_private_urls;
     config.max_body_bytes = args.max_body_mib.max(1) << 20;
     config.decode_budget_pixels = args.decode_budget_mpx << 20;
+    config.min_free_disk_bytes = args.min_free_disk_mib << 20;
     config.header_timeout = Duration::from_secs(args.header_timeout_secs.max(1));
     config.body_timeout = Duration::from_secs(args.body_timeout_secs.max(1));
     config.max_connections = args.max_connections.max(1);

@@ -1188,6 +1188,75 @@ fn small_defects_answer_in_the_api_shape() {
     );
 }
 
+/// The load and fault run's finding: with the data folder's disk full, accepted jobs could only fail ("No space
+/// left on device") or wait on a locked SQLite log. Now, while a local disk the service writes to has less than
+/// `--min-free-disk-mib` free, every dialect's job-making routes answer 503 in their own shape with a retry hint,
+/// nothing is queued, and the rest of the service (health, reads) keeps answering.
+#[test]
+fn a_full_disk_refuses_new_jobs_in_every_dialect() {
+    let dir = tempfile::tempdir().unwrap();
+    // More free space than any disk has: the disk counts as full.
+    let server = start_default(
+        &dir,
+        &[
+            "--sync-timeout",
+            "0",
+            "--min-free-disk-mib",
+            "1099511627776",
+        ],
+    );
+
+    let (status, answer) = server.post(
+        "/api/v6/images/img2img",
+        &body_for(&case("sd1-ddim-s42"), json!({"model_id": "sd1-tiny"})),
+    );
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["status"], "error", "{answer}");
+    assert!(answer["retry_after"].as_u64().is_some(), "{answer}");
+    let message = answer["message"].as_str().unwrap();
+    assert!(message.contains("disk is full"), "{message}");
+    assert!(
+        message.contains(&dir.path().display().to_string()),
+        "{message}"
+    );
+
+    let bearer = [("Authorization", format!("Bearer {KEY}"))];
+    let (status, answer) = support::post_json_with(
+        &format!("{}/sdapi/v1/txt2img", server.base),
+        &json!({"prompt": "a fox", "steps": 2, "width": 64, "height": 64}),
+        &bearer,
+    );
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["detail"].as_str().unwrap().contains("disk is full"),
+        "{answer}"
+    );
+
+    let (status, answer) = support::post_json_with(
+        &format!("{}/v1/images/generations", server.base),
+        &json!({"prompt": "a fox", "size": "64x64"}),
+        &bearer,
+    );
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("disk is full"),
+        "{answer}"
+    );
+
+    let (status, health) = server.get("/health");
+    assert_eq!(status, 200);
+    let health: Value = serde_json::from_slice(&health).unwrap();
+    assert_eq!(health["queued"], 0, "nothing was queued: {health}");
+    assert!(
+        server.log().contains("disk nearly full"),
+        "{}",
+        server.log()
+    );
+}
+
 /// Defect 3 of the hardening issue: prompts had no length limit (a 1 MB prompt held the only worker for 94 s
 /// and 2.3 GB). Now a prompt or negative prompt over 16 KiB or 600 tokens is refused at the door, in the
 /// API's error shape naming the field, and nothing is queued.

@@ -69,6 +69,10 @@ pub struct ServerConfig {
     pub decode_budget_pixels: u64,
     /// Largest init image download in bytes.
     pub max_download_bytes: u64,
+    /// Bytes that must stay free on each local disk the service writes to (data folder, SQLite file, folder
+    /// storage) for new jobs to be accepted and started; below it job-making routes answer 503 and workers wait.
+    /// Zero turns the check off.
+    pub min_free_disk_bytes: u64,
     /// Largest single-file checkpoint `load_model` downloads, in bytes.
     pub max_model_download_bytes: u64,
     /// How long `temp: yes` outputs live.
@@ -132,6 +136,7 @@ impl ServerConfig {
             body_timeout: Duration::from_secs(120),
             max_connections: 1000,
             max_download_bytes: 25 * 1024 * 1024,
+            min_free_disk_bytes: 64 * 1024 * 1024,
             max_model_download_bytes: 16 * 1024 * 1024 * 1024,
             temp_ttl: Duration::from_secs(24 * 3600),
             retention: Duration::from_secs(7 * 24 * 3600),

@@ -7,6 +7,7 @@ pub mod app;
 pub mod backend;
 pub mod config;
 pub mod destination;
+pub mod disk_space;
 pub mod family;
 pub mod infotext;
 pub mod init_image;

@@ -36,6 +36,8 @@ pub struct Node {
     last_pull: tokio::sync::Mutex<Option<std::time::Instant>>,
     /// Pixels being decoded at once (init images, uploads), across requests.
     pub decode_budget: crate::init_image::DecodeBudget,
+    /// Free space on the local disks the service writes to: new jobs are refused while one is nearly full.
+    pub disk: crate::disk_space::DiskGuard,
 }
 
 /// How often a worker looks for models other nodes published, at most.
@@ -71,6 +73,12 @@ impl Node {
         };
         let storage =
             ObjectStorage::open(&location, &config.public_url).map_err(anyhow::Error::msg)?;
+        let mut local_folders = vec![config.data_dir.clone()];
+        local_folders.extend(crate::disk_space::sqlite_folder(&config.database_url()));
+        if let StorageLocation::Folder(root) = &location {
+            local_folders.push(root.clone());
+        }
+        let disk = crate::disk_space::DiskGuard::new(local_folders, config.min_free_disk_bytes);
         let name = format!(
             "{}-{}",
             config.server_name.clone().unwrap_or_else(host_name),
@@ -92,6 +100,7 @@ impl Node {
             clock: Mutex::new(StepClock::default()),
             last_pull: tokio::sync::Mutex::new(None),
             decode_budget,
+            disk,
         })
     }
 

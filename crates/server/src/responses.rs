@@ -138,18 +138,13 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Job store failures: an unreachable database is worth a retry (503), anything else is the service's fault.
+/// Job store failures: an unreachable, busy or full database is worth a retry (503), anything else is the service's fault.
 impl From<crate::jobs::StoreError> for ApiError {
     fn from(e: crate::jobs::StoreError) -> Self {
-        use crate::jobs::StoreError;
-        match &e {
-            StoreError::Database(
-                sqlx::Error::Io(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed,
-            ) => ApiError::Unavailable(e.to_string()),
-            _ => ApiError::Internal(e.to_string()),
+        if e.is_transient() {
+            ApiError::Unavailable(e.to_string())
+        } else {
+            ApiError::Internal(e.to_string())
         }
     }
 }

@@ -152,6 +152,12 @@ async fn worker_info(node: &Node, n: usize) -> WorkerInfo {
 pub async fn work(node: Arc<Node>, n: usize) {
     tracing::debug!(worker = n, "worker started");
     loop {
+        // A nearly full disk: starting a job would only fail it (its outputs cannot be stored) or leave its outcome
+        // unrecordable. Queued jobs wait in the store until there is room again.
+        if node.disk.check().is_err() {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            continue;
+        }
         let info = worker_info(&node, n).await;
         match node.jobs.store().claim(&info, node.config.lease).await {
             Ok(Some(job)) => run(&node, job).await,
@@ -208,9 +214,11 @@ async fn run(node: &Arc<Node>, job: Job) {
         );
         return;
     }
-    // The database may be restarting: keep trying while the lease would still hold, so that the work is not
-    // lost to a re-run (after that the lease is gone and the reaper has queued the job again anyway).
+    // The database may be restarting, locked or out of disk: keep trying while it says "not now", so that the
+    // work is not lost to a re-run (if the lease ran out meanwhile and the job was queued again, the store answers
+    // `false` once it can answer at all). Other errors are tried while the lease would still hold.
     let deadline = Instant::now() + node.config.lease;
+    let mut pause = Duration::from_millis(500);
     loop {
         match node.jobs.finish(lease, &outcome).await {
             Ok(true) => {
@@ -228,9 +236,10 @@ async fn run(node: &Arc<Node>, job: Job) {
                 tracing::warn!(job = lease.id, "the job's lease ended before it finished");
                 break;
             }
-            Err(e) if Instant::now() < deadline => {
+            Err(e) if e.is_transient() || Instant::now() < deadline => {
                 tracing::warn!(job = lease.id, error = %e, "cannot record the job's outcome yet; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(8));
             }
             Err(e) => {
                 tracing::error!(job = lease.id, error = %e, "cannot record the job's outcome");

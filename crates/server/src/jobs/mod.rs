@@ -256,6 +256,47 @@ pub enum StoreError {
     UnsupportedUrl(String),
 }
 
+impl StoreError {
+    /// Whether the same call may well succeed later: the database is unreachable, busy, locked, restarting or
+    /// out of disk (SQLite's BUSY, LOCKED, FULL and I/O errors; PostgreSQL's connection, insufficient-resources
+    /// and shutdown classes). Anything else (a bad statement, a damaged row) will fail again.
+    pub fn is_transient(&self) -> bool {
+        let StoreError::Database(e) = self else {
+            return false;
+        };
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => {
+                let postgres = db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some();
+                db.code()
+                    .is_some_and(|code| transient_code(&code, postgres))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A database error code (PostgreSQL's SQLSTATE when `postgres`, else SQLite's extended result code as a
+/// number) that says "not now" rather than "never".
+fn transient_code(code: &str, postgres: bool) -> bool {
+    if !postgres {
+        // The primary code is the low byte: 5 BUSY, 6 LOCKED, 10 IOERR, 13 FULL.
+        return code
+            .parse::<i64>()
+            .is_ok_and(|sqlite| matches!(sqlite & 0xff, 5 | 6 | 10 | 13));
+    }
+    // PostgreSQL: 08 connection exception, 53 insufficient resources (disk full, out of memory, too many
+    // connections), 57P01-57P03 shutting down / cannot connect now, 40001/40P01 serialization and deadlock.
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+}
+
 /// Result of a job store call.
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -471,4 +512,29 @@ pub fn now() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transient_code;
+
+    #[test]
+    fn busy_locked_full_and_unreachable_databases_are_worth_a_retry() {
+        // SQLite: BUSY, LOCKED, IOERR, FULL and their extended codes (BUSY_SNAPSHOT 517, IOERR_WRITE 778).
+        for code in ["5", "6", "10", "13", "517", "778"] {
+            assert!(transient_code(code, false), "{code}");
+        }
+        // SQLite: CONSTRAINT (2067 = CONSTRAINT_UNIQUE), CORRUPT, ERROR.
+        for code in ["2067", "11", "1"] {
+            assert!(!transient_code(code, false), "{code}");
+        }
+        // PostgreSQL: disk full, too many connections, connection failure, shutting down, deadlock.
+        for code in ["53100", "53300", "08006", "57P01", "40P01"] {
+            assert!(transient_code(code, true), "{code}");
+        }
+        // PostgreSQL: unique violation, syntax error, undefined table.
+        for code in ["23505", "42601", "42P01"] {
+            assert!(!transient_code(code, true), "{code}");
+        }
+    }
 }

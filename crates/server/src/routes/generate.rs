@@ -72,6 +72,9 @@ pub(crate) async fn submit(
     submission: &Submission,
 ) -> Result<i64, ApiError> {
     let family = submission.family;
+    // Nothing is accepted that could not be stored (a retry of an accepted request is refused too: it can come
+    // back for its job once there is room).
+    app.node.disk.check().map_err(ApiError::Unavailable)?;
     // A cheap early refusal, before any image is read; the insert enforces the limit exactly. (Not for a request
     // with an idempotency key: a retry of an accepted one gets its job even when the queue is full.)
     let active = app.node.jobs.store().active_for_owner(&caller.id).await?;
