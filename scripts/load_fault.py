@@ -12,13 +12,20 @@ random moments and started again on the same data folder. With `--disk-mib N` (r
 tmpfs of N MiB, so the disk fills up during the run, and is made 8 times larger at `--grow-after` seconds (an
 operator freeing space), so that jobs held back by the full disk can be seen to finish. At the end every accepted job is polled until it is final.
 
+Other faults, each optional: `--webhooks` (every request names a webhook on loopback that answers slowly for
+20 s, then is down for 20 s, then comes back), `--lock-db S` (another process holds SQLite's write lock on the
+job database for S seconds), `--slow-clients N` (connections that send their headers one byte every 2 s).
+
 Prints one JSON object: accepted, rejected (by reason), finished, failed, lost (accepted ids that never became
-final or vanished), duplicated (idempotency keys that got more than one job), kills, peak RSS of the server,
-p50/p95 of the answer time and of the time to a final job. Standard library only.
+final or vanished), duplicated (idempotency keys that got more than one job), kills, webhooks expected /
+delivered / missing / repeated, how long slow clients were kept, peak RSS of the server, p50/p95 of the answer
+time and of the time to a final job. Standard library only.
 """
 
 import argparse
 import base64
+import http.server
+import sqlite3
 import json
 import os
 import random
@@ -94,6 +101,84 @@ def post(url, body, headers=None, timeout=120):
             return e.code, None
 
 
+class WebhookReceiver:
+    """A webhook endpoint on loopback that is slow (each answer after `slow` seconds) for its first `slow_for`
+    seconds, then down (its port closed: connection refused) for `down_for` seconds, then healthy. Records the
+    track_id of every POST."""
+
+    def __init__(self, slow, slow_for, down_for):
+        self.slow, self.down_from, self.down_until = slow, time.time() + slow_for, time.time() + slow_for + down_for
+        self.received = {}
+        self.lock = threading.Lock()
+        self.port = free_port()
+        self.httpd = None
+        self.serving = False
+        self._start()
+
+    def _start(self):
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 -- the stdlib's name
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if time.time() < receiver.down_from:
+                    time.sleep(receiver.slow)
+                try:
+                    track = json.loads(body).get("track_id")
+                except ValueError:
+                    track = None
+                with receiver.lock:
+                    receiver.received[track] = receiver.received.get(track, 0) + 1
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.serving = True
+
+    def tick(self):
+        """Takes the receiver down or brings it back as its schedule says."""
+        now = time.time()
+        if self.serving and self.down_from <= now < self.down_until:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.serving = False
+        elif not self.serving and now >= self.down_until:
+            self._start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/hook"
+
+
+def hold_db_lock(path, seconds):
+    """Holds SQLite's write lock on the job database for `seconds` (another process writing, a backup)."""
+    try:
+        db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        time.sleep(seconds)
+        db.execute("COMMIT")
+        db.close()
+    except sqlite3.Error as e:
+        print(f"could not lock the database: {e}", file=sys.stderr)
+
+
+def slow_client(port, results):
+    """Sends a request's headers one byte every 2 s and records how long the server keeps the connection."""
+    t0 = time.time()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+            for byte in b"POST /api/v6/images/text2img HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n":
+                s.sendall(bytes([byte]))
+                time.sleep(2)
+    except OSError:
+        pass
+    results.append(time.time() - t0)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=8)
@@ -106,6 +191,12 @@ def main():
     ap.add_argument("--grow-after", type=float, default=None,
                     help="with --disk-mib: seconds after the start at which the tmpfs is made 8 times larger, as an "
                          "operator freeing space would (default: half of --seconds)")
+    ap.add_argument("--webhooks", action="store_true",
+                    help="every request names a webhook on loopback that is slow (3 s) for 20 s, then down for 20 s")
+    ap.add_argument("--lock-db", type=float, default=0.0,
+                    help="seconds to hold SQLite's write lock on the job database, from 5 s after the start")
+    ap.add_argument("--slow-clients", type=int, default=0,
+                    help="connections that send their headers one byte every 2 s (server: --header-timeout-secs 5)")
     ap.add_argument("--pace", type=float, default=0.0, help="seconds between one client's requests")
     ap.add_argument("--seconds", type=int, default=300, help="bound on the whole run")
     ap.add_argument("--binary", default=str(ROOT / "target" / "release" / "pictor"))
@@ -124,7 +215,11 @@ def main():
         mounted = True
     keys = [f"load-key-{i}" for i in range(args.keys)]
     port = free_port()
-    extra = ["--workers", "1", "--max-queued-per-key", "20"]
+    extra = ["--workers", "1", "--max-queued-per-key", "20", "--header-timeout-secs", "5"]
+    receiver = None
+    if args.webhooks:
+        receiver = WebhookReceiver(slow=3, slow_for=20, down_for=20)
+        extra += ["--allow-private-urls", "--webhook-attempts", "8", "--webhook-backoff", "1"]
     if args.disk_mib:
         extra += ["--min-free-disk-mib", str(args.min_free_mib)]
     server = ServerProcess(args.binary, data, port, keys, extra)
@@ -159,6 +254,8 @@ def main():
                 route = "/api/v6/images/text2img"
             else:
                 route = "/api/v7/images/text-to-image"
+            if receiver:
+                body.update(webhook=receiver.url, track_id=idem)
             while time.time() < deadline:
                 t0 = time.time()
                 try:
@@ -178,6 +275,13 @@ def main():
                 break
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
+    slow_results = []
+    threads += [threading.Thread(target=slow_client, args=(port, slow_results)) for _ in range(args.slow_clients)]
+    if args.lock_db:
+        def lock_later():
+            time.sleep(5)
+            hold_db_lock(str(data / "jobs.db"), args.lock_db)
+        threading.Thread(target=lock_later, daemon=True).start()
     for t in threads:
         t.start()
     # Kills at random moments of the first 20 s: while requests arrive and while jobs run.
@@ -192,6 +296,8 @@ def main():
     def maybe_kill():
         nonlocal kills, grow_at, grown_at
         server.sample_rss()
+        if receiver:
+            receiver.tick()
         if grow_at is not None and time.time() > grow_at:
             subprocess.run(["mount", "-o", f"remount,size={8 * args.disk_mib}m", str(data)], check=True)
             grow_at, grown_at = None, round(time.time() - started, 1)
@@ -212,7 +318,14 @@ def main():
     finals = {}
     final_times = []
     pending = set(owners)
-    while (pending or kill_times) and time.time() < deadline:
+    def webhooks_missing():
+        if not receiver:
+            return []
+        with receiver.lock:
+            return [idem for idem, ids in accepted.items() if any(i in finals for i in ids)
+                    and idem not in receiver.received]
+
+    while (pending or kill_times or webhooks_missing()) and time.time() < deadline:
         maybe_kill()
         for job_id in list(pending):
             try:
@@ -248,6 +361,14 @@ def main():
         "duplicated": sum(1 for ids in accepted.values() if len(ids) > 1),
         "kills": kills,
         "disk_grown_at_seconds": grown_at,
+        "db_locked_seconds": args.lock_db or None,
+        "webhooks": None if not receiver else {
+            "expected": sum(1 for ids in accepted.values() if any(i in finals for i in ids)),
+            "delivered": len([k for k in receiver.received if k in accepted]),
+            "missing": len(webhooks_missing()),
+            "repeated": sum(n - 1 for n in receiver.received.values() if n > 1),
+        },
+        "slow_clients_closed_after_seconds": [round(t, 1) for t in sorted(slow_results)] or None,
         "peak_rss_mib": round(server.peak_rss_kib / 1024, 1),
         "answer_seconds_p50": pct(answer_times, 50),
         "answer_seconds_p95": pct(answer_times, 95),
@@ -256,7 +377,10 @@ def main():
         "wall_seconds": round(time.time() - started, 1),
     }
     print(json.dumps(summary, indent=2))
-    return 0 if summary["lost"] == 0 and summary["duplicated"] == 0 else 1
+    ok = summary["lost"] == 0 and summary["duplicated"] == 0
+    if receiver:
+        ok = ok and summary["webhooks"]["missing"] == 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

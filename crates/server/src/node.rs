@@ -40,6 +40,30 @@ pub struct Node {
     pub disk: crate::disk_space::DiskGuard,
 }
 
+/// How long a starting process waits for a job store that answers "not now" (locked by another process,
+/// restarting, out of disk) before giving up.
+const STORE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs `op` again while the job store answers "not now", up to [`STORE_PATIENCE`]; `what` names it in the log.
+async fn patiently<T, F, Fut>(what: &str, mut op: F) -> crate::jobs::StoreResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::jobs::StoreResult<T>>,
+{
+    let until = std::time::Instant::now() + STORE_PATIENCE;
+    let mut pause = std::time::Duration::from_millis(250);
+    loop {
+        match op().await {
+            Err(e) if e.is_transient() && std::time::Instant::now() < until => {
+                tracing::warn!(error = %e, "cannot {what} yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// How often a worker looks for models other nodes published, at most.
 const PULL_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -49,7 +73,8 @@ impl Node {
     /// again (or failed after its last attempt).
     pub async fn open(config: ServerConfig, backend: Arc<dyn Backend>) -> anyhow::Result<Node> {
         std::fs::create_dir_all(&config.data_dir)?;
-        let jobs = JobService::open(&config.database_url()).await?;
+        let url = config.database_url();
+        let jobs = patiently("open the job store", || JobService::open(&url)).await?;
         if !jobs.is_shared() {
             if config.role != Role::All {
                 anyhow::bail!(
@@ -57,8 +82,12 @@ impl Node {
                      postgres://..."
                 );
             }
-            let ended = jobs.store().expire_leases().await?;
-            let reaped = jobs.reap(config.max_attempts).await?;
+            let ended = patiently("end the previous process's leases", || {
+                jobs.store().expire_leases()
+            })
+            .await?;
+            let reaped =
+                patiently("queue its jobs again", || jobs.reap(config.max_attempts)).await?;
             if ended > 0 {
                 tracing::warn!(
                     requeued = reaped.requeued.len(),
@@ -201,4 +230,43 @@ fn host_name() -> String {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "pictor".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection as _;
+
+    /// A restart while another process holds the job database's write lock (a backup, an operator's shell, the
+    /// load and fault run's `--lock-db`) used to end the new process at once with "database is locked"; it now
+    /// waits for the lock.
+    #[tokio::test]
+    async fn a_starting_process_waits_for_a_locked_job_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let url = format!("sqlite:{}", path.display());
+        let jobs = JobService::open(&url).await.unwrap();
+
+        let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let held = std::time::Duration::from_secs(12);
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(held).await;
+            sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+        });
+
+        // The store's own busy wait (10 s) is shorter than the lock: one try fails, and says "not now".
+        let started = std::time::Instant::now();
+        let once = jobs.store().expire_leases().await.unwrap_err();
+        assert!(once.is_transient(), "{once}");
+        // Trying patiently gets through once the lock is released.
+        patiently("end leases", || jobs.store().expire_leases())
+            .await
+            .unwrap();
+        assert!(started.elapsed() >= held);
+        release.await.unwrap();
+    }
 }

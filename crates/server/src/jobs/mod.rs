@@ -261,8 +261,10 @@ impl StoreError {
     /// out of disk (SQLite's BUSY, LOCKED, FULL and I/O errors; PostgreSQL's connection, insufficient-resources
     /// and shutdown classes). Anything else (a bad statement, a damaged row) will fail again.
     pub fn is_transient(&self) -> bool {
-        let StoreError::Database(e) = self else {
-            return false;
+        let e = match self {
+            StoreError::Database(e)
+            | StoreError::Migration(sqlx::migrate::MigrateError::Execute(e)) => e,
+            _ => return false,
         };
         match e {
             sqlx::Error::Io(_)
