@@ -14,7 +14,8 @@ operator freeing space), so that jobs held back by the full disk can be seen to 
 
 Other faults, each optional: `--webhooks` (every request names a webhook on loopback that answers slowly for
 20 s, then is down for 20 s, then comes back), `--lock-db S` (another process holds SQLite's write lock on the
-job database for S seconds), `--slow-clients N` (connections that send their headers one byte every 2 s).
+job database for S seconds), `--postgres [--postgres-down S]` (the job store is a throwaway PostgreSQL, crashed
+8 s into the run and started again S seconds later), `--slow-clients N` (connections that send their headers one byte every 2 s).
 
 Prints one JSON object: accepted, rejected (by reason), finished, failed, lost (accepted ids that never became
 final or vanished), duplicated (idempotency keys that got more than one job), kills, webhooks expected /
@@ -154,6 +155,38 @@ class WebhookReceiver:
         return f"http://127.0.0.1:{self.port}/hook"
 
 
+class Postgres:
+    """A throwaway PostgreSQL (Debian's binaries) on a free loopback port, which can be crashed and started again."""
+
+    def __init__(self):
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
+        if not bins:
+            raise SystemExit("--postgres needs Debian's postgresql package")
+        # Its own folder under /tmp (the run's folder is private to root; initdb refuses to run as root).
+        self.bin, self.dir, self.port = bins[-1], Path(tempfile.mkdtemp(prefix="pictor-load-pg-")), free_port()
+        self.as_user = []
+        if os.geteuid() == 0:
+            subprocess.run(["chown", "postgres", str(self.dir)], check=True)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        subprocess.run(self.as_user + [str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-U", "postgres",
+                                       "-A", "trust", "--no-sync"], check=True, stdout=subprocess.DEVNULL)
+        self.start()
+
+    def start(self):
+        subprocess.run(self.as_user + [str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-l",
+                                       str(self.dir / "server.log"), "-w", "-t", "30", "start", "-o",
+                                       f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"],
+                       check=True, stdout=subprocess.DEVNULL)
+
+    def crash(self):
+        subprocess.run(self.as_user + [str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate",
+                                       "stop"], check=False, stdout=subprocess.DEVNULL)
+
+    @property
+    def url(self):
+        return f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+
+
 def hold_db_lock(path, seconds):
     """Holds SQLite's write lock on the job database for `seconds` (another process writing, a backup)."""
     try:
@@ -195,6 +228,10 @@ def main():
                     help="every request names a webhook on loopback that is slow (3 s) for 20 s, then down for 20 s")
     ap.add_argument("--lock-db", type=float, default=0.0,
                     help="seconds to hold SQLite's write lock on the job database, from 5 s after the start")
+    ap.add_argument("--postgres", action="store_true",
+                    help="the job store is a throwaway PostgreSQL (Debian's package) instead of SQLite")
+    ap.add_argument("--postgres-down", type=float, default=0.0,
+                    help="with --postgres: crash it (pg_ctl -m immediate) 8 s after the start, start it after S s")
     ap.add_argument("--slow-clients", type=int, default=0,
                     help="connections that send their headers one byte every 2 s (server: --header-timeout-secs 5)")
     ap.add_argument("--pace", type=float, default=0.0, help="seconds between one client's requests")
@@ -216,6 +253,10 @@ def main():
     keys = [f"load-key-{i}" for i in range(args.keys)]
     port = free_port()
     extra = ["--workers", "1", "--max-queued-per-key", "20", "--header-timeout-secs", "5"]
+    postgres = None
+    if args.postgres:
+        postgres = Postgres()
+        extra += ["--database-url", postgres.url]
     receiver = None
     if args.webhooks:
         receiver = WebhookReceiver(slow=3, slow_for=20, down_for=20)
@@ -277,6 +318,13 @@ def main():
     threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
     slow_results = []
     threads += [threading.Thread(target=slow_client, args=(port, slow_results)) for _ in range(args.slow_clients)]
+    if postgres and args.postgres_down:
+        def crash_later():
+            time.sleep(8)
+            postgres.crash()
+            time.sleep(args.postgres_down)
+            postgres.start()
+        threading.Thread(target=crash_later, daemon=True).start()
     if args.lock_db:
         def lock_later():
             time.sleep(5)
@@ -341,6 +389,9 @@ def main():
                 pending.discard(job_id)
         time.sleep(0.5)
     server.kill()
+    if postgres:
+        postgres.crash()
+        subprocess.run(["rm", "-rf", str(postgres.dir)], check=False)
     if mounted:
         subprocess.run(["umount", str(data)], check=False)
 
@@ -362,6 +413,7 @@ def main():
         "kills": kills,
         "disk_grown_at_seconds": grown_at,
         "db_locked_seconds": args.lock_db or None,
+        "postgres_down_seconds": (args.postgres_down or None) if postgres else None,
         "webhooks": None if not receiver else {
             "expected": sum(1 for ids in accepted.values() if any(i in finals for i in ids)),
             "delivered": len([k for k in receiver.received if k in accepted]),
