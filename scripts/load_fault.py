@@ -15,7 +15,7 @@ operator freeing space), so that jobs held back by the full disk can be seen to 
 Other faults, each optional: `--webhooks` (every request names a webhook on loopback that answers slowly for
 20 s, then is down for 20 s, then comes back), `--lock-db S` (another process holds SQLite's write lock on the
 job database for S seconds), `--postgres [--postgres-down S]` (the job store is a throwaway PostgreSQL, crashed
-8 s into the run and started again S seconds later), `--slow-clients N` (connections that send their headers one byte every 2 s).
+8 s into the run and started again S seconds later), `--s3` (outputs and init images in a bucket of the tests' S3 server), `--slow-clients N` (connections that send their headers one byte every 2 s).
 
 Prints one JSON object: accepted, rejected (by reason), finished, failed, lost (accepted ids that never became
 final or vanished), duplicated (idempotency keys that got more than one job), kills, webhooks expected /
@@ -53,8 +53,9 @@ def free_port():
 
 
 class ServerProcess:
-    def __init__(self, binary, data, port, keys, extra):
+    def __init__(self, binary, data, port, keys, extra, env=None):
         self.binary, self.data, self.port, self.keys, self.extra = binary, data, port, keys, extra
+        self.env = {**os.environ, **(env or {})}
         self.proc = None
         self.peak_rss_kib = 0
         self.log = open(Path(data).parent / "server.log", "ab")
@@ -65,7 +66,7 @@ class ServerProcess:
                 "--default-model", "sd1-tiny", "--admin-key", "admin-key-load"] + self.extra
         for k in self.keys:
             args += ["--api-key", k]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log, env=self.env)
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -232,6 +233,9 @@ def main():
                     help="the job store is a throwaway PostgreSQL (Debian's package) instead of SQLite")
     ap.add_argument("--postgres-down", type=float, default=0.0,
                     help="with --postgres: crash it (pg_ctl -m immediate) 8 s after the start, start it after S s")
+    ap.add_argument("--s3", action="store_true",
+                    help="outputs and init images in an S3 bucket (the tests' S3 server, target/release/pictor-test-s3: "
+                         "cargo build --release -p pictor-testkit)")
     ap.add_argument("--slow-clients", type=int, default=0,
                     help="connections that send their headers one byte every 2 s (server: --header-timeout-secs 5)")
     ap.add_argument("--pace", type=float, default=0.0, help="seconds between one client's requests")
@@ -257,13 +261,19 @@ def main():
     if args.postgres:
         postgres = Postgres()
         extra += ["--database-url", postgres.url]
+    s3, s3_env = None, {}
+    if args.s3:
+        s3 = subprocess.Popen([str(ROOT / "target" / "release" / "pictor-test-s3"), "pictor-load"],
+                              stdout=subprocess.PIPE, text=True)
+        s3_env = json.loads(s3.stdout.readline())
+        extra += ["--storage", "s3://pictor-load"]
     receiver = None
     if args.webhooks:
         receiver = WebhookReceiver(slow=3, slow_for=20, down_for=20)
         extra += ["--allow-private-urls", "--webhook-attempts", "8", "--webhook-backoff", "1"]
     if args.disk_mib:
         extra += ["--min-free-disk-mib", str(args.min_free_mib)]
-    server = ServerProcess(args.binary, data, port, keys, extra)
+    server = ServerProcess(args.binary, data, port, keys, extra, s3_env)
     server.start()
     base = f"http://127.0.0.1:{port}"
     inits = {name: base64.b64encode((FIX / name).read_bytes()).decode() for name in ("init-64.png", "init-72x56.png")}
@@ -384,11 +394,15 @@ def main():
                 finals[job_id] = answer["status"]
                 final_times.append(time.time() - started)
                 pending.discard(job_id)
-            elif isinstance(answer, dict) and answer.get("status") == "error":
+            elif isinstance(answer, dict) and answer.get("status") == "error" and status < 500:
+                # (A 503 while the database is down is "ask again", not an answer about the job.)
+                print(f"job {job_id} lost: {status} {answer}", file=sys.stderr)
                 finals[job_id] = "lost"
                 pending.discard(job_id)
         time.sleep(0.5)
     server.kill()
+    if s3:
+        s3.kill()
     if postgres:
         postgres.crash()
         subprocess.run(["rm", "-rf", str(postgres.dir)], check=False)
@@ -414,6 +428,8 @@ def main():
         "disk_grown_at_seconds": grown_at,
         "db_locked_seconds": args.lock_db or None,
         "postgres_down_seconds": (args.postgres_down or None) if postgres else None,
+        "storage": "s3" if s3 else "folder",
+        "job_store": "postgres" if postgres else "sqlite",
         "webhooks": None if not receiver else {
             "expected": sum(1 for ids in accepted.values() if any(i in finals for i in ids)),
             "delivered": len([k for k in receiver.received if k in accepted]),
