@@ -15,16 +15,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body as Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
 use crate::app::App;
 use crate::backend::PipelineKind;
 use crate::family::Family;
+use crate::responses::ApiError;
 
 /// What a route does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +159,27 @@ pub struct KeyQuery {
     pub key: Option<String>,
 }
 
+/// The `{id}` of a path, or the API's error naming `field` (a path segment that is not UTF-8 text is refused by
+/// axum's extractor with a plain-text 400, which no client of the API can read).
+fn path_id(path: Result<Path<String>, PathRejection>, field: &str) -> Result<String, ApiError> {
+    path.map(|Path(id)| id).map_err(|e| {
+        ApiError::field(
+            field,
+            format!("the id in the path could not be read: {}", e.body_text()),
+        )
+    })
+}
+
+/// `?key=`, or the API's error (a query string that cannot be read, such as `key` given twice).
+fn query_key(query: Result<Query<KeyQuery>, QueryRejection>) -> Result<Option<String>, ApiError> {
+    query.map(|Query(q)| q.key).map_err(|e| {
+        ApiError::field(
+            "key",
+            format!("the query string could not be read: {}", e.body_text()),
+        )
+    })
+}
+
 /// Every route the service answers.
 pub fn table() -> Vec<RouteInfo> {
     let mut routes = Vec::new();
@@ -268,10 +291,13 @@ pub fn router(app: Arc<App>) -> Router {
                 &route.path,
                 get(
                     |State(app): State<Arc<App>>,
-                     Path(id): Path<String>,
-                     Query(query): Query<KeyQuery>,
-                     headers: HeaderMap| {
-                        jobs::events(app, id, query.key, headers)
+                     path: Result<Path<String>, PathRejection>,
+                     query: Result<Query<KeyQuery>, QueryRejection>,
+                     headers: HeaderMap| async move {
+                        match (path_id(path, "id"), query_key(query)) {
+                            (Ok(id), Ok(key)) => jobs::events(app, id, key, headers).await,
+                            (Err(e), _) | (_, Err(e)) => e.into_response(),
+                        }
                     },
                 ),
             ),
@@ -280,9 +306,12 @@ pub fn router(app: Arc<App>) -> Router {
                 &route.path,
                 get(
                     |State(app): State<Arc<App>>,
-                     Query(query): Query<KeyQuery>,
-                     headers: HeaderMap| {
-                        playground::options(app, query.key, headers)
+                     query: Result<Query<KeyQuery>, QueryRejection>,
+                     headers: HeaderMap| async move {
+                        match query_key(query) {
+                            Ok(key) => playground::options(app, key, headers).await,
+                            Err(e) => e.into_response(),
+                        }
                     },
                 ),
             ),
@@ -290,18 +319,19 @@ pub fn router(app: Arc<App>) -> Router {
                 &route.path,
                 post(
                     |State(app): State<Arc<App>>,
-                     Path(id): Path<String>,
+                     path: Result<Path<String>, PathRejection>,
                      headers: HeaderMap,
-                     body: Bytes| { jobs::cancel(app, id, headers, body) },
+                     body: Bytes| async move {
+                        match path_id(path, "id") {
+                            Ok(id) => jobs::cancel(app, id, headers, body).await,
+                            Err(e) => e.into_response(),
+                        }
+                    },
                 ),
             ),
             RouteKind::NotYet(what) => router.route(
                 &route.path,
-                post(move || async move {
-                    axum::response::IntoResponse::into_response(
-                        crate::responses::ApiError::message(what),
-                    )
-                }),
+                post(move || async move { ApiError::message(what).into_response() }),
             ),
             RouteKind::FetchByBody => router.route(
                 &route.path,
@@ -315,10 +345,13 @@ pub fn router(app: Arc<App>) -> Router {
                 &route.path,
                 post(
                     |State(app): State<Arc<App>>,
-                     Path(id): Path<String>,
+                     path: Result<Path<String>, PathRejection>,
                      headers: HeaderMap,
-                     body: Bytes| {
-                        fetch::handle(app, Some(id), headers, body)
+                     body: Bytes| async move {
+                        match path_id(path, "request_id") {
+                            Ok(id) => fetch::handle(app, Some(id), headers, body).await,
+                            Err(e) => e.into_response(),
+                        }
                     },
                 ),
             ),

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::multipart::MultipartError;
 use axum::extract::{FromRequest, Multipart, Request};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
@@ -37,7 +38,7 @@ pub async fn edits(app: Arc<App>, request: Request) -> Response {
     let result = async {
         let caller = super::auth::caller_from_headers(&app, request.headers())?;
         let idempotency = super::auth::idempotency_key(request.headers())?;
-        let (fields, image) = read_form(request).await?;
+        let (fields, image) = read_form(request, app.node.config.max_body_bytes).await?;
         let image = image.ok_or_else(|| ApiError::field("image", "image is required"))?;
         let pix2pix = match fields.string(&["model"])? {
             Some(id) => super::generate::models(&app)
@@ -82,24 +83,34 @@ fn respond(result: Result<Value, ApiError>) -> Response {
     }
 }
 
-/// The form's text fields, and its `image` (or first `image[]`) file as base64. More than one image is refused.
-async fn read_form(request: Request) -> Result<(params::Body, Option<String>), ApiError> {
+/// A form that could not be read, in words a client can act on (axum's own text for all of them is "Error parsing
+/// `multipart/form-data` request").
+fn form_error(e: MultipartError, limit: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::message(format!(
+            "the request body is larger than the {} MiB limit",
+            limit >> 20
+        ))
+    } else {
+        ApiError::message(format!("the form could not be read: {}", e.body_text()))
+    }
+}
+
+/// The form's text fields, and its `image` (or first `image[]`) file as base64. More than one image is refused;
+/// a body over `limit` bytes is refused as the JSON routes refuse it.
+async fn read_form(
+    request: Request,
+    limit: usize,
+) -> Result<(params::Body, Option<String>), ApiError> {
     let mut form = Multipart::from_request(request, &())
         .await
         .map_err(|e| ApiError::message(format!("the body must be multipart/form-data: {e}")))?;
     let mut fields = Map::new();
     let mut image = None;
-    while let Some(field) = form
-        .next_field()
-        .await
-        .map_err(|e| ApiError::message(format!("the form could not be read: {e}")))?
-    {
+    while let Some(field) = form.next_field().await.map_err(|e| form_error(e, limit))? {
         let name = field.name().unwrap_or_default().to_string();
         let is_file = field.file_name().is_some();
-        let bytes = field
-            .bytes()
-            .await
-            .map_err(|e| ApiError::message(format!("the form could not be read: {e}")))?;
+        let bytes = field.bytes().await.map_err(|e| form_error(e, limit))?;
         match name.as_str() {
             "image" | "image[]" => {
                 if image.is_some() {
