@@ -21,6 +21,9 @@
 //! - The explicit weight is `:` followed by a number (optional sign, digits and `.`, spaces allowed
 //!   around it) directly before the closing `)`. It replaces that pair's 1.1. Any other `:` is ordinary
 //!   text, and so is `:1.3` inside square brackets.
+//! - A weight must stay a finite number: an explicit weight too large for a 64-bit float (`(a:1` followed by
+//!   400 zeros`)`), or brackets nested so deep that their product overflows (about 7,500 round pairs), is an
+//!   error naming the character position; it would otherwise make the conditioning NaN.
 //! - A backslash before any other character is kept as a literal backslash (AUTOMATIC1111 drops it).
 //! - `BREAK` counts only in capitals and as a word of its own (`BREAKING`, `break` and `aBREAK` are
 //!   ordinary text); the spaces around it are removed. It works inside brackets too (where
@@ -100,10 +103,26 @@ pub fn parse_field(prompt: &str, field: &'static str) -> Result<Vec<PromptPiece>
     let mut pieces: Vec<(Option<String>, f64)> = Vec::new();
     // Open brackets: kind, index of the first piece inside, character position (1-based).
     let mut open: Vec<(Bracket, usize, usize)> = Vec::new();
-    let multiply = |pieces: &mut Vec<(Option<String>, f64)>, from: usize, factor: f64| {
+    // Multiplies the weights from piece `from` on by `factor` for the bracket closed at `pos`, refusing a weight
+    // that overflows to infinity (a huge explicit weight, or thousands of nested brackets): it would turn the
+    // conditioning into NaN.
+    let multiply = |pieces: &mut Vec<(Option<String>, f64)>,
+                    from: usize,
+                    factor: f64,
+                    pos: usize| {
         for p in &mut pieces[from..] {
             p.1 *= factor;
+            if !p.1.is_finite() {
+                return Err(EngineError::invalid(
+                    field,
+                    format!(
+                        "the brackets closed at character {pos} give a weight too large to compute ({factor} × \
+                         the weights around them)"
+                    ),
+                ));
+            }
         }
+        Ok(())
     };
     let close = |open: &mut Vec<(Bracket, usize, usize)>, kind: Bracket, pos: usize| {
         let closer = if kind == Bracket::Round { ')' } else { ']' };
@@ -152,12 +171,12 @@ pub fn parse_field(prompt: &str, field: &'static str) -> Result<Vec<PromptPiece>
             }
             ')' => {
                 let start = close(&mut open, Bracket::Round, pos)?;
-                multiply(&mut pieces, start, BRACKET_FACTOR);
+                multiply(&mut pieces, start, BRACKET_FACTOR, pos)?;
                 i += 1;
             }
             ']' => {
                 let start = close(&mut open, Bracket::Square, pos)?;
-                multiply(&mut pieces, start, 1.0 / BRACKET_FACTOR);
+                multiply(&mut pieces, start, 1.0 / BRACKET_FACTOR, pos)?;
                 i += 1;
             }
             ':' => match explicit_weight(&chars, i) {
@@ -168,8 +187,14 @@ pub fn parse_field(prompt: &str, field: &'static str) -> Result<Vec<PromptPiece>
                             format!("weight {number:?} at character {} is not a number", pos + 1),
                         )
                     })?;
+                    if !weight.is_finite() {
+                        return Err(EngineError::invalid(
+                            field,
+                            format!("weight {number:?} at character {} is too large", pos + 1),
+                        ));
+                    }
                     let start = close(&mut open, Bracket::Round, end + 1)?;
-                    multiply(&mut pieces, start, weight);
+                    multiply(&mut pieces, start, weight, end + 1)?;
                     i = end + 1;
                 }
                 _ => {
@@ -449,5 +474,36 @@ mod tests {
             }
         }
         assert_eq!(escape("(a)"), r"\(a\)");
+    }
+
+    /// Found by the fuzz target `prompt_syntax` (fuzz/fuzz_targets/prompt_syntax.rs), which requires every weight
+    /// to be finite: `(a:` + 400 nines + `)` parsed to an infinite weight, and so did deep nesting.
+    #[test]
+    fn weights_that_overflow_are_refused() {
+        let huge = format!("(a:{})", "9".repeat(400));
+        let e = parse(&huge).unwrap_err().to_string();
+        assert!(e.contains("at character 4 is too large"), "{e}");
+        let nested = format!(
+            "{}a:99999999{}",
+            "(".repeat(40),
+            ":99999999)".repeat(39) + ")"
+        );
+        let e = parse_field(&nested, "negative_prompt")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("negative_prompt") && e.contains("too large to compute"),
+            "{e}"
+        );
+        let deep = format!("{}a{}", "(".repeat(7_500), ")".repeat(7_500));
+        assert!(parse(&deep)
+            .unwrap_err()
+            .to_string()
+            .contains("too large to compute"));
+        // Large finite weights, and weights that shrink towards zero, still parse.
+        assert_eq!(parse("(a:1e3)").unwrap(), vec![text("a:1e3", 1.1)]); // `e` is not part of a weight
+        assert_eq!(parse("(a:1000000)").unwrap(), vec![text("a", 1e6)]);
+        let small = format!("{}a{}", "[".repeat(8_000), "]".repeat(8_000));
+        assert!(parse(&small).is_ok());
     }
 }
