@@ -191,7 +191,13 @@ pub fn check_safetensors_header(model: &str, path: &Path) -> Result<()> {
             .iter()
             .try_fold(1u128, |acc, &d| acc.checked_mul(d as u128))
             .ok_or_else(malformed)?;
-        let needed = (elements * bits).div_ceil(8);
+        if elements * bits % 8 != 0 {
+            // (The safetensors reader refuses such a sub-byte tensor, so it must not pass here.)
+            return Err(fail(format!(
+                "corrupt safetensors header: tensor {name} ({dtype} {shape:?}) does not fill a whole number of bytes"
+            )));
+        }
+        let needed = elements * bits / 8;
         if (end - begin) as u128 != needed {
             return Err(fail(format!(
                 "corrupt safetensors header: tensor {name} ({dtype} {shape:?}) needs {needed} bytes but is given {}",
@@ -421,13 +427,29 @@ fn indices(map: &Shapes, prefix: &str) -> BTreeSet<usize> {
         .collect()
 }
 
-fn shape<'a>(map: &'a Shapes, name: &str, what: &str, model: &str) -> Result<&'a [usize]> {
-    map.get(name).map(Vec::as_slice).ok_or_else(|| {
+/// The shape of tensor `name`, which must have at least `rank` dimensions (the callers index into it).
+fn shape<'a>(
+    map: &'a Shapes,
+    name: &str,
+    rank: usize,
+    what: &str,
+    model: &str,
+) -> Result<&'a [usize]> {
+    let shape = map.get(name).map(Vec::as_slice).ok_or_else(|| {
         EngineError::model(
             model,
             format!("cannot determine the {what}: tensor {name} is missing from the checkpoint"),
         )
-    })
+    })?;
+    if shape.len() < rank {
+        return Err(EngineError::model(
+            model,
+            format!(
+                "cannot determine the {what}: tensor {name} has the shape {shape:?}, not {rank} dimensions"
+            ),
+        ));
+    }
+    Ok(shape)
 }
 
 /// `[a, b, c]` → `"a.b.c"`, the remainder of a split name.
@@ -633,8 +655,14 @@ fn infer_unet(
 ) -> Result<(UNetConfig, HashMap<String, Source>)> {
     let u = under(all, UNET_PREFIX);
     let bad = |message: String| EngineError::model(model, format!("unet: {message}"));
-    let conv_in = shape(&u, "input_blocks.0.0.weight", "UNet input channels", model)?;
-    let conv_out = shape(&u, "out.2.weight", "UNet output channels", model)?;
+    let conv_in = shape(
+        &u,
+        "input_blocks.0.0.weight",
+        4,
+        "UNet input channels",
+        model,
+    )?;
+    let conv_out = shape(&u, "out.2.weight", 4, "UNet output channels", model)?;
     if conv_in.len() != 4 || conv_out.len() != 4 {
         return Err(bad("conv_in / conv_out are not convolutions".into()));
     }
@@ -664,7 +692,7 @@ fn infer_unet(
             let block = &mut blocks[cur];
             if block.resnets == 0 {
                 let w = format!("input_blocks.{s}.0.in_layers.2.weight");
-                block.channels = shape(&u, &w, "UNet block channels", model)?[0];
+                block.channels = shape(&u, &w, 4, "UNet block channels", model)?[0];
             }
             input.insert(
                 s,
@@ -725,7 +753,15 @@ fn infer_unet(
     }
 
     let find = |suffix: &str| u.iter().find(|(k, _)| k.ends_with(suffix)).map(|(_, s)| s);
-    let cross_attention_dim = find(".attn2.to_k.weight").map_or(text_hidden, |s| s[1]);
+    let cross_attention_dim = match u.iter().find(|(k, _)| k.ends_with(".attn2.to_k.weight")) {
+        None => text_hidden,
+        Some((_, s)) if s.len() == 2 => s[1],
+        Some((k, s)) => {
+            return Err(bad(format!(
+                "the cross-attention key projection {k} has the shape {s:?}, not a matrix"
+            )))
+        }
+    };
     let use_linear_projection = find(".proj_in.weight").is_some_and(|s| s.len() == 2);
     let heads = match family {
         Family::Sd1 => PerBlock::One(8),
@@ -916,13 +952,25 @@ fn infer_vae(
     let channels = (0..levels)
         .map(|i| {
             let w = format!("encoder.down.{i}.block.0.conv1.weight");
-            Ok(shape(&v, &w, "VAE block channels", model)?[0])
+            Ok(shape(&v, &w, 4, "VAE block channels", model)?[0])
         })
         .collect::<Result<Vec<_>>>()?;
     let layers = indices(&v, "encoder.down.0.block.").len();
-    let conv_in = shape(&v, "encoder.conv_in.weight", "VAE input channels", model)?;
-    let conv_out = shape(&v, "decoder.conv_out.weight", "VAE output channels", model)?;
-    let latent = shape(&v, "decoder.conv_in.weight", "VAE latent channels", model)?;
+    let conv_in = shape(&v, "encoder.conv_in.weight", 4, "VAE input channels", model)?;
+    let conv_out = shape(
+        &v,
+        "decoder.conv_out.weight",
+        4,
+        "VAE output channels",
+        model,
+    )?;
+    let latent = shape(
+        &v,
+        "decoder.conv_in.weight",
+        4,
+        "VAE latent channels",
+        model,
+    )?;
     let config = VaeConfig {
         in_channels: conv_in[1],
         out_channels: conv_out[0],
@@ -967,12 +1015,18 @@ fn infer_diffusers_vae(v: &Shapes, model: &str) -> Result<(VaeConfig, HashMap<St
     let channels = (0..levels)
         .map(|i| {
             let w = format!("encoder.down_blocks.{i}.resnets.0.conv1.weight");
-            Ok(shape(v, &w, "VAE block channels", model)?[0])
+            Ok(shape(v, &w, 4, "VAE block channels", model)?[0])
         })
         .collect::<Result<Vec<_>>>()?;
-    let conv_in = shape(v, "encoder.conv_in.weight", "VAE input channels", model)?;
-    let conv_out = shape(v, "decoder.conv_out.weight", "VAE output channels", model)?;
-    let latent = shape(v, "decoder.conv_in.weight", "VAE latent channels", model)?;
+    let conv_in = shape(v, "encoder.conv_in.weight", 4, "VAE input channels", model)?;
+    let conv_out = shape(
+        v,
+        "decoder.conv_out.weight",
+        4,
+        "VAE output channels",
+        model,
+    )?;
+    let latent = shape(v, "decoder.conv_in.weight", 4, "VAE latent channels", model)?;
     let config = VaeConfig {
         in_channels: conv_in[1],
         out_channels: conv_out[0],
@@ -1176,7 +1230,7 @@ fn infer_text(
                 format!("cannot determine the {what}: the text encoder has no {name}"),
             )
         })?;
-        Ok(source.shape(shape(all, source.ldm_name(), what, model)?))
+        Ok(source.shape(shape(all, source.ldm_name(), 2, what, model)?))
     };
     let token = presented(
         "text_model.embeddings.token_embedding.weight",
@@ -1203,7 +1257,7 @@ fn infer_text(
         .len();
     let projection_dim = match names.get("text_projection.weight") {
         Some(source) => {
-            Some(source.shape(shape(all, source.ldm_name(), "text projection", model)?)[0])
+            Some(source.shape(shape(all, source.ldm_name(), 2, "text projection", model)?)[0])
         }
         None => None,
     };
@@ -2070,6 +2124,35 @@ mod tests {
         assert!(message.contains("unknown dtype Q7"), "{message}");
     }
 
+    /// Found with the fuzz target `safetensors_header` (fuzz/fuzz_targets/safetensors_header.rs), which requires
+    /// the safetensors reader to accept whatever the check passes: three 4-bit values in 2 bytes passed the check
+    /// and then failed in the reader ("misaligned slice"). Whole bytes of sub-byte values still pass.
+    #[test]
+    fn checkpoint_header_check_refuses_partial_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, header: &str, data: usize| {
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.resize(bytes.len() + data, 0);
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let odd = file(
+            "f4.safetensors",
+            r#"{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}"#,
+            2,
+        );
+        let message = error_text(check_safetensors_header("f4", &odd));
+        assert!(message.contains("whole number of bytes"), "{message}");
+        let even = file(
+            "f4-even.safetensors",
+            r#"{"a":{"dtype":"F4","shape":[2,2],"data_offsets":[0,2]}}"#,
+            2,
+        );
+        check_safetensors_header("f4-even", &even).unwrap();
+    }
+
     /// Writes the tensors of `source` whose names do not start with `drop` to `target`.
     fn copy_without(source: &Path, target: &Path, drop: &str) {
         let st = unsafe { MmapedSafetensors::new(source) }.unwrap();
@@ -2099,6 +2182,54 @@ mod tests {
             let message = error_text(SingleFileCheckpoint::open(&target, "partial"));
             assert!(message.contains(&format!("no {part}")), "{message}");
             assert!(message.contains(drop), "{message}");
+        }
+    }
+
+    /// Found by the fuzz target `checkpoint` (fuzz/fuzz_targets/checkpoint.rs): a token embedding stored as a
+    /// vector (`[49408]` instead of `[49408, 48]`) made `open` index past its shape and panic. Every tensor whose
+    /// dimensions the inference reads now has its rank checked; each of these is an error naming the tensor.
+    #[test]
+    fn checkpoint_tensors_of_the_wrong_rank_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = fixtures().join("sd1-tiny-single.safetensors");
+        let st = unsafe { MmapedSafetensors::new(&source) }.unwrap();
+        let all: HashMap<String, Tensor> = st
+            .tensors()
+            .into_iter()
+            .map(|(name, _)| {
+                let t = st.load(&name, &Device::Cpu).unwrap();
+                (name, t)
+            })
+            .collect();
+        for name in [
+            "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+            "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",
+            "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+            "model.diffusion_model.input_blocks.0.0.weight",
+            "model.diffusion_model.input_blocks.1.0.in_layers.2.weight",
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+            "first_stage_model.encoder.down.0.block.0.conv1.weight",
+            "first_stage_model.decoder.conv_in.weight",
+        ] {
+            let mut tensors = all.clone();
+            let flat = tensors[name].flatten_all().unwrap();
+            tensors.insert(name.to_string(), flat);
+            let target = dir.path().join("flat.safetensors");
+            candle_core::safetensors::save(&tensors, &target).unwrap();
+            let message = error_text(SingleFileCheckpoint::open(&target, "flat"));
+            let short = name
+                .rsplit_once(".weight")
+                .unwrap()
+                .0
+                .rsplit('.')
+                .next()
+                .unwrap();
+            assert!(message.contains(short), "{name}: {message}");
+            if !name.starts_with(VAE_PREFIX) {
+                continue;
+            }
+            let message = error_text(VaeFile::open(&target, "flat").map(|v| v.config));
+            assert!(message.contains(short), "{name}: {message}");
         }
     }
 
