@@ -18,6 +18,7 @@ pub mod hub;
 pub mod image_io;
 pub mod kernels;
 pub mod models;
+pub mod parity;
 pub mod prompt_syntax;
 pub mod runtime;
 pub mod safety;

@@ -8,78 +8,34 @@ mod support;
 use pictor_engine::image_io::load_image;
 use pictor_engine::lora::Lora;
 use pictor_engine::model_store::{self};
-use pictor_engine::pipeline::{GenerateRequest, Mode, NoProgress, StableDiffusion};
-use pictor_engine::schedulers::SchedulerOptions;
+use pictor_engine::parity::{self, GenerationCase};
+use pictor_engine::pipeline::{NoProgress, StableDiffusion};
 use pictor_engine::Runtime;
-use serde::Deserialize;
 use support::{compare, fixtures, load_model, models};
 
-#[derive(Debug, Deserialize)]
-struct Case {
-    name: String,
-    model: String,
-    prompt: String,
-    negative_prompt: String,
-    init_image: String,
-    width: u32,
-    height: u32,
-    samples: usize,
-    num_inference_steps: usize,
-    guidance_scale: f64,
-    strength: f64,
-    seed: u64,
-    scheduler: String,
-    #[serde(default)]
-    loras: Vec<(String, f64)>,
-    #[serde(default)]
-    vae: Option<String>,
-    images: Vec<String>,
-}
+type Case = GenerationCase;
 
 fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(fixtures().join("lora_vae/cases.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    parity::load_case_file(&fixtures(), "lora_vae/cases.json", "lora_vae").unwrap()
 }
 
 fn lora(name: &str) -> Lora {
     Lora::load(&models().resolve_lora(name).unwrap(), name).unwrap()
 }
 
-fn request(case: &Case) -> GenerateRequest {
-    GenerateRequest {
-        prompt: case.prompt.clone(),
-        negative_prompt: case.negative_prompt.clone(),
-        mode: Mode::Img2Img {
-            init_image: load_image(&fixtures().join(&case.init_image), 1 << 24).unwrap(),
-            strength: case.strength,
-        },
-        width: case.width,
-        height: case.height,
-        samples: case.samples,
-        num_inference_steps: case.num_inference_steps,
-        guidance_scale: case.guidance_scale,
-        seed: Some(case.seed),
-        scheduler: Some(case.scheduler.clone()),
-        scheduler_options: SchedulerOptions::default(),
-        clip_skip: 1,
-        embeddings: Vec::new(),
-        tome: None,
-    }
-}
-
 fn generate(model: &StableDiffusion, case: &Case) -> Vec<image::RgbImage> {
     model
-        .generate(&request(case), &mut NoProgress)
+        .generate(&support::request_for(case, None).unwrap(), &mut NoProgress)
         .unwrap()
         .images
 }
 
 fn assert_matches(case: &Case, images: &[image::RgbImage]) {
     for (ours, path) in images.iter().zip(&case.images) {
-        let theirs = load_image(&fixtures().join("lora_vae").join(path), 1 << 24).unwrap();
+        let theirs = load_image(&fixtures().join(path), 1 << 24).unwrap();
         let (max, mean) = compare(ours, &theirs);
         assert!(
-            max <= 3 && mean <= 0.5,
+            max <= parity::MAX_ABS_DIFF && mean <= parity::MAX_MEAN_ABS_DIFF,
             "{}: max |Δ| {max}, mean |Δ| {mean:.3} against diffusers",
             case.name
         );

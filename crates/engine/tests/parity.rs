@@ -3,7 +3,7 @@
 //! tests/fixtures/sdxl/cases.json (scripts/make_sdxl_fixtures.py, StableDiffusionXLImg2ImgPipeline) and
 //! tests/fixtures/txt2img/cases.json (scripts/make_txt2img_fixtures.py, StableDiffusion(XL)Pipeline) is run
 //! through the engine and must match diffusers' PNGs within max |Δ| ≤ 3 and mean |Δ| ≤ 0.5 on the 0–255
-//! scale.
+//! scale (`pictor_engine::parity`'s float32 tolerance).
 
 mod support;
 
@@ -11,12 +11,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use libtest_mimic::{Arguments, Failed, Trial};
-use pictor_engine::image_io::load_image;
 use pictor_engine::kernels::tier::{run_at, Tier};
 use pictor_engine::model_store::{self, ModelsDir};
+use pictor_engine::parity::{self, ImageCheck};
 use pictor_engine::pipeline::{NoProgress, StableDiffusion};
 use pictor_engine::Runtime;
-use support::{compare, fixtures};
+use support::fixtures;
 
 type Case = support::GenerationCase;
 
@@ -38,37 +38,26 @@ fn model(cache: &ModelCache, name: &str) -> Result<Arc<StableDiffusion>, Failed>
 fn run_case(case: &Case, cache: &ModelCache) -> Result<(), Failed> {
     let model = model(cache, &case.model)?;
     let generation = model.generate(&support::request_for(case, None)?, &mut NoProgress)?;
-    if generation.images.len() != case.images.len() {
-        return Err(format!(
-            "{} images, expected {}",
-            generation.images.len(),
-            case.images.len()
-        )
-        .into());
-    }
-    let mut report = Vec::new();
-    let mut ok = true;
-    for (i, (ours, path)) in generation.images.iter().zip(&case.images).enumerate() {
-        let theirs = load_image(&fixtures().join(path), 1 << 24)?;
-        if ours.dimensions() != theirs.dimensions() {
-            return Err(format!(
-                "image {i}: {:?}, expected {:?}",
-                ours.dimensions(),
-                theirs.dimensions()
-            )
-            .into());
-        }
-        let (max, mean) = compare(ours, &theirs);
-        report.push(format!("image {i}: max |Δ| {max}, mean |Δ| {mean:.3}"));
-        ok &= max <= 3 && mean <= 0.5;
-        if std::env::var_os("PICTOR_DUMP").is_some() {
+    if std::env::var_os("PICTOR_DUMP").is_some() {
+        for (i, ours) in generation.images.iter().enumerate() {
             let out = std::env::temp_dir().join(format!("pictor-{}-{i}.png", case.name));
             ours.save(&out).ok();
         }
     }
-    if ok {
+    let checks = parity::check_images(&fixtures(), case, &generation.images)?;
+    if checks.iter().all(ImageCheck::within_fp32_tolerance) {
         Ok(())
     } else {
+        let report: Vec<String> = checks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                format!(
+                    "image {i}: max |Δ| {}, mean |Δ| {:.3}",
+                    c.max_abs_diff, c.mean_abs_diff
+                )
+            })
+            .collect();
         Err(report.join("; ").into())
     }
 }
@@ -77,9 +66,7 @@ fn main() {
     let args = Arguments::from_args();
     let mut cases = Vec::new();
     for file in ["cases.json", "sdxl/cases.json", "txt2img/cases.json"] {
-        let text = std::fs::read_to_string(fixtures().join(file)).expect(file);
-        let more: Vec<Case> = serde_json::from_str(&text).expect(file);
-        cases.extend(more);
+        cases.extend(parity::load_case_file(&fixtures(), file, "").expect(file));
     }
     let cache: ModelCache = Arc::default();
     // Every case at the CPU's best tier, and again at each lower tier it can run (the AVX-512 machine

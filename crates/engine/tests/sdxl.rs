@@ -103,7 +103,11 @@ fn invalid_field(e: EngineError) -> (String, String) {
 fn assert_like_reference(ours: &image::RgbImage, fixture: &str, case: &str) {
     let theirs = pictor_engine::image_io::load_image(&fixtures().join(fixture), 1 << 24).unwrap();
     let (max, mean) = support::compare(ours, &theirs);
-    assert!(max <= 3 && mean <= 0.5, "{case}: max {max}, mean {mean:.3}");
+    assert!(
+        max <= pictor_engine::parity::MAX_ABS_DIFF
+            && mean <= pictor_engine::parity::MAX_MEAN_ABS_DIFF,
+        "{case}: max {max}, mean {mean:.3}"
+    );
 }
 
 /// One case of tests/fixtures/sdxl/lora_cases.json (written by scripts/make_sdxl_fixtures.py).

@@ -1,18 +1,19 @@
 //! What the engine's integration tests share: the fixtures folder, loading a fixture model, and comparing
-//! images and tensors with the references.
+//! tensors with the references (fixture cases and image comparisons are `pictor_engine::parity`'s, which
+//! `pictor check-fixtures` uses too).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
-use pictor_engine::image_io::load_image;
 use pictor_engine::model_store::{self, ModelsDir};
 use pictor_engine::models::TomeSettings;
+use pictor_engine::parity;
+#[allow(unused_imports)] // each test binary uses some of them
+pub use pictor_engine::parity::{compare, psnr, GenerationCase};
 use pictor_engine::pipeline::{GenerateRequest, Mode, NoProgress, StableDiffusion};
-use pictor_engine::prompt_syntax::escape;
 use pictor_engine::schedulers::SchedulerOptions;
 use pictor_engine::Runtime;
-use serde::Deserialize;
 
 /// The repository's `tests/fixtures` folder.
 pub fn fixtures() -> PathBuf {
@@ -31,19 +32,6 @@ pub fn load_model(id: &str) -> StableDiffusion {
     model_store::load(&location, &rt.device, rt.dtype).expect("fixture model loads")
 }
 
-/// Maximum and mean absolute difference between two RGB images of the same size (0–255 scale).
-pub fn compare(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
-    assert_eq!(a.dimensions(), b.dimensions(), "image sizes");
-    let mut max = 0u8;
-    let mut sum = 0u64;
-    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
-        let d = x.abs_diff(*y);
-        max = max.max(d);
-        sum += d as u64;
-    }
-    (max, sum as f64 / a.as_raw().len() as f64)
-}
-
 /// The largest absolute elementwise difference of two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "tensor shapes");
@@ -59,79 +47,13 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-/// The generation a fixture case describes (the fields every `cases.json` shares).
-#[derive(Debug, Clone, Deserialize)]
-pub struct GenerationCase {
-    pub name: String,
-    pub model: String,
-    pub pipeline: String,
-    pub prompt: String,
-    pub negative_prompt: Option<String>,
-    pub init_image: Option<String>,
-    pub width: u32,
-    pub height: u32,
-    pub samples: usize,
-    pub num_inference_steps: usize,
-    pub guidance_scale: f64,
-    pub strength: Option<f64>,
-    pub image_guidance_scale: Option<f64>,
-    pub seed: u64,
-    pub scheduler: String,
-    #[serde(default)]
-    pub use_karras_sigmas: Option<bool>,
-    #[serde(default)]
-    pub algorithm_type: Option<String>,
-    pub clip_skip: usize,
-    #[serde(default)]
-    pub images: Vec<String>,
-}
-
-/// The engine request a fixture case describes (its prompts are plain text to diffusers, so they are escaped
-/// for Pictor's prompt syntax), with token merging when `tome` is given.
+/// The engine request a fixture case describes ([`pictor_engine::parity::request_for`] on the fixtures
+/// folder), with token merging when `tome` is given.
 pub fn request_for(
     case: &GenerationCase,
     tome: Option<TomeSettings>,
 ) -> Result<GenerateRequest, String> {
-    let init = || -> Result<_, String> {
-        let path = case
-            .init_image
-            .as_deref()
-            .ok_or("the case has no init image")?;
-        load_image(&fixtures().join(path), 1 << 24).map_err(|e| e.to_string())
-    };
-    let mode = match case.pipeline.as_str() {
-        "txt2img" => Mode::Text2Img,
-        "img2img" => Mode::Img2Img {
-            init_image: init()?,
-            strength: case.strength.ok_or("img2img case without a strength")?,
-        },
-        "pix2pix" => Mode::Pix2Pix {
-            init_image: init()?,
-            image_guidance_scale: case
-                .image_guidance_scale
-                .ok_or("pix2pix case without an image guidance scale")?,
-        },
-        other => return Err(format!("unknown pipeline {other}")),
-    };
-    Ok(GenerateRequest {
-        mode,
-        prompt: escape(&case.prompt),
-        negative_prompt: escape(case.negative_prompt.as_deref().unwrap_or_default()),
-        width: case.width,
-        height: case.height,
-        samples: case.samples,
-        num_inference_steps: case.num_inference_steps,
-        guidance_scale: case.guidance_scale,
-        seed: Some(case.seed),
-        scheduler: Some(case.scheduler.clone()),
-        scheduler_options: SchedulerOptions {
-            use_karras_sigmas: case.use_karras_sigmas,
-            algorithm_type: case.algorithm_type.clone(),
-        },
-        clip_skip: case.clip_skip,
-        embeddings: Vec::new(),
-        tome,
-    })
+    parity::request_for(&fixtures(), case, tome)
 }
 
 /// Runs a fixture case through the engine, with token merging when `tome` is given.
@@ -145,18 +67,6 @@ pub fn generate_case(
         .generate(&request, &mut NoProgress)
         .expect("generation runs")
         .images
-}
-
-/// Peak signal-to-noise ratio of `b` against `a` in dB on the 0–255 scale (infinite when equal).
-pub fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
-    let squared: f64 = a
-        .as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum();
-    let mse = squared / a.as_raw().len() as f64;
-    10.0 * (255.0 * 255.0 / mse).log10()
 }
 
 /// Runs every fourth case of tests/fixtures/cases.json (both pipelines, SD 1 and SD 2, several schedulers)
@@ -189,7 +99,7 @@ pub fn assert_within_35_db_of_fp32<M>(
             images += 1;
             if db.is_infinite() {
                 identical += 1;
-            } else if db < 35.0 {
+            } else if db < parity::MIN_REDUCED_PSNR_DB {
                 failures.push(format!("{} image {i}: {db:.1} dB", case.name));
             }
         }
