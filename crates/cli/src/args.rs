@@ -35,6 +35,10 @@ pub enum Command {
     Models(ModelsCommand),
     /// Time the full-size SD 1.5 networks with random weights (no model files needed).
     Bench(BenchArgs),
+    /// Run the diffusers parity cases of a fixtures folder (tests/fixtures, or a folder packed by
+    /// scripts/gpu_check.sh) and compare the images with the references; for checking a device.
+    #[command(hide = true)]
+    CheckFixtures(CheckFixturesArgs),
     /// Write a tiny random model in diffusers layout (e.g. to ROOT/checkpoints/demo) to try Pictor with no
     /// download. It draws noise-like pictures.
     MakeDemoModel {
@@ -411,6 +415,47 @@ impl PrecisionArg {
     }
 }
 
+/// The precision `pictor bench` and `pictor check-fixtures` run in.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DevicePrecisionArg {
+    /// 32-bit floats throughout.
+    Fp32,
+    /// The CPU's bf16 products (see `PrecisionArg::Bf16`).
+    Bf16,
+    /// UNet and VAE in float16, the text encoder in float32 (a GPU's precision; on the CPU, slow).
+    Fp16,
+}
+
+/// Where `pictor bench` and `pictor check-fixtures` run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceArg {
+    /// The CPU.
+    Cpu,
+    /// CUDA GPU 0 (no fallback to the CPU).
+    Cuda,
+}
+
+/// `pictor check-fixtures …`
+#[derive(Args, Debug)]
+pub struct CheckFixturesArgs {
+    /// The fixtures folder: its case files (cases.json, txt2img/cases.json, sdxl/cases.json,
+    /// lora_vae/cases.json, sdxl/lora_cases.json, those present), models/ and reference images.
+    pub dir: PathBuf,
+    /// Run only this case (repeatable); default: every case of the folder.
+    #[arg(long = "case")]
+    pub cases: Vec<String>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// fp32 must match the references within max |Δ| ≤ 3 and mean |Δ| ≤ 0.5; fp16 and bf16 at 35 dB PSNR or
+    /// better.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub precision: DevicePrecisionArg,
+    /// Print one JSON object instead of a line per case.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `pictor bench …`
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -429,9 +474,13 @@ pub struct BenchArgs {
     /// Timed runs after one warm-up run.
     #[arg(long, default_value_t = 3)]
     pub iterations: usize,
-    /// Arithmetic precision (bf16: products on AMX or AVX-512 BF16, see `pictor serve --help`).
+    /// Arithmetic precision (bf16: products on AMX or AVX-512 BF16, see `pictor serve --help`; fp16: UNet and
+    /// VAE in float16, as on a GPU).
     #[arg(long, value_enum, default_value = "fp32")]
-    pub precision: PrecisionArg,
+    pub precision: DevicePrecisionArg,
+    /// Where to run: cpu, or cuda (GPU 0 of a `--features cuda` build; an error without one).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
     /// Token merging (tomesd defaults) in the UNet.
     #[arg(long)]
     pub tomesd: bool,

@@ -3,18 +3,26 @@
 
 use anyhow::Result;
 use pictor_engine::bench::{
-    compare_tome, run_bench, BenchArch, BenchComponent, BenchOptions, BenchPrecision,
+    compare_tome, run_bench, BenchArch, BenchComponent, BenchDevice, BenchOptions, BenchPrecision,
 };
 
-use crate::args::{ArchArg, BenchArgs, BenchComponentArg, PrecisionArg};
+use crate::args::{ArchArg, BenchArgs, BenchComponentArg, DeviceArg, DevicePrecisionArg};
 
 /// Runs the benchmark `args` describes and prints its result.
 pub fn bench(args: &BenchArgs) -> Result<()> {
     let precision = match args.precision {
-        PrecisionArg::Fp32 => BenchPrecision::Fp32,
-        PrecisionArg::Bf16 => BenchPrecision::Bf16,
+        DevicePrecisionArg::Fp32 => BenchPrecision::Fp32,
+        DevicePrecisionArg::Bf16 => BenchPrecision::Bf16,
+        DevicePrecisionArg::Fp16 => BenchPrecision::Fp16,
+    };
+    let device = match args.device {
+        DeviceArg::Cpu => BenchDevice::Cpu,
+        DeviceArg::Cuda => BenchDevice::Cuda,
     };
     if args.compare_tome {
+        if device != BenchDevice::Cpu {
+            anyhow::bail!("--compare-tome runs on the CPU only");
+        }
         let c = compare_tome(args.resolution, args.batch, precision)?;
         if args.json {
             println!("{}", serde_json::to_string(&c)?);
@@ -47,6 +55,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         precision,
         tome: args.tomesd,
         steps: args.steps,
+        device,
     })?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -55,8 +64,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             .peak_rss_mib
             .map(|m| format!("{m:.0} MiB"))
             .unwrap_or_else(|| "unknown".into());
+        let place = match report.device {
+            BenchDevice::Cpu => format!("on CPU tier {}", report.cpu_tier),
+            BenchDevice::Cuda => "on CUDA GPU 0".to_string(),
+        };
         println!(
-            "{:?} {:?} {}×{} batch {} {:?}{} on CPU tier {}: median {:.3} s over {} runs ({:?}); peak memory {peak}",
+            "{:?} {:?} {}×{} batch {} {:?}{} {place}: median {:.3} s over {} runs ({:?}); peak memory {peak}",
             arch,
             component,
             report.resolution,
@@ -64,7 +77,6 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             report.batch,
             report.precision,
             if report.tomesd { " tomesd" } else { "" },
-            report.cpu_tier,
             report.median_s,
             report.times_s.len(),
             report

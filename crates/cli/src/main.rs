@@ -4,6 +4,7 @@
 
 mod args;
 mod bench;
+mod check_fixtures;
 mod engine_backend;
 mod from_png;
 mod generate;
@@ -76,6 +77,7 @@ fn main() -> ExitCode {
         Command::Txt2img(a) => generate::txt2img(a, &explicit),
         Command::Img2img(a) => generate::img2img(a, &explicit),
         Command::Bench(a) => bench::bench(&a),
+        Command::CheckFixtures(a) => check_fixtures::check_fixtures(&a),
         Command::Pix2pix(a) => generate::pix2pix(a, &explicit),
         Command::Styles { name } => generate::styles(name.as_deref()),
         Command::Models(ModelsCommand::List { models_dir }) => generate::list_models(&models_dir),

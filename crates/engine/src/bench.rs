@@ -149,23 +149,49 @@ impl SimpleBackend for RandomWeights {
     }
 }
 
-/// Arithmetic precision of a benchmark. Weights and activations are f32 either way.
+/// Arithmetic precision of a benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BenchPrecision {
     /// 32-bit floats.
     Fp32,
-    /// Convolutions and linear layers multiply in bf16 on AMX ([`crate::kernels::set_bf16_products`]).
+    /// Convolutions and linear layers multiply in bf16 on AMX ([`crate::kernels::set_bf16_products`]);
+    /// weights and activations stay f32 tensors.
     Bf16,
+    /// UNet and VAE weights and activations in float16, as a GPU runs them (the text encoder stays f32).
+    Fp16,
 }
 
 impl BenchPrecision {
-    /// The tensor type of the networks (f32 in both modes), after switching the engine's bf16 products
-    /// on or off for this process.
+    /// The tensor type of the UNet and VAE (f32 for fp32 and bf16, f16 for fp16), after switching the
+    /// engine's bf16 products on or off for this process.
     fn dtype(self) -> Result<DType> {
         crate::kernels::set_bf16_products(self == BenchPrecision::Bf16)
             .map_err(|reason| EngineError::invalid("precision", reason))?;
-        Ok(DType::F32)
+        Ok(match self {
+            BenchPrecision::Fp16 => DType::F16,
+            BenchPrecision::Fp32 | BenchPrecision::Bf16 => DType::F32,
+        })
+    }
+}
+
+/// Where a benchmark runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchDevice {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// CUDA GPU 0 (a `cuda` build; no fallback to the CPU).
+    Cuda,
+}
+
+impl BenchDevice {
+    fn open(self) -> Result<Device> {
+        Ok(match self {
+            BenchDevice::Cpu => Device::Cpu,
+            BenchDevice::Cuda => crate::Runtime::cuda()?.device,
+        })
     }
 }
 
@@ -215,6 +241,8 @@ pub struct BenchOptions {
     pub tome: bool,
     /// img2img: denoising steps of the full schedule (strength 0.75 runs three quarters of them).
     pub steps: usize,
+    /// Where to run.
+    pub device: BenchDevice,
 }
 
 /// What a benchmark measured.
@@ -228,8 +256,10 @@ pub struct BenchReport {
     pub resolution: usize,
     /// Batch size.
     pub batch: usize,
-    /// `fp32` or `bf16`.
+    /// `fp32`, `bf16` or `fp16`.
     pub precision: BenchPrecision,
+    /// `cpu` or `cuda`.
+    pub device: BenchDevice,
     /// Whether token merging was on.
     pub tomesd: bool,
     /// The CPU tier the f32 kernels ran at (`portable`, `avx2`, `avx512`; see `kernels::tier`).
@@ -337,7 +367,7 @@ fn random_unet(arch: BenchArch, dtype: DType, device: &Device) -> Result<UNet> {
 /// Runs `opts`: one warm-up run, then `iterations` timed runs.
 pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
     check(opts)?;
-    let device = Device::Cpu;
+    let device = opts.device.open()?;
     let dtype = opts.precision.dtype()?;
     let (b, res) = (opts.batch, opts.resolution);
     let mut run: Box<dyn FnMut() -> Result<()>> = match opts.component {
@@ -429,6 +459,12 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
             })
         }
     };
+    // A GPU runs its queue asynchronously: each run ends when the device has finished it.
+    let mut run = move || -> Result<()> {
+        run()?;
+        device.synchronize()?;
+        Ok(())
+    };
     run()?;
     let mut times = Vec::with_capacity(opts.iterations);
     for _ in 0..opts.iterations {
@@ -442,6 +478,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<BenchReport> {
         resolution: res,
         batch: b,
         precision: opts.precision,
+        device: opts.device,
         tomesd: opts.tome,
         cpu_tier: crate::kernels::tier::Tier::active().name().to_string(),
         median_s: median(&times),
@@ -523,6 +560,7 @@ pub fn compare_tome(
         precision,
         tome: true,
         steps: 1,
+        device: BenchDevice::Cpu,
     })?;
     let device = Device::Cpu;
     let unet = random_unet(BenchArch::Sd15, dtype, &device)?;
@@ -616,6 +654,7 @@ mod tests {
             precision: BenchPrecision::Fp32,
             tome: false,
             steps: 1,
+            device: BenchDevice::Cpu,
         };
         assert!(run_bench(&opts).is_err());
         assert!(run_bench(&BenchOptions {

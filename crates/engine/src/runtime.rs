@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device};
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 
 /// The device and weight precision models are loaded for.
 #[derive(Debug, Clone)]
@@ -35,6 +35,33 @@ impl Runtime {
             }
         }
         Ok(Runtime::cpu())
+    }
+
+    /// CUDA GPU 0 in float16, or why it cannot be opened (no fallback to the CPU: for the commands that are
+    /// asked for the GPU by name, `pictor bench --device cuda` and `pictor check-fixtures --device cuda`).
+    pub fn cuda() -> Result<Self> {
+        match Device::new_cuda(0) {
+            Ok(device) => Ok(Runtime {
+                device,
+                dtype: DType::F16,
+            }),
+            Err(e) => Err(EngineError::invalid(
+                "device",
+                if cfg!(feature = "cuda") {
+                    format!("CUDA GPU 0 could not be opened: {e}")
+                } else {
+                    "this pictor was built without CUDA (cargo build --features cuda)".to_string()
+                },
+            )),
+        }
+    }
+
+    /// This device with the UNet and VAE in float16 (`true`, as on a GPU) or float32 (`false`).
+    pub fn in_f16(self, f16: bool) -> Self {
+        Runtime {
+            dtype: if f16 { DType::F16 } else { DType::F32 },
+            ..self
+        }
     }
 
     /// The CPU in float32.
