@@ -27,6 +27,10 @@ Usage (from the repository root, with the project venv):
     # plus OpenVINO, every side restricted to AVX2
     /work/venv/bin/python scripts/bench_pytorch.py --suite --compare target/release/pictor --openvino --isa avx2
 
+    # on a CUDA GPU in float16 (Pictor built with --features cuda), as scripts/gpu_check.sh --run does
+    python3 scripts/bench_pytorch.py --device cuda --precision fp16 --component unet --iterations 10 \
+        --compare target/cuda/release/pictor
+
 Options (the same names and defaults as `pictor bench`):
     --arch sd15|sdxl   which model's full-size networks (default sd15); sdxl: the SDXL base's UNet (text_time
                      add embedding: pooled [batch, 1280] ~ N(0, 1) and time ids (N, N, 0, 0, N, N)), its VAE,
@@ -37,7 +41,13 @@ Options (the same names and defaults as `pictor bench`):
     --resolution N   image side in pixels, a multiple of 8 (default 512); latents are N/8
     --batch N        batch size; img2img: images per request (num_images_per_prompt) (default 2)
     --iterations N   timed runs after one warm-up run (default 3)
-    --precision fp32|bf16   (default fp32)
+    --precision fp32|bf16|fp16   (default fp32); fp16: every network in torch.float16 (the text encoder
+                     too in img2img, as a diffusers pipeline loaded with torch_dtype=float16 runs; Pictor
+                     keeps its text encoder in fp32), the GPU's precision
+    --device cpu|cuda   where PyTorch runs (default cpu; cuda: GPU 0) and, with --compare, Pictor (`pictor
+                     bench --device`); on cuda each timed call ends with torch.cuda.synchronize(), the row
+                     also gives the GPU's name and torch.cuda.max_memory_allocated() as `peak_gpu_mib`,
+                     and there is no OpenVINO side
     --tomesd         token merging: tomesd.apply_patch(unet, ratio=0.5) (tomesd's other defaults)
     --steps N        img2img: steps of the full schedule; strength 0.75 runs 3/4 of them (default 20)
     --suite          run the issue's set instead of one measurement (--precision, --tomesd and
@@ -46,7 +56,7 @@ Options (the same names and defaults as `pictor bench`):
                        512, text encoder (batch 2), img2img 512 x 512, 20 steps, strength 0.75, one image
                        sdxl: UNet step (batch 2), VAE encode and decode (batch 1) at 1024, text encoders
                        (batch 2)
-    --pictor-precision fp32|bf16   Pictor's precision when it should differ from --precision (the issue's
+    --pictor-precision fp32|bf16|fp16   Pictor's precision when it should differ from --precision (the issue's
                      bf16 goal: `--precision fp32 --pictor-precision bf16` puts Pictor bf16 next to PyTorch fp32)
     --compare BIN    also run `BIN bench <same arguments> --json` for each measurement (Pictor must be
                      built beforehand, e.g. `cargo build --release -p pictor-cli`); if BIN is missing or
@@ -264,13 +274,17 @@ def median(times):
     return t[n // 2] if n % 2 else (t[n // 2 - 1] + t[n // 2]) / 2.0
 
 
-def timed_runs(run, iterations):
-    """One warm-up call of `run`, then the seconds of each of `iterations` timed calls."""
+def timed_runs(run, iterations, sync=None):
+    """One warm-up call of `run`, then the seconds of each of `iterations` timed calls; `sync` (a GPU's
+    synchronize) ends each call where the work is queued asynchronously."""
+    sync = sync or (lambda: None)
     run()
+    sync()
     times = []
     for _ in range(iterations):
         start = time.perf_counter()
         run()
+        sync()
         times.append(time.perf_counter() - start)
     return times
 
@@ -292,16 +306,26 @@ def randomize(model, torch):
     return model.eval()
 
 
+# Where the networks are built and run ("cpu" or "cuda"); set by the worker from --device.
+DEVICE = "cpu"
+
+
 def build(make, dtype, torch):
-    """Builds `make()` with its parameters created in `dtype` (no float32 copy first, so a bf16 model's
-    peak memory is that of bf16 weights, as in Pictor), then draws Pictor's random weights."""
+    """Builds `make()` with its parameters created in `dtype` on DEVICE (no float32 copy first, so a bf16
+    model's peak memory is that of bf16 weights, as in Pictor), then draws Pictor's random weights."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        model = make()
+        with torch.device(DEVICE):
+            model = make()
     finally:
         torch.set_default_dtype(previous)
     return randomize(model, torch).to(dtype)
+
+
+def place(tensor, dtype):
+    """An input drawn on the CPU (the same values on every device), moved to DEVICE in `dtype`."""
+    return tensor.to(device=DEVICE, dtype=dtype)
 
 
 def build_unet(dtype, torch, arch="sd15"):
@@ -342,14 +366,14 @@ def gradient_image(side):
 
 def make_run(opts, torch):
     """Builds the networks and inputs of `opts` and returns (the call to time, what it ran in)."""
-    dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.precision, torch.float32)
     b, res = opts.batch, opts.resolution
     if opts.component in ("vae-encode", "vae-decode"):
         vae = build_vae(dtype, torch, opts.arch)
         if opts.component == "vae-encode":
-            images = (torch.randn(b, 3, res, res) * 0.5).to(dtype)
+            images = place(torch.randn(b, 3, res, res) * 0.5, dtype)
             return (lambda: vae.encode(images).latent_dist), str(dtype)
-        latents = torch.randn(b, 4, res // 8, res // 8).to(dtype)
+        latents = place(torch.randn(b, 4, res // 8, res // 8), dtype)
         return (lambda: vae.decode(latents).sample), str(dtype)
     if opts.arch == "sdxl":
         return make_sdxl_run(opts, torch, dtype)
@@ -359,13 +383,14 @@ def make_run(opts, torch):
             import tomesd
 
             tomesd.apply_patch(unet, ratio=0.5)
-        latents = torch.randn(b, 4, res // 8, res // 8).to(dtype)
-        context = torch.randn(b, 77, 768).to(dtype)
+        latents = place(torch.randn(b, 4, res // 8, res // 8), dtype)
+        context = place(torch.randn(b, 77, 768), dtype)
         return (lambda: unet(latents, 500, encoder_hidden_states=context, return_dict=False)), str(dtype)
     if opts.component == "text-encoder":
         # Pictor runs the text encoder in fp32 whatever the precision.
         text = build_text_encoder(torch.float32, torch)
         ids = torch.tensor([(i * 7919) % 49408 for i in range(b * 77)], dtype=torch.long).reshape(b, 77)
+        ids = ids.to(DEVICE)
         return (lambda: text(input_ids=ids)), str(torch.float32)
     if opts.component == "img2img":
         from diffusers import PNDMScheduler, StableDiffusionImg2ImgPipeline
@@ -417,16 +442,17 @@ def make_sdxl_run(opts, torch, dtype):
             import tomesd
 
             tomesd.apply_patch(unet, ratio=0.5)
-        latents = torch.randn(b, 4, res // 8, res // 8).to(dtype)
-        context = torch.randn(b, 77, 2048).to(dtype)
-        added = {"text_embeds": torch.randn(b, 1280).to(dtype),
-                 "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * b, dtype=dtype)}
+        latents = place(torch.randn(b, 4, res // 8, res // 8), dtype)
+        context = place(torch.randn(b, 77, 2048), dtype)
+        added = {"text_embeds": place(torch.randn(b, 1280), dtype),
+                 "time_ids": place(torch.tensor([[res, res, 0, 0, res, res]] * b), dtype)}
         return (lambda: unet(latents, 500, encoder_hidden_states=context, added_cond_kwargs=added,
                              return_dict=False)), str(dtype)
     if opts.component == "text-encoder":
         text = build_text_encoder(torch.float32, torch)
         text_2 = build_text_encoder_2(torch.float32, torch)
         ids = torch.tensor([(i * 7919) % 49408 for i in range(b * 77)], dtype=torch.long).reshape(b, 77)
+        ids = ids.to(DEVICE)
 
         def run():
             text(input_ids=ids, output_hidden_states=True)
@@ -469,14 +495,27 @@ def worker(opts):
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    global DEVICE
+    DEVICE = opts.device
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    gpu = {}
+    sync = None
+    if DEVICE == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no CUDA GPU")
+        sync = torch.cuda.synchronize
     baseline = vm_hwm_mib()
     run, ran_in = make_run(opts, torch)
     with torch.inference_mode():
-        times = timed_runs(run, opts.iterations)
+        times = timed_runs(run, opts.iterations, sync)
+    if DEVICE == "cuda":
+        gpu = {"gpu": torch.cuda.get_device_name(0), "torch_cuda": torch.version.cuda,
+               "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}
     print(json.dumps({
+        "device": DEVICE,
+        **gpu,
         "times_s": times,
         "median_s": median(times),
         "peak_rss_mib": vm_hwm_mib(),
@@ -712,6 +751,8 @@ def measurement_args(m):
         "--arch", m.get("arch", "sd15"), "--component", m["component"], "--resolution", str(m["resolution"]), "--batch", str(m["batch"]),
         "--iterations", str(m["iterations"]), "--precision", m["precision"], "--steps", str(m["steps"]),
     ]
+    if m.get("device", "cpu") != "cpu":
+        args += ["--device", m["device"]]
     if m["tomesd"]:
         args.append("--tomesd")
     return args
@@ -750,7 +791,7 @@ def run_side(cmd, timeout, env=None):
 
 def suite(opts):
     common = dict(arch=opts.arch, iterations=opts.iterations, precision=opts.precision, tomesd=opts.tomesd,
-                  steps=opts.steps)
+                  steps=opts.steps, device=opts.device)
     rows = []
     if opts.arch == "sdxl":
         rows.append(dict(common, component="unet", resolution=1024, batch=2))
@@ -892,6 +933,9 @@ def run_openvino(row, m, args, opts, env):
     if m.get("arch") == "sdxl":
         row["openvino_skipped"] = "no OpenVINO side for sdxl"
         return
+    if m.get("device", "cpu") != "cpu":
+        row["openvino_skipped"] = "no OpenVINO side on a GPU"
+        return
     if m["component"] not in OPENVINO_COMPONENTS:
         row["openvino_skipped"] = f"no OpenVINO side for {m['component']}"
         return
@@ -925,12 +969,13 @@ def main():
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--iterations", type=int, default=3)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--tomesd", action="store_true")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--suite", action="store_true", help="run the issue's set of measurements")
     p.add_argument("--compare", metavar="BIN", help="also run BIN bench ... --json (the pictor binary)")
-    p.add_argument("--pictor-precision", choices=["fp32", "bf16"], default=None,
+    p.add_argument("--pictor-precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="Pictor's precision when it differs from --precision (bf16 against PyTorch fp32)")
     p.add_argument("--openvino", action="store_true",
                    help="also time the networks in OpenVINO (unet, vae-encode, vae-decode, text-encoder)")
@@ -961,7 +1006,7 @@ def main():
     else:
         measurements = [dict(arch=opts.arch, component=opts.component, resolution=opts.resolution, batch=opts.batch,
                              iterations=opts.iterations, precision=opts.precision, tomesd=opts.tomesd,
-                             steps=opts.steps)]
+                             steps=opts.steps, device=opts.device)]
     compare = None
     if opts.compare:
         compare = str(Path(opts.compare).resolve()) if os.sep in opts.compare else opts.compare
