@@ -54,16 +54,7 @@ pub fn check_fixtures(args: &CheckFixturesArgs) -> Result<()> {
         });
         let outcome = match model {
             Ok(model) => parity::run_case(root, model, case, reduced),
-            Err(e) => CaseOutcome {
-                name: case.name.clone(),
-                model: case.model.clone(),
-                pipeline: case.pipeline.clone(),
-                scheduler: case.scheduler.clone(),
-                pass: false,
-                images: Vec::new(),
-                seconds: None,
-                error: Some(format!("loading {id}: {e}")),
-            },
+            Err(e) => CaseOutcome::of(case, Some(format!("loading {id}: {e}"))),
         };
         if !args.json {
             print_outcome(&outcome, reduced);

@@ -284,6 +284,22 @@ pub struct CaseOutcome {
     pub error: Option<String>,
 }
 
+impl CaseOutcome {
+    /// The outcome of `case` before it ran: not passed, nothing compared; `error` says why it could not run.
+    pub fn of(case: &GenerationCase, error: Option<String>) -> Self {
+        CaseOutcome {
+            name: case.name.clone(),
+            model: case.model.clone(),
+            pipeline: case.pipeline.clone(),
+            scheduler: case.scheduler.clone(),
+            pass: false,
+            images: Vec::new(),
+            seconds: None,
+            error,
+        }
+    }
+}
+
 /// Runs `case` on `base` (a model loaded from `root`'s `models` folder, with the case's LoRAs and VAE
 /// applied on top) and compares its images with the references: within the float32 tolerance when
 /// `reduced` is false, else at [`MIN_REDUCED_PSNR_DB`] or better.
@@ -293,16 +309,7 @@ pub fn run_case(
     case: &GenerationCase,
     reduced: bool,
 ) -> CaseOutcome {
-    let mut outcome = CaseOutcome {
-        name: case.name.clone(),
-        model: case.model.clone(),
-        pipeline: case.pipeline.clone(),
-        scheduler: case.scheduler.clone(),
-        pass: false,
-        images: Vec::new(),
-        seconds: None,
-        error: None,
-    };
+    let mut outcome = CaseOutcome::of(case, None);
     let run = || -> std::result::Result<(Vec<ImageCheck>, f64), String> {
         let models = ModelsDir::new(root.join("models"));
         let model = if case.loras.is_empty() && case.vae.is_none() {

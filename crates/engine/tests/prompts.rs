@@ -11,6 +11,7 @@ use candle_core::{Device, Tensor};
 use pictor_engine::embeddings::TextualInversion;
 use pictor_engine::image_io::load_image;
 use pictor_engine::model_store::ModelsDir;
+use pictor_engine::parity::compare;
 use pictor_engine::pipeline::{GenerateRequest, Mode, NoProgress, StableDiffusion};
 use pictor_engine::prompt_syntax::escape;
 use pictor_engine::schedulers::SchedulerOptions;
@@ -191,18 +192,6 @@ fn embedding_formats_load_the_same_vectors() {
     assert_eq!(max_abs_diff(&pt.vectors, &st.vectors), 0.0);
     let dot = embedding("embeddings", "pictor-dot");
     assert_eq!((dot.vector_count(), dot.hidden_size()), (1, 48));
-}
-
-fn compare(ours: &image::RgbImage, theirs: &image::RgbImage) -> (u8, f64) {
-    assert_eq!(ours.dimensions(), theirs.dimensions());
-    let mut max = 0u8;
-    let mut sum = 0u64;
-    for (a, b) in ours.as_raw().iter().zip(theirs.as_raw()) {
-        let d = a.abs_diff(*b);
-        max = max.max(d);
-        sum += d as u64;
-    }
-    (max, sum as f64 / ours.as_raw().len() as f64)
 }
 
 #[test]
