@@ -11,7 +11,9 @@
 # calls from both threads, now and then fails with "AST constructor recursion depth mismatch"), SEED (default 1,
 # for a reproducible run), MAX_RESPONSE_TIME (seconds one answer may take, default 30), SKIP_BUILD=1 (use
 # target/release/pictor as it is), REPORT_DIR (default target/schema-report: the log, an NDJSON event log, a JUnit
-# file and answers.jsonl, one line per answer).
+# file and answers.jsonl, one line per answer), SCALE_OUT=1 (the job store on a throwaway PostgreSQL, Debian's
+# package, and files in a bucket of the tests' S3 server, target/release/pictor-test-s3: build it with
+# `cargo build --release -p pictor-testkit`).
 #
 # The venv (target/schema-venv, schemathesis pinned) is made on first use; the server runs on a free port with a
 # random demo model, a throwaway data folder, an API key and an admin key, and `--sync-timeout 0` (ModelsLab
@@ -65,10 +67,27 @@ KEY=schema-key-$RANDOM$RANDOM
 ADMIN=schema-admin-$RANDOM$RANDOM
 BASE=http://127.0.0.1:$PORT
 
-env -u PICTOR_API_KEYS -u PICTOR_ADMIN_KEY -u PICTOR_DATABASE_URL -u PICTOR_STORAGE \
+MODE_ARGS=()
+MODE_ENV=()
+if [ "${SCALE_OUT:-0}" = 1 ]; then
+    # shellcheck source=lib/throwaway_postgres.sh
+    . "$ROOT/scripts/lib/throwaway_postgres.sh"
+    start_throwaway_postgres -c fsync=off >/dev/null || die "PostgreSQL did not start"
+    S3_BIN=$ROOT/target/release/pictor-test-s3
+    [ -x "$S3_BIN" ] || die "$S3_BIN is missing: cargo build --release -p pictor-testkit"
+    "$S3_BIN" schema >"$WORK/s3.json" &
+    S3_PID=$!
+    trap 'kill $S3_PID 2>/dev/null; cleanup; "${PG_AS[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate stop >/dev/null 2>&1; rm -rf "$PG_DIR"' EXIT
+    for _ in $(seq 1 100); do [ -s "$WORK/s3.json" ] && break; sleep 0.1; done
+    mapfile -t MODE_ENV < <(python3 -c 'import json,sys; [print(f"{k}={v}") for k, v in json.load(open(sys.argv[1])).items()]' "$WORK/s3.json")
+    MODE_ARGS=(--database-url "$PG_ADMIN_URL" --storage s3://schema)
+    echo "scale-out mode: PostgreSQL on port $PG_PORT, S3 bucket 'schema'"
+fi
+
+env -u PICTOR_API_KEYS -u PICTOR_ADMIN_KEY -u PICTOR_DATABASE_URL -u PICTOR_STORAGE "${MODE_ENV[@]}" \
     "$BIN" serve --listen "127.0.0.1:$PORT" --no-demo \
     --models-dir "$WORK/models" --data-dir "$WORK/data" \
-    --api-key "$KEY" --admin-key "$ADMIN" --sync-timeout 0 \
+    --api-key "$KEY" --admin-key "$ADMIN" --sync-timeout 0 "${MODE_ARGS[@]}" \
     >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 
