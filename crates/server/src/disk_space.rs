@@ -38,11 +38,6 @@ impl DiskGuard {
         }
     }
 
-    /// The folders looked at.
-    pub fn folders(&self) -> &[PathBuf] {
-        &self.folders
-    }
-
     /// `Ok` when every folder has the minimum free; otherwise a message naming the fullest one, fit to tell a
     /// client. A folder whose free space cannot be read does not block (the write itself will say what is wrong).
     pub fn check(&self) -> Result<(), String> {
