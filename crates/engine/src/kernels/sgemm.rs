@@ -319,6 +319,22 @@ unsafe fn product(
                 let first_col = panel * NR;
                 let cols = NR.min(b.n - first_col);
                 let b_panel = &b.data[panel * k * NR + p0 * NR..][..kc * NR];
+                #[cfg(target_arch = "x86_64")]
+                if tier == Tier::Avx2 {
+                    // One call for all the block's rows: each 16-column half of the panel stays in L1
+                    // while every row tile passes (a 12-row tile at a time would alternate the halves,
+                    // keeping the whole 32 KiB panel and twelve rows of A in L1 at once).
+                    let n_rows = rows.len();
+                    let a_rows = &block[..(n_rows - 1) * stride + kc];
+                    let c = out.at(rows.start * ldc + first_col);
+                    let bias = match tile_start {
+                        Start::Bias(bias) => Some(&bias[first_col..first_col + cols]),
+                        _ => None,
+                    };
+                    let add = matches!(tile_start, Start::Add);
+                    micro_avx2(kc, a_rows, stride, b_panel, c, ldc, n_rows, cols, bias, add);
+                    continue;
+                }
                 for tile in 0..tiles {
                     let row = rows.start + tile * MR;
                     let n_rows = MR.min(rows.end - row);
@@ -453,9 +469,9 @@ unsafe fn micro_avx512<const HALVES: usize>(
 /// for the panel's row and one for the broadcast value of A.
 const MR_AVX2: usize = 6;
 
-/// [`micro_avx512`] in AVX2 + FMA: the 12 × 32 tile as (up to) two runs of 16 columns, each as two
-/// register tiles of [`MR_AVX2`] rows (a run of at most 8 as one tile of 12 rows), every one streaming
-/// the whole depth block.
+/// [`micro_avx512`] in AVX2 + FMA, over all the rows of a block at once ([`product`] calls it once per
+/// panel): the panel as (up to) two runs of 16 columns, each run through every register tile of
+/// [`MR_AVX2`] rows (a run of at most 8 as tiles of 12 rows), every tile streaming the whole depth block.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
