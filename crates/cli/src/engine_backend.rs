@@ -453,9 +453,10 @@ impl Backend for EngineBackend {
             .transpose()
             .map_err(engine_error)?;
         let engine_request = engine_request(request, init, &self.models_dir)?;
-        let generation = model
-            .generate(&engine_request, &mut Relay(control))
-            .map_err(engine_error)?;
+        let generation = model.generate(&engine_request, &mut Relay(control));
+        // The activations are freed: their memory goes back to the kernel until the next request.
+        crate::huge_pages::give_back_free_memory();
+        let generation = generation.map_err(engine_error)?;
         let mut images = generation.images;
         let mut nsfw_content_detected = Vec::new();
         let mut notes = Vec::new();

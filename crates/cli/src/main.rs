@@ -22,6 +22,7 @@ use args::{Cli, Command, ModelsCommand};
 static ALLOCATOR: huge_pages::HugePages = huge_pages::HugePages;
 
 fn main() -> ExitCode {
+    huge_pages::tune_system_allocator();
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
