@@ -170,6 +170,12 @@ unsafe fn weight_row_with<const S: usize>(
     }
 }
 
+/// The large tile's U takes at most this many floats (256 MiB, freed after the call: see
+/// [`KEEP_U_FLOATS`]). SD's 1280 → 1280 and 1920 → 640 layers on 32² maps (U of 236 and 177 MB) take it:
+/// on 2 Zen 5 cores held to AVX2, 175 → 107 and 176 → 87 ms a call (a 512² SD 1.5 UNet step 6.92 →
+/// 6.73 s, median of three alternated runs, peak +20 MiB); 2560 → 1280 (472 MB) stays on F(2×2).
+const F4_MAX_U_FLOATS: usize = 1 << 26;
+
 /// The large tile needs at least this many windows (batch · ⌈ho/4⌉ · ⌈wo/4⌉): its weight transform
 /// writes 36 values per channel pair, which a product over fewer windows does not repay.
 const F4_MIN_WINDOWS: usize = 64;
@@ -177,11 +183,11 @@ const F4_MIN_WINDOWS: usize = 64;
 impl Tile {
     /// The tile for a convolution of `c_in` → `c_out` channels whose output is `batch` × `ho` × `wo`:
     /// the large one when there are enough windows to repay its weight transform and its U stays
-    /// within what is kept between calls (SD's 1280-channel layers on 32² maps stay on F2; on 16² maps
-    /// most go to the direct product, see [`worthwhile`]).
+    /// within [`F4_MAX_U_FLOATS`] (SD's 1280-channel layers on 16² maps have too few windows and stay
+    /// on F2; on 8² maps they go to the direct product, see [`worthwhile`]).
     fn choose(batch: usize, (ho, wo): (usize, usize), c_in: usize, c_out: usize) -> Tile {
         let windows = batch * ho.div_ceil(4) * wo.div_ceil(4);
-        if windows >= F4_MIN_WINDOWS && 36 * c_in * c_out <= KEEP_U_FLOATS {
+        if windows >= F4_MIN_WINDOWS && 36 * c_in * c_out <= F4_MAX_U_FLOATS {
             Tile::F4
         } else {
             Tile::F2
@@ -968,8 +974,12 @@ mod tests {
     fn large_tile_only_where_it_repays_its_weight_transform() {
         // SD's 320 channels on a 64² latent: the large tile.
         assert_eq!(Tile::choose(2, (64, 64), 320, 320), Tile::F4);
-        // 1280 channels: its U would be 236 MB per call.
+        // 1280 channels on a 32² map: 128 windows repay a U of 236 MB (freed after the call).
+        assert_eq!(Tile::choose(2, (32, 32), 1280, 1280), Tile::F4);
+        assert_eq!(Tile::choose(2, (32, 32), 1920, 640), Tile::F4);
+        // On a 16² map only 32 windows; and 2560 → 1280 channels would need a U of 472 MB.
         assert_eq!(Tile::choose(2, (16, 16), 1280, 1280), Tile::F2);
+        assert_eq!(Tile::choose(2, (32, 32), 2560, 1280), Tile::F2);
         // Few windows: the weight transform is not repaid.
         assert_eq!(Tile::choose(1, (16, 16), 64, 64), Tile::F2);
     }

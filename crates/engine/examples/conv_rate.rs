@@ -1,0 +1,40 @@
+//! Prints the time of a Winograd 3×3 convolution (best of five) at the active kernel tier on SD's
+//! large-channel layers: `cargo run --release -p pictor-engine --example conv_rate`. glibc is told to keep
+//! its heap, as the `pictor` binary does, so that fresh buffers are not faulted in on every call.
+use candle_core::{Device, Tensor};
+use std::time::Instant;
+
+fn main() -> candle_core::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: plain settings of glibc's malloc.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+    if let Ok(Some(tier)) = pictor_engine::kernels::tier::from_env() {
+        pictor_engine::kernels::tier::set(tier).unwrap();
+    }
+    for &(b, c_in, c_out, side) in &[
+        (2usize, 1280usize, 1280usize, 16usize),
+        (2, 2560, 1280, 16),
+        (2, 1280, 1280, 32),
+        (2, 1920, 640, 32),
+    ] {
+        let xs = Tensor::randn(0f32, 1.0, (b, c_in, side, side), &Device::Cpu)?;
+        let weight = Tensor::randn(0f32, 0.1, (c_out, c_in, 3, 3), &Device::Cpu)?;
+        let bias = Tensor::randn(0f32, 0.1, c_out, &Device::Cpu)?;
+        pictor_engine::kernels::winograd::conv3x3(&xs, &weight, &bias, 1)?;
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let start = Instant::now();
+            pictor_engine::kernels::winograd::conv3x3(&xs, &weight, &bias, 1)?;
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        println!(
+            "{b} x {c_in} x {side}² -> {c_out} ({}): {:.1} ms",
+            pictor_engine::kernels::tier::Tier::active().name(),
+            best * 1e3
+        );
+    }
+    Ok(())
+}
