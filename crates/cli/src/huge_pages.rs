@@ -17,7 +17,6 @@
 //! rule added 250 MB). A UNet step asks for the same few activation sizes over and over, and a kept
 //! block is already faulted in, where a fresh one has every page cleared by the kernel first (a tenth
 //! of a bf16 512² step's CPU time on an AMD EPYC VM).
-
 //!
 //! Blocks below [`LARGE`] are glibc's: by default it maps any block above a threshold that grows only
 //! to 32 MiB anew each time, and gives the top of its heap back to the kernel at every free past 128 KiB,

@@ -319,6 +319,12 @@ unsafe fn product(
                 let first_col = panel * NR;
                 let cols = NR.min(b.n - first_col);
                 let b_panel = &b.data[panel * k * NR + p0 * NR..][..kc * NR];
+                let bias = match tile_start {
+                    Start::Bias(bias) => Some(&bias[first_col..first_col + cols]),
+                    _ => None,
+                };
+                let add = matches!(tile_start, Start::Add);
+                // The active tier is never above what the CPU has (see `tier`).
                 #[cfg(target_arch = "x86_64")]
                 if tier == Tier::Avx2 {
                     // One call for all the block's rows: each 16-column half of the panel stays in L1
@@ -327,11 +333,6 @@ unsafe fn product(
                     let n_rows = rows.len();
                     let a_rows = &block[..(n_rows - 1) * stride + kc];
                     let c = out.at(rows.start * ldc + first_col);
-                    let bias = match tile_start {
-                        Start::Bias(bias) => Some(&bias[first_col..first_col + cols]),
-                        _ => None,
-                    };
-                    let add = matches!(tile_start, Start::Add);
                     micro_avx2(kc, a_rows, stride, b_panel, c, ldc, n_rows, cols, bias, add);
                     continue;
                 }
@@ -340,32 +341,17 @@ unsafe fn product(
                     let n_rows = MR.min(rows.end - row);
                     let a_tile = &block[tile * MR * stride..][..(n_rows - 1) * stride + kc];
                     let c = out.at(row * ldc + first_col);
-                    let bias = match tile_start {
-                        Start::Bias(bias) => Some(&bias[first_col..first_col + cols]),
-                        _ => None,
-                    };
-                    let add = matches!(tile_start, Start::Add);
-                    // The active tier is never above what the CPU has (see `tier`).
                     #[cfg(target_arch = "x86_64")]
-                    match tier {
-                        Tier::Avx512 => {
-                            // A panel at most half full (the last of an attention head's 40 or 80
-                            // values) takes the half-width tile: half the multiplications.
-                            let micro = if cols <= NR / 2 {
-                                micro_avx512::<1>
-                            } else {
-                                micro_avx512::<2>
-                            };
-                            micro(kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add);
-                            continue;
-                        }
-                        Tier::Avx2 => {
-                            micro_avx2(
-                                kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add,
-                            );
-                            continue;
-                        }
-                        Tier::Portable => {}
+                    if tier == Tier::Avx512 {
+                        // A panel at most half full (the last of an attention head's 40 or 80
+                        // values) takes the half-width tile: half the multiplications.
+                        let micro = if cols <= NR / 2 {
+                            micro_avx512::<1>
+                        } else {
+                            micro_avx512::<2>
+                        };
+                        micro(kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add);
+                        continue;
                     }
                     micro_plain(kc, a_tile, stride, b_panel, c, ldc, n_rows, cols, bias, add);
                 }
