@@ -454,7 +454,9 @@ impl Backend for EngineBackend {
             .map_err(engine_error)?;
         let engine_request = engine_request(request, init, &self.models_dir)?;
         let generation = model.generate(&engine_request, &mut Relay(control));
-        // The activations are freed: their memory goes back to the kernel until the next request.
+        // The activations and the kernels' buffers are freed: their memory goes back to the kernel
+        // until the next request.
+        pictor_engine::kernels::release_buffers();
         crate::huge_pages::give_back_free_memory();
         let generation = generation.map_err(engine_error)?;
         let mut images = generation.images;

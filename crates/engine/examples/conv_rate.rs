@@ -1,7 +1,9 @@
 //! Prints the time of a Winograd 3×3 convolution (best of five) at the active kernel tier on SD's
-//! large-channel layers: `cargo run --release -p pictor-engine --example conv_rate`. glibc is told to keep
+//! large-channel layers, and of `conv2d` on its 1×1 and 8² 3×3 layers: `cargo run --release -p
+//! pictor-engine --example conv_rate`. glibc is told to keep
 //! its heap, as the `pictor` binary does, so that fresh buffers are not faulted in on every call.
 use candle_core::{Device, Tensor};
+use pictor_engine::kernels::conv::{conv2d, ConvWeights};
 use std::time::Instant;
 
 fn main() -> candle_core::Result<()> {
@@ -32,6 +34,30 @@ fn main() -> candle_core::Result<()> {
         }
         println!(
             "{b} x {c_in} x {side}² -> {c_out} ({}): {:.1} ms",
+            pictor_engine::kernels::tier::Tier::active().name(),
+            best * 1e3
+        );
+    }
+    for &(b, c_in, c_out, side, kernel) in &[
+        (2usize, 320usize, 320usize, 64usize, 1usize),
+        (2, 640, 640, 32, 1),
+        (2, 1280, 1280, 16, 1),
+        (2, 1280, 1280, 8, 3),
+        (2, 2560, 1280, 8, 3),
+    ] {
+        let xs = Tensor::randn(0f32, 1.0, (b, c_in, side, side), &Device::Cpu)?;
+        let weight = Tensor::randn(0f32, 0.1, (c_out, c_in, kernel, kernel), &Device::Cpu)?;
+        let bias = Tensor::randn(0f32, 0.1, c_out, &Device::Cpu)?;
+        let padding = kernel / 2;
+        conv2d(&xs, ConvWeights::F32(&weight), &bias, padding, 1)?;
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let start = Instant::now();
+            conv2d(&xs, ConvWeights::F32(&weight), &bias, padding, 1)?;
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        println!(
+            "conv2d {kernel}×{kernel}: {b} x {c_in} x {side}² -> {c_out} ({}): {:.1} ms",
             pictor_engine::kernels::tier::Tier::active().name(),
             best * 1e3
         );

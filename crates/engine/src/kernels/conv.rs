@@ -474,7 +474,8 @@ mod tests {
         let device = Device::Cpu;
         // (batch, c_in, c_out, h, w, kernel, padding, stride): odd channels, non-square and one-pixel
         // images, 1×1 and 3×3 kernels with and without padding, stride 1 and 2 (even and odd sizes),
-        // batch 1 and 8, enough positions for many tiles, tiles that span images.
+        // batch 1 and 8, enough positions for many tiles, tiles that span images, a 1×1 product over
+        // several panels of positions with a partial last one.
         for &(b, c_in, c_out, h, w, k, p, s) in &[
             (1, 3, 5, 7, 9, 3, 1, 1),
             (8, 4, 6, 5, 3, 3, 1, 1),
@@ -482,6 +483,7 @@ mod tests {
             (2, 5, 9, 6, 11, 1, 0, 1),
             (1, 6, 4, 8, 5, 3, 0, 1),
             (8, 3, 3, 4, 4, 1, 0, 1),
+            (2, 40, 70, 16, 13, 1, 0, 1),
             (1, 13, 17, 70, 45, 3, 1, 1),
             (2, 32, 1100, 9, 7, 3, 1, 1),
             (1, 5, 7, 9, 12, 3, 1, 2),

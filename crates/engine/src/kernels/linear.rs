@@ -133,6 +133,12 @@ thread_local! {
     static TRANSPOSED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Frees the calling thread's [`PACKED`] and [`TRANSPOSED`] buffers.
+pub(super) fn release_buffers() {
+    PACKED.with_borrow_mut(|packed| *packed = PackedB::default());
+    TRANSPOSED.with_borrow_mut(|scratch| *scratch = Vec::new());
+}
+
 /// Packs f32 weights (out_features, in_features) as the B operand of `xs · Wᵀ`.
 pub fn pack_weight(weight: &Tensor) -> Result<Vec<bf16>> {
     let (n, k) = weight.dims2()?;

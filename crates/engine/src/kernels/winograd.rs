@@ -116,33 +116,36 @@ const G4: [[f32; 3]; 6] = [
 
 dispatched!(
     /// Row `o` of every U[ξ] = G g Gᵀ of tile `T`: the kernels `weights` (c_in × 9, one output
-    /// channel's) are transformed and written at `u + ξ · u_stride + row` for ξ in order.
+    /// channel's) are transformed and written at `u + ξ · u_stride + row` for ξ in order, followed by
+    /// zeros up to `ldu` floats (`row` = (row, ldu)).
     ///
     /// # Safety
-    /// `u` must be valid for writes of c_in floats at each of those places, which no other thread
+    /// `u` must be valid for writes of `ldu` floats at each of those places, which no other thread
     /// touches.
     unsafe fn weight_row<T: Transforms>(
         weights: &[f32],
         u: SharedMut,
         u_stride: usize,
-        row: usize
+        row: (usize, usize)
     ) -> () = T::weight_row
 );
 
 /// [`weight_row`] for a G of `S` rows (a constant, so that the loops unroll): sixteen kernels at
-/// a time are turned from (kernel, tap) to (tap, kernel) order, transformed with the kernel index
-/// innermost (one vector lane each), and each U[ξ] gets sixteen consecutive values.
+/// a time are turned from (kernel, tap) to (tap, kernel) order and transformed with the kernel index
+/// innermost, so that every step is one vector operation over the sixteen; each U[ξ] gets sixteen
+/// consecutive values, and the row's padding (`ldu` − c_in floats) is written as zeros.
 #[inline(always)]
 unsafe fn weight_row_with<const S: usize>(
     big_g: &[[f32; 3]; S],
     weights: &[f32],
     u: SharedMut,
     u_stride: usize,
-    row: usize,
+    (row, ldu): (usize, usize),
 ) {
     const LANES: usize = 16;
     let c_in = weights.len() / 9;
     let mut taps = [[0f32; LANES]; 9];
+    let mut down = [[[0f32; LANES]; 3]; S];
     let mut out = [[0f32; LANES]; 36];
     for i0 in (0..c_in).step_by(LANES) {
         let len = LANES.min(c_in - i0);
@@ -151,16 +154,21 @@ unsafe fn weight_row_with<const S: usize>(
                 taps[tap][lane] = value;
             }
         }
-        for lane in 0..LANES {
-            let g: [f32; 9] = std::array::from_fn(|tap| taps[tap][lane]);
-            // Rows: G g (S × 3), then U = (G g) Gᵀ.
-            let r: [[f32; 3]; S] = std::array::from_fn(|a| {
-                let c = big_g[a];
-                std::array::from_fn(|col| c[0] * g[col] + c[1] * g[3 + col] + c[2] * g[6 + col])
-            });
-            for (a, r) in r.iter().enumerate() {
-                for (b, c) in big_g.iter().enumerate() {
-                    out[a * S + b][lane] = r[0] * c[0] + r[1] * c[1] + r[2] * c[2];
+        // G g (S × 3), then U = (G g) Gᵀ, each entry over the sixteen lanes at once.
+        for (a, c) in big_g.iter().enumerate() {
+            for col in 0..3 {
+                for lane in 0..LANES {
+                    down[a][col][lane] = c[0] * taps[col][lane]
+                        + c[1] * taps[3 + col][lane]
+                        + c[2] * taps[6 + col][lane];
+                }
+            }
+        }
+        for (a, r) in down.iter().enumerate() {
+            for (b, c) in big_g.iter().enumerate() {
+                for lane in 0..LANES {
+                    out[a * S + b][lane] =
+                        r[0][lane] * c[0] + r[1][lane] * c[1] + r[2][lane] * c[2];
                 }
             }
         }
@@ -168,9 +176,12 @@ unsafe fn weight_row_with<const S: usize>(
             copy_short(&values[..len], u.at(xi * u_stride + row + i0));
         }
     }
+    for xi in 0..S * S {
+        std::ptr::write_bytes(u.at(xi * u_stride + row + c_in), 0, ldu - c_in);
+    }
 }
 
-/// The large tile's U takes at most this many floats (256 MiB, freed after the call: see
+/// The large tile's U takes at most this many floats (256 MiB, kept for the next call: see
 /// [`KEEP_U_FLOATS`]). SD's 1280 → 1280 and 1920 → 640 layers on 32² maps (U of 236 and 177 MB) take it:
 /// on 2 Zen 5 cores held to AVX2, 175 → 107 and 176 → 87 ms a call (a 512² SD 1.5 UNet step 6.92 →
 /// 6.73 s, median of three alternated runs, peak +20 MiB); 2560 → 1280 (472 MB) stays on F(2×2).
@@ -272,19 +283,32 @@ fn convolve<T: Transforms>(
         // Rows of U[ξ] at a stride the product can read in place (see sgemm::row_stride).
         let ldu = sgemm::row_stride(c_in);
         let u_stride = c_out * ldu + SKEW;
-        u.resize(points * u_stride, 0.0);
+        // Every float of U is written below (rows with their padding, then the gaps between the
+        // U[ξ]), so the buffer is not cleared first: at SD's 1280 channels that would be a single-
+        // threaded pass over 100–240 MB.
+        let len = points * u_stride;
+        if u.capacity() < len {
+            *u = Vec::with_capacity(len);
+        }
         let u_ptr = SharedMut(u.as_mut_ptr());
         (0..c_out).into_par_iter().for_each(|o| {
-            // SAFETY: row o of every U[ξ] is in range (c_in ≤ ldu) and written by this task only.
+            // SAFETY: row o of every U[ξ], padding included, is within the capacity (ldu floats
+            // at o · ldu of U[ξ]) and written by this task only.
             unsafe {
                 weight_row::<T>(
                     &weight[o * c_in * 9..][..c_in * 9],
                     u_ptr,
                     u_stride,
-                    o * ldu,
+                    (o * ldu, ldu),
                 )
             };
         });
+        for xi in 0..points {
+            // SAFETY: the SKEW floats after U[ξ] are within the capacity.
+            unsafe { std::ptr::write_bytes(u_ptr.at(xi * u_stride + c_out * ldu), 0, SKEW) };
+        }
+        // SAFETY: all `len` floats were written above.
+        unsafe { u.set_len(len) };
 
         let padded = pad_planes(xs, (h, w), (hp, wp), p, 0);
 
@@ -459,9 +483,12 @@ fn products(
     }
 }
 
-/// Above this many floats (64 MiB), U is not kept for the next call: SD's 1280-channel layers would
-/// keep 100–200 MiB for the whole run, which would put peak memory above PyTorch's for a 2 % gain.
-const KEEP_U_FLOATS: usize = 1 << 24;
+/// Above this many floats (256 MiB), U is not kept for the next call. Kept, the one buffer serves every
+/// layer (SD's largest U are 239 MB); freed, each large layer gets a fresh block whose pages the kernel
+/// faults in and clears again: at avx2 on 2 Zen 5 cores the weight transforms of a 512² SD 1.5 UNet step
+/// took 356 ms with a 64 MiB bound and 211 ms with this one, for a peak 190 MiB higher (4151 MiB,
+/// PyTorch's is 4459). [`super::release_buffers`] frees it when a generation ends.
+const KEEP_U_FLOATS: usize = 1 << 26;
 
 /// Frees `u` when it is too large to keep (see [`KEEP_U_FLOATS`]).
 fn release_large(u: &mut Vec<f32>) {
@@ -472,6 +499,12 @@ fn release_large(u: &mut Vec<f32>) {
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Frees the calling thread's [`Scratch`] (U, V and M: up to a few hundred MiB after SD's 1280-channel
+/// layers).
+pub(super) fn release_buffers() {
+    SCRATCH.with_borrow_mut(|scratch| *scratch = Scratch::default());
 }
 
 /// One tile's transforms of a run of `count` consecutive windows along a row, written as contiguous
@@ -491,7 +524,7 @@ trait Transforms {
     ///
     /// # Safety
     /// As [`weight_row`].
-    unsafe fn weight_row(weights: &[f32], u: SharedMut, u_stride: usize, row: usize);
+    unsafe fn weight_row(weights: &[f32], u: SharedMut, u_stride: usize, row: (usize, usize));
 
     /// V for the windows whose input rows are `padded[base + y·wp ..]` (`at` = (base, wp), y over the
     /// window's rows): result row ξ (window k at `results[ξ·n + k]`); `n` ≥ count + 1.
@@ -531,7 +564,7 @@ impl Transforms for F2x2 {
     const OUTPUT_SCRATCH: usize = 8;
 
     #[inline(always)]
-    unsafe fn weight_row(weights: &[f32], u: SharedMut, u_stride: usize, row: usize) {
+    unsafe fn weight_row(weights: &[f32], u: SharedMut, u_stride: usize, row: (usize, usize)) {
         weight_row_with(&G2, weights, u, u_stride, row)
     }
 
@@ -655,7 +688,7 @@ impl Transforms for F4x4 {
     const OUTPUT_SCRATCH: usize = 24;
 
     #[inline(always)]
-    unsafe fn weight_row(weights: &[f32], u: SharedMut, u_stride: usize, row: usize) {
+    unsafe fn weight_row(weights: &[f32], u: SharedMut, u_stride: usize, row: (usize, usize)) {
         weight_row_with(&G4, weights, u, u_stride, row)
     }
 
@@ -925,6 +958,19 @@ mod tests {
     use candle_core::Device;
 
     #[test]
+    fn the_kept_buffers_are_freed_on_request() -> Result<()> {
+        let xs = Tensor::randn(0f32, 1.0, (1, 64, 16, 16), &Device::Cpu)?;
+        let weight = Tensor::randn(0f32, 0.1, (64, 64, 3, 3), &Device::Cpu)?;
+        let bias = Tensor::zeros(64, candle_core::DType::F32, &Device::Cpu)?;
+        let held = || SCRATCH.with_borrow(|scratch| scratch.u.capacity());
+        conv3x3(&xs, &weight, &bias, 1)?;
+        assert!(held() >= 16 * 64 * 64, "U is kept between calls");
+        super::super::release_buffers();
+        assert_eq!(held(), 0);
+        Ok(())
+    }
+
+    #[test]
     fn equals_candle_conv2d_on_awkward_shapes_at_every_tier() -> Result<()> {
         super::super::at_every_tier(equals_candle_conv2d_on_awkward_shapes)
     }
@@ -974,7 +1020,7 @@ mod tests {
     fn large_tile_only_where_it_repays_its_weight_transform() {
         // SD's 320 channels on a 64² latent: the large tile.
         assert_eq!(Tile::choose(2, (64, 64), 320, 320), Tile::F4);
-        // 1280 channels on a 32² map: 128 windows repay a U of 236 MB (freed after the call).
+        // 1280 channels on a 32² map: 128 windows repay a U of 236 MB.
         assert_eq!(Tile::choose(2, (32, 32), 1280, 1280), Tile::F4);
         assert_eq!(Tile::choose(2, (32, 32), 1920, 640), Tile::F4);
         // On a 16² map only 32 windows; and 2560 → 1280 channels would need a U of 472 MB.
