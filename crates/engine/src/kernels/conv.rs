@@ -192,6 +192,33 @@ pub fn conv2d(
     }
 }
 
+/// [`conv2d`] with f32 `weight` (c_out, c_in, 3, 3) at stride 1 over `xs` upsampled to twice its height
+/// and width (nearest neighbour): where Winograd takes the upsampled size, `xs` is read in place
+/// ([`super::winograd::conv3x3_upsampled`]), else it is upsampled first.
+pub fn conv2d_upsampled(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+) -> Result<Tensor> {
+    let (b, c_in, h, w) = xs.dims4()?;
+    let (c_out, _, kh, kw) = weight.dims4()?;
+    let (ho, wo) = (
+        (2 * h + 2 * padding).saturating_sub(2),
+        (2 * w + 2 * padding).saturating_sub(2),
+    );
+    if (kh, kw) == (3, 3) && super::winograd::worthwhile(b, (ho, wo), c_in, c_out) {
+        return super::winograd::conv3x3_upsampled(xs, weight, bias, padding);
+    }
+    conv2d(
+        &xs.upsample_nearest2d(2 * h, 2 * w)?,
+        ConvWeights::F32(weight),
+        bias,
+        padding,
+        1,
+    )
+}
+
 /// The custom op behind [`conv2d`] for bf16 stride-1 convolutions over (input, bias): by Winograd
 /// ([`super::winograd_bf16`]) for weights in that form, else the im2col-free direct product
 /// ([`super::amx_conv`]); [`conv2d`] checked that the sizes agree.

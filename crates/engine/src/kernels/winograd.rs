@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 use super::sgemm::{self, PackedB, Start};
 use super::vector::dispatched;
-use super::{contiguous_f32, pad_planes, row_segments, threads, Segment, SharedMut};
+use super::{contiguous_f32, row_segments, threads, Segment, SharedMut};
 
 /// Whether a 3×3 stride-1 convolution of `c_in` → `c_out` channels whose output is `batch` × `ho` × `wo`
 /// is worth the weight transform, or the direct product of [`super::conv`] is as fast: below 256 output
@@ -54,18 +54,33 @@ const F2_MAX_U_PER_WINDOW: usize = 1 << 20;
 /// Convolves `xs` (b, c_in, h, w) with a 3×3 `weight` (c_out, c_in, 3, 3) at stride 1 and zero padding
 /// `padding`, and adds `bias` (c_out); returns (b, c_out, h + 2p − 2, w + 2p − 2).
 pub fn conv3x3(xs: &Tensor, weight: &Tensor, bias: &Tensor, padding: usize) -> Result<Tensor> {
-    conv3x3_tiled(xs, weight, bias, padding, None)
+    conv3x3_tiled(xs, weight, bias, padding, 1, None)
 }
 
-/// [`conv3x3`] with the tile forced (`None`: chosen by [`Tile::choose`]).
+/// [`conv3x3`] of `xs` upsampled to twice its height and width (nearest neighbour, as the UNet's and
+/// the VAE's upsamplers do before their convolution), reading `xs` in place: the upsampled map (four
+/// times the input, 256 MiB before the VAE decoder's last 512² layers) is never made.
+pub fn conv3x3_upsampled(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+) -> Result<Tensor> {
+    conv3x3_tiled(xs, weight, bias, padding, 2, None)
+}
+
+/// [`conv3x3`] of `xs` upsampled `scale` times (1 or 2), with the tile forced (`None`: chosen by
+/// [`Tile::choose`]).
 fn conv3x3_tiled(
     xs: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     padding: usize,
+    scale: usize,
     tile: Option<Tile>,
 ) -> Result<Tensor> {
     let (_, c_in, h, w) = xs.dims4()?;
+    let (h, w) = (h * scale, w * scale);
     let (c_out, w_in, kh, kw) = weight.dims4()?;
     if w_in != c_in
         || (kh, kw) != (3, 3)
@@ -83,7 +98,11 @@ fn conv3x3_tiled(
     xs.contiguous()?.apply_op3_no_bwd(
         &weight.contiguous()?,
         &bias.contiguous()?,
-        &Winograd { padding, tile },
+        &Winograd {
+            padding,
+            scale,
+            tile,
+        },
     )
 }
 
@@ -209,6 +228,8 @@ impl Tile {
 /// The custom op behind [`conv3x3`].
 struct Winograd {
     padding: usize,
+    /// The input is read as if upsampled this many times (1 or 2, nearest neighbour).
+    scale: usize,
     /// Forced tile (tests); `None` lets [`Tile::choose`] decide.
     tile: Option<Tile>,
 }
@@ -244,15 +265,21 @@ impl CustomOp3 for Winograd {
         let bias = contiguous_f32(b_storage, b_layout, self.name())?;
         let (batch, c_in, h, w) = x_layout.shape().dims4()?;
         let c_out = w_layout.shape().dims()[0];
-        let p = self.padding;
-        let (ho, wo) = (h + 2 * p - 2, w + 2 * p - 2);
+        let (p, scale) = (self.padding, self.scale);
+        let (ho, wo) = (scale * h + 2 * p - 2, scale * w + 2 * p - 2);
         let tile = self
             .tile
             .unwrap_or_else(|| Tile::choose(batch, (ho, wo), c_in, c_out));
-        let shape = (batch, c_in, h, w);
+        let source = Source {
+            xs,
+            c_in,
+            size: (h, w),
+            pad: p,
+            scale,
+        };
         let out = match tile {
-            Tile::F2 => convolve::<F2x2>(xs, weight, bias, shape, c_out, p),
-            Tile::F4 => convolve::<F4x4>(xs, weight, bias, shape, c_out, p),
+            Tile::F2 => convolve::<F2x2>(&source, weight, bias, batch, c_out),
+            Tile::F4 => convolve::<F4x4>(&source, weight, bias, batch, c_out),
         };
         Ok((CpuStorage::F32(out), Shape::from((batch, c_out, ho, wo))))
     }
@@ -260,19 +287,17 @@ impl CustomOp3 for Winograd {
 
 /// The convolution with tile `T` (see [`Winograd`]); returns the (b, c_out, ho, wo) output.
 fn convolve<T: Transforms>(
-    xs: &[f32],
+    source: &Source<'_>,
     weight: &[f32],
     bias: &[f32],
-    (batch, c_in, h, w): (usize, usize, usize, usize),
+    batch: usize,
     c_out: usize,
-    p: usize,
 ) -> Vec<f32> {
+    let (c_in, p) = (source.c_in, source.pad);
+    let (h, w) = (source.scale * source.size.0, source.scale * source.size.1);
     let (ho, wo) = (h + 2 * p - 2, w + 2 * p - 2);
     let (step, points) = (T::STEP, T::POINTS);
     let (th, tw) = (ho.div_ceil(step), wo.div_ceil(step));
-    // Padded so that every window is inside: (step·th + 2) × (step·tw + 2) ≥ (h + 2p) × (w + 2p).
-    let (hp, wp) = (step * th + 2, step * tw + 2);
-    let plane = hp * wp;
 
     SCRATCH.with_borrow_mut(|scratch| {
         let Scratch { u, v, m } = scratch;
@@ -310,8 +335,6 @@ fn convolve<T: Transforms>(
         // SAFETY: all `len` floats were written above.
         unsafe { u.set_len(len) };
 
-        let padded = pad_planes(xs, (h, w), (hp, wp), p, 0);
-
         let windows = batch * th * tw;
         let mut out = vec![0f32; batch * c_out * ho * wo];
         let dst = SharedMut(out.as_mut_ptr());
@@ -323,7 +346,7 @@ fn convolve<T: Transforms>(
                 .max(sgemm::NR)
                 .min(windows.div_ceil(threads()).next_multiple_of(sgemm::NR));
             let chunks = windows.div_ceil(chunk);
-            let (padded, u) = (&padded, &*u);
+            let u = &*u;
             (0..chunks).into_par_iter().for_each_init(
                 || {
                     (
@@ -343,9 +366,7 @@ fn convolve<T: Transforms>(
                     let m_stride = c_out * len + SKEW;
                     m.resize(points * m_stride, 0.0);
                     // SAFETY: V[ξ] were reshaped to c_in × len; this task's own buffers.
-                    unsafe {
-                        input_transform::<T>(padded, rows, &segments, 0, (c_in, plane, wp), &v_ptrs)
-                    };
+                    unsafe { input_transform::<T>(source, rows, &segments, 0, &v_ptrs) };
                     products(u, (u_stride, ldu), v, m, m_stride, c_out, false);
                     // SAFETY: this task writes the outputs of its own windows only.
                     unsafe {
@@ -385,20 +406,10 @@ fn convolve<T: Transforms>(
                 .next_multiple_of(sgemm::NR)
                 .max(sgemm::NR);
             let v_ptrs = panel_pointers(v);
-            let padded = &padded;
             for_each_piece((g0, glen), piece, (th, tw), |rows, j_start, segments| {
                 // SAFETY: this task writes the columns of its windows in every V[ξ] (reshaped to
                 // c_in × glen above) and nothing else.
-                unsafe {
-                    input_transform::<T>(
-                        padded,
-                        rows,
-                        segments,
-                        j_start,
-                        (c_in, plane, wp),
-                        &v_ptrs,
-                    )
-                };
+                unsafe { input_transform::<T>(source, rows, segments, j_start, &v_ptrs) };
             });
             products(u, (u_stride, ldu), v, m, m_stride, c_out, true);
             let m = &*m;
@@ -819,30 +830,91 @@ dispatched!(
     /// `v[ξ]` must point at V[ξ], packed by [`PackedB::reshape`] as c_in × (at least the columns
     /// written), and no other thread may touch these columns.
     unsafe fn input_transform<T: Transforms>(
-        padded: &[f32],
+        source: &Source<'_>,
         rows: &mut Vec<f32>,
         segments: &[Segment],
         j_base: usize,
-        shape: (usize, usize, usize),
         v: &[SharedMut]
     ) -> () = input_transform_body::<T>
 );
+
+/// The input as the input transform reads it: (b, c_in, h, w), upsampled `scale` times (nearest
+/// neighbour) and seen through `pad` zeros on every side, without a padded or upsampled copy (at the
+/// VAE decoder's 512² layers each would be 256 MiB).
+struct Source<'a> {
+    xs: &'a [f32],
+    c_in: usize,
+    /// (h, w) of `xs`.
+    size: (usize, usize),
+    pad: usize,
+    scale: usize,
+}
+
+impl Source<'_> {
+    /// Copies `rows` rows of `width` values of channel `channel` of image `image`, from padded row
+    /// `top` and column `left` on, into `patch` (rows `stride` apart); zeros where they fall outside
+    /// the input.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn gather(
+        &self,
+        (image, channel): (usize, usize),
+        (top, left): (usize, usize),
+        rows: usize,
+        width: usize,
+        patch: &mut [f32],
+        stride: usize,
+    ) {
+        let (h, w) = self.size;
+        let scale = self.scale;
+        let plane = &self.xs[(image * self.c_in + channel) * h * w..][..h * w];
+        // Columns of the patch that fall on the (upsampled) input: [first, last).
+        let first = self.pad.saturating_sub(left).min(width);
+        let last = (scale * w + self.pad)
+            .saturating_sub(left)
+            .clamp(first, width);
+        let x0 = (left + first).saturating_sub(self.pad);
+        for r in 0..rows {
+            let dst = &mut patch[r * stride..][..width];
+            match (top + r).checked_sub(self.pad).filter(|&y| y < scale * h) {
+                Some(y) => {
+                    dst[..first].fill(0.0);
+                    let row = &plane[y / scale * w..][..w];
+                    let inside = &mut dst[first..last];
+                    if scale == 1 {
+                        inside.copy_from_slice(&row[x0..][..inside.len()]);
+                    } else {
+                        for (k, value) in inside.iter_mut().enumerate() {
+                            *value = row[(x0 + k) / scale];
+                        }
+                    }
+                    dst[last..].fill(0.0);
+                }
+                None => dst.fill(0.0),
+            }
+        }
+    }
+}
 
 /// The body of [`input_transform`]: per input channel and run of windows, [`Transforms::input_run`],
 /// then each result row is copied into V[ξ] in pieces that stay within a panel.
 #[inline(always)]
 unsafe fn input_transform_body<T: Transforms>(
-    padded: &[f32],
+    source: &Source<'_>,
     rows: &mut Vec<f32>,
     segments: &[Segment],
     j_base: usize,
-    (c_in, plane, wp): (usize, usize, usize),
     v: &[SharedMut],
 ) {
     const NR: usize = sgemm::NR;
+    let c_in = source.c_in;
     let n = segments.iter().map(|s| s.count + 1).max().unwrap_or(0);
-    rows.resize((T::INPUT_SCRATCH + T::POINTS) * n, 0.0);
-    let (scratch, results) = rows.split_at_mut(T::INPUT_SCRATCH * n);
+    // The window rows of one run, gathered from the input with their padding.
+    let patch_width = T::STEP * n + 2;
+    let patch_floats = (T::STEP + 2) * patch_width;
+    rows.resize((T::INPUT_SCRATCH + T::POINTS) * n + patch_floats, 0.0);
+    let (scratch, rest) = rows.split_at_mut(T::INPUT_SCRATCH * n);
+    let (results, patch) = rest.split_at_mut(T::POINTS * n);
     for i in 0..c_in {
         for &Segment {
             image: b,
@@ -852,8 +924,15 @@ unsafe fn input_transform_body<T: Transforms>(
             offset,
         } in segments
         {
-            let base = (b * c_in + i) * plane + T::STEP * (ty * wp + tx);
-            T::input_run(padded, (base, wp), count, n, scratch, results);
+            source.gather(
+                (b, i),
+                (T::STEP * ty, T::STEP * tx),
+                T::STEP + 2,
+                T::STEP * count + 2,
+                patch,
+                patch_width,
+            );
+            T::input_run(patch, (0, patch_width), count, n, scratch, results);
             // Copy out: columns j.. of row i of each V[ξ], a panel (NR columns) at a time.
             let mut k = 0;
             while k < count {
@@ -1000,12 +1079,27 @@ mod tests {
             // Tolerance relative to the outputs' size (their std grows as √(9 c_in)).
             let scale = plain.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
             for (tile, tolerance) in [(Tile::F2, 4e-6), (Tile::F4, 5e-5)] {
-                let fast = conv3x3_tiled(&xs, &weight, &bias, p, Some(tile))?;
+                let fast = conv3x3_tiled(&xs, &weight, &bias, p, 1, Some(tile))?;
                 assert_eq!(fast.dims(), plain.dims());
                 let diff = super::super::max_abs_diff(&fast, &plain)? / scale;
                 assert!(
                     diff < tolerance,
                     "{tile:?} {b}x{c_in}x{h}x{w} → {c_out}, pad {p}: {diff}"
+                );
+            }
+            // The same weights over the input upsampled twice, read in place.
+            let upsampled = xs.upsample_nearest2d(2 * h, 2 * w)?;
+            let plain = upsampled
+                .conv2d(&weight, p, 1, 1, 1)?
+                .broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?;
+            let scale = plain.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+            for (tile, tolerance) in [(Tile::F2, 4e-6), (Tile::F4, 5e-5)] {
+                let fast = conv3x3_tiled(&xs, &weight, &bias, p, 2, Some(tile))?;
+                assert_eq!(fast.dims(), plain.dims());
+                let diff = super::super::max_abs_diff(&fast, &plain)? / scale;
+                assert!(
+                    diff < tolerance,
+                    "upsampled, {tile:?} {b}x{c_in}x{h}x{w} → {c_out}, pad {p}: {diff}"
                 );
             }
         }

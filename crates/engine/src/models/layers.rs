@@ -155,6 +155,26 @@ impl Module for Conv2d {
     }
 }
 
+impl Conv2d {
+    /// This convolution over `xs` (b, c, h, w) upsampled to (2h, 2w) by nearest neighbour, as the UNet's
+    /// and the VAE's upsamplers run it: f32 stride-1 convolutions read `xs` in place (see
+    /// [`kernels::conv::conv2d_upsampled`]), the others convolve the upsampled map.
+    pub fn forward_upsampled(&self, xs: &Tensor) -> Result<Tensor> {
+        let cfg = &self.config;
+        if let Weights::F32 { weight, .. } = &self.weights {
+            if (cfg.dilation, cfg.groups, cfg.stride) == (1, 1, 1)
+                && !kernels::bf16_products()
+                && kernels::accepts(xs)
+                && kernels::accepts(weight)
+            {
+                return kernels::conv::conv2d_upsampled(xs, weight, &self.bias, cfg.padding);
+            }
+        }
+        let (_, _, h, w) = xs.dims4()?;
+        self.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)
+    }
+}
+
 /// `weight`'s bf16 copy for a convolution at `stride` multiplying as `bf16` says.
 fn pack_bf16(
     weight: &Tensor,

@@ -354,7 +354,12 @@ impl UNet {
                     .last()
                     .expect("skip left for the next block")
                     .dims4()?;
-                h = up.forward(&h.upsample_nearest2d(sh, sw)?)?;
+                let (_, _, hh, ww) = h.dims4()?;
+                h = if (sh, sw) == (2 * hh, 2 * ww) {
+                    up.forward_upsampled(&h)?
+                } else {
+                    up.forward(&h.upsample_nearest2d(sh, sw)?)?
+                };
             }
         }
         let h = group_norm_silu(&self.conv_norm_out, &h)?;

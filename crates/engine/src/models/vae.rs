@@ -184,8 +184,7 @@ impl Decoder {
                 h = resnet.forward(&h, None)?;
             }
             if let Some(up) = &block.resample {
-                let (_, _, hh, ww) = h.dims4()?;
-                h = up.forward(&h.upsample_nearest2d(hh * 2, ww * 2)?)?;
+                h = up.forward_upsampled(&h)?;
             }
         }
         self.conv_out.forward(&group_norm_silu(&self.norm_out, &h)?)
