@@ -50,12 +50,16 @@ impl ResnetBlock {
 
     /// Applies the block; `temb` is the (already SiLU-free) time embedding of the UNet, if any.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&group_norm_silu(&self.norm1, xs)?)?;
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
-        }
-        let h = self.conv2.forward(&group_norm_silu(&self.norm2, &h)?)?;
+        // The first half's output is dropped as soon as the second convolution has read it: at the
+        // VAE decoder's 512² layers each of these maps is 128–256 MiB.
+        let h = {
+            let mut h = self.conv1.forward(&group_norm_silu(&self.norm1, xs)?)?;
+            if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+                let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+                h = h.broadcast_add(&t)?;
+            }
+            self.conv2.forward(&group_norm_silu(&self.norm2, &h)?)?
+        };
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
