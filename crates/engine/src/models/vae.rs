@@ -1,6 +1,6 @@
 //! `AutoencoderKL`: the VAE that maps images to latents and back, built from `vae/config.json`.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::VaeAttention;
@@ -117,11 +117,7 @@ impl Encoder {
             }
             if let Some(down) = &block.resample {
                 // diffusers pads right and bottom by one before the unpadded stride-2 convolution.
-                h = down.forward(&h.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(
-                    D::Minus2,
-                    0,
-                    1,
-                )?)?;
+                h = down.forward(&crate::kernels::pad_bottom_right(&h, 1)?)?;
             }
         }
         let h = self.mid.forward(&h)?;
