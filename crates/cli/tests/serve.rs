@@ -1673,7 +1673,8 @@ fn retries_answer_the_first_job() {
 /// Found while hardening against the OpenAPI document (scripts/schema_check.sh): axum's own extractors answered
 /// a path id that is not UTF-8 text and a `?key=` given twice with a plain-text 400, and an OpenAI edit over the
 /// body limit with "Error parsing `multipart/form-data` request". Each now answers in its dialect's error shape
-/// with words a client can act on.
+/// with words a client can act on. The over-limit edit is 16 MiB, far beyond what socket buffers hold: the
+/// server drains it before answering, so the client reads the 400 instead of a broken pipe.
 #[test]
 fn unreadable_ids_queries_and_forms_answer_in_the_api_shape() {
     let dir = tempfile::tempdir().unwrap();
@@ -1728,7 +1729,7 @@ fn unreadable_ids_queries_and_forms_answer_in_the_api_shape() {
     let mut big =
         b"--XYZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n"
             .to_vec();
-    big.extend(std::iter::repeat_n(b'x', 2 << 20));
+    big.extend(std::iter::repeat_n(b'x', 16 << 20));
     big.extend(b"\r\n--XYZ--\r\n");
     let (status, body) = edit(big);
     assert_eq!(status, 400, "{body}");

@@ -19,13 +19,13 @@ const MAX_DRAIN_TIME: Duration = Duration::from_secs(5);
 
 /// Reads the whole body, refusing more than `--max-body-bytes`, and parses it as a JSON object.
 pub async fn read_body(app: &App, body: Body) -> Result<params::Body, ApiError> {
-    let limit = app.node.config.max_body_bytes;
-    let too_large = || {
-        ApiError::message(format!(
-            "the request body is larger than the {} MiB limit",
-            limit >> 20
-        ))
-    };
+    let bytes = read_bytes(body, app.node.config.max_body_bytes).await?;
+    params::Body::parse(&bytes)
+}
+
+/// Reads the whole body as bytes, refusing more than `limit`. An over-limit body is drained (within
+/// `MAX_DRAIN_BYTES` and `MAX_DRAIN_TIME`) before the refusal, so the client reads the error.
+pub async fn read_bytes(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     let mut stream = body.into_data_stream();
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
@@ -39,11 +39,14 @@ pub async fn read_body(app: &App, body: Body) -> Result<params::Body, ApiError> 
                     _ => break,
                 }
             }
-            return Err(too_large());
+            return Err(ApiError::message(format!(
+                "the request body is larger than the {} MiB limit",
+                limit >> 20
+            )));
         }
         bytes.extend_from_slice(&chunk);
     }
-    params::Body::parse(&bytes)
+    Ok(bytes)
 }
 
 /// The key from the body's `key`, else a `key` header, else `Authorization: Bearer`.

@@ -97,11 +97,16 @@ fn form_error(e: MultipartError, limit: usize) -> ApiError {
 }
 
 /// The form's text fields, and its `image` (or first `image[]`) file as base64. More than one image is refused;
-/// a body over `limit` bytes is refused as the JSON routes refuse it.
+/// a body over `limit` bytes is refused (and drained) as the JSON routes refuse it.
 async fn read_form(
     request: Request,
     limit: usize,
 ) -> Result<(params::Body, Option<String>), ApiError> {
+    // The whole body first, so that a form over the limit is drained before the refusal (the client reads the
+    // error, not a broken pipe) and no form error leaves part of the body unread.
+    let (parts, body) = request.into_parts();
+    let bytes = super::auth::read_bytes(body, limit).await?;
+    let request = Request::from_parts(parts, Body::from(bytes));
     let mut form = Multipart::from_request(request, &())
         .await
         .map_err(|e| ApiError::message(format!("the body must be multipart/form-data: {e}")))?;
