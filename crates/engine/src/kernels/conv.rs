@@ -174,9 +174,7 @@ pub fn conv2d(
             }
         }
         ConvWeights::F32(weight) => {
-            if (kh, kw, stride) == (3, 3, 1)
-                && super::winograd::worthwhile(b, (ho, wo), c_in, c_out)
-            {
+            if winograd_applies((kh, kw, stride), b, (ho, wo), c_in, c_out) {
                 return super::winograd::conv3x3(&xs, weight, &bias, padding);
             }
             xs.apply_op3_no_bwd(
@@ -190,6 +188,18 @@ pub fn conv2d(
             )
         }
     }
+}
+
+/// Whether an f32 convolution with kernel (kh, kw) at `stride` over `b` images, giving (ho, wo) maps of
+/// `c_out` channels from `c_in`, runs by Winograd ([`super::winograd`]).
+fn winograd_applies(
+    (kh, kw, stride): (usize, usize, usize),
+    b: usize,
+    (ho, wo): (usize, usize),
+    c_in: usize,
+    c_out: usize,
+) -> bool {
+    (kh, kw, stride) == (3, 3, 1) && super::winograd::worthwhile(b, (ho, wo), c_in, c_out)
 }
 
 /// [`conv2d`] with f32 `weight` (c_out, c_in, 3, 3) at stride 1 over `xs` upsampled to twice its height
@@ -207,7 +217,7 @@ pub fn conv2d_upsampled(
         (2 * h + 2 * padding).saturating_sub(2),
         (2 * w + 2 * padding).saturating_sub(2),
     );
-    if (kh, kw) == (3, 3) && super::winograd::worthwhile(b, (ho, wo), c_in, c_out) {
+    if winograd_applies((kh, kw, 1), b, (ho, wo), c_in, c_out) {
         return super::winograd::conv3x3_upsampled(xs, weight, bias, padding);
     }
     conv2d(

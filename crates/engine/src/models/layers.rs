@@ -130,44 +130,56 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let cfg = &self.config;
-        let weights = match &self.weights {
-            Weights::Bf16(packed) => kernels::conv::ConvWeights::Bf16(packed),
+        match self.kernel_weights(xs)? {
+            Ok(weights) => kernels::conv::conv2d(xs, weights, &self.bias, cfg.padding, cfg.stride),
+            Err(weight) => {
+                candle_nn::Conv2d::new(weight.clone(), Some(self.bias.clone()), *cfg).forward(xs)
+            }
+        }
+    }
+}
+
+impl Conv2d {
+    /// The weights [`kernels::conv::conv2d`] multiplies `xs` by (packing the bf16 copy on first use when
+    /// bf16 products are on), or, as `Err`, the f32 weight candle's own convolution must take instead
+    /// (dilation, groups, or tensors the kernels do not take).
+    fn kernel_weights(
+        &self,
+        xs: &Tensor,
+    ) -> Result<std::result::Result<kernels::conv::ConvWeights<'_>, &Tensor>> {
+        let cfg = &self.config;
+        Ok(match &self.weights {
+            Weights::Bf16(packed) => Ok(kernels::conv::ConvWeights::Bf16(packed)),
             Weights::F32 { weight, bf16 }
                 if cfg.dilation == 1
                     && cfg.groups == 1
                     && kernels::accepts(xs)
                     && kernels::accepts(weight) =>
             {
-                if kernels::bf16_products() {
+                Ok(if kernels::bf16_products() {
                     kernels::conv::ConvWeights::Bf16(
                         bf16.get_or_pack(|| pack_bf16(weight, cfg.stride, self.bf16))?,
                     )
                 } else {
                     kernels::conv::ConvWeights::F32(weight)
-                }
+                })
             }
-            Weights::F32 { weight, .. } => {
-                return candle_nn::Conv2d::new(weight.clone(), Some(self.bias.clone()), *cfg)
-                    .forward(xs)
-            }
-        };
-        kernels::conv::conv2d(xs, weights, &self.bias, cfg.padding, cfg.stride)
+            Weights::F32 { weight, .. } => Err(weight),
+        })
     }
-}
 
-impl Conv2d {
     /// This convolution over `xs` (b, c, h, w) upsampled to (2h, 2w) by nearest neighbour, as the UNet's
     /// and the VAE's upsamplers run it: f32 stride-1 convolutions read `xs` in place (see
     /// [`kernels::conv::conv2d_upsampled`]), the others convolve the upsampled map.
     pub fn forward_upsampled(&self, xs: &Tensor) -> Result<Tensor> {
-        let cfg = &self.config;
-        if let Weights::F32 { weight, .. } = &self.weights {
-            if (cfg.dilation, cfg.groups, cfg.stride) == (1, 1, 1)
-                && !kernels::bf16_products()
-                && kernels::accepts(xs)
-                && kernels::accepts(weight)
-            {
-                return kernels::conv::conv2d_upsampled(xs, weight, &self.bias, cfg.padding);
+        if self.config.stride == 1 {
+            if let Ok(kernels::conv::ConvWeights::F32(weight)) = self.kernel_weights(xs)? {
+                return kernels::conv::conv2d_upsampled(
+                    xs,
+                    weight,
+                    &self.bias,
+                    self.config.padding,
+                );
             }
         }
         let (_, _, h, w) = xs.dims4()?;
