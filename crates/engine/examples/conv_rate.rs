@@ -1,5 +1,5 @@
 //! Prints the time of a Winograd 3×3 convolution (best of five) at the active kernel tier on SD's
-//! large-channel layers, and of `conv2d` on its 1×1 and 8² 3×3 layers: `cargo run --release -p
+//! large-channel layers, and of `conv2d` on its 1×1 and 8² and 4² 3×3 layers: `cargo run --release -p
 //! pictor-engine --example conv_rate`. glibc is told to keep its heap, as the `pictor` binary does, so
 //! that fresh buffers are not faulted in on every call.
 use candle_core::{Device, Tensor};
@@ -40,6 +40,8 @@ fn main() -> candle_core::Result<()> {
         (2, 1280, 1280, 16, 1),
         (2, 1280, 1280, 8, 3),
         (2, 2560, 1280, 8, 3),
+        (2, 1280, 1280, 4, 3),
+        (2, 2560, 1280, 4, 3),
     ] {
         let xs = Tensor::randn(0f32, 1.0, (b, c_in, side, side), &Device::Cpu)?;
         let weight = Tensor::randn(0f32, 0.1, (c_out, c_in, kernel, kernel), &Device::Cpu)?;

@@ -26,6 +26,14 @@ fn main() {
         (640, 640, 1024),
         (1280, 1280, 256),
         (320, 640, 4096),
+        // Rows at strides a register tile crowds into few L1 sets: linear inputs of 1280, 2560 and
+        // 5120 features, and 3×3 convolutions' weights over 1280 and 2560 channels on 8² and 4² maps.
+        (8192, 1280, 320),
+        (2048, 2560, 640),
+        (1024, 5120, 1280),
+        (1280, 11520, 128),
+        (1280, 11520, 32),
+        (1280, 23040, 32),
     ];
     for &(m, k, n) in shapes {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
