@@ -170,7 +170,7 @@ pub fn gemm(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc: us
     // Several tasks read the same rows of A: copy them once, at a stride read in place, rather than
     // once per task (see `product`).
     let restrided;
-    let (a, lda) = if column_groups > 1 && crowded(lda) && m > 0 {
+    let (a, lda) = if column_groups > 1 && crowded(lda, Tier::active()) && m > 0 {
         let stride = row_stride(b.k);
         let mut copy = vec![0f32; m * stride];
         copy.par_chunks_mut(stride)
@@ -302,7 +302,7 @@ unsafe fn product(
     // A's rows for one depth block are copied into a buffer whose row stride is not a multiple of 4 KiB
     // (a plain copy, reused by every panel): strides like 4096 floats (attention's scores) or 5120
     // (a linear layer's input) would put all twelve rows of a tile into the same L1 set.
-    let copy = crowded(lda);
+    let copy = crowded(lda, tier);
     let stride = if copy {
         kc_even.next_multiple_of(16) + 16
     } else {
@@ -371,24 +371,33 @@ unsafe fn product(
 
 /// A row stride of at least `k` floats at which A's rows are read in place (no copy, see [`crowded`]),
 /// for callers that lay out A themselves: padded wherever a tile's twelve rows would share fewer than
-/// six L1 sets, a wider margin than [`crowded`] asks for, as laying out costs nothing extra (with only
-/// [`crowded`]'s margin, Winograd's U at 1280 channels made a 512² UNet step 2–4 % slower at AVX-512).
+/// six L1 sets (at every tier: laying out with that margin costs nothing extra).
 pub fn row_stride(k: usize) -> usize {
-    let sets = (0..MR).fold(0u64, |sets, r| sets | 1 << ((r * k * 4 / 64) % 64));
-    if (sets.count_ones() as usize) < MR / 2 {
+    if few_sets(k) {
         k + 16
     } else {
         k
     }
 }
 
-/// Whether the twelve rows of a tile at row stride `lda` (floats) fall into so few L1 sets (64-byte
-/// lines, 64 sets) that they evict each other: more than half of them into one set. Measured on a Zen 4
-/// (EPYC Genoa, 32 KiB 8-way L1; `sgemm_rate`): all twelve in one set (strides of 4096 or 5120 floats)
-/// read in place run 12 % slower than copied at AVX-512; six per set (2560 or 23040 floats: a 3×3
-/// convolution's weights over 2560 channels) or three (1280, 11520) run as fast or up to 65 % faster in
-/// place, where the copy is pure overhead on small maps (each weight serves only 32 or 128 positions).
-fn crowded(lda: usize) -> bool {
+/// Whether the twelve rows of a tile at row stride `lda` (floats) share fewer than six L1 sets (64-byte
+/// lines, 64 sets).
+fn few_sets(lda: usize) -> bool {
+    let sets = (0..MR).fold(0u64, |sets, r| sets | 1 << ((r * lda * 4 / 64) % 64));
+    (sets.count_ones() as usize) < MR / 2
+}
+
+/// Whether A's rows at stride `lda` are copied before `tier`'s micro-kernel reads them, because they
+/// would evict each other from L1. At AVX2 only when more than six of a tile's twelve rows fall into one
+/// set (strides of 4096 or 5120 floats): measured on a Zen 4 (EPYC Genoa, 32 KiB 8-way L1;
+/// `sgemm_rate`, `conv_rate`), six per set (2560, 23040 floats) or three (1280, 11520) run as fast or up to
+/// 60 % faster in place, where the copy is pure overhead on small maps (a 3×3 convolution's weights
+/// serve only 32 or 128 positions). Other tiers keep the wider [`few_sets`] test: at AVX-512 the
+/// narrower one could not be told from noise on a UNet step (±3 %) and was slower in three of four pairs.
+fn crowded(lda: usize, tier: Tier) -> bool {
+    if tier != Tier::Avx2 {
+        return few_sets(lda);
+    }
     let mut per_set = [0usize; 64];
     for r in 0..MR {
         per_set[(r * lda * 4 / 64) % 64] += 1;
@@ -665,16 +674,18 @@ mod tests {
     }
 
     #[test]
-    fn only_strides_that_put_most_of_a_tile_into_one_l1_set_are_crowded() {
+    fn avx2_copies_only_strides_that_put_most_of_a_tile_into_one_l1_set() {
         for lda in [4096, 5120, 1024] {
-            assert!(crowded(lda), "{lda}");
+            assert!(crowded(lda, Tier::Avx2), "{lda}");
         }
         for lda in [40, 320, 640, 768, 1280, 2560, 11520, 23040] {
-            assert!(!crowded(lda), "{lda}");
+            assert!(!crowded(lda, Tier::Avx2), "{lda}");
         }
-        // Strides laid out by the callers keep a wider margin: twelve rows in at least six sets.
+        // Other tiers, and strides laid out by the callers, keep the wider margin.
         for lda in [4096, 5120, 1024, 1280, 2560, 768] {
-            assert!(row_stride(lda) > lda && !crowded(row_stride(lda)), "{lda}");
+            assert!(crowded(lda, Tier::Portable), "{lda}");
+            assert!(row_stride(lda) > lda, "{lda}");
+            assert!(!crowded(row_stride(lda), Tier::Portable), "{lda}");
         }
         for lda in [40, 320, 640] {
             assert_eq!(row_stride(lda), lda);
