@@ -380,11 +380,19 @@ pub fn row_stride(k: usize) -> usize {
     }
 }
 
-/// Whether the twelve rows of a tile at row stride `lda` (floats) share fewer than six L1 sets (64-byte
-/// lines, 64 sets).
+/// How many of a tile's twelve rows at row stride `lda` (floats) fall into each L1 set (64-byte lines,
+/// 64 sets).
+fn rows_per_set(lda: usize) -> [usize; 64] {
+    let mut per_set = [0usize; 64];
+    for r in 0..MR {
+        per_set[(r * lda * 4 / 64) % 64] += 1;
+    }
+    per_set
+}
+
+/// Whether the twelve rows of a tile at row stride `lda` share fewer than six L1 sets.
 fn few_sets(lda: usize) -> bool {
-    let sets = (0..MR).fold(0u64, |sets, r| sets | 1 << ((r * lda * 4 / 64) % 64));
-    (sets.count_ones() as usize) < MR / 2
+    rows_per_set(lda).iter().filter(|&&rows| rows > 0).count() < MR / 2
 }
 
 /// Whether A's rows at stride `lda` are copied before `tier`'s micro-kernel reads them, because they
@@ -395,14 +403,11 @@ fn few_sets(lda: usize) -> bool {
 /// serve only 32 or 128 positions). Other tiers keep the wider [`few_sets`] test: at AVX-512 the
 /// narrower one could not be told from noise on a UNet step (±3 %) and was slower in three of four pairs.
 fn crowded(lda: usize, tier: Tier) -> bool {
-    if tier != Tier::Avx2 {
-        return few_sets(lda);
+    if tier == Tier::Avx2 {
+        rows_per_set(lda).into_iter().max().unwrap_or(0) > MR / 2
+    } else {
+        few_sets(lda)
     }
-    let mut per_set = [0usize; 64];
-    for r in 0..MR {
-        per_set[(r * lda * 4 / 64) % 64] += 1;
-    }
-    per_set.into_iter().max().unwrap_or(0) > MR / 2
 }
 
 thread_local! {
