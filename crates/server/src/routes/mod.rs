@@ -278,6 +278,8 @@ pub fn router(app: Arc<App>) -> Router {
             ),
             RouteKind::OpenAiEdits => router.route(
                 &route.path,
+                // The handler reads the body within the limit itself; the layer only lifts the
+                // multipart extractor's own 2 MB default to the same limit.
                 post(|State(app): State<Arc<App>>, request: Request| openai::edits(app, request))
                     .layer(DefaultBodyLimit::max(app.node.config.max_body_bytes)),
             ),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::multipart::MultipartError;
 use axum::extract::{FromRequest, Multipart, Request};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
@@ -84,16 +84,10 @@ fn respond(result: Result<Value, ApiError>) -> Response {
 }
 
 /// A form that could not be read, in words a client can act on (axum's own text for all of them is "Error parsing
-/// `multipart/form-data` request").
-fn form_error(e: MultipartError, limit: usize) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::message(format!(
-            "the request body is larger than the {} MiB limit",
-            limit >> 20
-        ))
-    } else {
-        ApiError::message(format!("the form could not be read: {}", e.body_text()))
-    }
+/// `multipart/form-data` request"). Size is not among the reasons: [`read_form`] refuses an over-limit body
+/// before the form is parsed.
+fn form_error(e: MultipartError) -> ApiError {
+    ApiError::message(format!("the form could not be read: {}", e.body_text()))
 }
 
 /// The form's text fields, and its `image` (or first `image[]`) file as base64. More than one image is refused;
@@ -112,10 +106,10 @@ async fn read_form(
         .map_err(|e| ApiError::message(format!("the body must be multipart/form-data: {e}")))?;
     let mut fields = Map::new();
     let mut image = None;
-    while let Some(field) = form.next_field().await.map_err(|e| form_error(e, limit))? {
+    while let Some(field) = form.next_field().await.map_err(form_error)? {
         let name = field.name().unwrap_or_default().to_string();
         let is_file = field.file_name().is_some();
-        let bytes = field.bytes().await.map_err(|e| form_error(e, limit))?;
+        let bytes = field.bytes().await.map_err(form_error)?;
         match name.as_str() {
             "image" | "image[]" => {
                 if image.is_some() {
