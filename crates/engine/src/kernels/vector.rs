@@ -450,18 +450,15 @@ mod avx512 {
     pub unsafe fn exp2_below(row: &mut [f32], max: f32) -> f32 {
         let ptr = row.as_mut_ptr();
         let max = _mm512_set1_ps(max);
-        let [c6, c5, c4, c3, c2, c1] = super::EXP2_POLY.map(|c| _mm512_set1_ps(c));
-        let one = _mm512_set1_ps(1.0);
         let exp2 = |x: __m512| {
             let t = _mm512_sub_ps(x, max);
             let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
             let f = _mm512_sub_ps(t, n);
-            let p = _mm512_fmadd_ps(c6, f, c5);
-            let p = _mm512_fmadd_ps(p, f, c4);
-            let p = _mm512_fmadd_ps(p, f, c3);
-            let p = _mm512_fmadd_ps(p, f, c2);
-            let p = _mm512_fmadd_ps(p, f, c1);
-            _mm512_scalef_ps(_mm512_fmadd_ps(p, f, one), n)
+            let mut p = _mm512_set1_ps(super::EXP2_POLY[0]);
+            for &c in &super::EXP2_POLY[1..] {
+                p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+            }
+            _mm512_scalef_ps(_mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0)), n)
         };
         exp_pass(ptr, row.len(), exp2, |i, e, lanes| {
             // SAFETY: elements i.. of the selected lanes lie inside the row, already read.
@@ -507,20 +504,17 @@ mod avx2 {
     pub unsafe fn exp2_below(row: &mut [f32], max: f32) -> f32 {
         let (len, ptr) = (row.len(), row.as_mut_ptr());
         let (maxv, low) = (_mm256_set1_ps(max), _mm256_set1_ps(super::EXP2_MIN));
-        let [c6, c5, c4, c3, c2, c1] = super::EXP2_POLY.map(|c| _mm256_set1_ps(c));
-        let one = _mm256_set1_ps(1.0);
         let mut sums = _mm256_setzero_ps();
         let mut i = 0;
         while i + 8 <= len {
             let t = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(ptr.add(i)), maxv), low);
             let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
             let f = _mm256_sub_ps(t, n);
-            let p = _mm256_fmadd_ps(c6, f, c5);
-            let p = _mm256_fmadd_ps(p, f, c4);
-            let p = _mm256_fmadd_ps(p, f, c3);
-            let p = _mm256_fmadd_ps(p, f, c2);
-            let p = _mm256_fmadd_ps(p, f, c1);
-            let y = _mm256_fmadd_ps(p, f, one);
+            let mut p = _mm256_set1_ps(super::EXP2_POLY[0]);
+            for &c in &super::EXP2_POLY[1..] {
+                p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c));
+            }
+            let y = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0));
             // n in [-125, 0]: y · 2ⁿ is y with n added to its exponent, still a normal float.
             let e = _mm256_castsi256_ps(_mm256_add_epi32(
                 _mm256_castps_si256(y),
