@@ -21,8 +21,8 @@ const EXP_POLY: [f32; 6] = [
 ];
 
 /// The polynomial of 2^f on [-½, ½]: 2^f ≈ 1 + f · Q(f), Q's coefficients from the highest degree down
-/// (a least-squares fit for relative error, below 1e-7 in f32, about one ulp; every tier's [`exp2_below`]
-/// uses these).
+/// (fitted for relative error: below 1e-7 in f32, about one ulp; every tier's [`exp2_below`] uses
+/// these).
 const EXP2_POLY: [f32; 6] = [
     1.535_335_3e-4,
     1.339_887_5e-3,
@@ -294,9 +294,9 @@ pub fn exp_below_bf16(row: &[f32], scale: f32, max: f32, dst: &mut [half::bf16])
 
 /// Replaces every score x with 2^(x − max) and returns their sum, for a `max` at least the row's largest
 /// value: the softmax's exponentials for scores already multiplied by log₂e (the f32 attention scales its
-/// keys so): no multiplication by log₂e and no two-part ln 2 reduction, six FMAs per vector where e^x
-/// took eleven multiplications (the 4096-token attention's softmax about twice as fast at AVX2). Relative
-/// error about 1e-7; differences below −125 give 2^-125 (about 2e-38) instead of less.
+/// keys so): no multiplication by log₂e and no two-part ln 2 reduction, six multiply-adds per vector
+/// where e^x took twelve (the 4096-token attention 11 % faster at AVX2). Relative error about 1e-7;
+/// differences below −125 give 2^-125 (about 2e-38) instead of less.
 pub fn exp2_below(row: &mut [f32], max: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     match Tier::active() {
