@@ -129,15 +129,14 @@ fn f32_attention(
     let d = inner / heads;
     // Keys scaled by 1/√d · log₂e: the scores come out in log₂ units, ready for 2^x.
     let key_scale = std::f32::consts::LOG2_E / (d as f32).sqrt();
-    let chunk = F32_KEY_CHUNK;
     let packed: Vec<Vec<(PackedB, PackedB)>> = (0..b * heads)
         .into_par_iter()
         .map(|bh| {
             let (batch, head) = (bh / heads, bh % heads);
             (0..m)
-                .step_by(chunk)
+                .step_by(F32_KEY_CHUNK)
                 .map(|c0| {
-                    let width = chunk.min(m - c0);
+                    let width = F32_KEY_CHUNK.min(m - c0);
                     let base = (batch * m + c0) * inner + head * d;
                     let mut keys = PackedB::transposed(&k[base..], width, d, inner);
                     keys.data_mut().iter_mut().for_each(|x| *x *= key_scale);
@@ -151,7 +150,7 @@ fn f32_attention(
     let dst = SharedMut(out.as_mut_ptr());
     let blocks_per_head = n.div_ceil(F32_QUERY_BLOCK);
     // Score rows at a stride the second product reads in place.
-    let ld = sgemm::row_stride(chunk.min(m));
+    let ld = sgemm::row_stride(F32_KEY_CHUNK.min(m));
     (0..b * heads * blocks_per_head)
         .into_par_iter()
         .for_each_init(
@@ -167,13 +166,14 @@ fn f32_attention(
                 let (batch, head) = (bh / heads, bh % heads);
                 let row0 = block * F32_QUERY_BLOCK;
                 let rows = F32_QUERY_BLOCK.min(n - row0);
-                let q_block = &q[(batch * n + row0) * inner + head * d..];
+                // Where this block's rows of this head start, in q and in the output alike.
                 let first = (batch * n + row0) * inner + head * d;
+                let q_block = &q[first..];
                 stats.fill((f32::NEG_INFINITY, 0.0));
                 // Causal: no row of this block sees keys past its last row.
                 let keys_seen = if causal { (row0 + rows).min(m) } else { m };
                 for (c, (keys, values)) in packed[bh].iter().enumerate() {
-                    let c0 = c * chunk;
+                    let c0 = c * F32_KEY_CHUNK;
                     if c0 >= keys_seen {
                         break;
                     }
