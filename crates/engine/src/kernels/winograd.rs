@@ -13,9 +13,12 @@
 //! large enough to repay it and [`Tile::choose`] takes the large tile only where it repays its 2.25×
 //! larger U.
 //!
-//! Two schedules: with few channels (U fits in cache) every task carries a cache-sized chunk of windows
-//! through all three steps; with many, U (up to 200 MiB at SD's 1280 channels) is read once per large
-//! group of windows, the transforms spread over the threads and each product over the threads too.
+//! Three schedules: with few channels (U fits in cache) every task carries a cache-sized chunk of windows
+//! through all three steps; with many channels over few windows (V small, see [`by_channel_blocks`]),
+//! each task transforms the weights of one block of output channels and carries them through the
+//! products and the output transform, so U is never whole; otherwise U (up to 240 MB at SD's 1280
+//! channels) is read once per large group of windows, the transforms spread over the threads and each
+//! product over the threads too.
 //! U, V and M live in per-thread buffers kept between calls (fresh allocations of that size fault in
 //! every page), and the n U[ξ] and M[ξ] start at staggered offsets so the transforms, which touch
 //! all n at once, do not thrash one cache set.
@@ -28,15 +31,15 @@ use super::vector::dispatched;
 use super::{contiguous_f32, row_segments, threads, Segment, SharedMut};
 
 /// Whether a 3×3 stride-1 convolution of `c_in` → `c_out` channels whose output is `batch` × `ho` × `wo`
-/// is worth the weight transform, or the direct product of [`super::conv`] is as fast: below 256 output
-/// positions it never is, and with F(2×2) (see [`Tile::choose`]) only while U per window stays within
-/// [`F2_MAX_U_PER_WINDOW`]. Measured side by side, best of five, on an AMD EPYC Zen 4 (the machine the
-/// bound is set for): at 16² × 2, 1280 / 2560 / 1920 → 1280 channels (205k–410k U floats per window), the
-/// direct product took 88 / 176 / 129–134 ms and F2 57 / 103–112 / 88–92 ms; at 16² × 1 (410k, 819k)
-/// 39–44 / 81–85 against 32–36 / 57–60 ms. (On the Intel Xeon of earlier sessions the same 16² × 2 layers
-/// went the other way, 91 / 176 / 124 ms direct against 144 / 268 / 183 ms F2.)
+/// is worth the weight transform, or the direct product of [`super::conv`] is as fast: below 128 output
+/// positions (32 windows of F(2×2)) it never is, and with F(2×2) (see [`Tile::choose`]) only while U per
+/// window stays within [`F2_MAX_U_PER_WINDOW`]. Measured side by side, best of seven, on an AMD EPYC
+/// Zen 4 held to AVX2, with the weights transformed per block of output channels
+/// ([`convolve_by_channel_blocks`]): at 8² × 2, 1280 / 2560 → 1280 channels (819k / 1.6M U floats per
+/// window) F2 took 18.5–20.6 / 38.7–44.1 ms against 28.5 / 55.6 ms direct; at 8² × 1 10.9 against 11.4
+/// ms (no gain, so not taken); at 4² × 2 10.1 against 7.5 ms.
 pub fn worthwhile(batch: usize, (ho, wo): (usize, usize), c_in: usize, c_out: usize) -> bool {
-    if batch * ho * wo < 256 {
+    if batch * ho * wo < 128 {
         return false;
     }
     match Tile::choose(batch, (ho, wo), c_in, c_out) {
@@ -49,7 +52,7 @@ pub fn worthwhile(batch: usize, (ho, wo): (usize, usize), c_in: usize, c_out: us
 }
 
 /// With F(2×2), the most floats of U per window for which the weight transform still repays itself.
-const F2_MAX_U_PER_WINDOW: usize = 1 << 20;
+const F2_MAX_U_PER_WINDOW: usize = 1 << 21;
 
 /// Convolves `xs` (b, c_in, h, w) with a 3×3 `weight` (c_out, c_in, 3, 3) at stride 1 and zero padding
 /// `padding`, and adds `bias` (c_out); returns (b, c_out, h + 2p − 2, w + 2p − 2).
@@ -161,12 +164,19 @@ unsafe fn weight_row_with<const S: usize>(
     u_stride: usize,
     (row, ldu): (usize, usize),
 ) {
+    let mut first = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::tier::Tier::active() >= super::tier::Tier::Avx2 {
+        // SAFETY: the active tier is never above what the CPU has (see `tier`); the caller keeps
+        // this function's contract, which `weight_row_avx2` shares.
+        first = unsafe { weight_row_avx2(big_g, weights, u, u_stride, row) };
+    }
     const LANES: usize = 16;
     let c_in = weights.len() / 9;
     let mut taps = [[0f32; LANES]; 9];
     let mut down = [[[0f32; LANES]; 3]; S];
     let mut out = [[0f32; LANES]; 36];
-    for i0 in (0..c_in).step_by(LANES) {
+    for i0 in (first..c_in).step_by(LANES) {
         let len = LANES.min(c_in - i0);
         for (lane, kernel) in weights[i0 * 9..][..len * 9].chunks_exact(9).enumerate() {
             for (tap, &value) in kernel.iter().enumerate() {
@@ -198,6 +208,98 @@ unsafe fn weight_row_with<const S: usize>(
     for xi in 0..S * S {
         std::ptr::write_bytes(u.at(xi * u_stride + row + c_in), 0, ldu - c_in);
     }
+}
+
+/// [`weight_row_with`] for the kernels in whole runs of eight, in AVX2: the nine taps of eight kernels
+/// (72 consecutive floats) are turned into nine vectors of one tap each by two 4 × 4 transposes and a
+/// third for the last tap, so the kernels never pass through scalar stores and reloads (the portable
+/// form's gather, which made it 6× slower for F(2×2) and 3× for F(4×4) with U in cache, measured on a
+/// Zen 4). Returns how many kernels it transformed (the rest, fewer than eight, and the row's padding
+/// are the caller's).
+///
+/// # Safety
+/// As [`weight_row`]; the CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weight_row_avx2<const S: usize>(
+    big_g: &[[f32; 3]; S],
+    weights: &[f32],
+    u: SharedMut,
+    u_stride: usize,
+    row: usize,
+) -> usize {
+    use std::arch::x86_64::*;
+    let c_in = weights.len() / 9;
+    let full = c_in / 8 * 8;
+    for i0 in (0..full).step_by(8) {
+        let base = weights.as_ptr().add(i0 * 9);
+        let [t0, t1, t2, t3] = taps_avx2(base, 0);
+        let [t4, t5, t6, t7] = taps_avx2(base, 4);
+        let [_, _, _, t8] = taps_avx2(base, 5);
+        let taps = [t0, t1, t2, t3, t4, t5, t6, t7, t8];
+        // G g (S × 3, one vector per entry), then each U[ξ] = (G g) Gᵀ entry, stored at once.
+        let mut down = [[_mm256_setzero_ps(); 3]; S];
+        for (a, g) in big_g.iter().enumerate() {
+            for col in 0..3 {
+                down[a][col] = combine_avx2(g, taps[col], taps[3 + col], taps[6 + col]);
+            }
+        }
+        for (a, r) in down.iter().enumerate() {
+            for (b, g) in big_g.iter().enumerate() {
+                _mm256_storeu_ps(
+                    u.at((a * S + b) * u_stride + row + i0),
+                    combine_avx2(g, r[0], r[1], r[2]),
+                );
+            }
+        }
+    }
+    full
+}
+
+/// Taps `first .. first + 4` of the eight kernels at `base` (9 floats each), one vector per tap: rows of
+/// four taps, kernel j in the low half and j + 4 in the high half, transposed 4 × 4 in each half.
+///
+/// # Safety
+/// `base` must hold 72 floats from `first` ≤ 5 on; the CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn taps_avx2(base: *const f32, first: usize) -> [std::arch::x86_64::__m256; 4] {
+    use std::arch::x86_64::*;
+    let row = |j: usize| {
+        _mm256_set_m128(
+            _mm_loadu_ps(base.add((j + 4) * 9 + first)),
+            _mm_loadu_ps(base.add(j * 9 + first)),
+        )
+    };
+    let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+    let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
+    let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+    [
+        _mm256_shuffle_ps::<0x44>(t0, t2),
+        _mm256_shuffle_ps::<0xEE>(t0, t2),
+        _mm256_shuffle_ps::<0x44>(t1, t3),
+        _mm256_shuffle_ps::<0xEE>(t1, t3),
+    ]
+}
+
+/// `c · x` for a row `c` of G: three vector operations whatever the entries.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn combine_avx2(
+    c: &[f32; 3],
+    x0: std::arch::x86_64::__m256,
+    x1: std::arch::x86_64::__m256,
+    x2: std::arch::x86_64::__m256,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let sum = _mm256_mul_ps(_mm256_set1_ps(c[0]), x0);
+    let sum = _mm256_fmadd_ps(_mm256_set1_ps(c[1]), x1, sum);
+    _mm256_fmadd_ps(_mm256_set1_ps(c[2]), x2, sum)
 }
 
 /// The large tile's U takes at most this many floats (256 MiB, kept for the next call: see
@@ -301,6 +403,10 @@ fn convolve<T: Transforms>(
 
     SCRATCH.with_borrow_mut(|scratch| {
         let Scratch { u, v, m } = scratch;
+        let windows = batch * th * tw;
+        if by_channel_blocks(points, c_in, c_out, windows) {
+            return convolve_by_channel_blocks::<T>(source, weight, bias, (batch, c_out), v);
+        }
         // U = G g Gᵀ for every (o, i), stored (points, c_out, c_in).
         // Each U[ξ] (and M[ξ] below) starts 16 floats further into a 4 KiB page than the one
         // before: the transforms touch all of them at the same (o, i) or (o, window), and at
@@ -335,7 +441,6 @@ fn convolve<T: Transforms>(
         // SAFETY: all `len` floats were written above.
         unsafe { u.set_len(len) };
 
-        let windows = batch * th * tw;
         let mut out = vec![0f32; batch * c_out * ho * wo];
         let dst = SharedMut(out.as_mut_ptr());
         if points * c_in * c_out <= PIPELINE_U_FLOATS {
@@ -433,6 +538,112 @@ fn convolve<T: Transforms>(
         release_large(u);
         out
     })
+}
+
+/// Whether a convolution of `c_in` → `c_out` channels over `windows` windows of `points` points runs by
+/// [`convolve_by_channel_blocks`]: U too large to stay in cache, V small enough to be read again by every
+/// block of output channels.
+fn by_channel_blocks(points: usize, c_in: usize, c_out: usize, windows: usize) -> bool {
+    let v_floats = points * c_in * windows;
+    points * c_in * c_out > PIPELINE_U_FLOATS && v_floats <= FUSED_MAX_V_FLOATS
+}
+
+/// The most floats of V for [`convolve_by_channel_blocks`] (16 MiB).
+const FUSED_MAX_V_FLOATS: usize = 1 << 22;
+
+/// Output channels per task of [`convolve_by_channel_blocks`].
+fn channel_block(c_out: usize) -> usize {
+    48.min(c_out.div_ceil(4 * threads()).next_multiple_of(12))
+        .max(12)
+}
+
+/// The schedule for layers with many channels over few windows (SD's 1280-channel layers on 16² and 8²
+/// maps, 640 on 32²), whose U is several times their V: V for every window first; then each task takes
+/// a block of output channels, transforms only their weights into a buffer of its own, multiplies them
+/// by every V[ξ] and writes those channels' outputs. U is never written out whole (106 MB at 1280 → 1280
+/// channels with F(2×2), written to memory and read back once per call by the other schedule), and M
+/// stays in the task's cache.
+fn convolve_by_channel_blocks<T: Transforms>(
+    source: &Source<'_>,
+    weight: &[f32],
+    bias: &[f32],
+    (batch, c_out): (usize, usize),
+    v: &mut Vec<PackedB>,
+) -> Vec<f32> {
+    let (c_in, p) = (source.c_in, source.pad);
+    let (h, w) = (source.scale * source.size.0, source.scale * source.size.1);
+    let (ho, wo) = (h + 2 * p - 2, w + 2 * p - 2);
+    let (step, points) = (T::STEP, T::POINTS);
+    let tiles = (ho.div_ceil(step), wo.div_ceil(step));
+    let windows = batch * tiles.0 * tiles.1;
+    let ldu = sgemm::row_stride(c_in);
+
+    v.resize_with(points, PackedB::default);
+    for vx in v.iter_mut() {
+        vx.reshape(c_in, windows);
+    }
+    let piece = windows
+        .div_ceil(2 * threads())
+        .next_multiple_of(sgemm::NR)
+        .max(sgemm::NR);
+    let v_ptrs = panel_pointers(v);
+    for_each_piece((0, windows), piece, tiles, |rows, j_start, segments| {
+        // SAFETY: this task writes the columns of its windows in every V[ξ] (reshaped to c_in ×
+        // windows above) and nothing else.
+        unsafe { input_transform::<T>(source, rows, segments, j_start, &v_ptrs) };
+    });
+
+    let mut out = vec![0f32; batch * c_out * ho * wo];
+    let dst = SharedMut(out.as_mut_ptr());
+    let block = channel_block(c_out);
+    let segments = row_segments(0, windows, tiles);
+    let v = &*v;
+    (0..c_out.div_ceil(block)).into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new(), Vec::new()),
+        |(u, m, rows), index| {
+            let first = index * block;
+            let count = block.min(c_out - first);
+            // This block's rows of every U[ξ] and M[ξ], one cache line apart (see `convolve`).
+            let u_stride = count * ldu + SKEW;
+            let m_stride = count * windows + SKEW;
+            u.resize(points * u_stride, 0.0);
+            m.resize(points * m_stride, 0.0);
+            let u_ptr = SharedMut(u.as_mut_ptr());
+            for o in 0..count {
+                let kernels = &weight[(first + o) * c_in * 9..][..c_in * 9];
+                // SAFETY: row o of every U[ξ] of this task's own buffer, padding included, fits.
+                unsafe { weight_row::<T>(kernels, u_ptr, u_stride, (o * ldu, ldu)) };
+            }
+            for (xi, vx) in v.iter().enumerate() {
+                sgemm::gemm_serial(
+                    count,
+                    &u[xi * u_stride..],
+                    ldu,
+                    vx,
+                    &mut m[xi * m_stride..][..count * windows],
+                    windows,
+                    Start::Zero,
+                );
+            }
+            // SAFETY: this task writes the outputs of its own channels only; the output of channel
+            // first + o is where `output_transform` puts channel o of a tensor starting first
+            // channels further on.
+            unsafe {
+                output_transform::<T>(
+                    m,
+                    m_stride,
+                    windows,
+                    rows,
+                    &segments,
+                    0,
+                    (c_out, ho, wo),
+                    &bias[first..first + count],
+                    SharedMut(dst.at(first * ho * wo)),
+                )
+            };
+        },
+    );
+    out
 }
 
 /// Runs `work(rows, j_start, segments)` over the group of `glen` windows from window `g0` in runs of
@@ -1069,6 +1280,9 @@ mod tests {
             (1, 5, 7, 37, 38, 1),
             // Channels past the chunked mode: two groups of windows, the second partial.
             (1, 260, 300, 90, 88, 1),
+            // Many channels over few windows: by blocks of output channels (the last one partial),
+            // with a run of fewer than eight kernels at the end of each row of U.
+            (2, 203, 340, 9, 7, 1),
         ] {
             let xs = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &device)?;
             let weight = Tensor::randn(0f32, 0.3, (c_out, c_in, 3, 3), &device)?;
@@ -1100,6 +1314,20 @@ mod tests {
     }
 
     #[test]
+    fn many_channels_over_few_windows_go_by_blocks_of_output_channels() {
+        // The test shape above, both tiles (16 points over 2 · 5 · 4 windows, 36 over 2 · 3 · 2).
+        assert!(by_channel_blocks(16, 203, 340, 40));
+        assert!(by_channel_blocks(36, 203, 340, 12));
+        // SD's 1280-channel layers on 16² and 8² maps, 640 on 32²; not 320 on 64² (V of 5.9M floats).
+        assert!(by_channel_blocks(16, 1280, 1280, 128));
+        assert!(by_channel_blocks(16, 2560, 1280, 32));
+        assert!(by_channel_blocks(36, 640, 640, 128));
+        assert!(!by_channel_blocks(36, 320, 320, 512));
+        // Few channels: U stays in cache, chunks of windows instead.
+        assert!(!by_channel_blocks(16, 64, 64, 40));
+    }
+
+    #[test]
     fn large_tile_only_where_it_repays_its_weight_transform() {
         // SD's 320 channels on a 64² latent: the large tile.
         assert_eq!(Tile::choose(2, (64, 64), 320, 320), Tile::F4);
@@ -1115,8 +1343,12 @@ mod tests {
 
     #[test]
     fn winograd_only_where_it_repays_its_weight_transform() {
-        // Fewer than 256 output positions: the direct product.
-        assert!(!worthwhile(2, (8, 8), 1280, 1280));
+        // Fewer than 128 output positions: the direct product.
+        assert!(!worthwhile(1, (8, 8), 1280, 1280));
+        assert!(!worthwhile(2, (4, 4), 1280, 1280));
+        // The UNet's 1280-channel layers on 8² maps at batch 2 (819k and 1.6M U floats per window).
+        assert!(worthwhile(2, (8, 8), 1280, 1280));
+        assert!(worthwhile(2, (8, 8), 2560, 1280));
         // F4 layers (the VAE, the UNet's 320 and 640 channels on large maps).
         assert!(worthwhile(2, (64, 64), 320, 320));
         assert!(worthwhile(1, (512, 512), 128, 128));
@@ -1127,7 +1359,7 @@ mod tests {
         assert!(worthwhile(1, (16, 16), 2560, 1280));
         assert!(worthwhile(2, (16, 16), 1280, 640));
         assert!(worthwhile(2, (32, 32), 1280, 1280));
-        // Beyond that (1.6M per window: 2560 → 2560 channels on a 16² map, batch 1): the direct product.
-        assert!(!worthwhile(1, (16, 16), 2560, 2560));
+        // Beyond that (3.3M per window: 2560 → 2560 channels on an 8² map, batch 2): the direct product.
+        assert!(!worthwhile(2, (8, 8), 2560, 2560));
     }
 }
