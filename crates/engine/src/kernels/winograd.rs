@@ -312,13 +312,24 @@ const F4_MAX_U_FLOATS: usize = 1 << 26;
 /// writes 36 values per channel pair, which a product over fewer windows does not repay.
 const F4_MIN_WINDOWS: usize = 64;
 
+/// [`F4_MIN_WINDOWS`] where the weights are transformed per block of output channels
+/// ([`by_channel_blocks`]), so U is never written out whole: 32 windows (SD's 1280-channel layers on
+/// 16² maps at batch 2) repay it. On the Zen 4 at AVX2 (`conv_rate`, alternated): 1280 → 1280 F2
+/// 43.5 / 46.0 / 47.5 ms, F4 35.3 / 37.0 / 38.5 ms (then 30 ms with [`BLOCK_U_FLOATS`]); 2560 → 1280
+/// F2 89.5 / 90.4, F4 73.0 / 70.5 ms.
+const F4_MIN_WINDOWS_BY_BLOCKS: usize = 32;
+
 impl Tile {
     /// The tile for a convolution of `c_in` → `c_out` channels whose output is `batch` × `ho` × `wo`:
-    /// the large one when there are enough windows to repay its weight transform and its U stays
-    /// within [`F4_MAX_U_FLOATS`] (SD's 1280-channel layers on 16² maps have too few windows and stay
-    /// on F2; on 8² maps they go to the direct product, see [`worthwhile`]).
+    /// the large one when there are enough windows to repay its weight transform and either its weights
+    /// go by blocks of output channels ([`F4_MIN_WINDOWS_BY_BLOCKS`]: SD's 1280-channel layers on 16²
+    /// maps) or its whole U stays within [`F4_MAX_U_FLOATS`] (on 8² maps they have too few windows and
+    /// stay on F2, see [`worthwhile`]).
     fn choose(batch: usize, (ho, wo): (usize, usize), c_in: usize, c_out: usize) -> Tile {
         let windows = batch * ho.div_ceil(4) * wo.div_ceil(4);
+        if windows >= F4_MIN_WINDOWS_BY_BLOCKS && by_channel_blocks(36, c_in, c_out, windows) {
+            return Tile::F4;
+        }
         if windows >= F4_MIN_WINDOWS && 36 * c_in * c_out <= F4_MAX_U_FLOATS {
             Tile::F4
         } else {
@@ -552,10 +563,21 @@ fn by_channel_blocks(points: usize, c_in: usize, c_out: usize, windows: usize) -
 const FUSED_MAX_V_FLOATS: usize = 1 << 22;
 
 /// Output channels per task of [`convolve_by_channel_blocks`].
-fn channel_block(c_out: usize) -> usize {
-    48.min(c_out.div_ceil(4 * threads()).next_multiple_of(12))
-        .max(12)
+/// Output channels per task of [`convolve_by_channel_blocks`] for U[ξ] rows of `ldu` floats: a multiple
+/// of 12 (the AVX-512 register tile's rows) from 12 to 48, the task's U within [`BLOCK_U_FLOATS`], and
+/// at least four tasks per thread.
+fn channel_block(c_out: usize, points: usize, ldu: usize) -> usize {
+    let by_size = BLOCK_U_FLOATS / (points * ldu) / 12 * 12;
+    by_size
+        .clamp(12, 48)
+        .min(c_out.div_ceil(4 * threads()).next_multiple_of(12))
 }
+
+/// The most floats of U one task of [`convolve_by_channel_blocks`] holds (5 MiB). On the Zen 4 at AVX2
+/// (`conv_rate`, two alternated rounds), 2560 → 1280 channels on 16² maps with F(4×4): 48 output
+/// channels a task (17.8 MB of U each) 88.9 / 94.3 ms, 24 (this bound at 1280 input channels) 80.1 /
+/// 77.7, 12 (this bound at 2560) 73.0 / 70.5 ms; 1280 → 1280 likewise 34.0 / 36.8 → 30.8 / 31.0 ms.
+const BLOCK_U_FLOATS: usize = 5 << 18;
 
 /// The schedule for layers with many channels over few windows (SD's 1280-channel layers on 16² and 8²
 /// maps, 640 on 32²), whose U is several times their V: V for every window first; then each task takes
@@ -595,7 +617,7 @@ fn convolve_by_channel_blocks<T: Transforms>(
 
     let mut out = vec![0f32; batch * c_out * ho * wo];
     let dst = SharedMut(out.as_mut_ptr());
-    let block = channel_block(c_out);
+    let block = channel_block(c_out, points, ldu);
     let segments = row_segments(0, windows, tiles);
     let v = &*v;
     (0..c_out.div_ceil(block)).into_par_iter().for_each_init(
@@ -1334,8 +1356,11 @@ mod tests {
         // 1280 channels on a 32² map: 128 windows repay a U of 236 MB.
         assert_eq!(Tile::choose(2, (32, 32), 1280, 1280), Tile::F4);
         assert_eq!(Tile::choose(2, (32, 32), 1920, 640), Tile::F4);
-        // On a 16² map only 32 windows; and 2560 → 1280 channels would need a U of 472 MB.
-        assert_eq!(Tile::choose(2, (16, 16), 1280, 1280), Tile::F2);
+        // On a 16² map only 32 windows, enough where U is transformed per block of output channels.
+        assert_eq!(Tile::choose(2, (16, 16), 1280, 1280), Tile::F4);
+        assert_eq!(Tile::choose(2, (16, 16), 2560, 1280), Tile::F4);
+        assert_eq!(Tile::choose(1, (16, 16), 1280, 1280), Tile::F2);
+        // 2560 → 1280 channels on a 32² map: V too large for blocks, and a whole U would take 472 MB.
         assert_eq!(Tile::choose(2, (32, 32), 2560, 1280), Tile::F2);
         // Few windows: the weight transform is not repaid.
         assert_eq!(Tile::choose(1, (16, 16), 64, 64), Tile::F2);
