@@ -513,20 +513,7 @@ fn convolve<T: Transforms>(
         for g0 in (0..windows).step_by(group) {
             let glen = group.min(windows - g0);
             let m_stride = c_out * glen + SKEW;
-            for vx in v.iter_mut() {
-                vx.reshape(c_in, glen);
-            }
-            // Transform tasks: runs of windows a whole number of panels long, about two per thread.
-            let piece = glen
-                .div_ceil(2 * threads())
-                .next_multiple_of(sgemm::NR)
-                .max(sgemm::NR);
-            let v_ptrs = panel_pointers(v);
-            for_each_piece((g0, glen), piece, (th, tw), |rows, j_start, segments| {
-                // SAFETY: this task writes the columns of its windows in every V[ξ] (reshaped to
-                // c_in × glen above) and nothing else.
-                unsafe { input_transform::<T>(source, rows, segments, j_start, &v_ptrs) };
-            });
+            let piece = transform_windows::<T>(source, v, (g0, glen), (th, tw));
             products(u, (u_stride, ldu), v, m, m_stride, c_out, true);
             let m = &*m;
             for_each_piece((g0, glen), piece, (th, tw), |rows, j_start, segments| {
@@ -601,19 +588,7 @@ fn convolve_by_channel_blocks<T: Transforms>(
     let ldu = sgemm::row_stride(c_in);
 
     v.resize_with(points, PackedB::default);
-    for vx in v.iter_mut() {
-        vx.reshape(c_in, windows);
-    }
-    let piece = windows
-        .div_ceil(2 * threads())
-        .next_multiple_of(sgemm::NR)
-        .max(sgemm::NR);
-    let v_ptrs = panel_pointers(v);
-    for_each_piece((0, windows), piece, tiles, |rows, j_start, segments| {
-        // SAFETY: this task writes the columns of its windows in every V[ξ] (reshaped to c_in ×
-        // windows above) and nothing else.
-        unsafe { input_transform::<T>(source, rows, segments, j_start, &v_ptrs) };
-    });
+    transform_windows::<T>(source, v, (0, windows), tiles);
 
     let mut out = vec![0f32; batch * c_out * ho * wo];
     let dst = SharedMut(out.as_mut_ptr());
@@ -666,6 +641,31 @@ fn convolve_by_channel_blocks<T: Transforms>(
         },
     );
     out
+}
+
+/// V[ξ] = Bᵀ d B, each reshaped to c_in × `glen`, for the windows `g0 .. g0 + glen` of a `tiles` grid,
+/// the transform spread over the pool in runs a whole number of panels long (about two per thread, so
+/// tasks write disjoint panels of V); returns that run length.
+fn transform_windows<T: Transforms>(
+    source: &Source<'_>,
+    v: &mut [PackedB],
+    (g0, glen): (usize, usize),
+    tiles: (usize, usize),
+) -> usize {
+    for vx in v.iter_mut() {
+        vx.reshape(source.c_in, glen);
+    }
+    let piece = glen
+        .div_ceil(2 * threads())
+        .next_multiple_of(sgemm::NR)
+        .max(sgemm::NR);
+    let v_ptrs = panel_pointers(v);
+    for_each_piece((g0, glen), piece, tiles, |rows, j_start, segments| {
+        // SAFETY: this task writes the columns of its windows in every V[ξ] (reshaped to c_in ×
+        // glen above) and nothing else.
+        unsafe { input_transform::<T>(source, rows, segments, j_start, &v_ptrs) };
+    });
+    piece
 }
 
 /// Runs `work(rows, j_start, segments)` over the group of `glen` windows from window `g0` in runs of
