@@ -20,8 +20,9 @@
 //! channels) is read once per large group of windows, the transforms spread over the threads and each
 //! product over the threads too.
 //! U, V and M live in per-thread buffers kept between calls (fresh allocations of that size fault in
-//! every page), and the n U[ξ] and M[ξ] start at staggered offsets so the transforms, which touch
-//! all n at once, do not thrash one cache set.
+//! every page; in the block schedule only V does, each task's few MiB of U and M are its own), and the
+//! n U[ξ] and M[ξ] start at staggered offsets so the transforms, which touch all n at once, do not
+//! thrash one cache set.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
