@@ -328,10 +328,9 @@ impl Tile {
     /// stay on F2, see [`worthwhile`]).
     fn choose(batch: usize, (ho, wo): (usize, usize), c_in: usize, c_out: usize) -> Tile {
         let windows = batch * ho.div_ceil(4) * wo.div_ceil(4);
-        if windows >= F4_MIN_WINDOWS_BY_BLOCKS && by_channel_blocks(36, c_in, c_out, windows) {
-            return Tile::F4;
-        }
-        if windows >= F4_MIN_WINDOWS && 36 * c_in * c_out <= F4_MAX_U_FLOATS {
+        let by_blocks =
+            windows >= F4_MIN_WINDOWS_BY_BLOCKS && by_channel_blocks(36, c_in, c_out, windows);
+        if by_blocks || (windows >= F4_MIN_WINDOWS && 36 * c_in * c_out <= F4_MAX_U_FLOATS) {
             Tile::F4
         } else {
             Tile::F2
@@ -417,7 +416,13 @@ fn convolve<T: Transforms>(
         let Scratch { u, v, m } = scratch;
         let windows = batch * th * tw;
         if by_channel_blocks(points, c_in, c_out, windows) {
-            return convolve_by_channel_blocks::<T>(source, weight, bias, (batch, c_out), v);
+            return convolve_by_channel_blocks::<T>(
+                source,
+                (weight, bias),
+                (batch, c_out, ho, wo),
+                (th, tw),
+                v,
+            );
         }
         // U = G g Gᵀ for every (o, i), stored (points, c_out, c_in).
         // Each U[ξ] (and M[ξ] below) starts 16 floats further into a 4 KiB page than the one
@@ -550,7 +555,6 @@ fn by_channel_blocks(points: usize, c_in: usize, c_out: usize, windows: usize) -
 /// The most floats of V for [`convolve_by_channel_blocks`] (16 MiB).
 const FUSED_MAX_V_FLOATS: usize = 1 << 22;
 
-/// Output channels per task of [`convolve_by_channel_blocks`].
 /// Output channels per task of [`convolve_by_channel_blocks`] for U[ξ] rows of `ldu` floats: a multiple
 /// of 12 (the AVX-512 register tile's rows) from 12 to 48, the task's U within [`BLOCK_U_FLOATS`], and
 /// at least four tasks per thread.
@@ -573,18 +577,16 @@ const BLOCK_U_FLOATS: usize = 5 << 18;
 /// by every V[ξ] and writes those channels' outputs. U is never written out whole (106 MB at 1280 → 1280
 /// channels with F(2×2), written to memory and read back once per call by the other schedule), and M
 /// stays in the task's cache.
+/// `tiles` is the (rows, columns) grid of windows per image, as [`convolve`] found it for the
+/// (b, c_out, ho, wo) output.
 fn convolve_by_channel_blocks<T: Transforms>(
     source: &Source<'_>,
-    weight: &[f32],
-    bias: &[f32],
-    (batch, c_out): (usize, usize),
+    (weight, bias): (&[f32], &[f32]),
+    (batch, c_out, ho, wo): (usize, usize, usize, usize),
+    tiles: (usize, usize),
     v: &mut Vec<PackedB>,
 ) -> Vec<f32> {
-    let (c_in, p) = (source.c_in, source.pad);
-    let (h, w) = (source.scale * source.size.0, source.scale * source.size.1);
-    let (ho, wo) = (h + 2 * p - 2, w + 2 * p - 2);
-    let (step, points) = (T::STEP, T::POINTS);
-    let tiles = (ho.div_ceil(step), wo.div_ceil(step));
+    let (c_in, points) = (source.c_in, T::POINTS);
     let windows = batch * tiles.0 * tiles.1;
     let ldu = sgemm::row_stride(c_in);
 
